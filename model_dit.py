@@ -1,0 +1,467 @@
+"""Wan 2.1 text-to-video DiT (1.3B / 14B), written from the spec, loading every official layout.
+
+Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (WanModel, model_type 't2v'): parameter names
+and shapes equal the original checkpoint, so `state_dict()` is the official layout key for key.
+The numerics follow the original, not diffusers:
+  - the timestep sinusoid is computed in float64, cos first;
+  - the time MLP, modulation, gates, residual stream and head are fp32 islands (autocast off);
+  - q/k RMSNorm runs across all heads (over the full dim), in fp32;
+  - 3-D RoPE (interleaved pairs, 22/21/21 pair split for head_dim 128) in float64 complex;
+  - cross-attention sees all text_len (512) rows of the zero-padded context, with no mask.
+Under `torch.autocast(dtype=torch.bfloat16)` the Linear/Conv layers and attention run in bf16 and
+everything above stays fp32, as in Wan's own sampling loop. Without autocast the whole model runs
+in its parameter dtype (fp32 for parity checks). bf16 weights (load_dit(dtype=torch.bfloat16))
+keep the fp32-island weights in fp32 and need autocast.
+
+Attention is one function on F.scaled_dot_product_attention (CPU and GPU); per-block activation
+checkpointing sits behind `model.gradient_checkpointing`.
+
+`load_dit` reads the original layout (.safetensors, sharded *.safetensors.index.json, .pth/.pt,
+a repo folder with config.json), single-file repacks with a `model.diffusion_model.` or
+`diffusion_model.` prefix, and the Diffusers `WanTransformer3DModel` layout (renamed through one
+table, _DIFFUSERS_TO_ORIGINAL).
+
+Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention and
+sequence parallelism, and the padding of variable-length token lists: samples of one batch share
+one latent shape.
+"""
+
+import json
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)  # a config read back from JSON carries a list
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+DIT_CONFIGS = {
+    "1.3B": DiTConfig(),
+    "14B": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64),
+}
+
+
+# ----------------------------------------------------------------------------- pure math
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timesteps (B,) -> (B, dim) float64 [cos(t*w_j), sin(t*w_j)], w_j = 10000^(-j/(dim/2))."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    arg = torch.outer(t.to(torch.float64), freqs)  # (B, half)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+def _rope_axis(n: int, dim: int, device) -> torch.Tensor:
+    """Rotations e^(i*pos*theta_k) for positions 0..n-1 on one axis: (n, dim/2) complex128."""
+    theta = 1.0 / torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float64, device=device).div(dim))
+    angles = torch.outer(torch.arange(n, dtype=torch.float64, device=device), theta)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_freqs(head_dim: int, f: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Wan's 3-D RoPE for an (f, h, w) token grid: (f*h*w, 1, head_dim/2) complex128.
+
+    The head_dim/2 complex pairs split over the axes as t: head_dim/2 - 2*(head_dim//6),
+    h and w: head_dim//6 each (22/21/21 for head_dim 128); tokens are in (f, h, w) row-major order.
+    """
+    d_hw = 2 * (head_dim // 6)
+    grid = (f, h, w)
+    t_axis = _rope_axis(f, head_dim - 2 * d_hw, device)[:, None, None].expand(*grid, -1)
+    h_axis = _rope_axis(h, d_hw, device)[None, :, None].expand(*grid, -1)
+    w_axis = _rope_axis(w, d_hw, device)[None, None, :].expand(*grid, -1)
+    return torch.cat([t_axis, h_axis, w_axis], dim=-1).reshape(f * h * w, 1, head_dim // 2)
+
+
+def rope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, L, N, d) by freqs (L, 1, d/2); pairs (2i, 2i+1) are (real, imag), math in float64."""
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))  # (B, L, N, d/2)
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked multi-head attention, q (B, Lq, N, d), k and v (B, Lk, N, d) -> (B, Lq, N*d).
+
+    q and k are cast to v's dtype: under bf16 autocast v comes out of a Linear in bf16, so
+    attention runs in bf16 like Wan's flash attention. Softmax scale 1/sqrt(d).
+    """
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, N, Lq, d)
+    return out.transpose(1, 2).flatten(2)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """Tokens (B, f*h*w, pt*ph*pw*C) -> video (B, C, f*pt, h*ph, w*pw); C is the fastest feature."""
+    (f, h, w), (pt, ph, pw) = grid, patch_size
+    x = x.unflatten(1, grid).unflatten(-1, (pt, ph, pw, -1))  # (B, f, h, w, pt, ph, pw, C)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+    return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, cast back to the input dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the last dim: normalise in fp32, cast to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)  # across all heads, not per head
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def forward(self, x, freqs):
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # (B, L, N, d)
+        k = self.norm_k(self.k(x)).unflatten(2, (n, -1))
+        v = self.v(x).unflatten(2, (n, -1))
+        return self.o(attention(rope_apply(q, freqs), rope_apply(k, freqs), v))
+
+
+class WanCrossAttention(WanSelfAttention):
+    def forward(self, x, context):
+        n = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # (B, L, N, d)
+        k = self.norm_k(self.k(context)).unflatten(2, (n, -1))  # (B, text_len, N, d)
+        v = self.v(context).unflatten(2, (n, -1))
+        return self.o(attention(q, k, v))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, freqs):
+        """x (B, L, D) residual stream, e0 (B, 6, D) fp32 time projection, context (B, text_len, D)."""
+        assert e0.dtype == torch.float32, f"time projection must be float32, got {e0.dtype}"
+        # fp32 modulation, shifts, scales and gates (autocast leaves elementwise ops alone)
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).chunk(6, dim=1)
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_msa) + shift_msa, freqs)
+        x = x + y * gate_msa  # fp32 from here on: the gate is fp32
+        x = x + self.cross_attn(self.norm3(x), context)
+        y = self.ffn(self.norm2(x).float() * (1 + scale_ffn) + shift_ffn)
+        return x + y * gate_ffn
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """x (B, L, D) fp32, e (B, D) fp32 time embedding (not the 6-way projection)."""
+        shift, scale = (self.modulation + e[:, None]).chunk(2, dim=1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """forward(x (B, in_dim, F, H, W), t (B,) in [0, 1000], context (B, text_len, text_dim)) -> fp32 velocity."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_weights()
+
+    def init_weights(self):
+        """Wan's init: xavier Linears with zero bias, N(0, 0.02) embeddings, zero output head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in [*self.text_embedding.modules(), *self.time_embedding.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def _check_inputs(self, x, t, context):
+        cfg = self.cfg
+        b = x.shape[0]
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim or any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+            raise ValueError(f"x must be (B, {cfg.in_dim}, F, H, W) with F, H, W divisible by {cfg.patch_size}, "
+                             f"got {tuple(x.shape)}")
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
+        if context.shape != (b, cfg.text_len, cfg.text_dim):
+            raise ValueError(f"context must be zero-padded to ({b}, {cfg.text_len}, {cfg.text_dim}), "
+                             f"got {tuple(context.shape)}")
+
+    def forward(self, x, t, context):
+        self._check_inputs(x, t, context)
+        cfg, device = self.cfg, x.device.type
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(x.to(dtype))  # (B, D, f, h, w)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) row-major order
+        freqs = rope_freqs(cfg.head_dim, *grid, device=x.device)
+        with torch.amp.autocast(device, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float())  # (B, D)
+            e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+        context = self.text_embedding(context.to(dtype))  # (B, text_len, D); padded rows are not masked
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, context, freqs, use_reentrant=False)
+            else:
+                x = block(x, e0, context, freqs)
+        with torch.amp.autocast(device, enabled=False):
+            x = self.head(x.float(), e)  # (B, L, pt*ph*pw*C)
+        return unpatchify(x, grid, cfg.patch_size).float()
+
+
+# ----------------------------------------------------------------------------- loading
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # single-file repacks (ComfyUI and others)
+
+# Diffusers WanTransformer3DModel -> original names; "*" is the block index. Note the norm swap:
+# Diffusers numbers the block norms in execution order, so its norm2 is the original (affine) norm3.
+_DIFFUSERS_TO_ORIGINAL = {
+    "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+    "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+    "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+    "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+    "condition_embedder.time_proj.": "time_projection.1.",
+    "scale_shift_table": "head.modulation",
+    "proj_out.": "head.head.",
+    "blocks.*.scale_shift_table": "blocks.*.modulation",
+    "blocks.*.attn1.to_q.": "blocks.*.self_attn.q.",
+    "blocks.*.attn1.to_k.": "blocks.*.self_attn.k.",
+    "blocks.*.attn1.to_v.": "blocks.*.self_attn.v.",
+    "blocks.*.attn1.to_out.0.": "blocks.*.self_attn.o.",
+    "blocks.*.attn1.norm_q.": "blocks.*.self_attn.norm_q.",
+    "blocks.*.attn1.norm_k.": "blocks.*.self_attn.norm_k.",
+    "blocks.*.norm2.": "blocks.*.norm3.",
+    "blocks.*.attn2.to_q.": "blocks.*.cross_attn.q.",
+    "blocks.*.attn2.to_k.": "blocks.*.cross_attn.k.",
+    "blocks.*.attn2.to_v.": "blocks.*.cross_attn.v.",
+    "blocks.*.attn2.to_out.0.": "blocks.*.cross_attn.o.",
+    "blocks.*.attn2.norm_q.": "blocks.*.cross_attn.norm_q.",
+    "blocks.*.attn2.norm_k.": "blocks.*.cross_attn.norm_k.",
+    "blocks.*.ffn.net.0.proj.": "blocks.*.ffn.0.",
+    "blocks.*.ffn.net.2.": "blocks.*.ffn.2.",
+}
+
+# config.json field -> DiTConfig field, for the original WanModel config and the Diffusers one.
+_CONFIG_JSON_FIELDS = {
+    "dim": "dim", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "num_heads": "num_heads",
+    "num_layers": "num_layers", "in_dim": "in_dim", "out_dim": "out_dim", "text_dim": "text_dim",
+    "text_len": "text_len", "patch_size": "patch_size", "eps": "eps",
+    "num_attention_heads": "num_heads", "in_channels": "in_dim", "out_channels": "out_dim",
+}
+
+# Tensors whose shapes give the config when no config is passed (original names).
+_SHAPE_KEYS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+               "blocks.0.ffn.0.weight", "head.modulation", "head.head.weight")
+
+_DIT_MODULES = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "blocks.", "head.")
+
+WAN_HEAD_DIM = 128  # every released Wan 2.1 DiT; num_heads = dim // 128 when no config says otherwise
+
+
+def _diffusers_to_original(key: str) -> str:
+    m = re.match(r"blocks\.(\d+)\.", key)
+    generic = "blocks.*." + key[m.end():] if m else key
+    for old, new in _DIFFUSERS_TO_ORIGINAL.items():
+        if generic.startswith(old):
+            new = new + generic[len(old):]
+            return new.replace("*", m.group(1)) if m else new
+    return key  # unknown: left as is, reported as unexpected by the load
+
+
+def _to_original_keys(sd: dict) -> tuple[dict, str]:
+    """Strip a repack prefix and rename Diffusers keys; returns the renamed dict and the layout guessed."""
+    layout = "original keys"
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+            layout += f" after stripping prefix '{prefix}'"
+            break
+    if any(k.startswith("condition_embedder.") for k in sd):
+        sd = {_diffusers_to_original(k): v for k, v in sd.items()}
+        layout = layout.replace("original keys", "Diffusers keys renamed to original")
+    return sd, layout
+
+
+def _files_in_index(index: Path) -> list[Path]:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def _checkpoint_files(path: Path) -> tuple[list[Path], dict, str]:
+    """Weight files, config.json contents ({} if none) and a description of the source."""
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ValueError(f"{path}: expected one *.safetensors or one *.safetensors.index.json, found "
+                             f"{[p.name for p in found]} (for a Diffusers repo pass its transformer/ folder)")
+        config = path / "config.json"
+        files, source = _checkpoint_files(found[0])[0], f"folder {path.name}/ with {found[0].name}"
+        return files, json.loads(config.read_text()) if config.exists() else {}, source
+    if path.name.endswith(".index.json"):
+        files = _files_in_index(path)
+        return files, {}, f"{len(files)} shards listed in {path.name}"
+    if path.suffix in (".safetensors", ".pth", ".pt"):
+        return [path], {}, f"single file {path.name}"
+    raise ValueError(f"unknown checkpoint type {path} "
+                     "(expected .safetensors, .safetensors.index.json, .pth, .pt or a folder)")
+
+
+def _read_file(file: Path) -> dict:
+    """All tensors of one file, memory-mapped (nothing is read until used)."""
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        # mmap needs the zip format of torch.save; older pickles are read whole.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise ValueError(f"could not read checkpoint file {file} (truncated or not a checkpoint?): {err}") from err
+
+
+def _config_from_json(d: dict) -> dict:
+    kw = {field: d[name] for name, field in _CONFIG_JSON_FIELDS.items() if d.get(name) is not None}
+    if "attention_head_dim" in d:  # Diffusers stores heads x head_dim instead of dim
+        kw["dim"] = d["num_attention_heads"] * d["attention_head_dim"]
+    return kw
+
+
+def _infer_config(shapes: dict, config_json: dict) -> DiTConfig:
+    """DiTConfig from tensor shapes (original names); fields of a config.json take precedence."""
+    dim = shapes["head.modulation"][-1]
+    patch = tuple(shapes["patch_embedding.weight"][2:])
+    kw = dict(dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], freq_dim=shapes["time_embedding.0.weight"][1],
+              num_layers=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")),
+              in_dim=shapes["patch_embedding.weight"][1], out_dim=shapes["head.head.weight"][0] // math.prod(patch),
+              text_dim=shapes["text_embedding.0.weight"][1], patch_size=patch)
+    kw.update(_config_from_json(config_json))
+    if "num_heads" not in kw:
+        if kw["dim"] % WAN_HEAD_DIM:
+            raise ValueError(f"cannot infer num_heads: dim {kw['dim']} is not a multiple of Wan's head_dim "
+                             f"{WAN_HEAD_DIM}; pass config=")
+        kw["num_heads"] = kw["dim"] // WAN_HEAD_DIM
+    return DiTConfig(**kw)
+
+
+def _short(keys: list) -> str:
+    return ", ".join(map(str, keys[:8])) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+
+
+def _raise_load_error(path, layout: str, missing: list, unexpected: list, wrong: list):
+    raise ValueError(f"cannot load a Wan 2.1 DiT from {path}\n  layout guessed: {layout}\n"
+                     f"  missing keys ({len(missing)}): {_short(missing)}\n"
+                     f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}\n"
+                     f"  wrong shapes ({len(wrong)}): {_short(wrong)}")
+
+
+def _check_keys(path, layout: str, expected: dict, shapes: dict):
+    """Compare key -> shape dicts of the model and the file; raise naming every difference."""
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {shapes[k]} in file vs {tuple(v)} in model"
+             for k, v in expected.items() if k in shapes and shapes[k] != tuple(v)]
+    if missing or unexpected or wrong:
+        _raise_load_error(path, layout, missing, unexpected, wrong)
+
+
+def _keeps_fp32(key: str) -> bool:
+    """Weights of the fp32 islands (time MLP, modulations, norms, head) stay fp32 whatever the dtype."""
+    island = key.startswith(("time_embedding.", "time_projection.", "head."))
+    return island or key.endswith("modulation") or ".norm" in key
+
+
+def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
+    """Load a Wan 2.1 DiT from any official layout (see the module docstring); returns it in eval mode.
+
+    config: a DiTConfig, a DIT_CONFIGS name, or None to infer it from the weights (and a folder's
+    config.json). Without a config.json, num_heads = dim // 128, Wan's fixed head_dim.
+    dtype applies to all weights except those of the fp32 islands (_keeps_fp32), which stay fp32.
+    """
+    path = Path(path)
+    files, config_json, source = _checkpoint_files(path)
+    sd = {}
+    for file in files:
+        sd.update(_read_file(file))
+    sd, layout = _to_original_keys(sd)
+    layout = f"{layout}, {source}"
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    if config is None:
+        absent = [k for k in _SHAPE_KEYS if k not in shapes]
+        if absent:  # not a DiT at all: name what is missing and what does not belong
+            _raise_load_error(path, layout, absent, [k for k in shapes if not k.startswith(_DIT_MODULES)], [])
+        config = _infer_config(shapes, config_json)
+    cfg = DIT_CONFIGS[config] if isinstance(config, str) else config
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    _check_keys(path, f"{layout}; {cfg}", {k: v.shape for k, v in model.state_dict().items()}, shapes)
+    sd = {k: v.to(device=device, dtype=torch.float32 if _keeps_fp32(k) else dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

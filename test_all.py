@@ -2,7 +2,6 @@
 
 Run: python -m pytest -q test_all.py   (or: python test_all.py)
 """
-import sys
 import dataclasses
 import json
 import math
@@ -17,6 +16,11 @@ sinusoidal_embedding)
 import threading
 from diffusers import AutoencoderKLWan
 from vae import VAE_CONFIGS, VAEConfig, WanVAE, config_from_diffusers, load_vae
+import sys
+from dataclasses import asdict, replace
+import torch.nn.functional as F
+import lrm
+import rewards
 
 
 # ============================================================================
@@ -562,6 +566,337 @@ def test_vae_calls_share_no_state_across_threads():
             t.join()
     for a, b in zip(serial, results):
         assert torch.equal(a, b)
+
+
+# ============================================================================
+# lrm
+# ============================================================================
+
+
+_LRM_TINY = lrm.LRM_CONFIGS["tiny"]
+
+
+def _lrm_inputs(b=2, size=(2, 4, 4), length=7, seed=0, cfg=_LRM_TINY):
+    """Latents (B, 16, T, H, W), a zero-padded context (B, L, C) and true lengths 2..L."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, cfg.in_channels, *size, generator=g)
+    lengths = torch.randint(2, length + 1, (b,), generator=g)
+    context = torch.randn(b, length, cfg.text_dim, generator=g)
+    context[torch.arange(length) >= lengths[:, None]] = 0  # padding rows are zero, as in Wan
+    return z, context, lengths
+
+
+def _lrm_member(model, i):
+    """Member i of an ensemble as a stand-alone one-member model of the same kind."""
+    single = type(model)(model.cfg, n_members=1)
+    single.load_state_dict({k: v[i : i + 1] for k, v in model.state_dict().items()})
+    return single
+
+
+@pytest.mark.parametrize("text_mode,pool", [("last", "mean"), ("all", "max")])
+def test_lrm_shapes_and_gradients(text_mode, pool):
+    torch.manual_seed(0)
+    cfg = replace(_LRM_TINY, text_mode=text_mode, pool=pool)
+    for model, n in ((lrm.EnsembleLRM(cfg, 3), 3), (lrm.DollarLRM(cfg), 1)):
+        z, context, lengths = _lrm_inputs(cfg=cfg)
+        z.requires_grad_(True)
+        r = model(z, context, lengths)
+        assert r.shape == (n, 2) and r.dtype == torch.float32 and torch.isfinite(r).all()
+        r.sum().backward()
+        assert z.grad.abs().sum() > 0  # ReFL backpropagates the reward into the latent
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_lrm_latent_sizes():
+    torch.manual_seed(0)
+    model = lrm.EnsembleLRM(_LRM_TINY, 2)
+    for size in [(2, 4, 4), (1, 1, 1), (5, 7, 9), (21, 60, 104)]:
+        z, context, lengths = _lrm_inputs(b=1, size=size)
+        with torch.no_grad():
+            assert model(z, context, lengths).shape == (2, 1)
+    assert lrm.downsampled_grid((21, 60, 104), _LRM_TINY.strides) == (6, 8, 13)
+    with pytest.raises(ValueError, match=r"\(22, 8, 8\) exceeds"):
+        model(*_lrm_inputs(b=1, size=(22, 8, 8)))
+    z, context, lengths = _lrm_inputs()
+    with pytest.raises(ValueError, match="lengths must be in"):
+        model(z, context, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"z must be"):
+        model(z[:, :8], context, lengths)
+
+
+def test_lrm_param_count():
+    with torch.device("meta"):
+        single = lrm.EnsembleLRM(lrm.LRMConfig(), 1)
+        ten = lrm.EnsembleLRM(lrm.LRMConfig(), 10)
+    per_member = sum(p.numel() for p in single.parameters())
+    assert 19e6 < per_member < 22e6  # paper Table 7: 0.02B per member
+    assert sum(p.numel() for p in ten.parameters()) == 10 * per_member  # 0.21B for ten
+
+
+def test_lrm_batched_equals_each_member():
+    torch.manual_seed(0)
+    for cfg in (_LRM_TINY, replace(_LRM_TINY, text_mode="all")):
+        model = lrm.EnsembleLRM(cfg, 3, seed=5)
+        z, context, lengths = _lrm_inputs(b=3, seed=1)
+        zs, cs, ls = _lrm_inputs(b=3, seed=2)  # a second batch: member i gets batch i
+        per_member = (torch.stack([z, zs, z]), torch.stack([context, cs, context]), torch.stack([lengths, ls, lengths]))
+        with torch.no_grad():
+            shared, own = model(z, context, lengths), model(*per_member)
+            for i in range(3):
+                single = _lrm_member(model, i)
+                torch.testing.assert_close(shared[i], single(z, context, lengths)[0], atol=1e-5, rtol=1e-5)
+                alone = single(per_member[0][i], per_member[1][i], per_member[2][i])[0]
+                torch.testing.assert_close(own[i], alone, atol=1e-5, rtol=1e-5)
+    # member i is initialised exactly like a one-member model with seed + i
+    model = lrm.EnsembleLRM(_LRM_TINY, 3, seed=5)
+    for i in range(3):
+        alone = lrm.EnsembleLRM(_LRM_TINY, 1, seed=5 + i).state_dict()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v[i : i + 1], alone[k]), k
+
+
+def test_lrm_members_differ_and_bootstrap_diversifies():
+    torch.manual_seed(0)
+    z, context, lengths = _lrm_inputs(b=8, seed=3)
+    target = torch.rand(8)
+    with torch.no_grad():
+        assert lrm.EnsembleLRM(_LRM_TINY, 4)(z, context, lengths).std(0).min() > 1e-3  # differ at init
+    outputs = {}
+    for bootstrap in (True, False):
+        model = lrm.EnsembleLRM(_LRM_TINY, 4)
+        with torch.no_grad():  # all members start from member 0's weights
+            for p in model.parameters():
+                p.copy_(p[:1].expand_as(p))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            stats = lrm.lrm_update(model, opt, z, context, lengths, target, bootstrap=bootstrap, generator=g)
+        assert stats["loss"] > 0 and stats["mse"] > 0
+        with torch.no_grad():
+            outputs[bootstrap] = model(z, context, lengths)
+    assert outputs[True].std(0).min() > 1e-3  # own bootstrap batches pull equal members apart
+    assert outputs[False].std(0).max() < 1e-5  # the same batch keeps them equal
+
+
+def test_lrm_update_gives_each_member_its_own_gradient():
+    """One SGD step of the ensemble moves member i exactly as one step of member i alone on its batch."""
+    torch.manual_seed(0)
+    z, context, lengths = _lrm_inputs(b=6, seed=4)
+    target = torch.rand(6) * 3  # some errors beyond delta: both Huber branches
+    idx = lrm.bootstrap_indices(3, 6, torch.Generator().manual_seed(9))
+    for mode in ("bootstrap", "per-member"):
+        model = lrm.EnsembleLRM(_LRM_TINY, 3)
+        singles = [_lrm_member(model, i) for i in range(3)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if mode == "bootstrap":
+            lrm.lrm_update(model, opt, z, context, lengths, target, bootstrap=True, generator=torch.Generator().manual_seed(9))
+        else:
+            lrm.lrm_update(model, opt, z[idx], context[idx], lengths[idx], target[idx])
+        for i, single in enumerate(singles):
+            opt1 = torch.optim.SGD(single.parameters(), lr=0.1)
+            j = idx[i]
+            lrm.lrm_update(single, opt1, z[j], context[j], lengths[j], target[j], bootstrap=False)
+            after = _lrm_member(model, i).state_dict()
+            for k, v in single.state_dict().items():
+                torch.testing.assert_close(after[k], v, atol=1e-5, rtol=1e-4, msg=f"{mode} member {i} {k}")
+
+
+def test_lrm_aggregate_and_huber():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 4, generator=g)
+    mean, std = lrm.ensemble_stats(r)
+    for b in range(4):
+        col = r[:, b].tolist()
+        m = sum(col) / 5
+        s = (sum((x - m) ** 2 for x in col) / 5) ** 0.5
+        assert abs(mean[b] - m) < 1e-6 and abs(std[b] - s) < 1e-6
+        assert abs(lrm.aggregate(r, "mean")[b] - m) < 1e-6
+        assert lrm.aggregate(r, "min")[b] == min(col) and lrm.aggregate(r, "max")[b] == max(col)
+        assert abs(lrm.aggregate(r, "lcb", k=2.0)[b] - (m - 2.0 * s)) < 1e-5
+    assert torch.equal(lrm.ensemble_stats(r[:1])[1], torch.zeros(4))  # one member: no spread
+    with pytest.raises(ValueError, match="'median'"):
+        lrm.aggregate(r, "median")
+    pred, target = torch.randn(100, generator=g) * 3, torch.randn(100, generator=g)
+    for delta in (0.5, 1.0, 2.0):
+        oracle = F.huber_loss(pred, target, reduction="none", delta=delta)
+        torch.testing.assert_close(lrm.huber_loss(pred, target, delta), oracle)
+    assert lrm.huber_loss(torch.tensor(0.5), torch.tensor(0.0)).item() == 0.125  # 0.5 d^2
+    assert lrm.huber_loss(torch.tensor(3.0), torch.tensor(0.0)).item() == 2.5  # delta (|d| - delta/2)
+
+
+def test_lrm_last_token_is_the_last_real_token():
+    torch.manual_seed(0)
+    z, context, lengths = _lrm_inputs(b=2, length=9, seed=6)
+    lengths = torch.tensor([4, 9])
+    context[0, 4:] = 0
+    last, every = lrm.EnsembleLRM(_LRM_TINY, 2), lrm.EnsembleLRM(replace(_LRM_TINY, text_mode="all"), 2)
+    with torch.no_grad():
+        base = {m: m(z, context, lengths) for m in (last, every)}
+        padded = context.clone()
+        padded[0, 4:] = torch.randn(5, 64)  # padding rows must never be read
+        earlier = context.clone()
+        earlier[0, 2] += 1.0  # a real token before the last one
+        final = context.clone()
+        final[0, 3] += 1.0  # the last real token of prompt 0
+        for m in (last, every):
+            torch.testing.assert_close(m(z, padded, lengths), base[m])
+            assert (m(z, final, lengths)[:, 0] - base[m][:, 0]).abs().min() > 1e-4
+        torch.testing.assert_close(last(z, earlier, lengths), base[last])  # "last" sees one token
+        assert (every(z, earlier, lengths)[:, 0] - base[every][:, 0]).abs().min() > 1e-4
+
+
+def test_lrm_bf16_autocast():
+    torch.manual_seed(0)
+    model = lrm.EnsembleLRM(_LRM_TINY, 3)
+    z, context, lengths = _lrm_inputs(b=4)
+    with torch.no_grad():
+        ref = model(z, context, lengths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(z, context.bfloat16(), lengths)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
+    before = model.head2.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    stats = lrm.lrm_update(model, opt, z, context, lengths, torch.rand(4), generator=g, amp_dtype=torch.bfloat16)
+    assert stats["loss"] == stats["loss"] and not torch.equal(before, model.head2.weight)
+
+
+def test_lrm_save_load(tmp_path):
+    torch.manual_seed(0)
+    z, context, lengths = _lrm_inputs(b=3)
+    for model in (lrm.EnsembleLRM(replace(_LRM_TINY, text_mode="all"), 3, seed=2), lrm.DollarLRM(_LRM_TINY, seed=3)):
+        path = tmp_path / f"{model.kind}.safetensors"
+        lrm.save_lrm(model, path)
+        loaded = lrm.load_lrm(path)
+        assert type(loaded) is type(model) and loaded.cfg == model.cfg and loaded.n_members == model.n_members
+        with torch.no_grad():
+            assert torch.equal(loaded(z, context, lengths), model(z, context, lengths))
+    # a file whose tensors do not fit the config in its metadata names the offending keys
+    small = lrm.EnsembleLRM(replace(_LRM_TINY, ffn_dim=96), 3)
+    state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    state["extra"] = torch.zeros(1)
+    meta = {"kind": "ensemble", "n_members": "3", "config": json.dumps(asdict(_LRM_TINY))}
+    save_file(state, tmp_path / "bad.safetensors", metadata=meta)
+    expected = r"unexpected \['extra'\].*layers\.0\.fc1\.weight \(3, 96, 64\) != \(3, 128, 64\)"
+    with pytest.raises(ValueError, match=expected):
+        lrm.load_lrm(tmp_path / "bad.safetensors")
+    save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an LRM file"):
+        lrm.load_lrm(tmp_path / "other.safetensors")
+
+
+def _lrm_toy_data(n, prompts, directions, g):
+    """Latents and prompts with reward tanh(<channel means of z, direction of the prompt> / 4):
+    a function of the latent and of the prompt's last real token, like a colour reward."""
+    k = torch.randint(len(prompts), (n,), generator=g)
+    z = 0.2 * torch.randn(n, 16, 2, 4, 4, generator=g) + torch.randn(n, 16, 1, 1, 1, generator=g)
+    lengths = torch.randint(2, prompts.shape[1] + 1, (n,), generator=g)
+    context = prompts[k].clone()
+    context[torch.arange(n), lengths - 1] = prompts[k, -1]  # the prompt's identity in its last real token
+    context[torch.arange(prompts.shape[1]) >= lengths[:, None]] = 0
+    return z, context, lengths, torch.tanh((z.mean((2, 3, 4)) * directions[k]).sum(1) / 4)
+
+
+def _lrm_fit(model, train, test, steps=300, batch=16):
+    """AdamW on each member's own random minibatches; held-out MSE of the member mean."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(len(train[3]), (model.n_members, batch), generator=gen)  # (N, B)
+        lrm.lrm_update(model, opt, *(t[idx] for t in train))
+    with torch.no_grad():
+        return (model(*test[:3]).mean(0) - test[3]).pow(2).mean().item()
+
+
+def test_lrm_fit_ensemble_beats_single_and_dollar():
+    """Paper Table 3 in miniature: held-out MSE of the 10-ensemble mean below a single member and Dollar."""
+    g = torch.Generator().manual_seed(0)
+    prompts, directions = torch.randn(4, 6, 64, generator=g), torch.randn(4, 16, generator=g)
+    train, test = _lrm_toy_data(1024, prompts, directions, g), _lrm_toy_data(256, prompts, directions, g)
+    models = {"ensemble": lrm.EnsembleLRM(_LRM_TINY, 10), "single": lrm.EnsembleLRM(_LRM_TINY, 1, seed=100),
+              "dollar": lrm.DollarLRM(_LRM_TINY, seed=200)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead (and spin on a busy machine)
+    try:
+        mse = {name: _lrm_fit(model, train, test) for name, model in models.items()}
+    finally:
+        torch.set_num_threads(threads)
+    print("held-out MSE", mse, "target variance", test[3].var().item(), file=sys.stderr)
+    assert mse["ensemble"] < 0.8 * mse["single"] and mse["ensemble"] < 0.8 * mse["dollar"]
+    assert mse["ensemble"] < 0.25 * test[3].var().item()
+
+
+def _lrm_video(rgb, b=1, t=3, size=8):
+    """A constant-colour video (B, 3, T, H, W) in [-1, 1] from an RGB in [0, 1]."""
+    return (torch.tensor(rgb).view(1, 3, 1, 1, 1) * 2 - 1).expand(b, 3, t, size, size).clone()
+
+
+def test_lrm_reward_color():
+    red, blue = _lrm_video((1.0, 0.0, 0.0)), _lrm_video((0.0, 0.0, 1.0))
+    prompt = ["a red ball on a blue table"]  # the first colour word counts
+    assert rewards.color(red, prompt).item() == 1.0
+    assert abs(rewards.color(blue, prompt).item() - (1 - 2 / 3)) < 1e-6
+    assert rewards.color(blue, ["A BLUE car"]).item() == 1.0
+    assert rewards.color(_lrm_video((0.5, 0.5, 0.5)), ["a grey cat"]).item() == 1.0
+    assert rewards.color(red, ["a reddish dog"]).item() == rewards.NEUTRAL  # whole words only
+    both = torch.cat([red, blue])
+    assert torch.equal(rewards.color(both, ["a red kite", "a cat"]), torch.tensor([1.0, rewards.NEUTRAL]))
+    with pytest.raises(ValueError, match="2 prompts for 1 videos"):
+        rewards.color(red, ["a", "b"])
+
+
+def test_lrm_reward_sharpness_smoothness_motion():
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 4, 16, 16, generator=g) * 2 - 1
+    blurred = F.avg_pool3d(video, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    assert (rewards.sharpness(blurred, ["", ""]) < 0.7 * rewards.sharpness(video, ["", ""])).all()
+    assert rewards.sharpness(_lrm_video((0.2, 0.4, 0.6)), [""]).item() == 0.0
+    static = video[:, :, :1].expand(-1, -1, 4, -1, -1)
+    assert torch.equal(rewards.motion(static, ["", ""]), torch.zeros(2))
+    assert torch.equal(rewards.smoothness(static, ["", ""]), torch.ones(2))  # the maximum
+    assert (rewards.motion(video, ["", ""]) > 0.2).all() and (rewards.smoothness(video, ["", ""]) < 0.9).all()
+    flip = torch.stack([-torch.ones(3, 8, 8), torch.ones(3, 8, 8)], dim=1)[None]  # black -> white
+    assert rewards.motion(flip, [""]).item() == 1.0 and rewards.smoothness(flip, [""]).item() == 0.0
+    with pytest.raises(ValueError, match="at least 2 frames, got 1"):
+        rewards.motion(video[:, :, :1], ["", ""])
+
+
+def test_lrm_reward_gradients():
+    g = torch.Generator().manual_seed(0)
+    for name, fn in rewards.BUILTIN.items():
+        video = (torch.rand(2, 3, 3, 8, 8, generator=g) * 1.8 - 0.9).requires_grad_(True)
+        fn(video, ["a green field", "an orange sunset"]).sum().backward()
+        assert video.grad is not None and video.grad.abs().sum() > 0, name
+
+
+def test_lrm_load_reward(tmp_path, monkeypatch):
+    assert rewards.load_reward("color") is rewards.color
+    (tmp_path / "lrm_user_rm.py").write_text(
+        "import torch\n"
+        "def brightness(video, prompts):\n"
+        "    return video.mean((1, 2, 3, 4))\n"
+        "class Scaled:\n"
+        "    def __init__(self, scale=2.0):\n"
+        "        self.scale = scale\n"
+        "    def __call__(self, video, prompts):\n"
+        "        return self.scale * video.mean((1, 2, 3, 4))\n"
+        "not_callable = 3\n"
+    )
+    video = torch.full((2, 3, 2, 4, 4), 0.25)
+    by_path = rewards.load_reward(f"{tmp_path / 'lrm_user_rm.py'}:brightness")
+    assert torch.equal(by_path(video, ["a", "b"]), torch.full((2,), 0.25))
+    factory = rewards.load_reward(f"{tmp_path / 'lrm_user_rm.py'}:Scaled")  # a class: built once
+    assert torch.equal(factory(video, ["a", "b"]), torch.full((2,), 0.5))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert torch.equal(rewards.load_reward("lrm_user_rm:brightness")(video, ["a", "b"]), torch.full((2,), 0.25))
+    with pytest.raises(TypeError, match="not callable"):
+        rewards.load_reward("lrm_user_rm:not_callable")
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        rewards.load_reward("lrm_user_rm:missing")
+    with pytest.raises(ValueError, match="neither a built-in"):
+        rewards.load_reward("beauty")
 
 
 if __name__ == "__main__":

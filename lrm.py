@@ -1,0 +1,485 @@
+"""Ensemble latent reward model (LRM) of VELR, its Dollar-style baseline, the Huber loss and the update step.
+
+Follows the VELR paper (§4.1 Eq. 4-6, §4.2 Eq. 7, App. C.1, C.7; Table 7: ~0.02B parameters per
+member, 0.21B for ten). An LRM member reads a clean Wan latent z (16, T, H, W) and the prompt's UMT5
+embedding and predicts the scalar that a large pixel-space video reward model gives the decoded video:
+
+    three 3D residual blocks   H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)), each downsampling
+    tokens + learnable temporal and spatial position embeddings
+    cross-attention            video tokens -> prompt (the last real token, or all real tokens)
+    transformer encoder        pre-LN self-attention + MLP blocks
+    pooling over tokens, MLP head -> scalar
+
+`EnsembleLRM` holds N members and runs them as ONE batched computation. Every parameter carries a
+leading member dimension (N, ...): the convolutions are grouped convolutions with groups=N on
+member-stacked channels (B, N*C, T, H, W), the linear layers are batched matmuls over (N, B, L, D)
+tokens, attention folds (N, B) into its batch. We chose explicit batched layers over
+torch.func.vmap: the computation is plain PyTorch that reads like a single model, works with DDP,
+autocast and meta-device loading, and member i's weights are simply `p[i]` of every parameter.
+
+Members are independent models that happen to be stored together: member i is initialised from
+its own generator seeded with `seed + i` (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
+`lrm_update` gives every member its own minibatch (a bootstrap resample of a shared batch, or the
+caller's per-member batches), so the spread over members is a usable uncertainty estimate (paper
+§4.2; methods.md §1.2). Measured on the toy task of test_lrm_fit_* (batch 4, 1200 steps, lr 1e-3),
+held-out MSE of the 10-ensemble mean: 0.051 with per-member shuffled batches, 0.052 with one shared
+batch (diversity from the initialisation alone), 0.146 with bootstrap resamples of the shared batch;
+single models 0.077-0.079. Resampling a batch of 4 leaves each member ~2.7 distinct samples and
+weights the rest double, so prefer per-member batches when the data loader can supply them.
+
+`DollarLRM` is the paper's Dollar baseline (Ding et al., ICCV 2025), whose code is not public.
+We reproduce it from the descriptions as "a simpler latent reward network": a 3D-conv encoder,
+global pooling and an MLP on [video feature, text feature]; see its docstring.
+
+Decisions: the "last token" is the last *real* token (index lengths-1 of the zero-padded context),
+never a padding row (methods.md §1.1); std over members is the population std (0 for N = 1);
+`lcb` = mean - k*std is our conservative aggregation next to the paper's mean/min/max.
+
+Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel), the paper's
+VELR/T and VELR/C ablation variants, a backbone (DiT-based) reward model.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class LRMConfig:
+    """One member. The defaults give 20.8M parameters per member (0.02B; 0.21B for ten, as in Table 7)."""
+
+    in_channels: int = 16  # Wan VAE latent channels
+    text_dim: int = 4096  # UMT5-XXL width
+    channels: tuple[int, ...] = (128, 256, 384)  # widths of the three residual blocks; d_v = channels[-1]
+    strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2))  # (t, h, w) per block
+    norm_groups: int = 32
+    num_heads: int = 6
+    num_layers: int = 4  # transformer encoder depth
+    ffn_dim: int = 1536
+    max_frames: int = 21  # largest latent (T, H, W) the position embeddings cover: 81 frames, 1280 px
+    max_height: int = 160
+    max_width: int = 160
+    text_mode: str = "last"  # "last": the last real prompt token (paper); "all": every real token
+    pool: str = "mean"  # "mean" | "max" over the video tokens
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)  # a config read back from JSON carries lists
+        self.strides = tuple(tuple(s) for s in self.strides)
+        if len(self.channels) != len(self.strides):
+            raise ValueError(f"one stride per block: channels {self.channels}, strides {self.strides}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"channels {self.channels} must be divisible by norm_groups {self.norm_groups}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"d_v {self.dim} must be divisible by num_heads {self.num_heads}")
+        if self.text_mode not in ("last", "all"):
+            raise ValueError(f"text_mode must be 'last' or 'all', got {self.text_mode!r}")
+        if self.pool not in ("mean", "max"):
+            raise ValueError(f"pool must be 'mean' or 'max', got {self.pool!r}")
+
+    @property
+    def dim(self) -> int:
+        return self.channels[-1]
+
+
+LRM_CONFIGS = {
+    "default": LRMConfig(),
+    "tiny": LRMConfig(text_dim=64, channels=(16, 32, 64), norm_groups=8, num_heads=4, num_layers=2, ffn_dim=128),
+}
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def downsampled_grid(size: tuple[int, int, int], strides) -> tuple[int, int, int]:
+    """Latent (T, H, W) -> token grid after the blocks; kernel 3 / padding 1 and kernel 1 / padding 0
+    convolutions with stride s both give ceil(n / s)."""
+    for stride in strides:
+        size = tuple((n - 1) // s + 1 for n, s in zip(size, stride))
+    return size
+
+
+def stack_members(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Latents -> member-stacked channels (B, N*C, T, H, W): z (B, C, T, H, W) is shared by all
+    members, z (N, B, C, T, H, W) holds one batch per member."""
+    if z.dim() == 5:
+        return z.repeat(1, n, 1, 1, 1)
+    return z.transpose(0, 1).flatten(1, 2)  # (B, N*C, T, H, W)
+
+
+def text_tokens(context: torch.Tensor, lengths: torch.Tensor, mode: str):
+    """Zero-padded context (N, B, L, C) and true lengths (N, B) -> keys (N, B, Lk, C), mask (N, B, Lk) or None.
+    "last" keeps token lengths-1 (the EOS of a UMT5 prompt), "all" keeps every token and masks the padding."""
+    if mode == "last":
+        index = (lengths - 1)[..., None, None].expand(-1, -1, 1, context.shape[-1])
+        return context.gather(2, index), None
+    mask = torch.arange(context.shape[2], device=context.device) < lengths[..., None]
+    return context, mask
+
+
+def ensemble_stats(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (N, B) -> mean (B,), std (B,) over the members (population std, 0 for one member)."""
+    return rewards.mean(0), rewards.std(0, correction=0)
+
+
+def aggregate(rewards: torch.Tensor, agg: str = "mean", k: float = 1.0) -> torch.Tensor:
+    """Paper Eq. 7: Agg over members of rewards (N, B) -> (B,); lcb = mean - k * std."""
+    if agg == "mean":
+        return rewards.mean(0)
+    if agg == "min":
+        return rewards.min(0).values
+    if agg == "max":
+        return rewards.max(0).values
+    if agg == "lcb":
+        mean, std = ensemble_stats(rewards)
+        return mean - k * std
+    raise ValueError(f"agg must be mean, min, max or lcb, got {agg!r}")
+
+
+def huber_loss(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """Paper Eq. 6, elementwise: 0.5 d^2 where |d| <= delta, else delta (|d| - delta / 2); d = target - pred."""
+    d = (target - pred).abs()
+    return torch.where(d <= delta, 0.5 * d * d, delta * (d - 0.5 * delta))
+
+
+# ----------------------------------------------------------------------------- batched layers
+
+class EnsembleConv3d(nn.Module):
+    """N independent Conv3d(cin, cout, k, stride, padding k//2) as one grouped convolution:
+    (B, N*cin, T, H, W) -> (B, N*cout, T', H', W')."""
+
+    def __init__(self, n: int, cin: int, cout: int, kernel: int, stride=1):
+        super().__init__()
+        self.n, self.stride, self.padding = n, stride, kernel // 2
+        self.weight = nn.Parameter(torch.empty(n, cout, cin, kernel, kernel, kernel))
+        self.bias = nn.Parameter(torch.empty(n, cout))
+
+    def forward(self, x):
+        w, b = self.weight.flatten(0, 1), self.bias.flatten()  # member-major (N*cout, cin, k, k, k)
+        return F.conv3d(x, w, b, self.stride, self.padding, groups=self.n)
+
+
+class EnsembleGroupNorm(nn.Module):
+    """N independent GroupNorm(groups, c) on member-stacked channels: one GroupNorm with N*groups
+    groups, because every member's channels form `groups` consecutive groups of their own."""
+
+    def __init__(self, n: int, groups: int, c: int, eps: float):
+        super().__init__()
+        self.groups, self.eps = n * groups, eps
+        self.weight = nn.Parameter(torch.empty(n, c))
+        self.bias = nn.Parameter(torch.empty(n, c))
+
+    def forward(self, x):
+        return F.group_norm(x, self.groups, self.weight.flatten(), self.bias.flatten(), self.eps)
+
+
+class EnsembleLinear(nn.Module):
+    """N independent Linear(din, dout): x (N, ..., din) -> (N, ..., dout) by one batched matmul."""
+
+    def __init__(self, n: int, din: int, dout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, dout, din))
+        self.bias = nn.Parameter(torch.empty(n, dout))
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = torch.baddbmm(self.bias[:, None], x.reshape(n, -1, x.shape[-1]), self.weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """N independent LayerNorm(dim) on x (N, ..., dim)."""
+
+    def __init__(self, n: int, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(n, dim))
+        self.bias = nn.Parameter(torch.empty(n, dim))
+
+    def forward(self, x):
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class ResBlock3d(nn.Module):
+    """Paper Eq. 4: H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)); W1 and the 1x1x1 skip D carry the stride."""
+
+    def __init__(self, n: int, cin: int, cout: int, stride, cfg: LRMConfig):
+        super().__init__()
+        self.conv1 = EnsembleConv3d(n, cin, cout, 3, stride)
+        self.norm1 = EnsembleGroupNorm(n, cfg.norm_groups, cout, cfg.eps)
+        self.conv2 = EnsembleConv3d(n, cout, cout, 3)
+        self.norm2 = EnsembleGroupNorm(n, cfg.norm_groups, cout, cfg.eps)
+        self.skip = EnsembleConv3d(n, cin, cout, 1, stride)
+
+    def forward(self, x):
+        h = F.silu(self.norm1(self.conv1(x)))
+        return F.silu(self.norm2(self.conv2(h)) + self.skip(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x (N, B, Lq, dim) over keys/values y (N, B, Lk, kv_dim);
+    mask (N, B, Lk) bool, True = attend. Keys and values are projected from kv_dim to dim."""
+
+    def __init__(self, n: int, dim: int, num_heads: int, kv_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = EnsembleLinear(n, dim, dim)
+        self.k = EnsembleLinear(n, kv_dim, dim)
+        self.v = EnsembleLinear(n, kv_dim, dim)
+        self.o = EnsembleLinear(n, dim, dim)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        n, b, length, d = t.shape
+        return t.reshape(n * b, length, self.num_heads, -1).transpose(1, 2)  # (N*B, heads, L, head_dim)
+
+    def forward(self, x, y, mask=None):
+        n, b, lq, d = x.shape
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(y)), self.heads(self.v(y))
+        mask = None if mask is None else mask.reshape(n * b, 1, 1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N*B, heads, Lq, head_dim)
+        return self.o(out.transpose(1, 2).reshape(n, b, lq, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer encoder block: self-attention, then a GELU MLP, both residual."""
+
+    def __init__(self, n: int, cfg: LRMConfig):
+        super().__init__()
+        self.norm1 = EnsembleLayerNorm(n, cfg.dim, cfg.eps)
+        self.self_attn = Attention(n, cfg.dim, cfg.num_heads, cfg.dim)
+        self.norm2 = EnsembleLayerNorm(n, cfg.dim, cfg.eps)
+        self.fc1 = EnsembleLinear(n, cfg.dim, cfg.ffn_dim)
+        self.fc2 = EnsembleLinear(n, cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+# ----------------------------------------------------------------------------- models
+
+def init_members(model: nn.Module, seed: int):
+    """Every init decision. Member i draws from its own generator seeded with seed + i, in parameter
+    order, on the CPU (so the result does not depend on the device). Biases 0, norm scales 1,
+    position embeddings N(0, 0.02^2), all other weights N(0, 1/fan_in)."""
+    with torch.no_grad():
+        for i in range(model.n_members):
+            g = torch.Generator().manual_seed(seed + i)
+            for name, p in model.named_parameters():
+                shape = p.shape[1:]
+                if name.endswith("bias"):
+                    value = torch.zeros(shape)
+                elif "norm" in name:
+                    value = torch.ones(shape)
+                elif name.startswith("pos_"):
+                    value = torch.randn(shape, generator=g) * 0.02
+                else:
+                    value = torch.randn(shape, generator=g) / shape[1:].numel() ** 0.5
+                p[i].copy_(value)
+
+
+def _split_inputs(z, context, lengths, n: int, cfg: LRMConfig):
+    """Validate inputs and bring them to the per-member form: context (N, B, L, C), lengths (N, B).
+    z (B, 16, T, H, W) with context (B, L, C), lengths (B,) is one batch shared by all members;
+    z (N, B, 16, T, H, W) with context (N, B, L, C), lengths (N, B) gives each member its own batch."""
+    shared = z.dim() == 5
+    if z.dim() not in (5, 6) or z.shape[-4] != cfg.in_channels or (not shared and z.shape[0] != n):
+        c = cfg.in_channels
+        raise ValueError(f"z must be (B, {c}, T, H, W) or ({n}, B, {c}, T, H, W), got {tuple(z.shape)}")
+    if context.dim() != z.dim() - 2 or context.shape[-1] != cfg.text_dim or lengths.shape != context.shape[:-2]:
+        raise ValueError(
+            f"context {tuple(context.shape)} / lengths {tuple(lengths.shape)} do not match "
+            f"z {tuple(z.shape)} and text_dim {cfg.text_dim}"
+        )
+    if (lengths < 1).any() or (lengths > context.shape[-2]).any():
+        raise ValueError(f"lengths must be in [1, {context.shape[-2]}], got {lengths.tolist()}")
+    if shared:
+        context, lengths = context.expand(n, *context.shape), lengths.expand(n, *lengths.shape)
+    return context, lengths
+
+
+class EnsembleLRM(nn.Module):
+    """N LRM members evaluated together: forward(z, context, lengths) -> rewards (N, B) fp32.
+
+    z: (B, 16, T, H, W) shared, or (N, B, 16, T, H, W) one batch per member (training);
+    context: the zero-padded UMT5 embedding (B, L, text_dim) / (N, B, L, text_dim), L up to 512;
+    lengths: the true token counts (B,) / (N, B). Gradients flow to z (ReFL needs them).
+    """
+
+    kind = "ensemble"
+
+    def __init__(self, cfg: LRMConfig, n_members: int = 10, seed: int = 0):
+        super().__init__()
+        self.cfg, self.n_members = cfg, n_members
+        n, widths = n_members, (cfg.in_channels,) + cfg.channels
+        self.blocks = nn.ModuleList(
+            ResBlock3d(n, cin, cout, s, cfg) for cin, cout, s in zip(widths, widths[1:], cfg.strides)
+        )
+        t, h, w = downsampled_grid((cfg.max_frames, cfg.max_height, cfg.max_width), cfg.strides)
+        self.pos_temporal = nn.Parameter(torch.empty(n, t, cfg.dim))
+        self.pos_spatial = nn.Parameter(torch.empty(n, h, w, cfg.dim))
+        self.norm_cross = EnsembleLayerNorm(n, cfg.dim, cfg.eps)
+        self.cross_attn = Attention(n, cfg.dim, cfg.num_heads, cfg.text_dim)
+        self.layers = nn.ModuleList(TransformerBlock(n, cfg) for _ in range(cfg.num_layers))
+        self.norm_out = EnsembleLayerNorm(n, cfg.dim, cfg.eps)
+        self.head1 = EnsembleLinear(n, cfg.dim, cfg.dim)
+        self.head2 = EnsembleLinear(n, cfg.dim, 1)
+        if self.pos_temporal.device.type != "meta":
+            init_members(self, seed)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Block output (B, N*D, t, h, w) -> tokens (N, B, t*h*w, D) with position embeddings added."""
+        t, h, w = x.shape[2:]
+        x = x.unflatten(1, (self.n_members, -1)).permute(1, 0, 3, 4, 5, 2)  # (N, B, t, h, w, D)
+        pos = self.pos_temporal[:, None, :t, None, None] + self.pos_spatial[:, None, None, :h, :w]  # (N, 1, t, h, w, D)
+        return (x + pos).flatten(2, 4)
+
+    def check_size(self, z: torch.Tensor):
+        cfg, size = self.cfg, tuple(z.shape[-3:])
+        if any(s > m for s, m in zip(size, (cfg.max_frames, cfg.max_height, cfg.max_width))):
+            raise ValueError(
+                f"latent (T, H, W) {size} exceeds the position embeddings' maximum "
+                f"({cfg.max_frames}, {cfg.max_height}, {cfg.max_width}); raise max_frames/max_height/max_width"
+            )
+
+    def forward(self, z, context, lengths):
+        self.check_size(z)
+        dtype = self.head2.weight.dtype
+        context, lengths = _split_inputs(z, context.to(dtype), lengths, self.n_members, self.cfg)
+        x = stack_members(z.to(dtype), self.n_members)  # (B, N*16, T, H, W)
+        for block in self.blocks:
+            x = block(x)
+        x = self.tokens(x)  # (N, B, L, D)
+        keys, mask = text_tokens(context, lengths, self.cfg.text_mode)
+        x = x + self.cross_attn(self.norm_cross(x), keys, mask)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm_out(x)
+        x = x.mean(2) if self.cfg.pool == "mean" else x.amax(2)  # (N, B, D)
+        return self.head2(F.silu(self.head1(x))).squeeze(-1).float()
+
+
+class DollarLRM(nn.Module):
+    """The Dollar baseline (Ding et al., ICCV 2025), reproduced from its description; rewards (1, B).
+
+    Dollar's latent reward model is not public, and neither the VELR paper (which reproduced it
+    "based on its description", §5.6, Table 3) nor methods.md §1.6 ("a simpler latent reward
+    network") gives its layers. Our reproduction keeps what such a regressor needs and nothing of
+    VELR's additions: per block one strided 3x3x3 convolution + GroupNorm + SiLU (no residual
+    path), global mean pooling, the last real prompt token projected to the same width and
+    concatenated (no cross-attention, no position embeddings, no transformer), a 2-layer MLP to a
+    scalar. Widths and strides come from the same LRMConfig, so it sees the same data as a member.
+    Built from the same batched layers, so `n_members` > 1 would work, but the baseline is one model.
+    """
+
+    kind = "dollar"
+
+    def __init__(self, cfg: LRMConfig, n_members: int = 1, seed: int = 0):
+        super().__init__()
+        self.cfg, self.n_members = cfg, n_members
+        n, widths = n_members, (cfg.in_channels,) + cfg.channels
+        self.convs = nn.ModuleList(EnsembleConv3d(n, a, b, 3, s) for a, b, s in zip(widths, widths[1:], cfg.strides))
+        self.norms = nn.ModuleList(EnsembleGroupNorm(n, cfg.norm_groups, c, cfg.eps) for c in cfg.channels)
+        self.text_proj = EnsembleLinear(n, cfg.text_dim, cfg.dim)
+        self.head1 = EnsembleLinear(n, 2 * cfg.dim, cfg.dim)
+        self.head2 = EnsembleLinear(n, cfg.dim, 1)
+        if self.text_proj.weight.device.type != "meta":
+            init_members(self, seed)
+
+    def forward(self, z, context, lengths):
+        dtype = self.head2.weight.dtype
+        context, lengths = _split_inputs(z, context.to(dtype), lengths, self.n_members, self.cfg)
+        x = stack_members(z.to(dtype), self.n_members)
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv(x)))
+        video = x.mean((2, 3, 4)).unflatten(1, (self.n_members, -1)).transpose(0, 1)  # (N, B, D)
+        text = self.text_proj(text_tokens(context, lengths, "last")[0].squeeze(2))  # (N, B, D)
+        return self.head2(F.silu(self.head1(torch.cat([video, text], -1)))).squeeze(-1).float()
+
+
+MODEL_KINDS = {"ensemble": EnsembleLRM, "dollar": DollarLRM}
+
+
+# ----------------------------------------------------------------------------- training step
+
+def bootstrap_indices(n_members: int, batch: int, generator=None) -> torch.Tensor:
+    """(N, B) sample indices: every member's own bootstrap resample (with replacement) of a batch of B."""
+    return torch.randint(batch, (n_members, batch), generator=generator)
+
+
+def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, bootstrap=False, generator=None,
+               amp_dtype=None):
+    """One Huber step (paper Eq. 6) of an ensemble or Dollar LRM; target = the pixel reward of the
+    decoded latents. All members run in one batched forward; which samples each member sees:
+
+      z (B, 16, T, H, W), context (B, L, C), lengths (B,), target (B,) - one batch for all members:
+        bootstrap=False (default): the batch as is, diversity from the independent inits;
+        bootstrap=True: each member its own bootstrap resample of it (indices from `generator`).
+        The default is False because resampling a small batch (the paper's 4) hurts: see the header.
+      z (N, B, 16, T, H, W), context (N, B, L, C), lengths (N, B), target (N, B) - the caller's
+        own minibatch per member (e.g. each member its own shuffled data order); no resampling.
+
+    The loss is the sum over members of each member's mean Huber loss, so each member gets exactly
+    the gradient it would get alone. `model` may be wrapped in DDP. amp_dtype (e.g. torch.bfloat16)
+    runs the forward under autocast; the backward runs outside it.
+    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches.
+    """
+    n = getattr(model, "module", model).n_members  # DDP keeps the model in .module
+    if z.dim() == 5 and bootstrap:
+        idx = bootstrap_indices(n, z.shape[0], generator).to(z.device)  # (N, B)
+        z, context, lengths, target = z[idx], context[idx], lengths[idx], target[idx]
+    with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        pred = model(z, context, lengths)  # (N, B)
+    target = target.float().expand_as(pred)
+    loss = huber_loss(pred, target, delta).mean(1)  # (N,)
+    optimizer.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    optimizer.step()
+    return {"loss": loss.mean().item(), "mse": (pred.detach() - target).pow(2).mean().item()}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_lrm(model: nn.Module, path):
+    """safetensors with the model kind, member count and config (JSON) in the metadata."""
+    metadata = {"kind": model.kind, "n_members": str(model.n_members), "config": json.dumps(asdict(model.cfg))}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def load_lrm(path, device="cpu") -> nn.Module:
+    """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") not in MODEL_KINDS:
+        raise ValueError(
+            f"{path} is not an LRM file written by save_lrm: "
+            f"kind {meta.get('kind')!r}, expected one of {list(MODEL_KINDS)}"
+        )
+    kind, n = meta["kind"], int(meta["n_members"])
+    cfg = LRMConfig(**json.loads(meta["config"]))
+    with torch.device("meta"):
+        model = MODEL_KINDS[kind](cfg, n_members=n)
+    state = load_file(str(path), device=str(device))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s
+    )
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{path} does not fit a {kind} LRM with {n} members (layout: lrm.save_lrm): "
+            f"missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -34,6 +34,12 @@ from dataclasses import asdict, replace
 import torch.nn.functional as F
 import lrm
 import rewards
+import os
+import subprocess
+from safetensors.torch import load_file
+import prepare_data
+import toy
+import train_lrm
 
 
 # ==================== dit ====================
@@ -1481,6 +1487,204 @@ def test_lrm_load_reward(tmp_path, monkeypatch):
         rewards.load_reward("lrm_user_rm:missing")
     with pytest.raises(ValueError, match="neither a built-in"):
         rewards.load_reward("beauty")
+
+
+# ==================== data ====================
+
+_DATA_REPO = Path(__file__).resolve().parent
+
+
+def _data_write_video(path, frames, colour, fps=8):
+    """An mp4 of `frames` 48x32 frames: a flat colour with a bright square moving right."""
+    video = np.zeros((frames, 32, 48, 3), dtype=np.uint8)
+    video[:] = colour
+    for t in range(frames):
+        video[t, 8:16, 2 * t : 2 * t + 8] = 255
+    imageio.mimwrite(path, list(video), fps=fps)
+
+
+def _data_video_folder(root):
+    """Three good clips, a corrupt file and a clip too short for 5 frames at 4 fps (needs 9 at 8 fps)."""
+    root.mkdir()
+    specs = {"a_good": (9, (200, 30, 30)), "c_good": (12, (30, 200, 30)), "d_short": (3, (30, 30, 200)), "e_good": (10, (90, 90, 90))}
+    for name, (frames, colour) in specs.items():
+        _data_write_video(root / f"{name}.mp4", frames, colour)
+    (root / "b_corrupt.mp4").write_bytes(b"this is not an mp4 file" * 10)
+    for name, caption in (("a_good", "a red room"), ("b_corrupt", "a blue sky"), ("c_good", "green grass"),
+                          ("d_short", "a blue car"), ("e_good", "a grey wall")):
+        (root / f"{name}.txt").write_text(caption + "\n")
+    return root
+
+
+def _data_prepare_argv(out, *extra):
+    return ["--out", str(out), "--size", "32x32", "--frames", "5", "--fps", "4", *extra]
+
+
+def _data_shards(out):
+    index = json.loads((out / "index.json").read_text())
+    return index, [out / s["file"] for s in index["shards"]]
+
+
+def test_data_frame_indices_and_resize_crop():
+    # 5 frames at 16 fps from a 30 fps source: t = i/16 s -> source frame floor(i * 30 / 16)
+    assert prepare_data.frame_indices(5, 16, 30) == [0, 1, 3, 5, 7]
+    assert prepare_data.frame_indices(3, 8, 8) == [0, 1, 2]
+    # 48x32 -> 32x32: the height already fits, so the centre 32 columns are kept, borders dropped
+    frames = np.zeros((2, 32, 48, 3), dtype=np.uint8)
+    frames[:, :, :8] = (255, 0, 0)
+    frames[:, :, 8:40] = (0, 0, 255)
+    frames[:, :, 40:] = (255, 0, 0)
+    clip = prepare_data.resize_crop(frames, 32, 32)
+    assert clip.shape == (3, 2, 32, 32)
+    assert torch.allclose(clip[2], torch.ones(2, 32, 32)) and torch.allclose(clip[0], -torch.ones(2, 32, 32))
+    # 64x64 -> 16x8: shorter side 64 -> 16 (scale 1/4), then 8 rows of the centre
+    big = np.full((1, 64, 64, 3), 127, dtype=np.uint8)
+    assert prepare_data.resize_crop(big, 16, 8).shape == (3, 1, 8, 16)
+
+
+def test_data_prepare_folder_skips_bad_videos_and_resumes(tmp_path):
+    src, out = _data_video_folder(tmp_path / "videos"), tmp_path / "data"
+    argv = _data_prepare_argv(out, "--videos", str(src), "--shard-size", "2")
+    report = prepare_data.main(argv)
+    assert report["written"] == 3 and report["inputs"] == 5
+    assert report["skipped"] == {"unreadable": 1, "too_short": 1}
+    reasons = {Path(s["source"]).name: s["reason"] for s in report["skipped_files"]}
+    assert reasons == {"b_corrupt.mp4": "unreadable", "d_short.mp4": "too_short"}
+    assert json.loads((out / "report.json").read_text()) == report
+
+    index, files = _data_shards(out)
+    assert [s["samples"] for s in index["shards"]] == [1, 1, 1] and index["samples"] == 3
+    _, vae, _, _ = toy.build_models(0)  # the tiny models prepare_data uses without checkpoints
+    for f, name, prompt in zip(files, ("a_good", "c_good", "e_good"), ("a red room", "green grass", "a grey wall")):
+        shard = load_file(f)
+        with safe_open(f, "pt") as h:
+            meta = h.metadata()
+        assert json.loads(meta["prompts"]) == [prompt] and Path(json.loads(meta["sources"])[0]).stem == name
+        assert shard["latents"].shape == (1, 16, 2, 4, 4) and shard["context"].shape[-1] == 64
+        assert shard["context"].shape[1] == shard["lengths"][0]  # trimmed to the (only) prompt
+        # the label is the reward of the DECODED latent, not of the source clip
+        decoded = rewards.color(vae.decode(shard["latents"]), [prompt])
+        torch.testing.assert_close(shard["rewards"], decoded, rtol=0, atol=1e-5)
+        clip = prepare_data.read_clip(str(src / f"{name}.mp4"), 5, 4, 32, 32)
+        assert (rewards.color(clip[None], [prompt]) - decoded).abs().item() > 1e-3
+
+    # re-running skips every finished shard; a deleted shard is rebuilt identically
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    saved = load_file(files[1])
+    assert prepare_data.main(argv) == report
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    files[1].unlink()
+    assert prepare_data.main(argv) == report
+    assert files[0].stat().st_mtime_ns == stamps[files[0]] and files[2].stat().st_mtime_ns == stamps[files[2]]
+    for k, v in load_file(files[1]).items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_data_prepare_manifest_and_saved_latents(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _data_write_video(videos / "one.mp4", 9, (200, 30, 30))
+    _data_write_video(videos / "two.mp4", 9, (30, 30, 200))
+    manifest = tmp_path / "clips.jsonl"
+    rows = [{"video": "videos/one.mp4", "prompt": "a red room", "reward": 0.125}, {"video": "videos/two.mp4", "prompt": "a blue room"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    latents = tmp_path / "latents"  # generated data: sample.py's own --save-latents output
+    sample.main(["--prompt", "a purple cube", "--out", str(tmp_path / "s.mp4"), "--steps", "2", "--save-latents", str(latents), "--device", "cpu"])
+
+    out = tmp_path / "data"
+    report = prepare_data.main(_data_prepare_argv(out, "--manifest", str(manifest), "--latents", str(latents), "--keep-reward"))
+    assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 0}
+    _, files = _data_shards(out)
+    shard = load_file(files[0])
+    with safe_open(files[0], "pt") as h:
+        assert json.loads(h.metadata()["prompts"]) == ["a red room", "a blue room", "a purple cube"]
+    assert shard["rewards"][0].item() == 0.125  # kept from the manifest
+    _, vae, _, _ = toy.build_models(0)
+    decoded = rewards.color(vae.decode(shard["latents"][1:]), ["a blue room", "a purple cube"])
+    torch.testing.assert_close(shard["rewards"][1:], decoded, rtol=0, atol=1e-5)
+    saved = load_file(next(latents.glob("*.safetensors")))["latent"]
+    assert torch.equal(shard["latents"][2], saved)
+    # the csv manifest reads to the same items
+    csv_manifest = tmp_path / "clips.csv"
+    csv_manifest.write_text("video,prompt,reward\nvideos/one.mp4,a red room,0.125\nvideos/two.mp4,a blue room,\n")
+    assert prepare_data.read_manifest(csv_manifest) == prepare_data.read_manifest(manifest)
+
+
+def test_data_metrics_match_numpy():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 40, generator=g), torch.randn(40, generator=g)
+    s = train_lrm.sums(pred[:, :15], target[:15]) + train_lrm.sums(pred[:, 15:], target[15:])  # batches add up
+    mse, pcc = train_lrm.mse_pcc(s)
+    for m in range(3):
+        p, t = pred[m].double().numpy(), target.double().numpy()
+        assert abs(mse[m].item() - ((p - t) ** 2).mean()) < 1e-12
+        assert abs(pcc[m].item() - np.corrcoef(p, t)[0, 1]) < 1e-12
+
+
+def _data_train_argv(out, *extra):
+    return ["--out", str(out), "--lr", "1e-3", "--log-every", "1000", *extra]
+
+
+def test_data_ensemble_beats_single_member_and_dollar(tmp_path):
+    """The paper's Table 3 claim at toy scale: same data, same steps; the 10-ensemble's mean has
+    the lowest held-out MSE."""
+    common = ["--synthetic", "384", "--epochs", "8", "--seed", "0"]
+    test_mse = {}
+    for name, extra in (("ensemble", ["--members", "10"]), ("single", ["--members", "1"]), ("dollar", ["--model", "dollar"])):
+        metrics = train_lrm.main(_data_train_argv(tmp_path / name, *common, *extra))
+        test_mse[name] = metrics["test"]["mse"][-1]  # the last column: the ensemble mean
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == list(range(8))
+    print(f"held-out MSE: {test_mse}")
+    assert test_mse["ensemble"] < test_mse["single"] and test_mse["ensemble"] < test_mse["dollar"]
+    model = lrm.load_lrm(tmp_path / "ensemble" / "lrm.safetensors")
+    assert model.n_members == 10 and not torch.equal(model.head2.weight[0], model.head2.weight[1])
+
+
+def test_data_resume_equals_uninterrupted(tmp_path):
+    common = ["--synthetic", "32", "--epochs", "2", "--members", "2", "--ckpt-every", "3"]
+    train_lrm.main(_data_train_argv(tmp_path / "full", *common))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--max-steps", "5"))  # killed mid epoch 0
+    assert not (tmp_path / "cut" / "lrm.safetensors").exists()
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 5
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume"))
+    full, resumed = load_file(tmp_path / "full" / "lrm.safetensors"), load_file(tmp_path / "cut" / "lrm.safetensors")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    a = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert a == b
+
+
+def test_data_train_on_shards(tmp_path):
+    rows = train_lrm.synthetic_data(12, seed=1)
+    out = tmp_path / "data"
+    out.mkdir()
+    for i in range(2):  # two shards written the way prepare_data writes them
+        part = [{**r, "prompt": f"p{j}", "source": f"s{j}"} for j, r in enumerate(rows[6 * i : 6 * i + 6])]
+        prepare_data.write_shard(prepare_data.shard_path(out, i), part, [])
+    prepare_data.write_index(out, 2, 12)
+    data = train_lrm.ShardRows(out)
+    assert len(data) == 12
+    for i in (0, 5, 7, 11):
+        assert torch.equal(data[i]["latent"], rows[i]["latent"]) and torch.equal(data[i]["context"], rows[i]["context"])
+        assert data[i]["reward"] == pytest.approx(rows[i]["reward"], abs=1e-7)
+    metrics = train_lrm.main(_data_train_argv(tmp_path / "run", "--data", str(out), "--members", "2", "--epochs", "1", "--test-frac", "0.25"))
+    assert len(metrics["test"]["mse"]) == 3 and all(np.isfinite(metrics["test"]["mse"]))
+
+
+def test_data_torchrun_two_ranks_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(_DATA_REPO / "train_lrm.py"),
+           *_data_train_argv(out, "--synthetic", "40", "--members", "2", "--epochs", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=_DATA_REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "sync.json").read_text()) == {"world": 2, "max_diff": 0.0}
+    assert lrm.load_lrm(out / "lrm.safetensors").n_members == 2
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert metrics["step"] == 4  # 32 training samples / (batch 4 x 2 ranks)
 
 
 if __name__ == "__main__":

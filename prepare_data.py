@@ -1,0 +1,386 @@
+"""Latent dataset for pretraining the latent reward model (VELR paper §4.1, App. C.1).
+
+Turns videos + prompts into what the LRM trains on: the Wan VAE latent of a clip, the prompt's
+UMT5 embedding, and the target `R(Dec(z), prompt)`: the pixel reward of the *decoded* latent,
+because that is what the LRM will be compared against during ReFL (methods.md §1.3).
+
+Sources (any mix):
+- `--manifest FILE`: jsonl (one `{"video": ..., "prompt": ..., "reward": ...}` per line) or csv
+  with the columns `video,prompt[,reward]`; relative paths are relative to the manifest.
+- `--videos DIR`: every `*.mp4` with a caption in the same-name `.txt` next to it.
+- `--latents DIR`: latents written by `sample.py --save-latents` (generated data; the paper adds
+  ~500 of them); they skip the video reading and the encoder.
+
+Each video: read with imageio (ffmpeg), `--frames` (4k+1) frames picked by index at `--fps` from
+the source's own fps, shorter side resized and centre-cropped to `--size WxH`, scaled to [-1, 1],
+VAE-encoded (posterior mean), decoded again and scored with `--reward` (`--keep-reward` keeps a
+manifest's precomputed reward instead). Prompts go through the on-disk PromptCache.
+Unreadable and too-short videos are skipped, counted and listed in `report.json`.
+
+Output in `--out`: `shard_00000.safetensors`, ... (`latents` (N, 16, T', H', W') fp32,
+`context` (N, L, C) = the prompt embeddings trimmed to the longest prompt of the shard,
+`lengths` (N,), `rewards` (N,) fp32; metadata: `prompts`, `sources`, `skipped` as JSON), plus
+`index.json` and `report.json` built from the shard files. A shard is written atomically, so one
+that exists is finished: re-running skips it. Under torchrun rank r does shards r, r+W, ...
+
+Without `--ckpt-dir/--vae/--text-encoder` the tiny presets are used with *random* weights
+(seeded): that is for tests and the offline demo, the latents mean nothing.
+
+    python prepare_data.py --videos clips/ --out data/lrm --ckpt-dir Wan2.1-T2V-1.3B \\
+        --size 832x480 --frames 81 --fps 16 --reward my_rm:score
+    torchrun --nproc_per_node=8 prepare_data.py --manifest videos.jsonl --out data/lrm \\
+        --ckpt-dir Wan2.1-T2V-1.3B --size 832x480 --frames 81 --fps 16 --reward my_rm:score
+
+Left out: scene-cut detection, several clips per video (the first `--frames` are used),
+filtering by resolution or aspect (the paper keeps landscape >= 480p; do it in the manifest).
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import imageio
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import rewards
+import text_encoder
+import toy
+import vae as vae_lib
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def read_manifest(path):
+    """jsonl or csv rows -> [{"video", "prompt", "reward" (float or None)}], paths made absolute."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    items = []
+    for i, row in enumerate(rows):
+        if "video" not in row or "prompt" not in row:
+            raise ValueError(f"{path} row {i} needs 'video' and 'prompt', got keys {sorted(row)}")
+        reward = row.get("reward")
+        reward = None if reward in (None, "") else float(reward)
+        items.append({"video": str(path.parent / row["video"]), "prompt": row["prompt"], "reward": reward})
+    return items
+
+
+def read_video_folder(folder):
+    """`name.mp4` + `name.txt` caption pairs; an mp4 without a caption is an error, not a skip."""
+    items = []
+    for mp4 in sorted(Path(folder).glob("*.mp4")):
+        txt = mp4.with_suffix(".txt")
+        if not txt.exists():
+            raise FileNotFoundError(f"no caption {txt} for {mp4}")
+        items.append({"video": str(mp4), "prompt": txt.read_text().strip(), "reward": None})
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Video -> clip
+
+
+class TooShort(ValueError):
+    pass
+
+
+def frame_indices(frames, fps, src_fps):
+    """Source frame index of each of `frames` output frames at `fps`, read from a `src_fps` video."""
+    return [math.floor(i * src_fps / fps + 1e-6) for i in range(frames)]
+
+
+def read_frames(path, indices):
+    """The frames at `indices` (sorted) of a video -> uint8 (T, H, W, 3). Streams the file and keeps
+    only the frames it needs, so a long video costs one frame of memory beyond the clip."""
+    wanted, out, count = set(indices), {}, 0
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        for i, frame in enumerate(reader):
+            count = i + 1
+            if i in wanted:
+                out[i] = frame
+            if i >= indices[-1]:
+                break
+    if len(out) < len(wanted):
+        raise TooShort(f"{path} has {count} frames, needs {indices[-1] + 1}")
+    return np.stack([out[i] for i in indices])
+
+
+def resize_crop(frames, width, height):
+    """uint8 (T, H, W, 3) -> float (3, T, height, width) in [-1, 1]: shorter side resized to cover
+    the target (bilinear, antialiased), then centre-cropped."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = max(width / w, height / h)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3)  # (3, T, H, W)
+
+
+def read_clip(path, frames, fps, width, height):
+    """A video file -> (3, frames, height, width) in [-1, 1]; TooShort or another error if it fails."""
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        src_fps = float(reader.get_meta_data()["fps"])
+    return resize_crop(read_frames(path, frame_indices(frames, fps, src_fps)), width, height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_path(out, i):
+    return Path(out) / f"shard_{i:05d}.safetensors"
+
+
+def write_shard(path, rows, skipped):
+    """rows: [{"latent", "context" (L, C), "reward", "prompt", "source"}]. Written to a temporary name
+    and renamed, so a shard file that exists is complete."""
+    n = len(rows)
+    if n:
+        longest = max(r["context"].shape[0] for r in rows)
+        context = torch.zeros(n, longest, rows[0]["context"].shape[1], dtype=rows[0]["context"].dtype)
+        for i, r in enumerate(rows):
+            context[i, : r["context"].shape[0]] = r["context"]
+        tensors = {
+            "latents": torch.stack([r["latent"] for r in rows]).float().contiguous(),
+            "context": context,
+            "lengths": torch.tensor([r["context"].shape[0] for r in rows], dtype=torch.int64),
+            "rewards": torch.tensor([r["reward"] for r in rows], dtype=torch.float32),
+        }
+    else:  # every video of the shard was skipped: an empty shard still marks it finished
+        tensors = {k: torch.zeros(0) for k in ("latents", "context", "lengths", "rewards")}
+    metadata = {
+        "samples": str(n),
+        "prompts": json.dumps([r["prompt"] for r in rows]),
+        "sources": json.dumps([r["source"] for r in rows]),
+        "skipped": json.dumps(skipped),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def shard_metadata(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def write_index(out, num_shards, num_items):
+    """index.json and report.json from the shard files (so they also cover earlier, resumed runs)."""
+    shards, skipped = [], []
+    for i in range(num_shards):
+        meta = shard_metadata(shard_path(out, i))
+        shards.append({"file": shard_path(out, i).name, "samples": int(meta["samples"])})
+        skipped += json.loads(meta["skipped"])
+    written = sum(s["samples"] for s in shards)
+    (Path(out) / "index.json").write_text(json.dumps({"samples": written, "shards": shards}, indent=1))
+    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in ("unreadable", "too_short")}
+    report = {"inputs": num_items, "written": written, "skipped": counts, "skipped_files": skipped}
+    (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+@torch.no_grad()
+def encode_video(item, vae, args, device):
+    """A manifest/folder item -> normalised latent (16, T', H', W'); TooShort or a read error if it fails."""
+    width, height = args.size
+    try:
+        clip = read_clip(item["video"], args.frames, args.fps, width, height)
+    except TooShort:
+        raise
+    except Exception as e:  # imageio/ffmpeg raise several types for missing, empty and corrupt files
+        raise OSError(f"cannot read {item['video']}: {type(e).__name__}: {e}") from e
+    return vae.encode(clip[None].to(device))[0]
+
+
+def load_saved_latent(item):
+    """A `sample.py --save-latents` file -> (latent (16, T', H', W'), prompt)."""
+    with safe_open(item["latent"], "pt") as f:
+        return f.get_tensor("latent").float(), f.metadata()["prompt"]
+
+
+def model_paths(args):
+    """{"vae", "text_encoder", "tokenizer"} from --ckpt-dir (a Wan2.1-T2V folder, original or
+    -Diffusers layout) with the single-path flags on top; {} when nothing is given."""
+    paths = {}
+    if args.ckpt_dir:
+        d = Path(args.ckpt_dir)
+        if (d / "vae").is_dir():  # Diffusers layout
+            paths = {"vae": d / "vae", "text_encoder": d / "text_encoder", "tokenizer": d / "tokenizer"}
+        else:
+            paths = {"vae": d / "Wan2.1_VAE.pth", "text_encoder": d / "models_t5_umt5-xxl-enc-bf16.pth", "tokenizer": d / "google" / "umt5-xxl"}
+    for k in ("vae", "text_encoder", "tokenizer"):
+        if getattr(args, k):
+            paths[k] = Path(getattr(args, k))
+    missing = [f"{k}={paths.get(k)}" for k in ("vae", "text_encoder", "tokenizer") if paths and not (paths.get(k) and paths[k].exists())]
+    if missing:
+        raise FileNotFoundError(f"model files not found: {', '.join(missing)} (give --ckpt-dir or all three paths)")
+    return paths
+
+
+def load_models(args, device):
+    """-> (vae, embed) with embed(prompts) -> [context (L_i, C)] through the on-disk PromptCache.
+    No files given: the toy world's tiny VAE and UMT5 (toy.build_models) with seeded RANDOM weights."""
+    paths = model_paths(args)
+    if paths:
+        vae = vae_lib.load_vae(paths["vae"], device=device)
+        low = torch.bfloat16 if device.type == "cuda" else torch.float32  # Wan runs its T5 in bf16
+        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=low)
+        tokenizer = text_encoder.load_tokenizer(paths["tokenizer"])
+        tag = f"{Path(paths['text_encoder']).resolve()}|{Path(paths['tokenizer']).resolve()}|{low}"
+    else:
+        print("no --ckpt-dir/--vae/--text-encoder: tiny VAE and UMT5 with RANDOM weights (seeded); "
+              "the latents only exercise the pipeline")
+        _, vae, encoder, tokenizer = toy.build_models(args.seed)
+        vae, encoder, tag = vae.to(device), encoder.to(device), f"tiny-random-seed{args.seed}"
+    cache = text_encoder.PromptCache(args.prompt_cache or Path(args.out) / "prompt_cache", tag)
+
+    def embed(prompts):
+        context, lengths = cache.encode(prompts, tokenizer, encoder)
+        return [c[:n] for c, n in zip(context, lengths.tolist())]
+
+    return vae, embed
+
+
+@torch.no_grad()
+def process_shard(items, vae, embed, reward_fn, args, device):
+    """Items -> (rows for write_shard, skipped [{"source", "reason", "error"}])."""
+    rows, skipped = [], []
+    for item in items:
+        source = item.get("video") or item["latent"]
+        if "latent" in item:
+            z, prompt = load_saved_latent(item)
+            z = z.to(device)
+        else:
+            try:
+                z = encode_video(item, vae, args, device)
+            except TooShort as e:
+                skipped.append({"source": source, "reason": "too_short", "error": str(e)})
+                continue
+            except OSError as e:
+                skipped.append({"source": source, "reason": "unreadable", "error": str(e)})
+                continue
+            prompt = item["prompt"]
+        if args.keep_reward and item.get("reward") is not None:
+            reward = item["reward"]
+        else:  # the target the LRM will be compared against: R(Dec(z), prompt)
+            reward = float(reward_fn(vae.decode(z[None]), [prompt])[0])
+        rows.append({"latent": z.cpu(), "prompt": prompt, "source": source, "reward": reward})
+    for row, context in zip(rows, embed([r["prompt"] for r in rows])):
+        row["context"] = context.cpu()
+    return rows, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_size(text):
+    """"832x480" -> (832, 480), both multiples of 8 (the VAE's spatial factor)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text}")
+    return width, height
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="videos + prompts -> latent dataset for LRM pretraining")
+    g = p.add_argument_group("sources (any mix)")
+    g.add_argument("--manifest", help="jsonl or csv: video, prompt[, reward]")
+    g.add_argument("--videos", help="folder of *.mp4 with same-name .txt captions")
+    g.add_argument("--latents", help="folder of sample.py --save-latents files")
+    g = p.add_argument_group("clips")
+    g.add_argument("--size", type=parse_size, default=(32, 32), help="WIDTHxHEIGHT, e.g. 832x480")
+    g.add_argument("--frames", type=int, default=5, help="4k+1, e.g. 81")
+    g.add_argument("--fps", type=float, default=16.0, help="frame rate the clip is resampled to")
+    g = p.add_argument_group("labels")
+    g.add_argument("--reward", default="color", help="built-in name or module:attr (see rewards.py)")
+    g.add_argument("--keep-reward", action="store_true", help="keep a manifest's reward instead of scoring")
+    g = p.add_argument_group("models (none given: tiny presets, random weights)")
+    g.add_argument("--ckpt-dir", help="Wan2.1-T2V folder (original or -Diffusers layout)")
+    g.add_argument("--vae")
+    g.add_argument("--text-encoder")
+    g.add_argument("--tokenizer")
+    g.add_argument("--prompt-cache", help="prompt-embedding cache folder (default OUT/prompt_cache)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the tiny random models")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="data/lrm")
+    g.add_argument("--shard-size", type=int, default=64)
+    args = p.parse_args(argv)
+    if not (args.manifest or args.videos or args.latents):
+        p.error("give at least one source: --manifest, --videos or --latents")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        p.error(f"frames must be 4k+1, got {args.frames}")
+    if args.shard_size < 1:
+        p.error(f"shard-size must be >= 1, got {args.shard_size}")
+    return args
+
+
+def collect_items(args):
+    """Every source in a fixed order (shard i is the same items in every run and on every rank)."""
+    items = read_manifest(args.manifest) if args.manifest else []
+    items += read_video_folder(args.videos) if args.videos else []
+    items += [{"latent": str(p)} for p in sorted(Path(args.latents).glob("*.safetensors"))] if args.latents else []
+    return items
+
+
+def init_distributed():
+    """(rank, world, device); under torchrun a process group is created for the final barrier."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = collect_items(args)
+    num_shards = math.ceil(len(items) / args.shard_size)
+    mine = list(range(num_shards))[rank::world]
+    todo = [i for i in mine if not shard_path(out, i).exists()]
+    print(f"[rank {rank}] {len(items)} inputs, {num_shards} shards: {len(todo)} to write, {len(mine) - len(todo)} finished before")
+    if todo:
+        vae, embed = load_models(args, device)
+        reward_fn = rewards.load_reward(args.reward)
+    for i in todo:
+        rows, skipped = process_shard(items[i * args.shard_size : (i + 1) * args.shard_size], vae, embed, reward_fn, args, device)
+        write_shard(shard_path(out, i), rows, skipped)
+        print(f"[rank {rank}] shard {i}: {len(rows)} samples, {len(skipped)} skipped")
+    if world > 1:
+        dist.barrier()
+    report = None
+    if rank == 0:
+        report = write_index(out, num_shards, len(items))
+        print(f"{report['written']} samples in {num_shards} shards; skipped {report['skipped']} (details in {out / 'report.json'})")
+    if world > 1:
+        dist.destroy_process_group()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The offline toy world: what `python train_refl.py` (no checkpoints) and the tests train in.
+
+ReFL needs a generator whose mid-step x0 prediction says something about where its own sampler
+ends; a randomly initialised DiT does not, and ReFL on it raises no true reward at any learning
+rate (measured, methods.md §5). So the offline default is a small world of its own:
+
+  - procedural videos: 5 frames of 32x32, a random background colour and a square of another
+    random colour moving in a straight line; captions name a colour from the pixel reward's
+    palette that is UNRELATED to the video, so the pretrained generator ignores the colour word
+    and does not already satisfy the prompt-dependent "color" reward;
+  - the tiny Wan-architecture models, all seeded: DiT ("tiny": dim 64, 2 layers), VAE ("tiny",
+    random weights: latents 16x2x4x4), UMT5 ("tiny") with the offline byte tokenizer;
+  - the tiny DiT pretrained by flow matching (x_sigma = (1 - sigma) x0 + sigma eps, target
+    v = eps - x0, sigma drawn through the sampler's shift) on the VAE latents of the videos, about
+    a minute on 2 CPU cores; the weights are cached on first use under `cache_dir`
+    (default `<repo>/.cache/toy`, or $VELR_CACHE), keyed by a hash of the settings, written
+    atomically;
+  - an ensemble LRM bootstrapped from the generator's own labelled rollouts: sample, decode,
+    score with the pixel reward, `lrm.lrm_update` (also cached).
+
+The world's sampler: 20 Euler steps, shift 5 (methods.md §5).
+Left out: a trained toy VAE (a random VAE is a fixed, smooth decoder, which is all ReFL needs here).
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lrm as lrm_lib
+import rewards
+import sample
+import text_encoder
+from model_dit import DIT_CONFIGS, WanDiT
+from vae import VAE_CONFIGS, WanVAE
+
+TEMPLATES = ("a {} video", "make it {}", "{} everywhere", "a clip in {}")
+
+
+@dataclass
+class ToyConfig:
+    frames: int = 5
+    size: int = 32
+    num_videos: int = 512  # procedural training set of the generator
+    pretrain_steps: int = 600
+    pretrain_batch: int = 32
+    pretrain_lr: float = 1e-3
+    sample_steps: int = 20  # Euler, the toy world's sampler
+    shift: float = 5.0
+    lrm_members: int = 5
+    lrm_rollouts: int = 256  # labelled generator samples the LRM is bootstrapped on
+    lrm_steps: int = 400
+    lrm_batch: int = 32
+    lrm_lr: float = 1e-3
+    reward: str = "color"
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- data
+
+def procedural_videos(n: int, frames: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n videos (n, 3, frames, size, size) in [-1, 1]: random background, a moving square of another colour."""
+    bg = torch.rand(n, 3, generator=generator) * 2 - 1
+    fg = torch.rand(n, 3, generator=generator) * 2 - 1
+    side = torch.randint(size // 4, size // 2 + 1, (n,), generator=generator)
+    start = torch.rand(n, 2, generator=generator) * (size - side[:, None])  # top-left corner (y, x)
+    velocity = (torch.rand(n, 2, generator=generator) * 2 - 1) * size / (2 * frames)
+    t = torch.arange(frames).float()
+    pos = (start[:, None] + velocity[:, None] * t[None, :, None]).clamp(min=0)  # (n, T, 2)
+    pos = torch.minimum(pos, (size - side)[:, None, None].float())
+    grid = torch.arange(size).float()
+    inside_y = (grid >= pos[..., :1]) & (grid < pos[..., :1] + side[:, None, None])  # (n, T, H)
+    inside_x = (grid >= pos[..., 1:]) & (grid < pos[..., 1:] + side[:, None, None])  # (n, T, W)
+    mask = (inside_y[..., :, None] & inside_x[..., None, :]).float()[:, None]  # (n, 1, T, H, W)
+    return bg[:, :, None, None, None] * (1 - mask) + fg[:, :, None, None, None] * mask
+
+
+def prompt_list() -> list[str]:
+    """Every toy caption: each template with each colour of the reward's palette."""
+    return [t.format(c) for c in rewards.PALETTE for t in TEMPLATES]
+
+
+def toy_prompts(n: int, generator: torch.Generator) -> list[str]:
+    """n captions naming a random colour of the reward's palette (unrelated to any video)."""
+    names = list(rewards.PALETTE)
+    colours = torch.randint(len(names), (n,), generator=generator).tolist()
+    templates = torch.randint(len(TEMPLATES), (n,), generator=generator).tolist()
+    return [TEMPLATES[j].format(names[i]) for i, j in zip(colours, templates)]
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_models(seed: int = 0):
+    """The seeded tiny models: (dit, vae, text encoder, tokenizer), fp32, on the CPU."""
+    torch.manual_seed(seed)
+    dit = WanDiT(DIT_CONFIGS["tiny"])
+    vae = WanVAE(VAE_CONFIGS["tiny"]).eval().requires_grad_(False)
+    encoder = text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).eval().requires_grad_(False)
+    return dit, vae, encoder, text_encoder.load_tokenizer(None)
+
+
+def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The sampler's time shift applied to uniform u: sigma' = s u / (1 + (s - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
+    """Flow matching on the VAE latents of the procedural videos; updates dit in place."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        z = vae.encode(procedural_videos(cfg.num_videos, cfg.frames, cfg.size, g))
+        context, lengths = text_encoder.encode_prompts(toy_prompts(cfg.num_videos, g), tokenizer, encoder)
+    opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    for step in range(cfg.pretrain_steps):
+        idx = torch.randint(cfg.num_videos, (cfg.pretrain_batch,), generator=g)
+        x0, noise = z[idx], torch.randn(z[idx].shape, generator=g)
+        sigma = shifted_sigma(torch.rand(len(idx), generator=g), cfg.shift)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        t = (sigma * 1000).long()  # the sampler hands truncated integer timesteps
+        loss = (dit((1 - s) * x0 + s * noise, t, context[idx]) - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.pretrain_steps - 1:
+            log(f"toy pretrain step {step:4d} | flow-matching loss {loss.item():.4f}")
+    return dit
+
+
+def rollout(dit, context, noise, cfg: ToyConfig) -> torch.Tensor:
+    """Full no-grad Euler rollout of the toy sampler -> final latent."""
+    sigmas = sample.get_sigmas(cfg.sample_steps, cfg.shift, "euler")
+    with torch.no_grad():
+        z, _ = sample.denoise(lambda x, t: dit(x, t, context), noise, sigmas, solver="euler")
+    return z
+
+
+def latent_shape(cfg: ToyConfig) -> tuple[int, int, int, int]:
+    return (16, (cfg.frames - 1) // 4 + 1, cfg.size // 8, cfg.size // 8)
+
+
+def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
+    """Ensemble LRM fitted to the pixel reward of the generator's own decoded rollouts."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    reward_fn = rewards.load_reward(cfg.reward)
+    prompts = toy_prompts(cfg.lrm_rollouts, g)
+    with torch.no_grad():
+        context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+        z = torch.cat([
+            rollout(dit, context[i : i + 64], torch.randn(len(prompts[i : i + 64]), *latent_shape(cfg), generator=g), cfg)
+            for i in range(0, len(prompts), 64)
+        ])
+        target = reward_fn(vae.decode(z), prompts).float()
+    model = lrm_lib.EnsembleLRM(toy_lrm_config(cfg), n_members=cfg.lrm_members, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lrm_lr)
+    for step in range(cfg.lrm_steps):
+        idx = torch.randint(len(prompts), (cfg.lrm_batch,), generator=g)
+        out = lrm_lib.lrm_update(model, opt, z[idx], context[idx], lengths[idx], target[idx], generator=g)
+        if step % 100 == 0 or step == cfg.lrm_steps - 1:
+            log(f"toy LRM bootstrap step {step:4d} | huber {out['loss']:.4f} | mse {out['mse']:.4f}")
+    return model
+
+
+def toy_lrm_config(cfg: ToyConfig) -> lrm_lib.LRMConfig:
+    """The "tiny" LRM with position embeddings sized to the toy latent."""
+    _, t, h, w = latent_shape(cfg)
+    return lrm_lib.LRMConfig(**{**asdict(lrm_lib.LRM_CONFIGS["tiny"]), "max_frames": t, "max_height": h, "max_width": w})
+
+
+# ----------------------------------------------------------------------------- cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VELR_CACHE", Path(__file__).resolve().parent / ".cache")) / "toy"
+
+
+def _save_atomic(state: dict, path: Path, metadata: dict):
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
+    """The toy world: (dit pretrained, vae, text encoder, tokenizer, bootstrapped LRM).
+
+    Built once and cached under cache_dir/<settings hash>/ (dit.safetensors, lrm.safetensors);
+    later calls load the cache. The VAE and text encoder are rebuilt from the seed (cheap).
+    """
+    cfg = cfg or ToyConfig()
+    root = Path(cache_dir or default_cache_dir()) / cfg.key()
+    root.mkdir(parents=True, exist_ok=True)
+    dit, vae, encoder, tokenizer = build_models(cfg.seed)
+    dit_path, lrm_path = root / "dit.safetensors", root / "lrm.safetensors"
+    if dit_path.exists():
+        dit.load_state_dict(load_file(str(dit_path)), strict=True)
+    else:
+        log(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
+        pretrain_dit(dit, vae, encoder, tokenizer, cfg, log)
+        _save_atomic(dit.state_dict(), dit_path, {"toy_config": json.dumps(asdict(cfg))})
+    if lrm_path.exists():
+        model = lrm_lib.load_lrm(lrm_path)
+    else:
+        log(f"toy world: bootstrapping the LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {lrm_path}")
+        model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log)
+        tmp = lrm_path.with_suffix(".tmp")
+        lrm_lib.save_lrm(model, tmp)
+        os.replace(tmp, lrm_path)
+    return dit, vae, encoder, tokenizer, model

@@ -1,0 +1,335 @@
+"""Offline Huber pretraining of the ensemble latent reward model (VELR paper §4.1, Eq. 6, App. C.1).
+
+Regresses the pixel reward of the decoded latent, `R(Dec(z), prompt)`, from the latent and the
+prompt embedding with the Huber loss. Every member of the ensemble walks its own shuffled order
+of each epoch (its own minibatches, `lrm.lrm_update`'s per-member layout), so the members stay
+diverse beyond their independent initialisations; member 0 walks the order a single model gets.
+(Bootstrap resampling of one shared batch of 4 fitted worse: lrm.py's header has the numbers.)
+Paper defaults: batch 4 per rank, lr 2e-5 (Wan 2.1), about 3 epochs, 10 members, bf16.
+
+Data: the shards of `prepare_data.py` (`--data DIR`), or with no `--data` a small synthetic set
+built in-process (`--synthetic N`): procedural toy videos encoded by the tiny VAE with *random*
+weights, prompts by the tiny random UMT5, labelled with a built-in pixel reward of the decoded
+latent. It runs offline with no files, which is what the tests and the default run use.
+
+A seeded share `--test-frac` of the samples is held out. After every epoch: MSE and Pearson
+correlation on train and test for every member and for the ensemble mean, printed in the layout
+of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
+baseline instead (same loss, same data).
+
+Multi-GPU: plain DDP, each rank its own slice of every batch order, gradients all-reduced; at
+the end the ranks' weights are compared (they must be identical). bf16 autocast on GPU.
+`ckpt.pt` (model, optimiser, step, RNG; the data order is a function of seed and epoch) is
+written atomically every `--ckpt-every` steps and at every epoch end; `--resume` continues from
+it. `--max-steps` stops after that many steps (checkpointed), as a planned interruption.
+The result is `lrm.safetensors` (`lrm.save_lrm`, config in the metadata).
+
+    python train_lrm.py                                      # tiny synthetic run, CPU, ~1 min
+    python train_lrm.py --data data/lrm --config default --out runs/lrm
+    torchrun --nproc_per_node=8 train_lrm.py --data data/lrm --config default --out runs/lrm
+
+Left out: gradient accumulation (the paper uses none), learning-rate schedules (constant lr).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lrm
+import rewards
+import text_encoder
+import toy
+
+# ---------------------------------------------------------------------------------------------
+# Data: rows {"latent", "context" (L, C) without padding, "reward"}
+
+
+class ShardRows:
+    """The samples of prepare_data.py's shards, read one row at a time: a 480p x 81-frame latent
+    is 8 MB, so thousands of them are not loaded into memory."""
+
+    def __init__(self, folder):
+        index = json.loads((Path(folder) / "index.json").read_text())
+        self.rows = [(Path(folder) / s["file"], r) for s in index["shards"] for r in range(s["samples"])]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        path, r = self.rows[i]
+        with safe_open(path, "pt") as f:
+            length = int(f.get_slice("lengths")[r : r + 1][0])
+            return {
+                "latent": f.get_slice("latents")[r : r + 1][0],
+                "context": f.get_slice("context")[r : r + 1, :length][0],
+                "reward": float(f.get_slice("rewards")[r : r + 1][0]),
+            }
+
+
+@torch.no_grad()
+def synthetic_data(n, seed, reward="color", batch=32):
+    """n rows from the toy world (toy.py): procedural videos through the tiny VAE (random weights),
+    toy captions through the tiny UMT5, target = the built-in pixel reward of the decoded latent."""
+    world = toy.ToyConfig()  # its video size: 5 frames of 32x32 -> latents 16x2x4x4
+    _, vae, encoder, tokenizer = toy.build_models(seed)
+    reward_fn, g, rows = rewards.load_reward(reward), torch.Generator().manual_seed(seed), []
+    for i in range(0, n, batch):
+        videos = toy.procedural_videos(min(batch, n - i), world.frames, world.size, g)
+        prompts = toy.toy_prompts(len(videos), g)
+        z = vae.encode(videos)
+        target = reward_fn(vae.decode(z), prompts).float()
+        context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+        rows += [{"latent": z[j], "context": context[j, : lengths[j]], "reward": target[j].item()} for j in range(len(z))]
+    return rows
+
+
+def collate(rows, device, longest=None):
+    """rows -> z (B, 16, T, H, W), context (B, L, C) zero-padded to the longest (or `longest`),
+    lengths (B,), target (B,)."""
+    longest = longest or max(r["context"].shape[0] for r in rows)
+    context = torch.zeros(len(rows), longest, rows[0]["context"].shape[1])
+    for i, r in enumerate(rows):
+        context[i, : r["context"].shape[0]] = r["context"].float()
+    z = torch.stack([r["latent"] for r in rows]).float()
+    lengths = torch.tensor([r["context"].shape[0] for r in rows])
+    target = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)
+    return z.to(device), context.to(device), lengths.to(device), target.to(device)
+
+
+def split(n, test_frac, seed):
+    """Seeded held-out split by sample -> (train indices, test indices)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = max(1, round(n * test_frac))
+    if n_test >= n:
+        raise ValueError(f"test_frac {test_frac} leaves no training samples out of {n}")
+    return sorted(perm[n_test:]), sorted(perm[:n_test])
+
+
+def member_batches(rows_per_member, device):
+    """One list of rows per member -> z (N, B, 16, T, H, W), context (N, B, L, C), lengths (N, B),
+    target (N, B): each member's own minibatch, in the layout `lrm.lrm_update` takes."""
+    longest = max(r["context"].shape[0] for rows in rows_per_member for r in rows)
+    parts = [collate(rows, device, longest) for rows in rows_per_member]
+    return tuple(torch.stack(t) for t in zip(*parts))
+
+
+def epoch_order(train, epoch, seed):
+    """The shuffled training order of one epoch: a function of (seed, epoch), so resume recomputes it."""
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return [train[i] for i in perm.tolist()]
+
+
+MEMBER_SEED_STRIDE = 7919  # member m shuffles each epoch with seed + 7919 m
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (paper Table 3: MSE and Pearson correlation, train and test)
+
+
+def sums(pred, target):
+    """pred (M, B), target (B,) -> (M, 7) sums: n, Σp, Σt, Σp², Σt², Σpt, Σ(p-t)². Sums add up over
+    batches and ranks (one all-reduce), and give MSE and Pearson exactly."""
+    pred = pred.double()
+    t = target.double().expand_as(pred)
+    n = torch.full_like(pred[:, 0], pred.shape[1])
+    cols = [n, pred.sum(1), t.sum(1), (pred * pred).sum(1), (t * t).sum(1), (pred * t).sum(1), ((pred - t) ** 2).sum(1)]
+    return torch.stack(cols, dim=1)
+
+
+def mse_pcc(s):
+    """(M, 7) sums -> (mse (M,), pearson (M,))."""
+    n, sp, st, spp, stt, spt, se = s.unbind(1)
+    cov = spt - sp * st / n
+    var_p, var_t = spp - sp * sp / n, stt - st * st / n
+    return se / n, cov / (var_p * var_t).clamp_min(1e-30).sqrt()
+
+
+@torch.no_grad()
+def evaluate(model, data, indices, batch_size, device, amp):
+    """(M + 1, 7) sums over `indices` (this rank's share): one row per member, the last for the
+    ensemble mean."""
+    model.eval()
+    total = None
+    for i in range(0, len(indices), batch_size):
+        z, context, lengths, target = collate([data[j] for j in indices[i : i + batch_size]], device)
+        with amp:
+            r = model(z, context, lengths).float()  # (M, B)
+        s = sums(torch.cat([r, r.mean(0, keepdim=True)]), target)
+        total = s if total is None else total + s
+    model.train()
+    return total
+
+
+def table(metrics):
+    """The paper's Table 3 layout: a column pair (MSE, PCC) per model, rows train and test."""
+    names = [f"member {i + 1}" for i in range(len(metrics["train"]["mse"]) - 1)] + ["ensemble"]
+    lines = [f"{'':10}" + "".join(f"{n:>16}" for n in names), f"{'':10}" + f"{'MSE':>9}{'PCC':>7}" * len(names)]
+    for split_name in ("train", "test"):
+        m = metrics[split_name]
+        cells = "".join(f"{mse:9.4f}{pcc:7.3f}" for mse, pcc in zip(m["mse"], m["pcc"]))
+        lines.append(f"{split_name + ' set':10}{cells}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def save_checkpoint(path, model, optimizer, step):
+    """Atomic: a temporary file renamed over the old one, so a kill never leaves half a checkpoint.
+    Nothing else is needed to resume exactly: every member's data order is a function of
+    (seed, member, epoch) and the step says where in it to continue."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def weights_in_sync(model):
+    """Largest difference between this rank's parameters and rank 0's (0.0 in sync)."""
+    diff = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        ref = p.detach().clone()
+        dist.broadcast(ref, 0)
+        diff = torch.maximum(diff, (p.detach() - ref).abs().max().float())
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Huber pretraining of the ensemble latent reward model")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="folder of prepare_data.py shards (index.json); default: --synthetic")
+    g.add_argument("--synthetic", type=int, default=128, help="samples of the in-process synthetic set")
+    g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble")
+    g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny")
+    g.add_argument("--members", type=int, default=10, help="ensemble size (the Dollar baseline has 1)")
+    g = p.add_argument_group("training (paper App. C.1)")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=4, help="per rank")
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--huber-delta", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/lrm")
+    g.add_argument("--ckpt-every", type=int, default=100, help="steps (also at every epoch end)")
+    g.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many steps in all")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.members < 1 or args.batch_size < 1 or args.epochs < 1:
+        raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
+    if not 0 < args.test_frac < 1:
+        raise ValueError(f"test-frac must be in (0, 1), got {args.test_frac}")
+    return args
+
+
+def init_distributed():
+    """(rank, world, device); a torchrun launch sets RANK and gets a process group (nccl on GPU, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
+    """{"train"|"test": {"mse": [...], "pcc": [...]}}, one entry per member and the ensemble last."""
+    out = {}
+    for name, indices in (("train", train), ("test", test)):
+        s = evaluate(model, data, indices[rank::world], args.batch_size, device, amp)
+        if world > 1:
+            dist.all_reduce(s)
+        mse, pcc = mse_pcc(s)
+        out[name] = {"mse": mse.tolist(), "pcc": pcc.tolist()}
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+
+    data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed)
+    train, test = split(len(data), args.test_frac, args.seed)
+    cfg = lrm.LRM_CONFIGS[args.config]
+    if data[0]["context"].shape[1] != cfg.text_dim:
+        raise ValueError(f"prompt embeddings have width {data[0]['context'].shape[1]}, config {args.config!r} expects {cfg.text_dim}")
+    members = 1 if args.model == "dollar" else args.members
+    model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    step = load_checkpoint(out / "ckpt.pt", model, optimizer) if args.resume else 0
+    ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None)
+
+    per_epoch = len(train) // (args.batch_size * world)  # the last partial batch is dropped
+    if per_epoch == 0:
+        raise ValueError(f"{len(train)} training samples make no batch of {args.batch_size} x {world} ranks")
+    total = args.epochs * per_epoch
+    stop = min(total, args.max_steps or total)
+    metrics, t0 = None, time.time()
+    while step < stop:
+        epoch, b = divmod(step, per_epoch)
+        # every member its own shuffled order of the epoch (member 0: the single model's order);
+        # each rank takes its own slice of every member's order
+        orders = [epoch_order(train, epoch, args.seed + MEMBER_SEED_STRIDE * m) for m in range(members)]
+        start = (b * world + rank) * args.batch_size
+        batch = member_batches([[data[i] for i in o[start : start + args.batch_size]] for o in orders], device)
+        stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype)
+        step += 1
+        if rank == 0 and (step % args.log_every == 0 or step == stop):
+            print(f"step {step:6d} | epoch {epoch} | huber {stats['loss']:.5f} | mse {stats['mse']:.5f} | lr {args.lr:.1e} | {(time.time() - t0) / step:.3f} s/step")
+        if step % per_epoch == 0:
+            metrics = epoch_metrics(model, data, train, test, args, rank, world, device, amp)
+            if rank == 0:
+                print(f"epoch {epoch}\n{table(metrics)}")
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
+        if rank == 0 and (step % args.ckpt_every == 0 or step % per_epoch == 0 or step == stop):
+            save_checkpoint(out / "ckpt.pt", model, optimizer, step)
+
+    if world > 1:
+        diff = weights_in_sync(model)
+        if rank == 0:
+            print(f"weights across {world} ranks: max difference {diff}")
+            (out / "sync.json").write_text(json.dumps({"world": world, "max_diff": diff}))
+        if diff != 0.0:
+            raise RuntimeError(f"ranks ended with different weights (max difference {diff})")
+    if rank == 0 and step == total:
+        lrm.save_lrm(model, out / "lrm.safetensors")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -339,8 +339,8 @@ class WanVAE(nn.Module):
             chunk = x[:, :, i : i + 1]
             if checkpoint:
                 y, cache = torch.utils.checkpoint.checkpoint(self.decode_chunk, chunk, cache, use_reentrant=False)
-            else:
-                y, cache = self.decode_chunk(chunk, cache)
+            else:  # the cache updated in place: each old slot is freed as its new one is written
+                y = self.decoder(chunk, cache)
             frames.append(y)
         out = torch.cat(frames, dim=2)
         del frames

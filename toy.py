@@ -22,6 +22,7 @@ The world's sampler: 20 Euler steps, shift 5 (methods.md §5).
 Left out: a trained toy VAE (a random VAE is a fixed, smooth decoder, which is all ReFL needs here).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -56,7 +57,7 @@ class ToyConfig:
     lrm_steps: int = 400
     lrm_batch: int = 32
     lrm_lr: float = 1e-3
-    reward: str = "color"
+    reward: str = "toy:calibrated_color"
     seed: int = 0
 
     def key(self) -> str:
@@ -93,6 +94,42 @@ def toy_prompts(n: int, generator: torch.Generator) -> list[str]:
     colours = torch.randint(len(names), (n,), generator=generator).tolist()
     templates = torch.randint(len(TEMPLATES), (n,), generator=generator).tolist()
     return [TEMPLATES[j].format(names[i]) for i, j in zip(colours, templates)]
+
+
+# ----------------------------------------------------------------------------- the toy reward
+
+@functools.lru_cache(maxsize=4)
+def decoder_colour_stats(seed: int = 0, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (3,) of the toy VAE's decoded mean colour (RGB in [0, 1]) over n standard-normal
+    latents of the toy shape. Seeded and deterministic; the global RNG is left untouched."""
+    with torch.random.fork_rng():
+        _, vae, _, _ = build_models(seed)
+    z = torch.randn(n, *latent_shape(ToyConfig()), generator=torch.Generator().manual_seed(seed + 7))
+    with torch.no_grad():
+        colours = (vae.decode(z) + 1).div(2).mean((2, 3, 4))
+    return colours.mean(0), colours.std(0)
+
+
+def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The toy world's pixel reward (`--reward toy:calibrated_color`): `rewards.color` read through
+    the toy decoder's own colour scale. A random VAE decodes every latent to nearly the same grey
+    (the mean colour moves by ~0.005 across latents, measured), so the plain colour reward is
+    constant to 2 decimals and gives ReFL nothing to climb. Here the video's mean colour is first
+    standardised per channel by `decoder_colour_stats` and squashed, c = tanh(z / 2) in (-1, 1),
+    then compared with the named colour mapped to [-1, 1]: 1 - |c - (2 rgb - 1)|^2 / 12, in [0, 1].
+    Prompt-dependent and differentiable; a prompt without a palette word gets rewards.NEUTRAL.
+    It measures the direction the decoded colour moves in, not an absolute colour."""
+    if video.dim() != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
+    if len(prompts) != video.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {video.shape[0]} videos")
+    mean, std = (t.to(video.device) for t in decoder_colour_stats())
+    c = torch.tanh(((video.float() + 1).div(2).mean((2, 3, 4)) - mean) / std / 2)  # (B, 3)
+    colours = [rewards.prompt_color(p) for p in prompts]
+    named = torch.tensor([k is not None for k in colours], device=video.device)
+    target = 2 * video.new_tensor([k or (0.5, 0.5, 0.5) for k in colours]).float() - 1
+    match = 1 - (c - target).pow(2).sum(1) / 12
+    return torch.where(named, match, torch.full_like(match, rewards.NEUTRAL))
 
 
 # ----------------------------------------------------------------------------- models

@@ -1,0 +1,633 @@
+"""VELR: truncated mid-step reward feedback learning (ReFL) of Wan 2.1 through an ensemble latent
+reward model, with a KL anchor, LoRA or full fine-tuning, and online LRM alignment.
+
+Follows the VELR paper, Algorithm 1 and App. C.2 (methods.md §1.4-1.6). Each step, on every rank
+with its own prompts and noise:
+  1. roll out the sampler WITHOUT gradients from noise to a mid step drawn uniformly from
+     [--mid-min, --mid-max] (paper: 15..25 of 50);
+  2. keep the graph for --window K steps (paper: 10), and predict z0 = z_t - sigma_t v from the
+     velocity at the window's end t_end (sample.denoise with stop = mid + K + 1);
+  3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb;
+  4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
+     the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
+The gradient never passes the VAE decoder or the pixel reward model. Every --align-every steps the
+scored z0s are decoded WITHOUT gradient, scored by the pixel reward (--reward), stored in the
+variance-prioritised replay buffer (replay.py) and the LRM takes --align-steps Huber updates on
+variance-weighted samples (lrm.lrm_update). Baselines on identical settings (--mode): pixel ReFL
+(decode z0 with checkpointing + differentiable pixel reward through the same window), lastk
+(VADER-style: gradients through the last K steps), latestep (ImageReward-style: one gradient
+step at a random step of the last K), dollar (the Dollar LRM in place of the ensemble).
+
+With no checkpoints it trains in the offline toy world (toy.py: a tiny Wan DiT pretrained by flow
+matching on procedural videos, the "color" pixel reward, a bootstrapped LRM) with the toy
+defaults of methods.md §5 and prints the evaluation true reward before and after training:
+
+    python train_refl.py                                       # offline toy world, CPU, ~3 min
+    torchrun --standalone --nproc_per_node=1 train_refl.py     # the same under torchrun
+    torchrun --nproc_per_node=8 train_refl.py --ckpt-dir Wan2.1-T2V-1.3B --lrm runs/lrm/lrm.safetensors \\
+        --reward my_rewards:video_reward --prompts prompts.txt --size 832x480 --frames 81 \\
+        --gradient-checkpointing --out runs/refl
+
+Distributed: LoRA runs under DDP (the base weights frozen, the fp32 LoRA weights replicated);
+--full-finetune shards the DiT with FSDP2 (fully_shard per block, then the root) and keeps a
+frozen sharded copy as the KL reference. gloo on CPU, nccl on GPU; bf16 autocast on GPU. The
+replay buffer is shared by all ranks and the LRM stays identical on every rank (see replay.py).
+Rank 0 prints one line per step and appends it to <out>/metrics.jsonl; <out>/args.json,
+<out>/summary.json (true_reward_before / _after), <out>/samples/*.mp4 from the evaluations on
+fixed prompts and seeds, <out>/ckpt.pt (atomic; --resume restores weights, optimisers, RNG, LRM,
+replay buffer and evaluation history: on CPU it continues bit for bit), <out>/lora.safetensors
+in the community Wan LoRA format (`python sample.py --lora`, diffusers' Wan LoRA loader), and
+under torchrun <out>/sync.json: the largest difference of weights, LRM and buffer between ranks.
+
+Left out: gradient accumulation, learning-rate schedules, EMA, prompt-embedding caching on disk
+(prompts are embedded once at start-up and the text encoder is dropped).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import imageio
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+import torch.nn as nn
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lrm as lrm_lib
+import replay
+import rewards
+import sample
+import text_encoder
+import toy
+from model_dit import load_dit
+from vae import load_vae
+
+MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
+LORA_TARGETS = "self_attn.q,self_attn.k,self_attn.v,self_attn.o,cross_attn.q,cross_attn.k,cross_attn.v,cross_attn.o,ffn.0,ffn.2"
+# Flags left at None take these: the paper's for real checkpoints, methods.md §5's for the toy world.
+REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid_max=25, window=10, beta=10.0,
+                     lr=1e-5, align_every=10, align_steps=2, align_lr=1e-5, steps=1000, eval_every=100,
+                     eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None)
+TOY_DEFAULTS = dict(sample_steps=20, shift=5.0, solver="euler", mid_min=6, mid_max=10, window=4, beta=0.1,
+                    lr=1e-3, align_every=25, align_steps=4, align_lr=1e-4, steps=300, eval_every=100,
+                    eval_samples=48, guidance=1.0, size="32x32", frames=5, reward="toy:calibrated_color")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    m = p.add_argument_group("models and data (none given: the offline toy world)")
+    m.add_argument("--ckpt-dir", help="Wan2.1-T2V repo folder (original or Diffusers layout)")
+    m.add_argument("--dit"), m.add_argument("--vae"), m.add_argument("--text-encoder"), m.add_argument("--tokenizer")
+    m.add_argument("--lrm", help="a pretrained LRM (train_lrm.py); the toy world bootstraps its own")
+    m.add_argument("--reward", help="pixel reward: a rewards.py built-in or module:attr")
+    m.add_argument("--prompts", help="text file, one prompt per line")
+    m.add_argument("--size", help="WxH"), m.add_argument("--frames", type=int)
+    m.add_argument("--cache-dir", help="toy world cache (default <repo>/.cache/toy)")
+    r = p.add_argument_group("ReFL")
+    r.add_argument("--mode", default="velr", choices=MODES)
+    r.add_argument("--sample-steps", type=int), r.add_argument("--shift", type=float)
+    r.add_argument("--solver", choices=("unipc", "euler")), r.add_argument("--guidance", type=float)
+    r.add_argument("--mid-min", type=int), r.add_argument("--mid-max", type=int)
+    r.add_argument("--window", type=int, help="K gradient steps")
+    r.add_argument("--beta", type=float, help="KL weight")
+    r.add_argument("--agg", default="mean", choices=("mean", "min", "max", "lcb")), r.add_argument("--lcb-k", type=float, default=1.0)
+    r.add_argument("--lr", type=float), r.add_argument("--batch-size", type=int, default=4, help="per rank")
+    r.add_argument("--gradient-checkpointing", action="store_true")
+    t = p.add_argument_group("trainable weights")
+    t.add_argument("--full-finetune", action="store_true", help="train every DiT weight (FSDP2 under torchrun)")
+    t.add_argument("--lora-rank", type=int, default=16), t.add_argument("--lora-alpha", type=float, default=16.0)
+    t.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names inside each block")
+    a = p.add_argument_group("online LRM alignment")
+    a.add_argument("--align-every", type=int, help="0: never"), a.add_argument("--align-steps", type=int)
+    a.add_argument("--align-lr", type=float), a.add_argument("--buffer-size", type=int, default=256)
+    o = p.add_argument_group("run")
+    o.add_argument("--steps", type=int), o.add_argument("--eval-every", type=int, help="0: only before and after")
+    o.add_argument("--eval-samples", type=int), o.add_argument("--save-every", type=int, default=100)
+    o.add_argument("--out", default="runs/refl"), o.add_argument("--resume", help="ckpt.pt to continue from")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--kill-after", type=int, help="testing: exit right after this step as a kill would (no final "
+                   "evaluation, checkpoint or export); continue with --resume")
+    args = p.parse_args(argv)
+    args.toy = not (args.ckpt_dir or args.dit)
+    for k, v in (TOY_DEFAULTS if args.toy else REAL_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    validate(args)
+    return args
+
+
+def validate(args):
+    positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size", "frames")
+    for k in positive:
+        if getattr(args, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k"):
+        if getattr(args, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    if not 0 <= args.mid_min <= args.mid_max:
+        raise ValueError(f"need 0 <= --mid-min <= --mid-max, got {args.mid_min}, {args.mid_max}")
+    if args.mid_max + args.window >= args.sample_steps:
+        raise ValueError(f"--mid-max + --window must stay below --sample-steps {args.sample_steps}, got {args.mid_max} + {args.window}")
+    if (args.frames - 1) % 4:
+        raise ValueError(f"frames must be 4k+1, got {args.frames}")
+    w, _, h = args.size.partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) % 16 == 0 and int(h) % 16 == 0):
+        raise ValueError(f"--size must be WxH with multiples of 16, got {args.size!r}")
+    if not args.toy and (args.lrm is None and args.mode != "pixel" or args.reward is None):
+        raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={args.reward!r}, lrm={args.lrm!r}")
+
+
+def latent_shape(args) -> tuple[int, int, int, int]:
+    w, h = (int(s) for s in args.size.split("x"))
+    return 16, (args.frames - 1) // 4 + 1, h // 8, w // 8
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) B A x with A, B in fp32 (B starts at zero, so y starts at base(x))."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.alpha, self.enabled = base, alpha, True
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * (self.alpha / self.lora_A.out_features)
+
+
+def add_lora(dit: nn.Module, rank: int, alpha: float, targets: str) -> list[str]:
+    """Wrap every block Linear whose name ends with one of `targets`; freeze everything else."""
+    dit.requires_grad_(False)
+    suffixes = tuple("." + s for s in targets.split(","))
+    names = [n for n, m in dit.named_modules() if n.startswith("blocks.") and n.endswith(suffixes) and isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"--lora-targets {targets!r} match no Linear inside the DiT blocks")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        module = dit.get_submodule(parent)
+        setattr(module, child, LoRALinear(getattr(module, child), rank, alpha))
+    return names
+
+
+@contextmanager
+def lora_disabled(dit: nn.Module):
+    """The initial model for the KL: the same forward with every adapter switched off."""
+    layers = [m for m in dit.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield dit
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def lora_state_dict(dit: nn.Module) -> dict:
+    """Community Wan LoRA format: diffusion_model.<original module>.lora_A/.lora_B.weight + .alpha."""
+    state = {}
+    for name, m in dit.named_modules():
+        if isinstance(m, LoRALinear):
+            key = f"diffusion_model.{name}"
+            state[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+            state[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+            state[f"{key}.alpha"] = torch.tensor(float(m.alpha))
+    return state
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed():
+    """(rank, world, device); a process group only under torchrun."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def all_gather_cat(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Concatenate every rank's x (same shape on all ranks) in rank order."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- models and prompts
+
+def load_models(args, device, rank, world):
+    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts)."""
+    if args.toy:
+        if rank != 0:
+            barrier(world)  # rank 0 builds the cache first
+        dit, vae, encoder, tokenizer, lrm = toy.load_world(cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
+        if rank == 0:
+            barrier(world)
+        if args.mode == "dollar" and args.lrm is None:
+            raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
+        prompts = toy.prompt_list()
+    else:
+        paths = sample.model_paths(args)
+        # LoRA trains fp32 adapters on a frozen bf16 base (GPU); full fine-tuning keeps fp32 master weights
+        base_dtype = torch.bfloat16 if device.type == "cuda" and not args.full_finetune else torch.float32
+        dit = load_dit(paths["dit"], dtype=base_dtype)
+        vae = load_vae(paths["vae"], device=device)
+        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tokenizer, lrm = text_encoder.load_tokenizer(paths["tokenizer"]), None
+        prompts = None
+    if args.lrm:
+        lrm = lrm_lib.load_lrm(args.lrm)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts: give --prompts FILE (got {args.prompts!r})")
+    return dit, vae.to(device), encoder, tokenizer, lrm, prompts
+
+
+def embed_prompts(prompts: list[str], tokenizer, encoder, device) -> dict:
+    """prompt -> (context (512, C) on the CPU, length); the encoder is not needed afterwards."""
+    table = {}
+    unique = sorted(set(prompts))
+    with torch.no_grad():
+        for i in range(0, len(unique), 16):
+            context, lengths = text_encoder.encode_prompts(unique[i : i + 16], tokenizer, encoder.to(device))
+            for p, c, n in zip(unique[i : i + 16], context.cpu(), lengths.cpu()):
+                table[p] = (c, n)
+    return table
+
+
+def text_batch(table: dict, prompts: list[str], device):
+    context = torch.stack([table[p][0] for p in prompts]).to(device)
+    lengths = torch.stack([table[p][1] for p in prompts]).to(device)
+    return context, lengths
+
+
+# ----------------------------------------------------------------------------- one ReFL step
+
+def step_batch(args, step: int, rank: int, prompts: list[str]) -> dict:
+    """The step's prompts, noise and window, a pure function of (seed, step, rank): resuming replays
+    the same data order, and every rank draws its own prompts and noise."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 4099 + rank)
+    shared = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 4099 - 1)  # same on all ranks
+    idx = torch.randint(len(prompts), (args.batch_size,), generator=g).tolist()
+    noise = torch.randn(args.batch_size, *latent_shape(args), generator=g)
+    n, k = args.sample_steps, args.window
+    if args.mode == "lastk":
+        grad_start, stop = n - k, n
+    elif args.mode == "latestep":
+        grad_start = int(torch.randint(n - k, n, (1,), generator=shared))
+        stop = grad_start + 1
+    else:
+        grad_start = int(torch.randint(args.mid_min, args.mid_max + 1, (1,), generator=shared))
+        stop = grad_start + k + 1  # z0 from the velocity at t_end = step mid + K
+    return {"prompts": [prompts[i] for i in idx], "noise": noise, "grad_start": grad_start, "stop": stop}
+
+
+def velocity(model, x, t, context, neg_context, guidance):
+    """Guided velocity of `model`, uncond branch without gradient (as in sample.denoise)."""
+    v = model(x, t, context)
+    if neg_context is None or guidance == 1.0:
+        return v
+    with torch.no_grad():
+        v_uncond = model(x, t, neg_context)
+    return sample.guided_velocity(v, v_uncond, guidance)
+
+
+def reference_velocity(model, ref, x, t, context, neg_context, guidance):
+    """v_ref of the initial model: `ref` (a frozen copy) or, under LoRA, `model` with adapters off."""
+    with torch.no_grad(), (nullcontext(ref) if ref is not None else lora_disabled(unwrap(model))) as m:
+        return velocity(m, x.detach(), t, context, neg_context, guidance)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigmas, vae=None, reward_fn=None) -> dict:
+    """One ReFL forward: no-grad rollout to grad_start, gradient window, z0 from the last velocity,
+    reward, KL at t_end. Returns the loss and detached statistics (z0, member rewards, kl)."""
+    noise = batch["noise"].to(context.device)
+
+    def vel(x, t):
+        if args.gradient_checkpointing and torch.is_grad_enabled():
+            # whole-step checkpoint: keep only each window step's input latent and rerun the DiT in
+            # the backward (itself checkpointed per block), so the window's memory is one step's,
+            # not K steps x num_layers block inputs (60 GB for 1.3B at 480x832x81, K = 10)
+            return torch.utils.checkpoint.checkpoint(model, x, t, context, use_reentrant=False)
+        return model(x, t, context)
+
+    uncond = (lambda x, t: model(x, t, neg_context)) if neg_context is not None else None
+    _, z0, records = sample.denoise(vel, noise, sigmas, solver=args.solver, uncond_fn=uncond, guidance=args.guidance,
+                                    stop=batch["stop"], grad_start=batch["grad_start"], trace=True)
+    last = records[-1]
+    t = torch.full((noise.shape[0],), last["t"], dtype=torch.int64, device=noise.device)
+    v_ref = reference_velocity(model, ref, last["x"], t, context, neg_context, args.guidance)
+    kl = (last["v"].float() - v_ref.float()).pow(2).mean()
+    if args.mode == "pixel":
+        reward = reward_fn(vae.decode(z0, checkpoint=True), batch["prompts"]).float()
+        members = reward[None].detach()
+    else:
+        members = lrm(z0, context, lengths)  # (N, B)
+        reward = lrm_lib.aggregate(members, args.agg, args.lcb_k)
+    loss = -reward.mean() + (args.beta * kl if args.beta > 0 else 0.0)
+    return {"loss": loss, "reward": reward.detach(), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach()}
+
+
+# ----------------------------------------------------------------------------- online alignment
+
+def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_fn, args, step, world) -> dict:
+    """Decode the scored z0s (no gradient), score them, fill the shared buffer, re-fit the LRM."""
+    with torch.no_grad():
+        true = reward_fn(vae.decode(out["z0"]), prompts).float()
+    variance = out["members"].float().var(0, correction=0)
+    entries = [all_gather_cat(x, world) for x in (out["z0"], context, lengths, true, variance)]
+    buffer.insert(*entries)
+    g = torch.Generator().manual_seed(args.seed * 7919 + step)  # same on every rank: same batches, same update
+    lrm.requires_grad_(True)
+    amp = torch.bfloat16 if out["z0"].device.type == "cuda" else None
+    for _ in range(args.align_steps):
+        b = buffer.sample(args.batch_size, generator=g)
+        dev = out["z0"].device
+        lrm_lib.lrm_update(lrm, lrm_opt, b["z"].to(dev), b["context"].to(dev), b["lengths"].to(dev), b["reward"].to(dev),
+                           generator=g, amp_dtype=amp)
+    lrm.requires_grad_(False)
+    if world > 1:
+        for p in lrm.parameters():  # float nondeterminism must not let the ranks' LRMs drift apart
+            dist.broadcast(p.data, 0)
+    error = (out["members"].mean(0) - true).abs().mean()
+    stats = torch.stack([true.mean(), error])
+    if world > 1:
+        dist.all_reduce(stats)
+        stats /= world
+    return {"true_reward": stats[0].item(), "lrm_error": stats[1].item()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_pairs(args, prompts: list[str]) -> list[tuple[str, int]]:
+    """Fixed (prompt, seed) pairs: prompt i mod len(prompts), seed 10_000 + i."""
+    return [(prompts[i % len(prompts)], 10_000 + i) for i in range(args.eval_samples)]
+
+
+def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step) -> float:
+    """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
+    rank runs the same number of batches). Saves the first two videos of rank 0 as mp4."""
+    per_rank = math.ceil(len(pairs) / world)
+    mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
+    total = torch.zeros(2, device=device)
+    for i in range(0, per_rank, args.batch_size):
+        chunk = mine[i : i + args.batch_size]
+        ps = [pairs[j % len(pairs)][0] for j in chunk]
+        noise = torch.stack([torch.randn(latent_shape(args), generator=torch.Generator().manual_seed(pairs[j % len(pairs)][1]))
+                             for j in chunk]).to(device)
+        context, _ = text_batch(table, ps, device)
+        neg = None if neg_context is None else neg_context[:1].expand(len(chunk), -1, -1)
+        with torch.no_grad(), autocast(device):
+            z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=args.solver,
+                                  uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=args.guidance)
+            video = vae.decode(z)
+            r = reward_fn(video, ps).float()
+        weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
+        total += torch.stack([(r * weight).sum(), weight.sum()])
+        if rank == 0 and i == 0:
+            save_videos(video[:2], Path(out_dir) / "samples", step)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def save_videos(video: torch.Tensor, folder: Path, step: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (B, T, H, W, 3)
+    for i, f in enumerate(frames):
+        imageio.mimwrite(folder / f"step{step:06d}_{i}.mp4", f.numpy(), fps=16)
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int, world: int):
+    """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history; rank 0
+    writes tmp + os.replace.
+    get_state_dict gathers full state dicts under FSDP2 (a collective: every rank calls it)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state, opt_state = get_state_dict(model, opt, options=options)
+    if rank == 0:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"step": step, "model": model_state, "optimizer": opt_state, "lrm": lrm.state_dict() if lrm else None,
+                 "lrm_optimizer": lrm_opt.state_dict() if lrm_opt else None, "buffer": buffer.state_dict(), "rng": rng,
+                 "history": history}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    barrier(world)
+
+
+def load_checkpoint(path, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
+    """Restore what save_checkpoint saved -> (step, evaluation history)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+    if lrm is not None:
+        lrm.load_state_dict(state["lrm"])
+        lrm_opt.load_state_dict(state["lrm_optimizer"])
+    buffer.load_state_dict(state["buffer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["history"]
+
+
+def max_rank_difference(model, lrm, buffer) -> float:
+    """Largest difference of the full trainable weights, the LRM and the replay buffer between this
+    rank and rank 0, maximised over ranks (0.0: in sync). A collective: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # gathered on every rank
+    tensors = list(get_model_state_dict(model, options=options).values())
+    tensors += list(lrm.parameters()) if lrm is not None else []
+    tensors += list(buffer.data.values()) if buffer.data is not None else []
+    diff = torch.zeros(())
+    for x in tensors:
+        x = x.detach()
+        ref = x.clone()
+        dist.broadcast(ref, 0)
+        diff = torch.maximum(diff, (x - ref).abs().max().float().cpu())
+    diff = diff.to(tensors[0].device)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+# ----------------------------------------------------------------------------- training
+
+def wrap(dit, args, device, world):
+    """(trainable model, frozen reference or None). LoRA: DDP, reference = adapters off.
+    Full fine-tuning: FSDP2 per block + root, reference = a frozen copy sharded the same way."""
+    if args.full_finetune:
+        ref = copy.deepcopy(dit).requires_grad_(False)
+        dit.requires_grad_(True)
+        if world > 1:
+            from torch.distributed.fsdp import fully_shard
+            for m in (dit, ref):
+                for block in m.blocks:
+                    fully_shard(block)
+                fully_shard(m)
+        return dit, ref
+    add_lora(dit, args.lora_rank, args.lora_alpha, args.lora_targets)
+    dit.to(device)
+    if world > 1:
+        return DDP(dit, device_ids=[device.index] if device.type == "cuda" else None), None
+    return dit, None
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out_dir = Path(args.out)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
+    pairs = eval_pairs(args, prompts)
+    table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device)
+    del encoder  # prompts are embedded once; the encoder is not needed again
+    neg = text_batch(table, [sample.WAN_NEGATIVE_PROMPT] * args.batch_size, device)[0] if args.guidance != 1.0 else None
+    reward_fn = rewards.load_reward(args.reward)
+    dit = dit.to(device)
+    dit.gradient_checkpointing = args.gradient_checkpointing
+    model, ref = wrap(dit, args, device, world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    lrm_opt = None
+    if lrm is not None:
+        lrm = lrm.to(device).requires_grad_(False)
+        lrm_opt = torch.optim.AdamW(lrm.parameters(), lr=args.align_lr, weight_decay=0.0)
+    buffer = replay.ReplayBuffer(args.buffer_size)
+    sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
+    ckpt_path = out_dir / "ckpt.pt"
+    if args.resume:
+        start, history = load_checkpoint(args.resume, model, opt, lrm, lrm_opt, buffer)
+        log(f"resumed {args.resume} at step {start}")
+    else:
+        start, history = 0, [{"step": 0, "true_reward": evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas,
+                                                                  device, rank, world, out_dir, 0)}]
+    before = history[0]["true_reward"]
+    log(f"eval step 0 | true reward {before:.4f} ({len(pairs)} fixed prompt/seed pairs)")
+    metrics = open_metrics(out_dir / "metrics.jsonl", start) if rank == 0 else None
+    t_run = time.time()
+    for step in range(start + 1, args.steps + 1):
+        t0 = time.time()
+        batch = step_batch(args, step, rank, prompts)
+        context, lengths = text_batch(table, batch["prompts"], device)
+        with autocast(device):
+            out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].mean().item(),
+               "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
+        if args.align_every and step % args.align_every == 0 and args.mode != "pixel":
+            rec.update(align_lrm(lrm, lrm_opt, buffer, out, context, lengths, batch["prompts"], vae, reward_fn, args, step, world))
+        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+            rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step)
+            history.append({"step": step, "true_reward": rec["eval_true_reward"]})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, world)
+        rec.update(sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
+        log(format_line(rec))
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        if step == args.kill_after:
+            log(f"--kill-after {step}: exiting without the final evaluation, checkpoint and export")
+            finish(metrics, world)
+            return model, lrm, buffer
+    seconds = time.time() - t_run
+    after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps)
+    history.append({"step": args.steps, "true_reward": after})
+    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, world)
+    if world > 1:  # every rank must end with the same weights, LRM and buffer (methods.md §4, item 2)
+        diff = max_rank_difference(model, lrm, buffer)
+        if rank == 0:
+            (out_dir / "sync.json").write_text(json.dumps({"world": world, "max_diff": diff}))
+        log(f"largest weight / LRM / buffer difference between ranks: {diff:.3g}")
+    if rank == 0:
+        if not args.full_finetune:
+            save_file(lora_state_dict(unwrap(model)), str(out_dir / "lora.safetensors"), metadata={"format": "wan-lora"})
+        steps_run = max(args.steps - start, 1)
+        summary = {"true_reward_before": before, "true_reward_after": after, "eval_history": history,
+                   "steps": args.steps, "train_seconds": seconds, "sec_per_step": seconds / steps_run,
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "mode": args.mode}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"true reward (eval, {len(pairs)} fixed prompt/seed pairs): before {before:.4f} -> after {after:.4f}")
+    finish(metrics, world)
+    return model, lrm, buffer
+
+
+def finish(metrics, world):
+    if metrics:
+        metrics.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def open_metrics(path: Path, start: int):
+    """metrics.jsonl for appending: emptied for a new run; on resume the lines of the steps after the
+    checkpoint (which are redone) are dropped."""
+    lines = path.read_text().splitlines(keepends=True) if start and path.exists() else []
+    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= start))
+    return open(path, "a")
+
+
+def format_line(r: dict) -> str:
+    true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
+    err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
+    return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
+            f"kl {r['kl']:.2e} | r_true {true} | lrm_err {err} | lr {r['lr']:.1e} | {r['sec']:.2f} s | "
+            f"mem {r['peak_mem_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

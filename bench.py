@@ -1,0 +1,627 @@
+"""Side-by-side benchmark: memory, speed and quality of VELR and its baselines (issue 8).
+
+    python bench.py all                 # every section, ~11 min on a 2-core CPU
+    python bench.py memory              # VELR vs pixel ReFL vs last-K vs random-late-step
+    python bench.py dit | vae | lrm     # our modules vs diffusers' / the member loop
+    python bench.py quality             # the paper's Table 3 on the built-in synthetic data
+    python bench.py all --threads 1     # on a CPU shared with other jobs
+    python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
+    python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
+
+Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
+is the peak of that one workload. Three memory numbers per workload: `resident_mb`, what is held
+when the timed steps start (weights, optimiser state: the post-build baseline); `peak_mb`, the
+peak over the timed steps, resident memory included; `step_mb` = peak - resident, what a step
+adds (activations, gradients, temporaries). On a GPU they come from `torch.cuda.memory_allocated`
+/ `max_memory_allocated`; on CPU from the child's resident set above its resident set right after
+its imports (`VmRSS`, and `VmHWM` reset through `/proc/self/clear_refs` when the timed steps
+start). Children run with `MALLOC_MMAP_THRESHOLD_` fixed so freed tensors go back to the OS
+instead of staying in glibc's heap. Times are the fastest wall-clock seconds of the measured
+steps (three; one for `memory`), models already built, after one warm-up step (none for the ReFL
+step on a GPU, where one step at 480x832x81 takes minutes).
+
+`memory` runs `train_refl.refl_loss` + backward + AdamW step per mode, with only the models
+that mode needs; its pixel reward model is a ViT-B-sized stand-in (`PixelRewardStandIn`), not
+the paper's 7B-32B VLMs, so it under-states pixel ReFL. Its CPU config shrinks the DiT but not
+the LRM, VAE or stand-in, so resident weights there do not reflect the real proportions: the
+VELR / pixel ratio `ratio_peak` is of step memory, `ratio_peak_total` of the whole peak. `dit` /
+`vae` need diffusers (the reference implementation); nothing else does. `quality` trains
+through `train_lrm.main`.
+
+Prints markdown tables and merges the results into `bench.json` (`--out`). The CPU configs are
+small on purpose; the GPU configs (taken when CUDA is present) are the real Wan 2.1 sizes.
+Left out: multi-GPU runs and the paper's VLM reward models.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large frees return to the OS at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one workload inside a child process
+
+
+def proc_status_mb(field):
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in MiB; Linux only."""
+    text = Path("/proc/self/status").read_text()
+    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    if m is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return int(m[1]) / 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def peak_mb(device, base_mb):
+    """Peak since the last reset_peak: of allocated tensors on a GPU, of the resident set above
+    `base_mb` on CPU (right after reset_peak both are the memory held now)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return proc_status_mb("VmHWM") - base_mb
+
+
+def measure(step, device, base_mb, repeats=3, warmup=True):
+    """One warm-up call (unless `warmup` is False), then the fastest of `repeats` timed calls of
+    step() (the CPU is shared, the minimum is the least disturbed). Memory, in MiB:
+    `resident_mb`, held when the timed calls start (weights, optimiser state: the post-build
+    baseline); `peak_mb`, the peak over the timed calls, resident memory included (what
+    max_memory_allocated reports on a GPU); `step_mb` = peak_mb - resident_mb, what a step adds
+    on top (activations, gradients, temporaries)."""
+    if warmup:
+        step()
+    reset_peak(device)
+    resident = peak_mb(device, base_mb)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = peak_mb(device, base_mb)
+    return {"time_s": min(times), "peak_mb": peak, "resident_mb": resident, "step_mb": peak - resident}
+
+
+def run_child(task, args, timeout=1800):
+    """Run CHILD_TASKS[task](args) in a fresh interpreter; returns the dict it printed. Raises
+    RuntimeError naming the task when it fails, subprocess.TimeoutExpired after `timeout` s."""
+    cmd = [sys.executable, os.path.abspath(__file__), "_child", task, json.dumps(args)]
+    proc = subprocess.run(cmd, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {task} {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_main(task, args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for module in CHILD_IMPORTS[task]:
+        importlib.import_module(module)  # imported before the baseline: code is not part of the peak
+    if task in ("dit", "vae"):  # ours and diffusers' children import the same (allocator state alike)
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+    base_mb = 0.0 if device.type == "cuda" else proc_status_mb("VmRSS")
+    torch.manual_seed(args.get("seed", 0))
+    print(json.dumps(CHILD_TASKS[task](args, device, base_mb)))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: one ReFL training step per paradigm (train_refl.refl_loss), each in its own process
+
+MEMORY_MODES = ("velr", "pixel", "lastk", "latestep")
+
+
+def memory_config(scale):
+    """The ReFL step of `memory` at `scale`: "cuda", the real 1.3B at 480x832x81 in bf16 (random
+    weights: memory and time do not depend on them); "cpu", a reduced-width DiT (4 layers of
+    width 256) but the real Wan 2.1 VAE (dim 96) and the real LRM (default LRMConfig, 10
+    members), 9 frames at 128x128 (latent 16x3x16x16); "tiny", the same models around a 2-layer
+    DiT of width 64 and 5 frames at 32x32 with a 4-step sampler (a smoke test). All: LoRA, DiT
+    gradient checkpointing, batch 1, no CFG; cuda and cpu: the paper's sampler (50 UniPC steps,
+    mid step 15..25, window 10)."""
+    sampler = ["--sample-steps", "50", "--solver", "unipc", "--mid-min", "15", "--mid-max", "25", "--window", "10",
+               "--beta", "10", "--lr", "1e-5", "--guidance", "1", "--batch-size", "1", "--gradient-checkpointing"]
+    if scale == "cuda":
+        return {"dit": {}, "flags": [*sampler, "--size", "832x480", "--frames", "81", "--lora-rank", "256"]}
+    if scale == "cpu":
+        dit = {"dim": 256, "ffn_dim": 1024, "num_heads": 2, "num_layers": 4}
+        return {"dit": dit, "flags": [*sampler, "--size", "128x128", "--frames", "9", "--lora-rank", "32"]}
+    tiny = ["--sample-steps", "4", "--solver", "euler", "--mid-min", "1", "--mid-max", "1", "--window", "2", "--guidance", "1",
+            "--batch-size", "1", "--gradient-checkpointing", "--size", "32x32", "--frames", "5", "--lora-rank", "4"]
+    return {"dit": {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2}, "flags": tiny}
+
+
+class PixelRewardStandIn(nn.Module):
+    """The pixel reward model of the `pixel` baseline: a frozen ViT-B/16-sized image encoder
+    (86M parameters: patch 16, width 768, 12 pre-LN blocks, checkpointed) on every decoded frame,
+    mean-pooled to one scalar per video. The paper's are 7B-32B video VLMs (CausalVQA,
+    UnifiedReward) that cannot run here; this one is about 100x smaller, so it UNDER-states what
+    the pixel baseline costs. The prompt is ignored (text conditioning is left out of its cost)."""
+
+    def __init__(self, dim=768, depth=12, heads=12, patch=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, video, prompts):
+        b = video.shape[0]
+        x = self.patch(video.transpose(1, 2).flatten(0, 1).to(self.head.weight.dtype))  # (B*T, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B*T, h*w, D)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.head(x.mean(1)).view(b, -1).mean(1).float()
+
+
+@contextmanager
+def saved_tensor_bytes(modules):
+    """Count the bytes autograd saves for backward (activations, not weights), by the label of
+    the innermost module of `modules` ({label: [module, ...]}) running when a tensor is saved.
+    Checkpointed regions save only their inputs, so they count as such. Yields {label: bytes}."""
+    counts, stack, seen = {}, ["other"], set()
+    weights = {p.untyped_storage().data_ptr() for ms in modules.values() for m in ms for p in m.parameters()}
+    handles = []
+    for label, ms in modules.items():
+        for m in ms:
+            handles.append(m.register_forward_pre_hook(lambda *_, label=label: stack.append(label)))
+            handles.append(m.register_forward_hook(lambda *_: None if stack.pop() else None))  # a hook's return replaces the output
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            counts[stack[-1]] = counts.get(stack[-1], 0) + storage.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def child_refl(args, device, base_mb):
+    """Optimiser steps of train_refl.py's loss (`refl_loss`) in `args["mode"]`, the models built
+    here with random weights, the LRM (fp32, frozen) as train_refl.main holds it between
+    alignments. Also the activation bytes held for backward by module (`saved_tensor_bytes`,
+    counted on the first step) and the weight bytes by module. On a GPU the first step is the
+    measured one (`warmup` False: a step at 480x832x81 takes minutes), on CPU a warm-up step
+    comes first so the resident baseline holds the optimiser state and torch's lazily built
+    kernels."""
+    import sample
+    import train_refl
+    from lrm import LRM_CONFIGS, EnsembleLRM
+    from model_dit import DiTConfig, WanDiT, _keeps_fp32
+    from vae import VAE_CONFIGS, WanVAE
+
+    cfg = args["config"]
+    targs = train_refl.parse_args(["--mode", args["mode"], *cfg["flags"]])
+    with device:  # random init of 1.3B parameters is slow on CPU
+        dit = WanDiT(DiTConfig(**cfg["dit"]))
+    if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
+        for name, p in dit.named_parameters():
+            p.data = p.data if _keeps_fp32(name) else p.data.to(torch.bfloat16)
+    dit.gradient_checkpointing = targs.gradient_checkpointing
+    model, ref = train_refl.wrap(dit, targs, device, 1)
+    modules = {"dit": [dit]}
+    vae = rm = lrm = None
+    if args["mode"] == "pixel":  # only what the step uses is built: the decoder and the pixel RM ...
+        vae = WanVAE(VAE_CONFIGS["wan2.1"]).to(device).eval().requires_grad_(False)
+        rm = PixelRewardStandIn().to(device).eval().requires_grad_(False)
+        modules.update(decoder=[vae.conv2, vae.decoder], pixel_rm=[rm])
+    else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable)
+        lrm = EnsembleLRM(LRM_CONFIGS["default"], 10).to(device).requires_grad_(False)
+        modules.update(lrm=[lrm])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr)
+    sigmas = sample.get_sigmas(targs.sample_steps, targs.shift, targs.solver)
+    context = torch.randn(1, 512, dit.cfg.text_dim, device=device)  # precomputed prompt embedding
+    lengths = torch.tensor([20], device=device)
+    prompts, step_index = ["a red video"], [0]
+
+    def step():
+        step_index[0] += 1  # steps 1, 2, ...: the same mid steps and noise for every mode
+        batch = train_refl.step_batch(targs, step_index[0], 0, prompts)
+        with train_refl.autocast(device):
+            out = train_refl.refl_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, vae, rm)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    with saved_tensor_bytes(modules) as saved:  # counted on the first step
+        first = measure(step, device, base_mb, 1, warmup=False)
+    warmup = args.get("warmup", device.type != "cuda")  # then the first step was the warm-up
+    res = measure(step, device, base_mb, args.get("repeats", 1), warmup=False) if warmup else first
+    res["saved_mb"] = {k: v / 2**20 for k, v in saved.items()}
+    res["params_mb"] = {k: sum(p.numel() * p.element_size() for m in ms for p in m.parameters()) / 2**20 for k, ms in modules.items()}
+    return res
+
+
+def memory_ratios(velr, pixel):
+    """VELR / pixel ReFL: step memory (above the resident weights), total peak, step time."""
+    return {"ratio_peak": velr["step_mb"] / pixel["step_mb"], "ratio_peak_total": velr["peak_mb"] / pixel["peak_mb"],
+            "ratio_time": velr["time_s"] / pixel["time_s"]}
+
+
+def bench_memory(device, scale):
+    cfg = memory_config(scale)
+    res = {"config": cfg, "device": device.type}
+    for mode in MEMORY_MODES:
+        res[mode] = run_child("refl", {"mode": mode, "config": cfg, "repeats": 1})
+    res.update(memory_ratios(res["velr"], res["pixel"]))
+    return res
+
+
+def table_memory(res, modes=MEMORY_MODES):
+    parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
+    rows = [
+        [mode, res[mode]["time_s"], res[mode]["peak_mb"], res[mode]["resident_mb"], res[mode]["step_mb"]]
+        + [res[mode]["saved_mb"].get(k, 0.0) for k in parts]
+        + [res[mode]["params_mb"].get(k, 0.0) for k in ("dit", "decoder", "pixel_rm", "lrm")]
+        for mode in modes
+    ]
+    header = (["mode", "step s", "peak MiB", "resident MiB", "step MiB"] + [f"saved {k} MiB" for k in parts]
+              + [f"weights {k} MiB" for k in ("dit", "decoder", "pixel_rm", "lrm")])
+    note = ("peak = resident (weights, optimiser state) + step (activations, gradients, temporaries). pixel = decoder "
+            "(checkpointed) + a ViT-B/16-sized stand-in pixel RM in the backward; the paper's VLM RMs are ~100x larger "
+            "(paper Table 1, Wan 1.3B: pixel ReFL 105.76 GB, VELR 22.18 GB = 20.97%)")
+    return (f"### memory: one ReFL step, {res['device']}, {' '.join(res['config']['flags'])}, DiT {res['config']['dit'] or '1.3B'}"
+            f"\n\n{markdown(header, rows)}\n\nVELR / pixel: step memory {res['ratio_peak']:.3f}, total peak "
+            f"{res['ratio_peak_total']:.3f}, step time {res['ratio_time']:.3f}. {note}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dit: our WanDiT vs diffusers' WanTransformer3DModel, identical weights
+
+
+def dit_setup(scale):
+    """(diffusers constructor kwargs, latent (C, F, H, W)) at `scale`: "cuda", the real 1.3B at
+    480x832x81 (bf16, gradient checkpointing on a GPU); "quick", 4 of its 30 blocks at that size;
+    "cpu", two 1.3B-width blocks on a small latent (per-block cost is what differs, so two blocks
+    show it); "tiny", a 2-layer DiT of width 64 (a smoke test)."""
+    width = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "text_dim": 4096}
+    return {
+        "cuda": ({**width, "num_layers": 30}, (16, 21, 60, 104)),
+        "quick": ({**width, "num_layers": 4}, (16, 21, 60, 104)),
+        "cpu": ({**width, "num_layers": 2}, (16, 3, 16, 28)),
+        "tiny": ({"num_attention_heads": 2, "attention_head_dim": 32, "ffn_dim": 128, "text_dim": 64, "num_layers": 2},
+                 (16, 1, 4, 4)),
+    }[scale]
+
+
+def child_dit(args, device, base_mb):
+    """Forward + backward to every weight of one denoising call."""
+    gpu = device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *args["shape"], generator=g).to(device)
+    t = torch.tensor([700.0], device=device)
+    context = torch.randn(1, 512, args["text_dim"], generator=g).to(device)  # zero-padded length 512
+    if args["impl"] == "ours":
+        from model_dit import load_dit
+
+        model = load_dit(args["path"], device=device, dtype=torch.bfloat16 if gpu else torch.float32).train()
+        model.gradient_checkpointing = gpu
+        forward = lambda: model(x, t, context)  # noqa: E731
+    else:
+        from diffusers import WanTransformer3DModel
+
+        from safetensors.torch import load_file
+
+        # from_pretrained insists on `accelerate` for this class; build from config and load instead
+        model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(args["path"]))
+        model.load_state_dict(load_file(Path(args["path"]) / "diffusion_pytorch_model.safetensors"))
+        model = model.to(device).train()
+        if gpu:  # what torch_dtype=bf16 does (which needs `accelerate`): bf16 but for its fp32 modules
+            for name, p in model.named_parameters():
+                if not any(k in name for k in model._keep_in_fp32_modules):
+                    p.data = p.data.to(torch.bfloat16)
+            model.enable_gradient_checkpointing()
+        forward = lambda: model(x, t, context, return_dict=False)[0]  # noqa: E731
+
+    def step():
+        with torch.amp.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            v = forward()
+        v.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return measure(step, device, base_mb, args.get("repeats", 3))
+
+
+def bench_dit(device, scale, timeout=1800):
+    from diffusers import WanTransformer3DModel
+
+    kwargs, shape = dit_setup(scale)
+    res = {"shape": list(shape), "num_layers": kwargs["num_layers"]}
+    args = {"shape": shape, "text_dim": kwargs["text_dim"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**kwargs)
+        with torch.no_grad():  # random weights everywhere (no zero-initialised output layer)
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.save_pretrained(tmp)
+        del model
+        res["fwd_bwd"] = {impl: run_child("dit", {**args, "impl": impl, "path": tmp}, timeout) for impl in IMPLS}
+    res.update(ratios(res["fwd_bwd"]))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# vae: our WanVAE vs diffusers' AutoencoderKLWan, identical weights
+
+
+def vae_setup(scale):
+    """(diffusers constructor kwargs, video (frames, height, width)): the Wan 2.1 VAE on 5 frames
+    at 480x832 ("cuda"), 240x416 ("quick") or 64x64 ("cpu"); "tiny": a width-8 VAE at 16x16."""
+    return {"cuda": ({}, (5, 480, 832)), "quick": ({}, (5, 240, 416)), "cpu": ({}, (5, 64, 64)),
+            "tiny": ({"base_dim": 8, "num_res_blocks": 1}, (5, 16, 16))}[scale]
+
+
+def child_vae(args, device, base_mb):
+    """encode (no grad, as when caching latents) or decode forward+backward (pixel ReFL)."""
+    t, h, w = args["shape"]
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(1, 3, t, h, w, generator=g) * 2 - 1).to(device)
+    z = torch.randn(1, 16, 1 + (t - 1) // 4, h // 8, w // 8, generator=g).to(device).requires_grad_(True)
+    if args["impl"] == "ours":
+        from vae import load_vae
+
+        vae = load_vae(args["path"], device=device)
+        encode, decode = vae.encode, vae.decode
+    else:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args["path"]).to(device).eval().requires_grad_(False)
+        encode, decode = (lambda v: vae.encode(v).latent_dist.mean), (lambda z: vae.decode(z).sample)
+
+    def step():
+        if args["op"] == "encode":
+            with torch.no_grad():
+                encode(video)
+        else:
+            decode(z).square().mean().backward()
+            z.grad = None
+
+    return measure(step, device, base_mb, args.get("repeats", 3))
+
+
+def bench_vae(device, scale, timeout=1800):
+    from diffusers import AutoencoderKLWan
+
+    kwargs, shape = vae_setup(scale)
+    res = {"shape": list(shape)}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoencoderKLWan(**kwargs).save_pretrained(tmp)  # Wan 2.1 architecture, random weights
+        for op in ("encode", "decode"):
+            res[op] = {impl: run_child("vae", {"impl": impl, "op": op, "path": tmp, "shape": res["shape"]}, timeout)
+                       for impl in IMPLS}
+    res.update(ratios(res["encode"], res["decode"]))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# lrm: the 10-member ensemble as one batched computation vs one member vs a loop over members
+
+LRM_VARIANTS = ("ensemble10", "member1", "loop10")
+
+
+def lrm_shape(scale):
+    """Latent (C, T, H, W): 480x832x81 on GPU, 17 frames at 240x416 on CPU, 1 frame at 32x32 (tiny)."""
+    return {"cuda": (16, 21, 60, 104), "cpu": (16, 5, 30, 52), "tiny": (16, 1, 4, 4)}[scale]
+
+
+def child_lrm(args, device, base_mb):
+    """Forward + backward (to the weights and to the latent, as in LRM training and ReFL)."""
+    from lrm import LRM_CONFIGS, EnsembleLRM
+
+    cfg = LRM_CONFIGS[args["config"]]
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, *args["shape"], generator=g).to(device).requires_grad_(True)
+    context = torch.randn(1, 32, cfg.text_dim, generator=g).to(device)
+    lengths = torch.tensor([20], device=device)
+    if args["variant"] == "ensemble10":
+        models = [EnsembleLRM(cfg, 10, seed=0)]
+    else:  # member i of the ensemble is EnsembleLRM(cfg, 1, seed=i)
+        models = [EnsembleLRM(cfg, 1, seed=i) for i in range(10 if args["variant"] == "loop10" else 1)]
+    models = [m.to(device) for m in models]
+
+    def step():
+        sum(m(z, context, lengths).sum() for m in models).backward()
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        z.grad = None
+
+    return measure(step, device, base_mb, args.get("repeats", 3))
+
+
+def bench_lrm(device, scale):
+    shape = lrm_shape(scale)
+    res = {"shape": list(shape), "config": "default"}
+    for v in LRM_VARIANTS:
+        res[v] = run_child("lrm", {"variant": v, "config": "default", "shape": shape})
+    t = {v: res[v]["time_s"] for v in LRM_VARIANTS}
+    res["ratio_10_vs_1"] = t["ensemble10"] / t["member1"]
+    res["ratio_10_vs_loop"] = t["ensemble10"] / t["loop10"]
+    res["ratio_peak_10_vs_loop"] = res["ensemble10"]["peak_mb"] / res["loop10"]["peak_mb"]
+    return res
+
+
+def table_lrm(res):
+    rows = [[v, res[v]["time_s"], res[v]["peak_mb"]] for v in LRM_VARIANTS]
+    ratios = [["ensemble10 / member1 time", res["ratio_10_vs_1"]], ["ensemble10 / loop10 time", res["ratio_10_vs_loop"]],
+              ["ensemble10 / loop10 peak", res["ratio_peak_10_vs_loop"]]]
+    return (f"### lrm forward+backward, latent {res['shape']}\n\n" + markdown(["variant", "s", "peak MiB"], rows)
+            + "\n\n" + markdown(["ratio", "value"], ratios))
+
+
+# ---------------------------------------------------------------------------------------------
+# quality: the paper's Table 3 (Dollar, one LRM, ensembles of 3, 5, 10) on the synthetic data
+
+QUALITY_MODELS = {"dollar": ["--model", "dollar"], "lrm1": ["--members", "1"], "ensemble3": ["--members", "3"],
+                  "ensemble5": ["--members", "5"], "ensemble10": ["--members", "10"]}
+QUALITY_ARGS = ["--synthetic", "256", "--epochs", "8", "--lr", "1e-3", "--batch-size", "8", "--config", "tiny"]
+
+
+def bench_quality(device, scale):
+    """Every model trained by train_lrm.py with the same data, split, seed, steps and lr; the
+    ensemble row of its metrics is the ensemble mean (a single model's own prediction for N=1).
+    The same at every scale (the synthetic set is small; train_lrm picks the device)."""
+    import train_lrm
+
+    res = {"args": QUALITY_ARGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in QUALITY_MODELS.items():
+            with open(Path(tmp) / f"{name}.log", "w") as log, redirect_stdout(log):  # its per-epoch tables
+                m = train_lrm.main([*QUALITY_ARGS, *extra, "--out", str(Path(tmp) / name), "--log-every", "1000000"])
+            res[name] = {f"{split}_{k}": m[split][k][-1] for split in ("train", "test") for k in ("mse", "pcc")}
+    return res
+
+
+def table_quality(res):
+    rows = [[split] + [res[n][f"{split}_{k}"] for n in QUALITY_MODELS for k in ("mse", "pcc")] for split in ("train", "test")]
+    header = [""] + [f"{n} {k.upper()}" for n in QUALITY_MODELS for k in ("mse", "pcc")]
+    return f"### quality (train_lrm.py {' '.join(res['args'])})\n\n" + markdown(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu-quick: VELR vs pixel ReFL at the real config plus dit / vae at a modest size, ~10 minutes
+
+QUICK_TIMEOUT_S = {"refl": 270, "dit": 90, "vae": 60}  # per child (2 refl, 2 dit, 4 vae children): a hung
+# child costs its limit, not the run; run it under `timeout 590` too, what printed before stays
+
+
+def attempt(res, name, fn):
+    """res[name] = fn(), or {"error": ...} when it raises (a failing or timed-out child), printed at
+    once either way: a run cut short by its time budget still shows every part that finished."""
+    try:
+        res[name] = fn()
+    except Exception as e:  # noqa: BLE001 (one failing part must not lose the others)
+        res[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+    print(f"{name}: {json.dumps(res[name])}", flush=True)
+
+
+def bench_gpu_quick(device, scale):
+    """The VELR and pixel-ReFL children of `memory` at `scale` (one step each, no warm-up on a
+    GPU), then `dit` and `vae` at the "quick" sizes (4 of the 1.3B's blocks at 480x832x81; the VAE
+    at 240x416), each part timed out by QUICK_TIMEOUT_S and printed as soon as it is done."""
+    cfg = memory_config(scale)
+    part = "quick" if scale == "cuda" else scale
+    res = {"config": cfg, "device": device.type}
+    for mode in ("velr", "pixel"):
+        attempt(res, mode, lambda: run_child("refl", {"mode": mode, "config": cfg, "repeats": 1}, QUICK_TIMEOUT_S["refl"]))
+    if "error" not in res["velr"] and "error" not in res["pixel"]:
+        res.update(memory_ratios(res["velr"], res["pixel"]))
+        print(f"VELR / pixel: {json.dumps(memory_ratios(res['velr'], res['pixel']))}", flush=True)
+    attempt(res, "dit", lambda: bench_dit(device, part, QUICK_TIMEOUT_S["dit"]))
+    attempt(res, "vae", lambda: bench_vae(device, part, QUICK_TIMEOUT_S["vae"]))
+    return res
+
+
+def table_gpu_quick(res):
+    modes = [m for m in ("velr", "pixel") if "error" not in res[m]]
+    parts = [f"{name} failed: {res[name]['error']}" for name in ("velr", "pixel", "dit", "vae") if "error" in res[name]]
+    if len(modes) == 2:
+        parts.append(table_memory(res, modes))
+    parts += [table_vs_diffusers(n, res[n], ops) for n, ops in (("dit", ("fwd_bwd",)), ("vae", ("encode", "decode")))
+              if "error" not in res[n]]
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+IMPLS = ("ours", "diffusers")
+
+
+def ratios(*ops):
+    """ours / diffusers over several ops: summed time, largest peak."""
+    t = [sum(op[impl]["time_s"] for op in ops) for impl in IMPLS]
+    p = [max(op[impl]["peak_mb"] for op in ops) for impl in IMPLS]
+    return {"ratio_time": t[0] / t[1], "ratio_peak": p[0] / p[1]}
+
+
+def markdown(header, rows):
+    fmt = lambda v: (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}") if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def table_vs_diffusers(name, res, ops):
+    rows = [
+        [op, res[op]["ours"]["time_s"], res[op]["diffusers"]["time_s"], res[op]["ours"]["peak_mb"], res[op]["diffusers"]["peak_mb"]]
+        for op in ops
+    ]
+    rows.append(["ratio ours/diffusers", res["ratio_time"], "", res["ratio_peak"], ""])
+    return f"### {name} {res['shape']}\n\n" + markdown(["op", "ours s", "diffusers s", "ours MiB", "diffusers MiB"], rows)
+
+
+CHILD_IMPORTS = {"refl": ["train_refl"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}
+CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": child_lrm}
+SECTIONS = {  # `all` runs these; gpu-quick (QUICK) only when asked
+    "memory": (bench_memory, table_memory),
+    "dit": (bench_dit, lambda r: table_vs_diffusers("dit", r, ("fwd_bwd",))),
+    "vae": (bench_vae, lambda r: table_vs_diffusers("vae", r, ("encode", "decode"))),
+    "lrm": (bench_lrm, table_lrm),
+    "quality": (bench_quality, table_quality),
+}
+QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("section", choices=[*SECTIONS, *QUICK, "all"])
+    p.add_argument("--out", default="bench.json", help="results are merged into this file")
+    p.add_argument("--threads", type=int, help="CPU threads of every process (default: torch's); on a machine "
+                   "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
+    p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the children read it at start-up
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale = "tiny" if args.tiny else device.type
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in SECTIONS if args.section == "all" else [args.section]:
+        bench, table = {**SECTIONS, **QUICK}[name]
+        results[name] = bench(device, scale)
+        print(table(results[name]) + "\n", flush=True)
+        out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_child"]:
+        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()

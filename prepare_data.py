@@ -51,6 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import rewards
+import sample
 import text_encoder
 import toy
 import vae as vae_lib
@@ -344,19 +345,9 @@ def collect_items(args):
     return items
 
 
-def init_distributed():
-    """(rank, world, device); under torchrun a process group is created for the final barrier."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = sample.setup_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     items = collect_items(args)

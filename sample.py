@@ -400,6 +400,22 @@ def generate(dit, context, neg_context, args, seed, device):
     return z
 
 
+def setup_distributed():
+    """(rank, world, device) for the training and data scripts. Under torchrun (RANK set): a process
+    group, nccl on GPU and gloo on CPU, and this process's GPU made current; otherwise (0, 1, the
+    first GPU or the CPU) and no group. Sampling itself needs no group (see `main`)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
 def settings(args):
     keys = ("ckpt_dir", "dit", "vae", "text_encoder", "lora", "lora_scale", "negative_prompt", "steps", "shift",
             "guidance", "solver", "width", "height", "frames", "fps")

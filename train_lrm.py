@@ -33,7 +33,6 @@ Left out: gradient accumulation (the paper uses none), learning-rate schedules (
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lrm
 import rewards
+import sample
 import text_encoder
 import toy
 
@@ -245,18 +245,6 @@ def parse_args(argv):
     return args
 
 
-def init_distributed():
-    """(rank, world, device); a torchrun launch sets RANK and gets a process group (nccl on GPU, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
     """{"train"|"test": {"mse": [...], "pcc": [...]}}, one entry per member and the ensemble last."""
     out = {}
@@ -271,7 +259,7 @@ def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = sample.setup_distributed()
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

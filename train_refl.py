@@ -216,17 +216,6 @@ def lora_state_dict(dit: nn.Module) -> dict:
 
 # ----------------------------------------------------------------------------- distributed
 
-def setup_distributed():
-    """(rank, world, device); a process group only under torchrun."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
 
 def all_gather_cat(x: torch.Tensor, world: int) -> torch.Tensor:
     """Concatenate every rank's x (same shape on all ranks) in rank order."""
@@ -521,7 +510,7 @@ def peak_memory_mb(device) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = sample.setup_distributed()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out_dir = Path(args.out)
@@ -609,7 +598,9 @@ def main(argv=None):
 def finish(metrics, world):
     if metrics:
         metrics.close()
-    if world > 1:
+    if dist.is_initialized():  # torchrun, even with one process
+        if world > 1:
+            dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -238,12 +238,14 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     else:
         log(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
         pretrain_dit(dit, vae, encoder, tokenizer, cfg, log)
+        dit.zero_grad(set_to_none=True)  # the pretraining gradients are not the caller's
         _save_atomic(dit.state_dict(), dit_path, {"toy_config": json.dumps(asdict(cfg))})
     if lrm_path.exists():
         model = lrm_lib.load_lrm(lrm_path)
     else:
         log(f"toy world: bootstrapping the LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {lrm_path}")
         model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log)
+        model.zero_grad(set_to_none=True)
         tmp = lrm_path.with_suffix(".tmp")
         lrm_lib.save_lrm(model, tmp)
         os.replace(tmp, lrm_path)

@@ -119,12 +119,11 @@ def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     then compared with the named colour mapped to [-1, 1]: 1 - |c - (2 rgb - 1)|^2 / 12, in [0, 1].
     Prompt-dependent and differentiable; a prompt without a palette word gets rewards.NEUTRAL.
     It measures the direction the decoded colour moves in, not an absolute colour."""
-    if video.dim() != 5 or video.shape[1] != 3:
-        raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
-    if len(prompts) != video.shape[0]:
-        raise ValueError(f"got {len(prompts)} prompts for {video.shape[0]} videos")
-    mean, std = (t.to(video.device) for t in decoder_colour_stats())
-    c = torch.tanh(((video.float() + 1).div(2).mean((2, 3, 4)) - mean) / std / 2)  # (B, 3)
+    x = rewards._unit(video)  # checks the shape, [-1, 1] -> [0, 1]
+    if len(prompts) != x.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {x.shape[0]} videos")
+    mean, std = (t.to(x.device) for t in decoder_colour_stats())
+    c = torch.tanh((x.mean((2, 3, 4)) - mean) / std / 2)  # (B, 3)
     colours = [rewards.prompt_color(p) for p in prompts]
     named = torch.tensor([k is not None for k in colours], device=video.device)
     target = 2 * video.new_tensor([k or (0.5, 0.5, 0.5) for k in colours]).float() - 1

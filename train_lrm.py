@@ -290,7 +290,9 @@ def main(argv=None):
         # each rank takes its own slice of every member's order
         orders = [epoch_order(train, epoch, args.seed + MEMBER_SEED_STRIDE * m) for m in range(members)]
         start = (b * world + rank) * args.batch_size
-        batch = member_batches([[data[i] for i in o[start : start + args.batch_size]] for o in orders], device)
+        picks = [o[start : start + args.batch_size] for o in orders]
+        rows = {i: data[i] for i in set().union(*picks)}  # a sample several members drew is read once
+        batch = member_batches([[rows[i] for i in p] for p in picks], device)
         stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype)
         step += 1
         if rank == 0 and (step % args.log_every == 0 or step == stop):

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: memory, speed and quality of VELR and its baselines (issue 8).
+"""Side-by-side benchmark: memory, speed and quality of VELR and its baselines.
 
     python bench.py all                 # every section, ~11 min on a 2-core CPU
     python bench.py memory              # VELR vs pixel ReFL vs last-K vs random-late-step
@@ -48,6 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+
+import sample
+from vae import latent_shape
 
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large frees return to the OS at once
 
@@ -215,10 +218,9 @@ def child_refl(args, device, base_mb):
     measured one (`warmup` False: a step at 480x832x81 takes minutes), on CPU a warm-up step
     comes first so the resident baseline holds the optimiser state and torch's lazily built
     kernels."""
-    import sample
     import train_refl
     from lrm import LRM_CONFIGS, EnsembleLRM
-    from model_dit import DiTConfig, WanDiT, _keeps_fp32
+    from model_dit import DiTConfig, WanDiT, cast_dit
     from vae import VAE_CONFIGS, WanVAE
 
     cfg = args["config"]
@@ -226,8 +228,7 @@ def child_refl(args, device, base_mb):
     with device:  # random init of 1.3B parameters is slow on CPU
         dit = WanDiT(DiTConfig(**cfg["dit"]))
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
-        for name, p in dit.named_parameters():
-            p.data = p.data if _keeps_fp32(name) else p.data.to(torch.bfloat16)
+        cast_dit(dit, torch.bfloat16)
     dit.gradient_checkpointing = targs.gradient_checkpointing
     model, ref = train_refl.wrap(dit, targs, device, 1)
     modules = {"dit": [dit]}
@@ -248,7 +249,7 @@ def child_refl(args, device, base_mb):
     def step():
         step_index[0] += 1  # steps 1, 2, ...: the same mid steps and noise for every mode
         batch = train_refl.step_batch(targs, step_index[0], 0, prompts)
-        with train_refl.autocast(device):
+        with sample.autocast(device):
             out = train_refl.refl_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, vae, rm)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -307,8 +308,8 @@ def dit_setup(scale):
     show it); "tiny", a 2-layer DiT of width 64 (a smoke test)."""
     width = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "text_dim": 4096}
     return {
-        "cuda": ({**width, "num_layers": 30}, (16, 21, 60, 104)),
-        "quick": ({**width, "num_layers": 4}, (16, 21, 60, 104)),
+        "cuda": ({**width, "num_layers": 30}, latent_shape(81, 480, 832)),
+        "quick": ({**width, "num_layers": 4}, latent_shape(81, 480, 832)),
         "cpu": ({**width, "num_layers": 2}, (16, 3, 16, 28)),
         "tiny": ({"num_attention_heads": 2, "attention_head_dim": 32, "ffn_dim": 128, "text_dim": 64, "num_layers": 2},
                  (16, 1, 4, 4)),
@@ -345,7 +346,7 @@ def child_dit(args, device, base_mb):
         forward = lambda: model(x, t, context, return_dict=False)[0]  # noqa: E731
 
     def step():
-        with torch.amp.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+        with sample.autocast(device):
             v = forward()
         v.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
@@ -388,7 +389,7 @@ def child_vae(args, device, base_mb):
     t, h, w = args["shape"]
     g = torch.Generator().manual_seed(0)
     video = (torch.rand(1, 3, t, h, w, generator=g) * 2 - 1).to(device)
-    z = torch.randn(1, 16, 1 + (t - 1) // 4, h // 8, w // 8, generator=g).to(device).requires_grad_(True)
+    z = torch.randn(1, *latent_shape(t, h, w), generator=g).to(device).requires_grad_(True)
     if args["impl"] == "ours":
         from vae import load_vae
 
@@ -434,7 +435,7 @@ LRM_VARIANTS = ("ensemble10", "member1", "loop10")
 
 def lrm_shape(scale):
     """Latent (C, T, H, W): 480x832x81 on GPU, 17 frames at 240x416 on CPU, 1 frame at 32x32 (tiny)."""
-    return {"cuda": (16, 21, 60, 104), "cpu": (16, 5, 30, 52), "tiny": (16, 1, 4, 4)}[scale]
+    return {"cuda": latent_shape(81, 480, 832), "cpu": latent_shape(17, 240, 416), "tiny": latent_shape(1, 32, 32)}[scale]
 
 
 def child_lrm(args, device, base_mb):

@@ -20,8 +20,8 @@ autocast and meta-device loading, and member i's weights are simply `p[i]` of ev
 Members are independent models that happen to be stored together: member i is initialised from
 its own generator seeded with `seed + i` (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
 `lrm_update` gives every member its own minibatch (a bootstrap resample of a shared batch, or the
-caller's per-member batches), so the spread over members is a usable uncertainty estimate (paper
-§4.2; methods.md §1.2). Measured on the toy task of test_lrm_fit_* (batch 4, 1200 steps, lr 1e-3),
+caller's per-member batches), so the spread over members is a usable uncertainty estimate (VELR
+§4.2). Measured on the toy task of test_lrm_fit_* (batch 4, 1200 steps, lr 1e-3),
 held-out MSE of the 10-ensemble mean: 0.051 with per-member shuffled batches, 0.052 with one shared
 batch (diversity from the initialisation alone), 0.146 with bootstrap resamples of the shared batch;
 single models 0.077-0.079. Resampling a batch of 4 leaves each member ~2.7 distinct samples and
@@ -32,7 +32,7 @@ We reproduce it from the descriptions as "a simpler latent reward network": a 3D
 global pooling and an MLP on [video feature, text feature]; see its docstring.
 
 Decisions: the "last token" is the last *real* token (index lengths-1 of the zero-padded context),
-never a padding row (methods.md §1.1); std over members is the population std (0 for N = 1);
+never a padding row (the paper's "last token" read for padded UMT5 output); std over members is the population std (0 for N = 1);
 `lcb` = mean - k*std is our conservative aggregation next to the paper's mean/min/max.
 
 Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel), the paper's
@@ -372,8 +372,8 @@ class DollarLRM(nn.Module):
     """The Dollar baseline (Ding et al., ICCV 2025), reproduced from its description; rewards (1, B).
 
     Dollar's latent reward model is not public, and neither the VELR paper (which reproduced it
-    "based on its description", §5.6, Table 3) nor methods.md §1.6 ("a simpler latent reward
-    network") gives its layers. Our reproduction keeps what such a regressor needs and nothing of
+    "based on its description", §5.6, Table 3) describes it only as a simpler latent reward network) gives
+    its layers. Our reproduction keeps what such a regressor needs and nothing of
     VELR's additions: per block one strided 3x3x3 convolution + GroupNorm + SiLU (no residual
     path), global mean pooling, the last real prompt token projected to the same width and
     concatenated (no cross-attention, no position embeddings, no transformer), a 2-layer MLP to a

@@ -432,10 +432,18 @@ def _check_keys(path, layout: str, expected: dict, shapes: dict):
         _raise_load_error(path, layout, missing, unexpected, wrong)
 
 
-def _keeps_fp32(key: str) -> bool:
+def keeps_fp32(key: str) -> bool:
     """Weights of the fp32 islands (time MLP, modulations, norms, head) stay fp32 whatever the dtype."""
     island = key.startswith(("time_embedding.", "time_projection.", "head."))
     return island or key.endswith("modulation") or ".norm" in key
+
+
+def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
+    """Cast the weights in place to dtype, the fp32 islands (keeps_fp32) kept in fp32: load_dit's
+    rule, for a model built rather than loaded. Run a bf16 model under torch.autocast."""
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if keeps_fp32(name) else p.data.to(dtype)
+    return model
 
 
 def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
@@ -443,7 +451,7 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
 
     config: a DiTConfig, a DIT_CONFIGS name, or None to infer it from the weights (and a folder's
     config.json). Without a config.json, num_heads = dim // 128, Wan's fixed head_dim.
-    dtype applies to all weights except those of the fp32 islands (_keeps_fp32), which stay fp32.
+    dtype applies to all weights except those of the fp32 islands (keeps_fp32), which stay fp32.
     """
     path = Path(path)
     files, config_json, source = _checkpoint_files(path)
@@ -462,6 +470,6 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
     with torch.device("meta"):
         model = WanDiT(cfg)
     _check_keys(path, f"{layout}; {cfg}", {k: v.shape for k, v in model.state_dict().items()}, shapes)
-    sd = {k: v.to(device=device, dtype=torch.float32 if _keeps_fp32(k) else dtype) for k, v in sd.items()}
+    sd = {k: v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

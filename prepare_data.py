@@ -2,7 +2,7 @@
 
 Turns videos + prompts into what the LRM trains on: the Wan VAE latent of a clip, the prompt's
 UMT5 embedding, and the target `R(Dec(z), prompt)`: the pixel reward of the *decoded* latent,
-because that is what the LRM will be compared against during ReFL (methods.md §1.3).
+because that is what the LRM will be compared against during ReFL (VELR §4.1, Eq. 6).
 
 Sources (any mix):
 - `--manifest FILE`: jsonl (one `{"video": ..., "prompt": ..., "reward": ...}` per line) or csv
@@ -45,11 +45,11 @@ from pathlib import Path
 import imageio
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import distributed
 import rewards
 import sample
 import text_encoder
@@ -217,35 +217,16 @@ def load_saved_latent(item):
         return f.get_tensor("latent").float(), f.metadata()["prompt"]
 
 
-def model_paths(args):
-    """{"vae", "text_encoder", "tokenizer"} from --ckpt-dir (a Wan2.1-T2V folder, original or
-    -Diffusers layout) with the single-path flags on top; {} when nothing is given."""
-    paths = {}
-    if args.ckpt_dir:
-        d = Path(args.ckpt_dir)
-        if (d / "vae").is_dir():  # Diffusers layout
-            paths = {"vae": d / "vae", "text_encoder": d / "text_encoder", "tokenizer": d / "tokenizer"}
-        else:
-            paths = {"vae": d / "Wan2.1_VAE.pth", "text_encoder": d / "models_t5_umt5-xxl-enc-bf16.pth", "tokenizer": d / "google" / "umt5-xxl"}
-    for k in ("vae", "text_encoder", "tokenizer"):
-        if getattr(args, k):
-            paths[k] = Path(getattr(args, k))
-    missing = [f"{k}={paths.get(k)}" for k in ("vae", "text_encoder", "tokenizer") if paths and not (paths.get(k) and paths[k].exists())]
-    if missing:
-        raise FileNotFoundError(f"model files not found: {', '.join(missing)} (give --ckpt-dir or all three paths)")
-    return paths
-
-
 def load_models(args, device):
     """-> (vae, embed) with embed(prompts) -> [context (L_i, C)] through the on-disk PromptCache.
     No files given: the toy world's tiny VAE and UMT5 (toy.build_models) with seeded RANDOM weights."""
-    paths = model_paths(args)
+    paths = sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))
     if paths:
-        vae = vae_lib.load_vae(paths["vae"], device=device)
-        low = torch.bfloat16 if device.type == "cuda" else torch.float32  # Wan runs its T5 in bf16
-        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=low)
+        dt = sample.dtypes(device)
+        vae = vae_lib.load_vae(paths["vae"], device=device, dtype=dt["vae"])
+        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer = text_encoder.load_tokenizer(paths["tokenizer"])
-        tag = f"{Path(paths['text_encoder']).resolve()}|{Path(paths['tokenizer']).resolve()}|{low}"
+        tag = f"{Path(paths['text_encoder']).resolve()}|{Path(paths['tokenizer']).resolve()}|{dt['text_encoder']}"
     else:
         print("no --ckpt-dir/--vae/--text-encoder: tiny VAE and UMT5 with RANDOM weights (seeded); "
               "the latents only exercise the pipeline")
@@ -294,14 +275,12 @@ def process_shard(items, vae, embed, reward_fn, args, device):
 
 
 def parse_size(text):
-    """"832x480" -> (832, 480), both multiples of 8 (the VAE's spatial factor)."""
+    """--size: "832x480" -> (832, 480), multiples of 16 (vae.parse_size: the sizes Wan generates,
+    so the LRM trains on latents of the shapes ReFL will score)."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text}")
-    return width, height
+        return vae_lib.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv):
@@ -311,11 +290,11 @@ def parse_args(argv):
     g.add_argument("--videos", help="folder of *.mp4 with same-name .txt captions")
     g.add_argument("--latents", help="folder of sample.py --save-latents files")
     g = p.add_argument_group("clips")
-    g.add_argument("--size", type=parse_size, default=(32, 32), help="WIDTHxHEIGHT, e.g. 832x480")
-    g.add_argument("--frames", type=int, default=5, help="4k+1, e.g. 81")
-    g.add_argument("--fps", type=float, default=16.0, help="frame rate the clip is resampled to")
+    g.add_argument("--size", type=parse_size, default=(32, 32), help="WIDTHxHEIGHT, multiples of 16, e.g. 832x480 (default 32x32)")
+    g.add_argument("--frames", type=int, default=5, help="4k+1, e.g. 81 (default 5)")
+    g.add_argument("--fps", type=float, default=16.0, help="frame rate the clip is resampled to (default 16)")
     g = p.add_argument_group("labels")
-    g.add_argument("--reward", default="color", help="built-in name or module:attr (see rewards.py)")
+    g.add_argument("--reward", default="color", help="built-in name or module:attr, see rewards.py (default color)")
     g.add_argument("--keep-reward", action="store_true", help="keep a manifest's reward instead of scoring")
     g = p.add_argument_group("models (none given: tiny presets, random weights)")
     g.add_argument("--ckpt-dir", help="Wan2.1-T2V folder (original or -Diffusers layout)")
@@ -323,15 +302,18 @@ def parse_args(argv):
     g.add_argument("--text-encoder")
     g.add_argument("--tokenizer")
     g.add_argument("--prompt-cache", help="prompt-embedding cache folder (default OUT/prompt_cache)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the tiny random models")
+    g.add_argument("--seed", type=int, default=0, help="seed of the tiny random models (default 0)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="data/lrm")
-    g.add_argument("--shard-size", type=int, default=64)
+    g.add_argument("--out", default="data/lrm", help="dataset folder (default data/lrm)")
+    g.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
     args = p.parse_args(argv)
     if not (args.manifest or args.videos or args.latents):
         p.error("give at least one source: --manifest, --videos or --latents")
-    if args.frames < 1 or (args.frames - 1) % 4:
-        p.error(f"frames must be 4k+1, got {args.frames}")
+    try:
+        vae_lib.check_size(args.frames, args.size[1], args.size[0])
+        sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))  # refused before any work
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     if args.shard_size < 1:
         p.error(f"shard-size must be >= 1, got {args.shard_size}")
     return args
@@ -347,7 +329,7 @@ def collect_items(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = sample.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     items = collect_items(args)
@@ -362,14 +344,12 @@ def main(argv=None):
         rows, skipped = process_shard(items[i * args.shard_size : (i + 1) * args.shard_size], vae, embed, reward_fn, args, device)
         write_shard(shard_path(out, i), rows, skipped)
         print(f"[rank {rank}] shard {i}: {len(rows)} samples, {len(skipped)} skipped")
-    if world > 1:
-        dist.barrier()
+    distributed.barrier()
     report = None
     if rank == 0:
         report = write_index(out, num_shards, len(items))
         print(f"{report['written']} samples in {num_shards} shards; skipped {report['skipped']} (details in {out / 'report.json'})")
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.cleanup()
     return report
 
 

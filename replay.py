@@ -1,6 +1,6 @@
 """Variance-prioritised replay buffer for VELR's online LRM alignment.
 
-Follows the VELR paper (§4.3, Algorithm 1, App. C.2, C.6; methods.md §1.5): during ReFL the latent
+Follows the VELR paper (§4.3, Algorithm 1, App. C.2, C.6): during ReFL the latent
 reward model (LRM) drifts away from the true pixel reward, so every few steps the latents the LRM
 scored are decoded (no gradient), scored by the pixel reward model, and stored here together with
 the ensemble variance the LRM had on them. The LRM is then re-fitted on samples drawn from the

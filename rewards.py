@@ -8,7 +8,7 @@ A reward is any callable
         rewards: (B,) tensor, one scalar per video, higher = better
 
 The LRM regresses exactly this (VELR paper §4.1: the target is R(Dec(z), prompt)); pixel-space
-ReFL (the memory baseline, methods.md §1.6) backpropagates through it, so for that use it must
+ReFL (the memory baseline of VELR §5, Table 1) backpropagates through it, so for that use it must
 be differentiable with respect to `video`. Training the LRM and labelling data only need values.
 
 `load_reward(spec)` turns a command-line `--reward SPEC` into such a callable:

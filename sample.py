@@ -23,10 +23,10 @@ Command line (writes `out.mp4` at 16 fps and `out.json` with the prompt, seed an
         --save-latents latents/ --lora my_lora.safetensors
     torchrun --nproc_per_node=8 sample.py --ckpt-dir Wan2.1-T2V-14B --prompts prompts.txt --out samples/
 
-Under torchrun rank r samples prompts r, r + world, ... (no communication is needed, so no
-process group is created). Prompt k of a file uses seed + k, so the output does not depend on the
-number of ranks. As in Wan, the text encoder runs in bf16 and the VAE in fp32; the DiT runs in bf16
-under autocast with its fp32 islands on CUDA, in fp32 on CPU. The tiny random-weight run is fp32.
+Under torchrun rank r samples prompts r, r + world, ... (the ranks never communicate). Prompt k
+of a file uses seed + k, so the output does not depend on the number of ranks. Precision is the
+one policy of `dtypes()`: Wan's own (text encoder bf16, VAE fp32, DiT bf16 under autocast with
+its fp32 islands on CUDA; the DiT in fp32 on the CPU).
 
 Left out: Wan's DPM++ solver (Euler is kept as the simple, stateless alternative), image-to-video,
 prompt extension, sequence parallelism and CPU offloading of the models.
@@ -35,15 +35,15 @@ prompt extension, sequence parallelism and CPU offloading of the models.
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import imageio
 import torch
-import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+import distributed
+import lora
 import model_dit
 import text_encoder as text_encoder_lib
 import vae as vae_lib
@@ -210,58 +210,55 @@ def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: checkpoint folders, LoRA
+# Models: checkpoint folders, precision
 
 
 def checkpoint_paths(ckpt_dir):
     """A Wan2.1-T2V repo folder, or its -Diffusers twin -> {"dit", "vae", "text_encoder", "tokenizer"}."""
     d = Path(ckpt_dir)
-    if (d / "transformer").is_dir():  # Diffusers layout
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {d} does not exist")
+    if any((d / sub).is_dir() for sub in ("transformer", "vae", "text_encoder")):  # Diffusers layout
         return {"dit": d / "transformer", "vae": d / "vae", "text_encoder": d / "text_encoder",
                 "tokenizer": d / "tokenizer"}
     return {"dit": d, "vae": d / "Wan2.1_VAE.pth", "text_encoder": d / "models_t5_umt5-xxl-enc-bf16.pth",
             "tokenizer": d / "google" / "umt5-xxl"}
 
 
-_LORA_SUFFIXES = {".lora_A.weight": "down", ".lora_down.weight": "down", ".lora_B.weight": "up",
-                  ".lora_up.weight": "up", ".alpha": "alpha"}
+MODEL_PARTS = ("dit", "vae", "text_encoder", "tokenizer")
 
 
-def _lora_groups(state, path):
-    """{"diffusion_model.<module>.lora_A.weight": ...} -> {"<module>": {"down", "up", "alpha"}}."""
-    groups = {}
-    for key, value in state.items():
-        name = key.removeprefix("diffusion_model.")
-        suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
-        if suffix is None:
-            raise ValueError(f"{path}: not a LoRA key of the community Wan format: {key}")
-        groups.setdefault(name[: -len(suffix)], {})[_LORA_SUFFIXES[suffix]] = value
-    return groups
+def model_paths(args, parts=MODEL_PARTS) -> dict:
+    """The files of `parts` from --ckpt-dir (either layout) with --dit/--vae/--text-encoder/--tokenizer
+    on top; {} when none of these flags is given (the scripts' offline default). Every path of
+    `parts` must exist: the error names each missing one before any model is loaded."""
+    paths = checkpoint_paths(args.ckpt_dir) if getattr(args, "ckpt_dir", None) else {}
+    for k in MODEL_PARTS:
+        if getattr(args, k, None) is not None:
+            paths[k] = Path(getattr(args, k))
+    if not paths:
+        return {}
+    missing = [f"{k}={paths.get(k)}" for k in parts if paths.get(k) is None or not paths[k].exists()]
+    if missing:
+        raise FileNotFoundError(f"model files not found: {', '.join(missing)} (give --ckpt-dir or the single paths)")
+    return {k: paths[k] for k in parts}
 
 
-@torch.no_grad()
-def merge_lora(dit, path, scale=1.0):
-    """Add a community-format Wan LoRA into the DiT's Linear weights: W += scale * alpha / rank * up @ down
-    (alpha defaults to the rank). Returns the number of layers changed."""
-    groups = _lora_groups(load_file(str(path)), path)
-    for name, g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise ValueError(f"{path}: LoRA of {name} needs both down (lora_A) and up (lora_B) weights, "
-                             f"has {sorted(g)}")
-        try:
-            layer = dit.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: LoRA targets {name}, which the DiT does not have") from None
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{path}: LoRA targets {name}, a {type(layer).__name__}, not a Linear")
-        rank = g["down"].shape[0]
-        alpha = float(g["alpha"]) if "alpha" in g else float(rank)
-        delta = (g["up"].float() @ g["down"].float()) * (scale * alpha / rank)
-        if delta.shape != layer.weight.shape:
-            raise ValueError(f"{path}: LoRA of {name} gives {tuple(delta.shape)}, "
-                             f"the weight is {tuple(layer.weight.shape)}")
-        layer.weight += delta.to(layer.weight)
-    return len(groups)
+def dtypes(device) -> dict:
+    """The project's one precision policy, {"dit", "text_encoder", "vae", "amp"}, Wan's own:
+    UMT5 in bf16 everywhere (its official weights are bf16, and prompt embeddings then match
+    between sampling, data preparation and training), the VAE in fp32, and the DiT in bf16 under
+    bf16 autocast with its fp32 islands kept (model_dit) on CUDA; on the CPU the DiT runs in fp32
+    without autocast (bf16 is slow there; the CPU runs are tests and toys). Full fine-tuning keeps
+    fp32 DiT master weights whatever this says (train_refl.py)."""
+    gpu = device.type == "cuda"
+    return {"dit": torch.bfloat16 if gpu else torch.float32, "text_encoder": torch.bfloat16, "vae": torch.float32,
+            "amp": torch.bfloat16 if gpu else None}
+
+
+def autocast(device):
+    """The autocast context of dtypes(device): bf16 on CUDA, off on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,23 +278,23 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or a Diffusers text_encoder/ folder")
     g.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
     g.add_argument("--lora", help="community-format Wan LoRA (.safetensors) merged into the DiT")
-    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA delta (default 1.0)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", default="A corgi running on a beach at sunset, cinematic.")
+    g.add_argument("--prompt", default="A corgi running on a beach at sunset, cinematic.", help="the one prompt")
     g.add_argument("--prompts", help="text file, one prompt per line (overrides --prompt)")
     g.add_argument("--negative-prompt", default=None, help="default: Wan's Chinese negative prompt")
-    g.add_argument("--steps", type=int, default=None, help="default 50 (tiny: 8)")
-    g.add_argument("--shift", type=float, default=5.0)
-    g.add_argument("--guidance", type=float, default=5.0)
-    g.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
-    g.add_argument("--seed", type=int, default=42, help="prompt k of a --prompts file uses seed + k")
-    g.add_argument("--size", default=None, help="WxH, multiples of 16; default 832x480 (tiny: 32x32)")
-    g.add_argument("--frames", type=int, default=None, help="4k+1; default 81 (tiny: 5)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; tiny: 8)")
+    g.add_argument("--shift", type=float, default=5.0, help="timestep shift (default 5.0)")
+    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale, 1 = no guidance (default 5.0)")
+    g.add_argument("--solver", choices=("unipc", "euler"), default="unipc", help="default unipc")
+    g.add_argument("--seed", type=int, default=42, help="prompt k of a --prompts file uses seed + k (default 42)")
+    g.add_argument("--size", default=None, help="WxH, multiples of 16 (default 832x480; tiny: 32x32)")
+    g.add_argument("--frames", type=int, default=None, help="4k+1 (default 81; tiny: 5)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="samples", help="a .mp4 file (one prompt) or a folder")
-    g.add_argument("--fps", type=int, default=16)
+    g.add_argument("--out", default="samples", help="a .mp4 file (one prompt) or a folder (default samples)")
+    g.add_argument("--fps", type=int, default=16, help="default 16")
     g.add_argument("--save-latents", help="folder for the final latents + prompts (reward-model data)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", help="default: this rank's GPU, else the CPU")
     args = p.parse_args(argv)
 
     args.tiny = not (args.ckpt_dir or args.dit or args.vae or args.text_encoder or args.tokenizer)
@@ -305,31 +302,18 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     try:
-        args.width, args.height = (int(s) for s in args.size.lower().split("x"))
-    except ValueError:
-        p.error(f"--size must be WxH, got {args.size!r}")
-    if args.width % 16 or args.height % 16 or args.width <= 0 or args.height <= 0:
-        p.error(f"--size must be multiples of 16 (VAE 8x, DiT patch 2), got {args.size}")
-    if args.frames < 1 or (args.frames - 1) % 4:
-        p.error(f"--frames must be 4k+1, got {args.frames}")
-    if args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
+        args.width, args.height = vae_lib.parse_size(args.size)
+        vae_lib.check_size(args.frames, args.height, args.width)
+    except ValueError as e:
+        p.error(str(e))
+    for k in ("shift", "guidance", "lora_scale"):
+        if not math.isfinite(getattr(args, k)):
+            p.error(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
+    if args.steps < 1 or args.shift <= 0 or args.fps < 1:
+        p.error(f"--steps and --fps must be >= 1 and --shift > 0, got {args.steps}, {args.fps}, {args.shift}")
     if args.negative_prompt is None:
         args.negative_prompt = WAN_NEGATIVE_PROMPT
     return args
-
-
-def model_paths(args):
-    """--ckpt-dir's files with the single-path flags on top; every path must exist."""
-    paths = checkpoint_paths(args.ckpt_dir) if args.ckpt_dir else {}
-    for k in ("dit", "vae", "text_encoder", "tokenizer"):
-        if getattr(args, k) is not None:
-            paths[k] = Path(getattr(args, k))
-    missing = [f"{k}={paths.get(k)}" for k in ("dit", "vae", "text_encoder", "tokenizer")
-               if paths.get(k) is None or not paths[k].exists()]
-    if missing:
-        raise FileNotFoundError(f"model files not found: {', '.join(missing)} (give --ckpt-dir or the paths)")
-    return paths
 
 
 def load_models(args, device):
@@ -337,21 +321,20 @@ def load_models(args, device):
     if args.tiny:
         print("no checkpoint given: tiny presets with RANDOM weights; the video is noise, this run only "
               "exercises the pipeline (give --ckpt-dir for real samples)")
-        torch.manual_seed(0)
-        dit = model_dit.WanDiT(model_dit.DIT_CONFIGS["tiny"]).to(device)
-        vae = vae_lib.WanVAE(vae_lib.VAE_CONFIGS["tiny"]).to(device)
-        encoder = text_encoder_lib.UMT5Encoder(text_encoder_lib.UMT5_CONFIGS["tiny"]).to(device)
+        with torch.random.fork_rng():  # seeded weights, the caller's RNG untouched
+            torch.manual_seed(0)
+            dit = model_dit.WanDiT(model_dit.DIT_CONFIGS["tiny"]).to(device)
+            vae = vae_lib.WanVAE(vae_lib.VAE_CONFIGS["tiny"]).to(device)
+            encoder = text_encoder_lib.UMT5Encoder(text_encoder_lib.UMT5_CONFIGS["tiny"]).to(device)
         tokenizer = text_encoder_lib.load_tokenizer(None)
     else:
-        paths = model_paths(args)
-        # Wan's dtypes: T5 in bf16; VAE in fp32; DiT bf16 under autocast (fp32 islands kept), fp32 on CPU
-        dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        dit = model_dit.load_dit(paths["dit"], device=device, dtype=dit_dtype)
-        vae = vae_lib.load_vae(paths["vae"], device=device)
-        encoder = text_encoder_lib.load_text_encoder(paths["text_encoder"], device=device, dtype=torch.bfloat16)
+        paths, dt = model_paths(args), dtypes(device)
+        dit = model_dit.load_dit(paths["dit"], device=device, dtype=dt["dit"])
+        vae = vae_lib.load_vae(paths["vae"], device=device, dtype=dt["vae"])
+        encoder = text_encoder_lib.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer = text_encoder_lib.load_tokenizer(paths["tokenizer"])
     if args.lora:
-        print(f"merged LoRA {args.lora} into {merge_lora(dit, args.lora, args.lora_scale)} layers")
+        print(f"merged LoRA {args.lora} into {lora.merge_lora(dit, args.lora, args.lora_scale)} layers")
     return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, encoder.eval()
 
 
@@ -377,16 +360,16 @@ def write_video(path, video, fps):
 
 
 def make_velocity_fn(dit, context):
-    """(x, t) -> velocity for one prompt embedding; on CUDA the DiT runs under bf16 autocast."""
+    """(x, t) -> velocity for one prompt embedding, under the precision policy's autocast."""
     def velocity(x, t):
-        with torch.amp.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with autocast(x.device):
             return dit(x, t, context)
     return velocity
 
 
 def generate(dit, context, neg_context, args, seed, device):
     """One prompt -> final normalised latent (1, 16, T', H', W'), with a progress line per step."""
-    shape = (1, 16, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8)
+    shape = (1, *vae_lib.latent_shape(args.frames, args.height, args.width))
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
     sigmas = get_sigmas(args.steps, args.shift, args.solver)
     ts, t0 = timesteps_from_sigmas(sigmas), time.time()
@@ -400,20 +383,15 @@ def generate(dit, context, neg_context, args, seed, device):
     return z
 
 
-def setup_distributed():
-    """(rank, world, device) for the training and data scripts. Under torchrun (RANK set): a process
-    group, nccl on GPU and gloo on CPU, and this process's GPU made current; otherwise (0, 1, the
-    first GPU or the CPU) and no group. Sampling itself needs no group (see `main`)."""
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+def read_prompts(path) -> list[str]:
+    """A prompts file: one prompt per non-empty line. An error names a missing or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts (one per line)")
+    return prompts
 
 
 def settings(args):
@@ -422,22 +400,8 @@ def settings(args):
     return {"random_weights": args.tiny, **{k: getattr(args, k) for k in keys}}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    prompts = [args.prompt]
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    mine = list(range(len(prompts)))[rank::world]
-    if not mine:
-        print(f"[rank {rank}] no prompts left for this rank ({len(prompts)} prompts, {world} ranks)")
-        return
-    for k in mine:  # fail on a bad --out before loading anything
-        output_paths(args, k, len(prompts))
-
+def sample_prompts(args, prompts, mine, rank, device):
+    """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents)."""
     dit, vae, tokenizer, encoder = load_models(args, device)
     # encode every prompt up front (one at a time, kept on the CPU), then free the text encoder
     embeddings = [text_encoder_lib.encode_prompts([prompts[k]], tokenizer, encoder) for k in mine]
@@ -461,6 +425,22 @@ def main(argv=None):
                       str(Path(args.save_latents) / f"{k:05d}.safetensors"),
                       metadata={"prompt": prompts[k], "seed": str(seed), "settings": json.dumps(settings(args))})
         print(f"[rank {rank}] wrote {video_path}", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    model_paths(args)  # a missing model file is refused before anything loads
+    rank, world, device = distributed.rank_and_device()  # the ranks never communicate: no process group
+    if args.device:
+        device = torch.device(args.device)
+    mine = list(range(len(prompts)))[rank::world]
+    for k in mine:  # fail on a bad --out before loading anything
+        output_paths(args, k, len(prompts))
+    if mine:
+        sample_prompts(args, prompts, mine, rank, device)
+    else:
+        print(f"[rank {rank}] no prompts left for this rank ({len(prompts)} prompts, {world} ranks)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ from diffusers.loaders import WanLoraLoaderMixin
 import lrm as lrm_lib
 import replay
 import train_refl
+import argparse
+import copy
+import distributed
+import lora
+import model_dit
+import vae as vae_lib
 from model_dit import DIT_CONFIGS, load_dit
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 import bench
@@ -1046,7 +1052,7 @@ def test_sample_merge_lora_adds_scaled_low_rank_delta(tmp_path):
                "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0),
                "diffusion_model.blocks.1.ffn.0.lora_down.weight": ffn_down,
                "diffusion_model.blocks.1.ffn.0.lora_up.weight": ffn_up}, str(tmp_path / "lora.safetensors"))
-    assert sample.merge_lora(dit, tmp_path / "lora.safetensors", scale=0.5) == 2
+    assert lora.merge_lora(dit, tmp_path / "lora.safetensors", scale=0.5) == 2
     after = dit.state_dict()
     torch.testing.assert_close(after["blocks.0.self_attn.q.weight"],
                                before["blocks.0.self_attn.q.weight"] + 0.5 * 2.0 / 4 * q_up @ q_down)
@@ -1058,10 +1064,10 @@ def test_sample_merge_lora_adds_scaled_low_rank_delta(tmp_path):
     save_file({"diffusion_model.blocks.7.self_attn.q.lora_A.weight": q_down,
                "diffusion_model.blocks.7.self_attn.q.lora_B.weight": q_up}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="blocks.7.self_attn.q"):
-        sample.merge_lora(dit, tmp_path / "bad.safetensors")
+        lora.merge_lora(dit, tmp_path / "bad.safetensors")
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": q_down}, str(tmp_path / "half.safetensors"))
     with pytest.raises(ValueError, match="needs both"):
-        sample.merge_lora(dit, tmp_path / "half.safetensors")
+        lora.merge_lora(dit, tmp_path / "half.safetensors")
 
 
 def test_sample_checkpoint_paths_for_both_layouts(tmp_path):
@@ -1649,12 +1655,12 @@ def test_data_ensemble_beats_single_member_and_dollar(tmp_path):
 
 
 def test_data_resume_equals_uninterrupted(tmp_path):
-    common = ["--synthetic", "32", "--epochs", "2", "--members", "2", "--ckpt-every", "3"]
+    common = ["--synthetic", "32", "--epochs", "2", "--members", "2", "--save-every", "3"]
     train_lrm.main(_data_train_argv(tmp_path / "full", *common))
-    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--max-steps", "5"))  # killed mid epoch 0
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--stop-after", "5"))  # killed mid epoch 0
     assert not (tmp_path / "cut" / "lrm.safetensors").exists()
-    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 5
-    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume"))
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 3  # steps 4 and 5 are lost
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume", str(tmp_path / "cut" / "ckpt.pt")))
     full, resumed = load_file(tmp_path / "full" / "lrm.safetensors"), load_file(tmp_path / "cut" / "lrm.safetensors")
     assert full.keys() == resumed.keys()
     for k in full:
@@ -1897,7 +1903,7 @@ def test_refl_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
     flags = ["--steps", "4", "--save-every", "2", "--align-every", "1", "--align-steps", "1", "--buffer-size", "3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_refl.main(_refl_flags(refl_cache, full, *flags))
-    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--kill-after", "3"))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "3"))
     killed = torch.load(cut / "ckpt.pt", weights_only=True)
     assert killed["step"] == 2 and len(killed["buffer"]["data"]["z"]) == 3  # step 3 was lost with the kill
     assert not (cut / "lora.safetensors").exists() and not (cut / "summary.json").exists()
@@ -1983,7 +1989,7 @@ def test_refl_lora_export_reloads_in_ours_and_diffusers(refl_cache, tmp_path):
     base = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].eval()
     with torch.no_grad():
         plain = base(x, t, context)
-        assert sample.merge_lora(base, path) == len(state) // 3 == 20  # 2 blocks x 10 targets
+        assert lora.merge_lora(base, path) == len(state) // 3 == 20  # 2 blocks x 10 targets
         merged, trained = base(x, t, context), model(x, t, context)
     assert (merged - trained).abs().max() < 1e-5
     assert (merged - plain).abs().max() > 1e-2  # the LoRA really changes the velocity
@@ -2002,7 +2008,7 @@ def test_refl_lora_export_reloads_in_ours_and_diffusers(refl_cache, tmp_path):
             layer.weight += converted[key.replace("lora_A", "lora_B")] @ converted[key]
         want = ref(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
         assert (ours(x, t, context) - want_plain).abs().max() <= 1e-5 * want_plain.abs().max()  # same base
-        sample.merge_lora(ours, path)
+        lora.merge_lora(ours, path)
         got = ours(x, t, context)
     assert (want - want_plain).abs().max() > 1e-2 * want.abs().max()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
@@ -2220,3 +2226,109 @@ def test_bench_main_merges_sections_into_the_json(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- one owner per concept: lora.py, distributed.py, sizes, precision, checkpoint folders
+
+def test_component_files_import_with_torch_safetensors_numpy_only():
+    """A file copied into another repo must import there: block every other third-party package."""
+    blocked = ["imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "matplotlib", "scipy"]
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) +
+            "import model_dit, vae, lrm, lora, replay, rewards, distributed\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_vae_latent_shape_and_size_rule():
+    assert vae_lib.latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert vae_lib.latent_shape(1, 32, 48) == (16, 1, 4, 6)
+    assert vae_lib.parse_size("832x480") == (832, 480)
+    for bad, msg in (("0x0", "positive multiples of 16"), ("40x32", "got 40x32"), ("832", "WIDTHxHEIGHT"), ("ax4", "WIDTHxHEIGHT")):
+        with pytest.raises(ValueError, match=msg):
+            vae_lib.parse_size(bad)
+    with pytest.raises(ValueError, match="frames must be 4k\\+1, got 80"):
+        vae_lib.latent_shape(80, 480, 832)
+    with pytest.raises(ValueError, match="frames must be 4k\\+1, got 0"):
+        vae_lib.check_size(0, 32, 32)
+
+
+def test_model_paths_one_rule_for_every_script(tmp_path):
+    """prepare_data used to call a folder with only vae/ Diffusers, sample only one with transformer/."""
+    only_vae = tmp_path / "diffusers_vae_only"
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        (only_vae / sub).mkdir(parents=True)
+    args = argparse.Namespace(ckpt_dir=str(only_vae), dit=None, vae=None, text_encoder=None, tokenizer=None)
+    assert sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer")) == {
+        "vae": only_vae / "vae", "text_encoder": only_vae / "text_encoder", "tokenizer": only_vae / "tokenizer"}
+    with pytest.raises(FileNotFoundError, match="dit="):  # the DiT is missing for a script that needs it
+        sample.model_paths(args)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sample.model_paths(argparse.Namespace(ckpt_dir=str(tmp_path / "nowhere")))
+    assert sample.model_paths(argparse.Namespace(ckpt_dir=None)) == {}  # the offline default
+    with pytest.raises(SystemExit):  # prepare_data refuses before reading any video
+        prepare_data.parse_args(["--videos", str(tmp_path), "--ckpt-dir", str(tmp_path / "nowhere")])
+
+
+def test_cast_dit_keeps_the_fp32_islands():
+    dit = model_dit.cast_dit(WanDiT(DIT_CONFIGS["tiny"]), torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in dit.named_parameters()}
+    assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16 and dtypes["patch_embedding.weight"] == torch.bfloat16
+    for name in ("time_embedding.0.weight", "blocks.0.modulation", "blocks.0.norm3.weight", "head.head.weight"):
+        assert dtypes[name] == torch.float32, name
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {n for n in dtypes if model_dit.keeps_fp32(n)}
+    assert sample.dtypes(torch.device("cpu")) == {"dit": torch.float32, "text_encoder": torch.bfloat16,
+                                                  "vae": torch.float32, "amp": None}
+
+
+def test_lora_save_read_merge_round_trip_and_refuses_nan(tmp_path):
+    torch.manual_seed(0)
+    dit = WanDiT(DIT_CONFIGS["tiny"])
+    base = copy.deepcopy(dit)
+    names = lora.add_lora(dit, rank=4, alpha=8.0, targets="self_attn.q,ffn.0", generator=torch.Generator().manual_seed(1))
+    assert names == ["blocks.0.self_attn.q", "blocks.0.ffn.0", "blocks.1.self_attn.q", "blocks.1.ffn.0"]
+    assert [n for n, p in dit.named_parameters() if p.requires_grad] == [f"{n}.lora_{ab}.weight" for n in names for ab in "AB"]
+    for m in dit.modules():
+        if isinstance(m, lora.LoRALinear):
+            torch.nn.init.normal_(m.lora_B.weight)
+    cfg = DIT_CONFIGS["tiny"]
+    x, t, ctx = torch.randn(1, 16, 1, 4, 4), torch.tensor([500]), torch.randn(1, cfg.text_len, cfg.text_dim)
+    with torch.no_grad():
+        with lora.lora_disabled(dit):
+            torch.testing.assert_close(dit(x, t, ctx), base(x, t, ctx), rtol=0, atol=0)  # adapters off = base
+        want = dit(x, t, ctx)
+    lora.save_lora(dit, tmp_path / "a.safetensors")
+    groups = lora.read_lora(tmp_path / "a.safetensors")
+    assert sorted(groups) == sorted(names) and groups[names[0]]["alpha"] == 8.0
+    assert lora.merge_lora(base, tmp_path / "a.safetensors") == 4
+    with torch.no_grad():
+        torch.testing.assert_close(base(x, t, ctx), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        dit.blocks[0].self_attn.q.lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lora.save_lora(dit, tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lora.read_lora(tmp_path / "missing.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        lora.read_lora(tmp_path / "cut.safetensors")
+
+
+def test_lora_init_follows_seed_alone():
+    """--seed must change the adapters (and only --seed: not whatever ran before)."""
+    def init(seed, noise_before):
+        torch.rand(noise_before)  # other code consuming the global RNG must not matter
+        dit = WanDiT(DIT_CONFIGS["tiny"])
+        lora.add_lora(dit, 4, 4.0, lora.WAN_TARGETS, generator=torch.Generator().manual_seed(seed))
+        return dit.blocks[0].self_attn.q.lora_A.weight.detach().clone()
+
+    assert torch.equal(init(5, 1), init(5, 7))
+    assert not torch.equal(init(5, 1), init(6, 1))
+
+
+def test_distributed_helpers_without_a_process_group():
+    x = torch.arange(3.0)
+    assert distributed.all_gather_cat(x) is x
+    assert distributed.max_rank_difference([x]) == 0.0
+    distributed.barrier()
+    distributed.cleanup()

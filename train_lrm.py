@@ -20,8 +20,8 @@ baseline instead (same loss, same data).
 Multi-GPU: plain DDP, each rank its own slice of every batch order, gradients all-reduced; at
 the end the ranks' weights are compared (they must be identical). bf16 autocast on GPU.
 `ckpt.pt` (model, optimiser, step, RNG; the data order is a function of seed and epoch) is
-written atomically every `--ckpt-every` steps and at every epoch end; `--resume` continues from
-it. `--max-steps` stops after that many steps (checkpointed), as a planned interruption.
+written atomically every `--save-every` steps and at every epoch end; `--resume OUT/ckpt.pt`
+continues from it. `--stop-after STEP` exits after that step as a crash would (for testing resume).
 The result is `lrm.safetensors` (`lrm.save_lrm`, config in the metadata).
 
     python train_lrm.py                                      # tiny synthetic run, CPU, ~1 min
@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lrm
 import rewards
+import distributed
 import sample
 import text_encoder
 import toy
@@ -200,17 +201,6 @@ def load_checkpoint(path, model, optimizer):
     return state["step"]
 
 
-def weights_in_sync(model):
-    """Largest difference between this rank's parameters and rank 0's (0.0 in sync)."""
-    diff = torch.zeros((), device=next(model.parameters()).device)
-    for p in model.parameters():
-        ref = p.detach().clone()
-        dist.broadcast(ref, 0)
-        diff = torch.maximum(diff, (p.detach() - ref).abs().max().float())
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 
@@ -219,24 +209,26 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Huber pretraining of the ensemble latent reward model")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="folder of prepare_data.py shards (index.json); default: --synthetic")
-    g.add_argument("--synthetic", type=int, default=128, help="samples of the in-process synthetic set")
-    g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples")
+    g.add_argument("--synthetic", type=int, default=128, help="samples of the in-process synthetic set (default 128)")
+    g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples (default 0.2)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble")
-    g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny")
-    g.add_argument("--members", type=int, default=10, help="ensemble size (the Dollar baseline has 1)")
+    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble", help="default ensemble")
+    g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny",
+                   help="LRM size: default for real latents (text width 4096), tiny for the toy world (default tiny)")
+    g.add_argument("--members", type=int, default=10, help="ensemble size; the Dollar baseline has 1 (default 10)")
     g = p.add_argument_group("training (paper App. C.1)")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=4, help="per rank")
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--huber-delta", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=int, default=3, help="default 3")
+    g.add_argument("--batch-size", type=int, default=4, help="per rank and member (default 4)")
+    g.add_argument("--lr", type=float, default=2e-5, help="default 2e-5")
+    g.add_argument("--huber-delta", type=float, default=1.0, help="default 1.0")
+    g.add_argument("--seed", type=int, default=0, help="default 0")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/lrm")
-    g.add_argument("--ckpt-every", type=int, default=100, help="steps (also at every epoch end)")
-    g.add_argument("--max-steps", type=int, help="stop (checkpointed) after this many steps in all")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--out", default="runs/lrm", help="run folder (default runs/lrm)")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, also at every epoch end (default 100)")
+    g.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
+    g.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="exit right after this step as a crash would (no export), to test --resume")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
     args = p.parse_args(argv)
     if args.members < 1 or args.batch_size < 1 or args.epochs < 1:
         raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
@@ -259,7 +251,7 @@ def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = sample.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -273,16 +265,15 @@ def main(argv=None):
     members = 1 if args.model == "dollar" else args.members
     model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = load_checkpoint(out / "ckpt.pt", model, optimizer) if args.resume else 0
+    step = load_checkpoint(args.resume, model, optimizer) if args.resume else 0
     ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None)
+    amp_dtype, amp = sample.dtypes(device)["amp"], sample.autocast(device)
 
     per_epoch = len(train) // (args.batch_size * world)  # the last partial batch is dropped
     if per_epoch == 0:
         raise ValueError(f"{len(train)} training samples make no batch of {args.batch_size} x {world} ranks")
     total = args.epochs * per_epoch
-    stop = min(total, args.max_steps or total)
+    stop = min(total, args.stop_after or total)
     metrics, t0 = None, time.time()
     while step < stop:
         epoch, b = divmod(step, per_epoch)
@@ -303,11 +294,11 @@ def main(argv=None):
                 print(f"epoch {epoch}\n{table(metrics)}")
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
-        if rank == 0 and (step % args.ckpt_every == 0 or step % per_epoch == 0 or step == stop):
+        if rank == 0 and (args.save_every and step % args.save_every == 0 or step % per_epoch == 0):
             save_checkpoint(out / "ckpt.pt", model, optimizer, step)
 
     if world > 1:
-        diff = weights_in_sync(model)
+        diff = distributed.max_rank_difference(model.parameters())
         if rank == 0:
             print(f"weights across {world} ranks: max difference {diff}")
             (out / "sync.json").write_text(json.dumps({"world": world, "max_diff": diff}))
@@ -315,9 +306,7 @@ def main(argv=None):
             raise RuntimeError(f"ranks ended with different weights (max difference {diff})")
     if rank == 0 and step == total:
         lrm.save_lrm(model, out / "lrm.safetensors")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.cleanup()
     return metrics
 
 

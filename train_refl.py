@@ -1,7 +1,8 @@
 """VELR: truncated mid-step reward feedback learning (ReFL) of Wan 2.1 through an ensemble latent
 reward model, with a KL anchor, LoRA or full fine-tuning, and online LRM alignment.
 
-Follows the VELR paper, Algorithm 1 and App. C.2 (methods.md §1.4-1.6). Each step, on every rank
+Follows "VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models" (§4.3,
+Algorithm 1, App. C.2; the baselines of §5). Each step, on every rank
 with its own prompts and noise:
   1. roll out the sampler WITHOUT gradients from noise to a mid step drawn uniformly from
      [--mid-min, --mid-max] (paper: 15..25 of 50);
@@ -19,8 +20,8 @@ variance-weighted samples (lrm.lrm_update). Baselines on identical settings (--m
 step at a random step of the last K), dollar (the Dollar LRM in place of the ensemble).
 
 With no checkpoints it trains in the offline toy world (toy.py: a tiny Wan DiT pretrained by flow
-matching on procedural videos, the "color" pixel reward, a bootstrapped LRM) with the toy
-defaults of methods.md §5 and prints the evaluation true reward before and after training:
+matching on procedural videos, the toy pixel reward, a bootstrapped LRM) with the toy defaults
+(TOY_DEFAULTS: a small model needs a larger learning rate and a weaker KL) and prints the evaluation true reward before and after training:
 
     python train_refl.py                                       # offline toy world, CPU, ~3 min
     torchrun --standalone --nproc_per_node=1 train_refl.py     # the same under torchrun
@@ -30,7 +31,8 @@ defaults of methods.md §5 and prints the evaluation true reward before and afte
 
 Distributed: LoRA runs under DDP (the base weights frozen, the fp32 LoRA weights replicated);
 --full-finetune shards the DiT with FSDP2 (fully_shard per block, then the root) and keeps a
-frozen sharded copy as the KL reference. gloo on CPU, nccl on GPU; bf16 autocast on GPU. The
+frozen sharded copy as the KL reference. gloo on CPU, nccl on GPU (distributed.py); precision is
+sample.dtypes' policy (bf16 autocast on GPU, fp32 on CPU). The
 replay buffer is shared by all ranks and the LRM stays identical on every rank (see replay.py).
 Rank 0 prints one line per step and appends it to <out>/metrics.jsonl; <out>/args.json,
 <out>/summary.json (true_reward_before / _after), <out>/samples/*.mp4 from the evaluations on
@@ -51,18 +53,18 @@ import os
 import random
 import resource
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import imageio
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-import torch.nn as nn
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import distributed
+import lora
 import lrm as lrm_lib
 import replay
 import rewards
@@ -70,58 +72,87 @@ import sample
 import text_encoder
 import toy
 from model_dit import load_dit
+import vae as vae_lib
 from vae import load_vae
 
 MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
-LORA_TARGETS = "self_attn.q,self_attn.k,self_attn.v,self_attn.o,cross_attn.q,cross_attn.k,cross_attn.v,cross_attn.o,ffn.0,ffn.2"
-# Flags left at None take these: the paper's for real checkpoints, methods.md §5's for the toy world.
+# Flags left at None take these: the VELR paper's for real checkpoints (§4.3, App. C.2, C.3), the
+# toy world's for the offline default. The toy sampler is the one the toy generator was pretrained
+# and its LRM bootstrapped with (toy.ToyConfig), so ReFL cannot drift from it.
 REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid_max=25, window=10, beta=10.0,
                      lr=1e-5, align_every=10, align_steps=2, align_lr=1e-5, steps=1000, eval_every=100,
                      eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None)
-# Toy lr: 5e-4 rather than the prototype's 1e-3 (methods.md §5). Final eval true reward from 0.744,
-# seeds 0-3, 300 steps: lr 1e-3 +0.044/+0.051/+0.022/+0.039, 5e-4 +0.061/+0.046/+0.029/+0.048,
-# 2.5e-4 +0.042/+0.048/+0.032/+0.032; beta 0.01 and --align-every 10 were no better.
-TOY_DEFAULTS = dict(sample_steps=20, shift=5.0, solver="euler", mid_min=6, mid_max=10, window=4, beta=0.1,
-                    lr=5e-4, align_every=25, align_steps=4, align_lr=1e-4, steps=300, eval_every=100,
-                    eval_samples=48, guidance=1.0, size="32x32", frames=5, reward="toy:calibrated_color")
+# Toy lr: 5e-4 rather than 1e-3. Final eval true reward from 0.744, seeds 0-3, 300 steps: lr 1e-3
+# +0.044/+0.051/+0.022/+0.039, 5e-4 +0.061/+0.046/+0.029/+0.048, 2.5e-4 +0.042/+0.048/+0.032/+0.032;
+# beta 0.01 and --align-every 10 were no better.
+TOY_DEFAULTS = dict(sample_steps=toy.ToyConfig.sample_steps, shift=toy.ToyConfig.shift, solver="euler",
+                    mid_min=6, mid_max=10, window=4, beta=0.1, lr=5e-4, align_every=25, align_steps=4, align_lr=1e-4,
+                    steps=300, eval_every=100, eval_samples=48, guidance=1.0,
+                    size=f"{toy.ToyConfig.size}x{toy.ToyConfig.size}", frames=toy.ToyConfig.frames,
+                    reward="toy:calibrated_color")
 
 
 # ----------------------------------------------------------------------------- arguments
 
+def _default(key: str, text: str) -> str:
+    """Help text with both defaults: the real-checkpoint one and the toy world's."""
+    real, toy_value = REAL_DEFAULTS[key], TOY_DEFAULTS[key]
+    if real == toy_value:
+        return f"{text} (default {real})"
+    return f"{text} (default {real}; toy world {toy_value})" if real is not None else f"{text} (toy world default {toy_value})"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     m = p.add_argument_group("models and data (none given: the offline toy world)")
     m.add_argument("--ckpt-dir", help="Wan2.1-T2V repo folder (original or Diffusers layout)")
-    m.add_argument("--dit"), m.add_argument("--vae"), m.add_argument("--text-encoder"), m.add_argument("--tokenizer")
+    m.add_argument("--dit", help="DiT file or folder (overrides --ckpt-dir)")
+    m.add_argument("--vae", help="VAE file or folder (overrides --ckpt-dir)")
+    m.add_argument("--text-encoder", help="UMT5 file or folder (overrides --ckpt-dir)")
+    m.add_argument("--tokenizer", help="tokenizer folder or file (overrides --ckpt-dir)")
     m.add_argument("--lrm", help="a pretrained LRM (train_lrm.py); the toy world bootstraps its own")
-    m.add_argument("--reward", help="pixel reward: a rewards.py built-in or module:attr")
-    m.add_argument("--prompts", help="text file, one prompt per line")
-    m.add_argument("--size", help="WxH"), m.add_argument("--frames", type=int)
-    m.add_argument("--cache-dir", help="toy world cache (default <repo>/.cache/toy)")
+    m.add_argument("--reward", help=_default("reward", "pixel reward: a rewards.py built-in or module:attr"))
+    m.add_argument("--prompts", help="text file, one prompt per line (toy world: its own captions)")
+    m.add_argument("--size", help=_default("size", "WxH, multiples of 16"))
+    m.add_argument("--frames", type=int, help=_default("frames", "4k+1"))
+    m.add_argument("--cache-dir", help="toy world cache (default <repo>/.cache/toy or $VELR_CACHE/toy)")
     r = p.add_argument_group("ReFL")
-    r.add_argument("--mode", default="velr", choices=MODES)
-    r.add_argument("--sample-steps", type=int), r.add_argument("--shift", type=float)
-    r.add_argument("--solver", choices=("unipc", "euler")), r.add_argument("--guidance", type=float)
-    r.add_argument("--mid-min", type=int), r.add_argument("--mid-max", type=int)
-    r.add_argument("--window", type=int, help="K gradient steps")
-    r.add_argument("--beta", type=float, help="KL weight")
-    r.add_argument("--agg", default="mean", choices=("mean", "min", "max", "lcb")), r.add_argument("--lcb-k", type=float, default=1.0)
-    r.add_argument("--lr", type=float), r.add_argument("--batch-size", type=int, default=4, help="per rank")
-    r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--mode", default="velr", choices=MODES, help="velr, or a baseline (default velr)")
+    r.add_argument("--sample-steps", type=int, help=_default("sample_steps", "sampler steps"))
+    r.add_argument("--shift", type=float, help=_default("shift", "timestep shift"))
+    r.add_argument("--solver", choices=("unipc", "euler"), help=_default("solver", "sampler"))
+    r.add_argument("--guidance", type=float, help=_default("guidance", "CFG scale, 1 = none"))
+    r.add_argument("--mid-min", type=int, help=_default("mid_min", "first step the window may start at"))
+    r.add_argument("--mid-max", type=int, help=_default("mid_max", "last step the window may start at"))
+    r.add_argument("--window", type=int, help=_default("window", "K, the steps with gradient"))
+    r.add_argument("--beta", type=float, help=_default("beta", "KL weight, 0 = no KL"))
+    r.add_argument("--agg", default="mean", choices=("mean", "min", "max", "lcb"), help="ensemble aggregation (default mean)")
+    r.add_argument("--lcb-k", type=float, default=1.0, help="lcb = mean - k std over members (default 1.0)")
+    r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
+    r.add_argument("--batch-size", type=int, default=4, help="prompts per rank and step (default 4)")
+    r.add_argument("--gradient-checkpointing", action="store_true", help="recompute each DiT block in backward")
     t = p.add_argument_group("trainable weights")
     t.add_argument("--full-finetune", action="store_true", help="train every DiT weight (FSDP2 under torchrun)")
-    t.add_argument("--lora-rank", type=int, default=16), t.add_argument("--lora-alpha", type=float, default=16.0)
-    t.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names inside each block")
+    t.add_argument("--lora-rank", type=int, default=16, help="default 16")
+    t.add_argument("--lora-alpha", type=float, default=16.0, help="default 16.0")
+    t.add_argument("--lora-targets", default=",".join(lora.WAN_TARGETS),
+                   help="comma-separated Linear names inside each block (default: all ten)")
     a = p.add_argument_group("online LRM alignment")
-    a.add_argument("--align-every", type=int, help="0: never"), a.add_argument("--align-steps", type=int)
-    a.add_argument("--align-lr", type=float), a.add_argument("--buffer-size", type=int, default=256)
+    a.add_argument("--align-every", type=int, help=_default("align_every", "ReFL steps between alignments, 0 = never"))
+    a.add_argument("--align-steps", type=int, help=_default("align_steps", "LRM updates per alignment"))
+    a.add_argument("--align-lr", type=float, help=_default("align_lr", "LRM learning rate"))
+    a.add_argument("--buffer-size", type=int, default=256, help="replay buffer entries (default 256)")
     o = p.add_argument_group("run")
-    o.add_argument("--steps", type=int), o.add_argument("--eval-every", type=int, help="0: only before and after")
-    o.add_argument("--eval-samples", type=int), o.add_argument("--save-every", type=int, default=100)
-    o.add_argument("--out", default="runs/refl"), o.add_argument("--resume", help="ckpt.pt to continue from")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--kill-after", type=int, help="testing: exit right after this step as a kill would (no final "
-                   "evaluation, checkpoint or export); continue with --resume")
+    o.add_argument("--steps", type=int, help=_default("steps", "ReFL steps"))
+    o.add_argument("--eval-every", type=int, help=_default("eval_every", "steps between evaluations, 0 = before and after only"))
+    o.add_argument("--eval-samples", type=int, help=_default("eval_samples", "fixed prompt/seed pairs evaluated"))
+    o.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, 0 = only at the end (default 100)")
+    o.add_argument("--out", default="runs/refl", help="run folder (default runs/refl)")
+    o.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
+    o.add_argument("--seed", type=int, default=0, help="default 0")
+    o.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="exit right after this step as a crash would (no final evaluation, checkpoint or export), "
+                        "to test --resume")
     args = p.parse_args(argv)
     args.toy = not (args.ckpt_dir or args.dit)
     for k, v in (TOY_DEFAULTS if args.toy else REAL_DEFAULTS).items():
@@ -132,7 +163,7 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size", "frames")
+    positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size")
     for k in positive:
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
@@ -143,125 +174,44 @@ def validate(args):
         raise ValueError(f"need 0 <= --mid-min <= --mid-max, got {args.mid_min}, {args.mid_max}")
     if args.mid_max + args.window >= args.sample_steps:
         raise ValueError(f"--mid-max + --window must stay below --sample-steps {args.sample_steps}, got {args.mid_max} + {args.window}")
-    if (args.frames - 1) % 4:
-        raise ValueError(f"frames must be 4k+1, got {args.frames}")
-    w, _, h = args.size.partition("x")
-    if not (w.isdigit() and h.isdigit() and int(w) % 16 == 0 and int(h) % 16 == 0):
-        raise ValueError(f"--size must be WxH with multiples of 16, got {args.size!r}")
+    args.width, args.height = vae_lib.parse_size(args.size)
+    vae_lib.check_size(args.frames, args.height, args.width)
     if not args.toy and (args.lrm is None and args.mode != "pixel" or args.reward is None):
         raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={args.reward!r}, lrm={args.lrm!r}")
 
 
 def latent_shape(args) -> tuple[int, int, int, int]:
-    w, h = (int(s) for s in args.size.split("x"))
-    return 16, (args.frames - 1) // 4 + 1, h // 8, w // 8
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / rank) B A x with A, B in fp32 (B starts at zero, so y starts at base(x))."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base, self.alpha, self.enabled = base, alpha, True
-        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Linear(base.in_features, rank, **kw)
-        self.lora_B = nn.Linear(rank, base.out_features, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * (self.alpha / self.lora_A.out_features)
-
-
-def add_lora(dit: nn.Module, rank: int, alpha: float, targets: str) -> list[str]:
-    """Wrap every block Linear whose name ends with one of `targets`; freeze everything else."""
-    dit.requires_grad_(False)
-    suffixes = tuple("." + s for s in targets.split(","))
-    names = [n for n, m in dit.named_modules() if n.startswith("blocks.") and n.endswith(suffixes) and isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError(f"--lora-targets {targets!r} match no Linear inside the DiT blocks")
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        module = dit.get_submodule(parent)
-        setattr(module, child, LoRALinear(getattr(module, child), rank, alpha))
-    return names
-
-
-@contextmanager
-def lora_disabled(dit: nn.Module):
-    """The initial model for the KL: the same forward with every adapter switched off."""
-    layers = [m for m in dit.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
-    try:
-        yield dit
-    finally:
-        for m in layers:
-            m.enabled = True
-
-
-def lora_state_dict(dit: nn.Module) -> dict:
-    """Community Wan LoRA format: diffusion_model.<original module>.lora_A/.lora_B.weight + .alpha."""
-    state = {}
-    for name, m in dit.named_modules():
-        if isinstance(m, LoRALinear):
-            key = f"diffusion_model.{name}"
-            state[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
-            state[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
-            state[f"{key}.alpha"] = torch.tensor(float(m.alpha))
-    return state
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def all_gather_cat(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Concatenate every rank's x (same shape on all ranks) in rank order."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def barrier(world: int):
-    if world > 1:
-        dist.barrier()
+    return vae_lib.latent_shape(args.frames, args.height, args.width)
 
 
 # ----------------------------------------------------------------------------- models and prompts
 
 def load_models(args, device, rank, world):
-    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts)."""
+    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts). Every file named on the
+    command line is checked before the first model loads (a 14B DiT takes minutes to load)."""
+    paths = sample.model_paths(args)
+    prompts = sample.read_prompts(args.prompts) if args.prompts else (toy.prompt_list() if args.toy else None)
+    if not prompts:
+        raise ValueError("real checkpoints need --prompts FILE (one prompt per line)")
+    if args.lrm and not Path(args.lrm).is_file():
+        raise FileNotFoundError(f"--lrm {args.lrm} does not exist")
+    if args.mode == "dollar" and args.lrm is None:
+        raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     if args.toy:
         if rank != 0:
-            barrier(world)  # rank 0 builds the cache first
+            distributed.barrier()  # rank 0 builds the cache first
         dit, vae, encoder, tokenizer, lrm = toy.load_world(cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
         if rank == 0:
-            barrier(world)
-        if args.mode == "dollar" and args.lrm is None:
-            raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
-        prompts = toy.prompt_list()
+            distributed.barrier()
     else:
-        paths = sample.model_paths(args)
-        # LoRA trains fp32 adapters on a frozen bf16 base (GPU); full fine-tuning keeps fp32 master weights
-        base_dtype = torch.bfloat16 if device.type == "cuda" and not args.full_finetune else torch.float32
-        dit = load_dit(paths["dit"], dtype=base_dtype)
-        vae = load_vae(paths["vae"], device=device)
-        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dt = sample.dtypes(device)
+        # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
+        dit = load_dit(paths["dit"], dtype=torch.float32 if args.full_finetune else dt["dit"])
+        vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
+        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer, lrm = text_encoder.load_tokenizer(paths["tokenizer"]), None
-        prompts = None
     if args.lrm:
         lrm = lrm_lib.load_lrm(args.lrm)
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"no prompts: give --prompts FILE (got {args.prompts!r})")
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
 
@@ -316,7 +266,7 @@ def velocity(model, x, t, context, neg_context, guidance):
 
 def reference_velocity(model, ref, x, t, context, neg_context, guidance):
     """v_ref of the initial model: `ref` (a frozen copy) or, under LoRA, `model` with adapters off."""
-    with torch.no_grad(), (nullcontext(ref) if ref is not None else lora_disabled(unwrap(model))) as m:
+    with torch.no_grad(), (nullcontext(ref) if ref is not None else lora.lora_disabled(unwrap(model))) as m:
         return velocity(m, x.detach(), t, context, neg_context, guidance)
 
 
@@ -361,11 +311,11 @@ def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_
     with torch.no_grad():
         true = reward_fn(vae.decode(out["z0"]), prompts).float()
     variance = out["members"].float().var(0, correction=0)
-    entries = [all_gather_cat(x, world) for x in (out["z0"], context, lengths, true, variance)]
+    entries = [distributed.all_gather_cat(x) for x in (out["z0"], context, lengths, true, variance)]
     buffer.insert(*entries)
     g = torch.Generator().manual_seed(args.seed * 7919 + step)  # same on every rank: same batches, same update
     lrm.requires_grad_(True)
-    amp = torch.bfloat16 if out["z0"].device.type == "cuda" else None
+    amp = sample.dtypes(out["z0"].device)["amp"]
     for _ in range(args.align_steps):
         b = buffer.sample(args.batch_size, generator=g)
         dev = out["z0"].device
@@ -403,7 +353,7 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
                              for j in chunk]).to(device)
         context, _ = text_batch(table, ps, device)
         neg = None if neg_context is None else neg_context[:1].expand(len(chunk), -1, -1)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), sample.autocast(device):
             z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=args.solver,
                                   uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=args.guidance)
             video = vae.decode(z)
@@ -424,13 +374,9 @@ def save_videos(video: torch.Tensor, folder: Path, step: int):
         imageio.mimwrite(folder / f"step{step:06d}_{i}.mp4", f.numpy(), fps=16)
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int, world: int):
+def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int):
     """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history; rank 0
     writes tmp + os.replace.
     get_state_dict gathers full state dicts under FSDP2 (a collective: every rank calls it)."""
@@ -446,7 +392,7 @@ def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, his
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
-    barrier(world)
+    distributed.barrier()
 
 
 def load_checkpoint(path, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
@@ -465,22 +411,14 @@ def load_checkpoint(path, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
-def max_rank_difference(model, lrm, buffer) -> float:
-    """Largest difference of the full trainable weights, the LRM and the replay buffer between this
-    rank and rank 0, maximised over ranks (0.0: in sync). A collective: every rank calls it."""
+def rank_difference(model, lrm, buffer) -> float:
+    """Largest difference of the full trainable weights, the LRM and the replay buffer between the
+    ranks (0.0: in sync). A collective: every rank calls it."""
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # gathered on every rank
     tensors = list(get_model_state_dict(model, options=options).values())
     tensors += list(lrm.parameters()) if lrm is not None else []
     tensors += list(buffer.data.values()) if buffer.data is not None else []
-    diff = torch.zeros(())
-    for x in tensors:
-        x = x.detach()
-        ref = x.clone()
-        dist.broadcast(ref, 0)
-        diff = torch.maximum(diff, (x - ref).abs().max().float().cpu())
-    diff = diff.to(tensors[0].device)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
+    return distributed.max_rank_difference(tensors)
 
 
 # ----------------------------------------------------------------------------- training
@@ -498,7 +436,8 @@ def wrap(dit, args, device, world):
                     fully_shard(block)
                 fully_shard(m)
         return dit, ref
-    add_lora(dit, args.lora_rank, args.lora_alpha, args.lora_targets)
+    # seeded by --seed alone: every rank starts from the same adapters, and --seed changes them
+    lora.add_lora(dit, args.lora_rank, args.lora_alpha, args.lora_targets, generator=torch.Generator().manual_seed(args.seed))
     dit.to(device)
     if world > 1:
         return DDP(dit, device_ids=[device.index] if device.type == "cuda" else None), None
@@ -511,9 +450,31 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def finish(metrics):
+    if metrics:
+        metrics.close()
+    distributed.cleanup()
+
+
+def open_metrics(path: Path, start: int):
+    """metrics.jsonl for appending: emptied for a new run; on resume the lines of the steps after the
+    checkpoint (which are redone) are dropped."""
+    lines = path.read_text().splitlines(keepends=True) if start and path.exists() else []
+    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= start))
+    return open(path, "a")
+
+
+def format_line(r: dict) -> str:
+    true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
+    err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
+    return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
+            f"kl {r['kl']:.2e} | r_true {true} | lrm_err {err} | lr {r['lr']:.1e} | {r['sec']:.2f} s | "
+            f"mem {r['peak_mem_mb']:.0f} MB")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = sample.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out_dir = Path(args.out)
@@ -522,12 +483,12 @@ def main(argv=None):
         (out_dir / "args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
     log = print if rank == 0 else (lambda *a, **k: None)
 
+    reward_fn = rewards.load_reward(args.reward)
     dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
     pairs = eval_pairs(args, prompts)
     table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device)
     del encoder  # prompts are embedded once; the encoder is not needed again
     neg = text_batch(table, [sample.WAN_NEGATIVE_PROMPT] * args.batch_size, device)[0] if args.guidance != 1.0 else None
-    reward_fn = rewards.load_reward(args.reward)
     dit = dit.to(device)
     dit.gradient_checkpointing = args.gradient_checkpointing
     model, ref = wrap(dit, args, device, world)
@@ -553,7 +514,7 @@ def main(argv=None):
         t0 = time.time()
         batch = step_batch(args, step, rank, prompts)
         context, lengths = text_batch(table, batch["prompts"], device)
-        with autocast(device):
+        with sample.autocast(device):
             out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -566,61 +527,36 @@ def main(argv=None):
             rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step)
             history.append({"step": step, "true_reward": rec["eval_true_reward"]})
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, world)
+            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank)
         rec.update(sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         log(format_line(rec))
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-        if step == args.kill_after:
-            log(f"--kill-after {step}: exiting without the final evaluation, checkpoint and export")
-            finish(metrics, world)
+        if step == args.stop_after:
+            log(f"--stop-after {step}: exiting without the final evaluation, checkpoint and export")
+            finish(metrics)
             return model, lrm, buffer
     seconds = time.time() - t_run
     after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps)
     history.append({"step": args.steps, "true_reward": after})
-    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, world)
-    if world > 1:  # every rank must end with the same weights, LRM and buffer (methods.md §4, item 2)
-        diff = max_rank_difference(model, lrm, buffer)
+    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank)
+    if world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
+        diff = rank_difference(model, lrm, buffer)
         if rank == 0:
             (out_dir / "sync.json").write_text(json.dumps({"world": world, "max_diff": diff}))
         log(f"largest weight / LRM / buffer difference between ranks: {diff:.3g}")
     if rank == 0:
         if not args.full_finetune:
-            save_file(lora_state_dict(unwrap(model)), str(out_dir / "lora.safetensors"), metadata={"format": "wan-lora"})
+            lora.save_lora(unwrap(model), out_dir / "lora.safetensors")
         steps_run = max(args.steps - start, 1)
         summary = {"true_reward_before": before, "true_reward_after": after, "eval_history": history,
                    "steps": args.steps, "train_seconds": seconds, "sec_per_step": seconds / steps_run,
                    "peak_mem_mb": peak_memory_mb(device), "world_size": world, "mode": args.mode}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"true reward (eval, {len(pairs)} fixed prompt/seed pairs): before {before:.4f} -> after {after:.4f}")
-    finish(metrics, world)
+    finish(metrics)
     return model, lrm, buffer
-
-
-def finish(metrics, world):
-    if metrics:
-        metrics.close()
-    if dist.is_initialized():  # torchrun, even with one process
-        if world > 1:
-            dist.barrier()  # no rank tears gloo down while another still talks to it
-        dist.destroy_process_group()
-
-
-def open_metrics(path: Path, start: int):
-    """metrics.jsonl for appending: emptied for a new run; on resume the lines of the steps after the
-    checkpoint (which are redone) are dropped."""
-    lines = path.read_text().splitlines(keepends=True) if start and path.exists() else []
-    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= start))
-    return open(path, "a")
-
-
-def format_line(r: dict) -> str:
-    true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
-    err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
-    return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
-            f"kl {r['kl']:.2e} | r_true {true} | lrm_err {err} | lr {r['lr']:.1e} | {r['sec']:.2f} s | "
-            f"mem {r['peak_mem_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -304,6 +304,38 @@ def check_video(video):
         raise ValueError(f"height and width must be multiples of 8, got {h}x{w}")
 
 
+# Video sizes a Wan 2.1 text-to-video pipeline accepts: the VAE compresses time 4x (the first
+# frame alone) and space 8x, and the DiT cuts the latent into 2x2 patches, so frames = 4k+1 and
+# height, width are multiples of 16. The VAE alone would take multiples of 8 (check_video), but
+# latents of such a size cannot be generated, so every script uses this stricter rule.
+SIZE_MULTIPLE = 16
+
+
+def check_size(frames: int, height: int, width: int):
+    """Raise a ValueError naming the value if (frames, height, width) is not a Wan video size."""
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"frames must be 4k+1, got {frames}")
+    if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise ValueError(f"width and height must be positive multiples of {SIZE_MULTIPLE} "
+                         f"(VAE 8x, DiT 2x2 patches), got {width}x{height}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"832x480" -> (832, 480), checked by check_size."""
+    w, _, h = str(text).lower().partition("x")
+    if not (w.strip().isdigit() and h.strip().isdigit()):
+        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 832x480, got {text!r}")
+    width, height = int(w), int(h)
+    check_size(1, height, width)
+    return width, height
+
+
+def latent_shape(frames: int, height: int, width: int, z_dim: int = 16) -> tuple[int, int, int, int]:
+    """The latent (C, T', H', W') of a video of `frames` x height x width: (16, 1 + (T-1)/4, H/8, W/8)."""
+    check_size(frames, height, width)
+    return z_dim, 1 + (frames - 1) // 4, height // 8, width // 8
+
+
 class WanVAE(nn.Module):
     """encode: video (B, 3, T, H, W) -> latent (B, 16, 1 + (T-1)/4, H/8, W/8); decode: back."""
 

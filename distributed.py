@@ -1,0 +1,73 @@
+"""torchrun plumbing shared by the training and data scripts: process group set-up and teardown,
+a barrier, an all-gather, and the check that every rank ended with the same weights.
+
+Under torchrun (RANK in the environment) the process group is nccl on GPU and gloo on CPU, and
+each process uses the GPU of its LOCAL_RANK; a plain `python script.py` is rank 0 of 1 with no
+group, and every helper here is then a no-op. Imports only torch and the standard library.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_device() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment, creating no process group: for
+    jobs whose ranks never talk to each other (sampling). (0, 1, first GPU or CPU) without torchrun."""
+    cuda = torch.cuda.is_available()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: init the process group (nccl on GPU, gloo on
+    CPU) and make this process's GPU current; otherwise (0, 1, the first GPU or the CPU), no group."""
+    rank, world, device = rank_and_device()
+    if "RANK" not in os.environ:
+        return rank, world, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup():
+    """End the process group (torchrun, even with one process). The barrier first: no rank tears
+    gloo down while another still talks to it."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x (the same shape on all ranks) concatenated along dim 0 in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def max_rank_difference(tensors) -> float:
+    """The largest absolute difference between this rank's tensors and rank 0's, maximised over
+    ranks: 0.0 means every rank holds the same values. A collective: every rank calls it with
+    tensors of the same shapes in the same order. 0.0 without a process group."""
+    tensors = [t.detach() for t in tensors]
+    if not dist.is_initialized() or not tensors:
+        return 0.0
+    device = tensors[0].device
+    diff = torch.zeros((), device=device)
+    for x in tensors:
+        ref = x.clone()
+        dist.broadcast(ref, 0)
+        diff = torch.maximum(diff, (x - ref).abs().max().float().to(device))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()

@@ -354,4 +354,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        raise SystemExit(f"prepare_data.py: error: {e}") from None

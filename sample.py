@@ -444,4 +444,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        raise SystemExit(f"sample.py: error: {e}") from None

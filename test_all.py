@@ -1907,6 +1907,16 @@ def test_refl_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
     killed = torch.load(cut / "ckpt.pt", weights_only=True)
     assert killed["step"] == 2 and len(killed["buffer"]["data"]["z"]) == 3  # step 3 was lost with the kill
     assert not (cut / "lora.safetensors").exists() and not (cut / "summary.json").exists()
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.1')  # the kill tore the last line
+    before = {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="already holds a run"):  # no --resume: the run is not replaced
+        train_refl.main(_refl_flags(refl_cache, cut, *flags))
+    with pytest.raises(ValueError, match="--lora-rank 16 -> 8"):
+        train_refl.main(_refl_flags(refl_cache, cut, *flags, "--lora-rank", "8", "--resume", str(cut / "ckpt.pt")))
+    with pytest.raises(ValueError, match="past --steps 1"):
+        train_refl.main(_refl_flags(refl_cache, cut, *flags, "--steps", "1", "--resume", str(cut / "ckpt.pt")))
+    assert before == {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()}  # refusals touch nothing
     train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
 
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
@@ -2332,3 +2342,21 @@ def test_distributed_helpers_without_a_process_group():
     assert distributed.max_rank_difference([x]) == 0.0
     distributed.barrier()
     distributed.cleanup()
+
+
+def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
+    for flags, msg in ((["--frames", "1"], "still image"), (["--size", "0x0"], "positive multiples of 16"),
+                       (["--guidance", "nan"], "--guidance must be a finite number"), (["--shift", "0"], "--shift must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            train_refl.parse_args(flags)
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="ckpt.pt: not a readable train_refl checkpoint"):
+        train_refl.read_checkpoint(tmp_path / "ckpt.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a train_refl checkpoint"):
+        train_refl.read_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_refl.read_checkpoint(tmp_path / "missing.pt")
+    proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
+                          cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"

@@ -311,4 +311,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        raise SystemExit(f"train_lrm.py: error: {e}") from None

@@ -149,6 +149,7 @@ def parse_args(argv=None):
     o.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, 0 = only at the end (default 100)")
     o.add_argument("--out", default="runs/refl", help="run folder (default runs/refl)")
     o.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
+    o.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out, replacing it")
     o.add_argument("--seed", type=int, default=0, help="default 0")
     o.add_argument("--stop-after", type=int, metavar="STEP",
                    help="exit right after this step as a crash would (no final evaluation, checkpoint or export), "
@@ -176,6 +177,13 @@ def validate(args):
         raise ValueError(f"--mid-max + --window must stay below --sample-steps {args.sample_steps}, got {args.mid_max} + {args.window}")
     args.width, args.height = vae_lib.parse_size(args.size)
     vae_lib.check_size(args.frames, args.height, args.width)
+    if args.frames < 5:
+        raise ValueError(f"--frames {args.frames} is a still image, not a video: video ReFL needs at least 5 frames")
+    for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
+        if not math.isfinite(getattr(args, k)):
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
+    if args.shift <= 0:
+        raise ValueError(f"--shift must be > 0, got {args.shift}")
     if not args.toy and (args.lrm is None and args.mode != "pixel" or args.reward is None):
         raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={args.reward!r}, lrm={args.lrm!r}")
 
@@ -376,7 +384,7 @@ def save_videos(video: torch.Tensor, folder: Path, step: int):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int):
+def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int, args):
     """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history; rank 0
     writes tmp + os.replace.
     get_state_dict gathers full state dicts under FSDP2 (a collective: every rank calls it)."""
@@ -389,15 +397,63 @@ def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, his
         state = {"step": step, "model": model_state, "optimizer": opt_state, "lrm": lrm.state_dict() if lrm else None,
                  "lrm_optimizer": lrm_opt.state_dict() if lrm_opt else None, "buffer": buffer.state_dict(), "rng": rng,
                  "history": history}
-        tmp = path.with_suffix(".tmp")
+        bad = nonfinite_tensors({**model_state, **(state["lrm"] or {})})
+        if bad:  # never overwrite a good checkpoint with a poisoned one
+            raise RuntimeError(f"step {step}: refusing to write {path}: {len(bad)} weight tensors hold NaN or inf "
+                               f"(first: {bad[0]})")
+        state["run"] = run_settings(args)
+        tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     distributed.barrier()
 
 
-def load_checkpoint(path, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
-    """Restore what save_checkpoint saved -> (step, evaluation history)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+# The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
+RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
+            "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size")
+
+
+def run_settings(args) -> dict:
+    return {k: getattr(args, k) for k in RUN_KEYS}
+
+
+def check_resume(state: dict, args, path):
+    """Refuse a checkpoint made under other run-defining flags, or one past --steps."""
+    saved = state.get("run") or {}
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in RUN_KEYS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings: {', '.join(changed)}; "
+                         f"resume with the same flags, or start a new run in another --out")
+    if state["step"] > args.steps:
+        raise ValueError(f"{path} is at step {state['step']}, past --steps {args.steps}; give --steps >= {state['step']}")
+
+
+def read_checkpoint(path) -> dict:
+    """ckpt.pt -> its state, or an error that names the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises several types for truncated and foreign files
+        raise ValueError(f"--resume {path}: not a readable train_refl checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not {"step", "model", "optimizer", "buffer", "rng", "history"} <= state.keys():
+        raise ValueError(f"--resume {path}: not a train_refl checkpoint (expected the keys step, model, optimizer, "
+                         f"buffer, rng, history)")
+    return state
+
+
+def load_checkpoint(state, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
+    """Restore what save_checkpoint saved (read_checkpoint's state) -> (step, evaluation history)."""
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     if lrm is not None:
@@ -458,10 +514,35 @@ def finish(metrics):
 
 def open_metrics(path: Path, start: int):
     """metrics.jsonl for appending: emptied for a new run; on resume the lines of the steps after the
-    checkpoint (which are redone) are dropped."""
-    lines = path.read_text().splitlines(keepends=True) if start and path.exists() else []
-    path.write_text("".join(line for line in lines if json.loads(line)["step"] <= start))
+    checkpoint (which are redone) are dropped, and so is a line a kill tore in half."""
+    kept = []
+    for line in path.read_text().splitlines() if start and path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{path}: dropped a torn line ({len(line)} characters)")
+            continue
+        if record["step"] <= start:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
     return open(path, "a")
+
+
+def write_atomic(path: Path, text: str):
+    """Write a text file through a temporary file, fsync and os.replace: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_out_dir(out_dir: Path, args):
+    """A run never silently replaces another: a non-empty --out needs --resume or --overwrite."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {out_dir} already holds a run; continue it with --resume {out_dir / 'ckpt.pt'}, "
+                         f"replace it with --overwrite, or choose another --out")
 
 
 def format_line(r: dict) -> str:
@@ -478,9 +559,15 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     out_dir = Path(args.out)
+    check_out_dir(out_dir, args)
+    resume_state = None
+    if args.resume:
+        resume_state = read_checkpoint(args.resume)
+        check_resume(resume_state, args, args.resume)
+    distributed.barrier()  # every rank has checked before rank 0 writes
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps({**vars(args), "world_size": world}, indent=2))
+        write_atomic(out_dir / "args.json", json.dumps({**vars(args), "world_size": world}, indent=2))
     log = print if rank == 0 else (lambda *a, **k: None)
 
     reward_fn = rewards.load_reward(args.reward)
@@ -501,7 +588,7 @@ def main(argv=None):
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
     ckpt_path = out_dir / "ckpt.pt"
     if args.resume:
-        start, history = load_checkpoint(args.resume, model, opt, lrm, lrm_opt, buffer)
+        start, history = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)
         log(f"resumed {args.resume} at step {start}")
     else:
         start, history = 0, [{"step": 0, "true_reward": evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas,
@@ -527,7 +614,7 @@ def main(argv=None):
             rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step)
             history.append({"step": step, "true_reward": rec["eval_true_reward"]})
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank)
+            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, args)
         rec.update(sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         log(format_line(rec))
         if metrics:
@@ -540,7 +627,7 @@ def main(argv=None):
     seconds = time.time() - t_run
     after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps)
     history.append({"step": args.steps, "true_reward": after})
-    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank)
+    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, args)
     if world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
         diff = rank_difference(model, lrm, buffer)
         if rank == 0:
@@ -553,11 +640,14 @@ def main(argv=None):
         summary = {"true_reward_before": before, "true_reward_after": after, "eval_history": history,
                    "steps": args.steps, "train_seconds": seconds, "sec_per_step": seconds / steps_run,
                    "peak_mem_mb": peak_memory_mb(device), "world_size": world, "mode": args.mode}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"true reward (eval, {len(pairs)} fixed prompt/seed pairs): before {before:.4f} -> after {after:.4f}")
     finish(metrics)
     return model, lrm, buffer
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+        raise SystemExit(f"train_refl.py: error: {e}") from None

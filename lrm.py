@@ -41,12 +41,13 @@ VELR/T and VELR/C ablation variants, a backbone (DiT-based) reward model.
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 @dataclass
@@ -456,20 +457,53 @@ def save_lrm(model: nn.Module, path):
     save_file(state, str(path), metadata=metadata)
 
 
-def load_lrm(path, device="cpu") -> nn.Module:
-    """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:
+    """The one reader of this file: a save_lrm .safetensors -> (kind, member count, config from the
+    metadata, name -> tensor on device). The metadata is checked before any tensor is read. Every way
+    the file can be missing, empty, truncated or of the wrong kind ends here in an error that names it."""
+    expected = "expected an LRM .safetensors written by save_lrm"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {expected}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); {expected}")
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            kind, n, cfg = _config_of(path, f.metadata() or {})
+            return kind, n, cfg, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}; {expected}") from err
+
+
+def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
+    """Model kind, member count and config from a save_lrm file's metadata."""
     if meta.get("kind") not in MODEL_KINDS:
         raise ValueError(
             f"{path} is not an LRM file written by save_lrm: "
             f"kind {meta.get('kind')!r}, expected one of {list(MODEL_KINDS)}"
         )
-    kind, n = meta["kind"], int(meta["n_members"])
-    cfg = LRMConfig(**json.loads(meta["config"]))
+    try:
+        n = int(meta["n_members"])
+        if n < 1:
+            raise ValueError(f"{n} < 1")
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: metadata 'n_members' is {meta.get('n_members')!r}, expected a positive "
+                         f"integer (written by save_lrm)") from err
+    try:
+        cfg = LRMConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:  # absent, not JSON, unknown fields, invalid values
+        raise ValueError(f"{path}: metadata 'config' is not an LRMConfig as save_lrm writes it: "
+                         f"{type(err).__name__}: {err}") from err
+    return meta["kind"], n, cfg
+
+
+def load_lrm(path, device="cpu") -> nn.Module:
+    """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
+    path = Path(path)
+    kind, n, cfg, state = _read(path, device)
     with torch.device("meta"):
         model = MODEL_KINDS[kind](cfg, n_members=n)
-    state = load_file(str(path), device=str(device))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -206,7 +206,7 @@ def test_dit_load_errors_name_the_problem(tmp_path):
     for name in ("dit.safetensors", "dit.pth"):
         data = (tmp_path / name).read_bytes()
         (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
-        with pytest.raises(ValueError, match=f"could not read checkpoint file .*cut_{name} \\(truncated"):
+        with pytest.raises(ValueError, match=f"cut_{name}: not a readable .* \\(truncated"):
             load_dit(tmp_path / f"cut_{name}", config="tiny")
 
     bad = dict(sd, **{"blocks.1.self_attn.q.weight": torch.zeros(64, 32)})
@@ -218,6 +218,7 @@ def test_dit_load_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="expected one .*found \\[\\]"):
         load_dit(tmp_path / "empty")
+    (tmp_path / "dit.bin").write_bytes(b"weights")
     with pytest.raises(ValueError, match="unknown checkpoint type .*dit.bin"):
         load_dit(tmp_path / "dit.bin")
 
@@ -2216,6 +2217,119 @@ def test_bench_main_merges_sections_into_the_json(tmp_path, monkeypatch):
     bench.main(["dit", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["earlier"] == {"kept": 1} and data["dit"]["ratio_time"] == 0.5
+
+
+# ---- loader errors and non-finite values (issue 13)
+
+def _i13_bad_files(root: Path) -> dict:
+    """Damaged checkpoint files next to each other: name -> path."""
+    root.mkdir(parents=True, exist_ok=True)
+    sd = {"w": torch.arange(64.0).reshape(8, 8), "b": torch.ones(8)}
+    save_file(sd, root / "good.safetensors")
+    torch.save(sd, root / "good.pth")
+    files = {}
+    for name in ("good.safetensors", "good.pth"):
+        data = (root / name).read_bytes()
+        files[f"cut_{name}"] = root / f"cut_{name}"
+        files[f"cut_{name}"].write_bytes(data[: len(data) // 2])
+        files[f"zero_{name}"] = root / f"zero_{name}"
+        files[f"zero_{name}"].write_bytes(b"")
+    files["nothing"] = root / "nothing"
+    files["nothing"].mkdir()
+    files["missing"] = root / "gone" / "model.safetensors"
+    files["missing_dir"] = root / "gone_dir"
+    return files
+
+
+def _i13_loaders():
+    return {
+        "dit": lambda p: load_dit(p, config="tiny"),
+        "vae": lambda p: load_vae(p, config=VAE_CONFIGS["tiny"]),
+        "text_encoder": lambda p: te.load_text_encoder(p, config=te.UMT5_CONFIGS["tiny"], dtype=torch.float32),
+        "lrm": lambda p: lrm.load_lrm(p),
+    }
+
+
+@pytest.mark.parametrize("loader", ["dit", "vae", "text_encoder", "lrm"])
+def test_i13_loaders_name_the_file_and_the_fault(tmp_path, loader):
+    files, load = _i13_bad_files(tmp_path), _i13_loaders()[loader]
+    for name in ("missing", "missing_dir"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(files[name])) + " does not exist"):
+            load(files[name])
+    for name in ("zero_good.safetensors", "zero_good.pth"):
+        with pytest.raises(ValueError, match=re.escape(str(files[name])) + r": empty file \(0 bytes\)"):
+            load(files[name])
+    with pytest.raises(ValueError, match=re.escape(str(files["cut_good.safetensors"]))
+                       + r": not a readable safetensors file \(truncated or corrupt\?\): .*header"):
+        load(files["cut_good.safetensors"])
+    want = "not a readable torch checkpoint" if loader != "lrm" else "not a readable safetensors file"
+    with pytest.raises(ValueError, match=re.escape(str(files["cut_good.pth"])) + ": " + want):
+        load(files["cut_good.pth"])
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(files["nothing"])) + r".*expected"):
+        load(files["nothing"])
+
+
+def test_i13_state_dict_wrappers_follow_one_rule(tmp_path):
+    """A .pth holding exactly {"model": sd} or {"state_dict": sd} is unwrapped; anything else that is
+    not name -> tensor is refused with the keys it holds."""
+    torch.manual_seed(0)
+    dit_sd = WanDiT(DIT_CONFIGS["tiny"]).state_dict()
+    vae_sd = _vae_tiny().state_dict()
+    te_sd = te.UMT5Encoder(te.UMT5_CONFIGS["tiny"]).state_dict()
+    cases = [("dit", dit_sd, lambda p: load_dit(p, config="tiny")),
+             ("vae", vae_sd, lambda p: load_vae(p, config=VAE_CONFIGS["tiny"])),
+             ("te", te_sd, lambda p: te.load_text_encoder(p, dtype=torch.float32))]
+    for name, sd, load in cases:
+        for key in ("model", "state_dict"):
+            torch.save({key: sd}, tmp_path / f"{name}_{key}.pth")
+            loaded = load(tmp_path / f"{name}_{key}.pth").state_dict()
+            assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k].float()) for k in sd), (name, key)
+        torch.save({"model": sd, "optimizer": {"lr": 1.0}, "step": 3}, tmp_path / f"{name}_ckpt.pth")
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / f"{name}_ckpt.pth"))
+                           + r".*\['model', 'optimizer', 'step'\].*single 'model' or 'state_dict'"):
+            load(tmp_path / f"{name}_ckpt.pth")
+        torch.save([sd], tmp_path / f"{name}_list.pth")
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / f"{name}_list.pth")) + r": holds a list, expected"):
+            load(tmp_path / f"{name}_list.pth")
+
+
+def test_i13_tokenizer_refuses_bad_files_at_load(tmp_path):
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.model")) + r": empty file"):
+        te.load_tokenizer(tmp_path / "empty.model")
+    (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model" * 4)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "garbage.model")) + ": not a SentencePiece model"):
+        te.load_tokenizer(tmp_path / "garbage.model")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad" / "tokenizer.json")) + ": not valid JSON"):
+        te.load_tokenizer(tmp_path / "bad")
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad" / "tokenizer.json")) + ": not a tokenizers"):
+        te.load_tokenizer(tmp_path / "bad")
+    for missing in (tmp_path / "nope", tmp_path / "nope.model", tmp_path / "nope" / "tokenizer.json"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + " does not exist"):
+            te.load_tokenizer(missing)
+    save_file({"w": torch.zeros(2)}, tmp_path / "repack.safetensors")
+    data = (tmp_path / "repack.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:20])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "cut.safetensors")) + ": not a readable safetensors"):
+        te.load_tokenizer(tmp_path / "cut.safetensors")
+    save_file({"spiece_model": torch.zeros(0, dtype=torch.uint8)}, tmp_path / "empty_repack.safetensors")
+    with pytest.raises(ValueError, match="empty_repack.safetensors.*spiece_model.*not a SentencePiece model"):
+        te.load_tokenizer(tmp_path / "empty_repack.safetensors")
+
+
+def test_i13_lrm_load_names_bad_metadata(tmp_path):
+    model = lrm.EnsembleLRM(_LRM_TINY, 2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for meta, part in (({"kind": "ensemble", "config": json.dumps(asdict(_LRM_TINY))}, "n_members"),
+                       ({"kind": "ensemble", "n_members": "two", "config": "{}"}, "n_members"),
+                       ({"kind": "ensemble", "n_members": "2", "config": "{oops"}, "config"),
+                       ({"kind": "ensemble", "n_members": "2", "config": json.dumps({"width": 3})}, "config")):
+        save_file(state, tmp_path / "m.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "m.safetensors")) + f".*{part}"):
+            lrm.load_lrm(tmp_path / "m.safetensors")
 
 
 if __name__ == "__main__":

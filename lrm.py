@@ -432,20 +432,54 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     The loss is the sum over members of each member's mean Huber loss, so each member gets exactly
     the gradient it would get alone. `model` may be wrapped in DDP. amp_dtype (e.g. torch.bfloat16)
     runs the forward under autocast; the backward runs outside it.
-    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches.
+
+    Non-finite values never reach the weights:
+      - a non-finite target is not trained on: its sample is left out of its member's mean (a member
+        with no finite target in its minibatch gets a zero gradient this step);
+      - a step whose loss or gradients are not finite, or that has no finite target at all, is
+        skipped: no optimizer step (the optimizer state is not advanced), gradients cleared. Under
+        DDP every rank takes the same decision.
+    With finite inputs the step is exactly the plain one.
+
+    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches
+    (finite samples only), "dropped": how many target values were non-finite (entries of the target
+    the caller passed), "skipped": True if nothing was applied.
     """
     n = getattr(model, "module", model).n_members  # DDP keeps the model in .module
+    finite = torch.isfinite(target)
+    dropped = int(finite.numel() - finite.sum())
     if z.dim() == 5 and bootstrap:
         idx = bootstrap_indices(n, z.shape[0], generator).to(z.device)  # (N, B)
         z, context, lengths, target = z[idx], context[idx], lengths[idx], target[idx]
     with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         pred = model(z, context, lengths)  # (N, B)
     target = target.float().expand_as(pred)
-    loss = huber_loss(pred, target, delta).mean(1)  # (N,)
+    if dropped:
+        keep = torch.isfinite(target)
+        target = torch.where(keep, target, pred.detach())  # a dropped sample: zero loss, zero gradient
+        count = keep.sum(1)
+        loss = huber_loss(pred, target, delta).sum(1) / count.clamp_min(1)  # (N,)
+        mse = ((pred.detach() - target).pow(2).sum() / count.sum().clamp_min(1)).item()
+        usable = bool(count.sum() > 0)
+    else:
+        loss = huber_loss(pred, target, delta).mean(1)  # (N,)
+        mse = (pred.detach() - target).pow(2).mean().item()
+        usable = True
     optimizer.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    optimizer.step()
-    return {"loss": loss.mean().item(), "mse": (pred.detach() - target).pow(2).mean().item()}
+    loss.sum().backward()  # always, so that DDP ranks meet in the gradient all-reduce
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    ok = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
+    ok = ok & usable
+    if hasattr(model, "module") and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = (~ok).to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one rank's skip is every rank's
+        ok = flag[0] == 0
+    skipped = not bool(ok)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return {"loss": loss.mean().item(), "mse": mse, "dropped": dropped, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------- save / load

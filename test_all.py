@@ -2332,5 +2332,123 @@ def test_i13_lrm_load_names_bad_metadata(tmp_path):
             lrm.load_lrm(tmp_path / "m.safetensors")
 
 
+def _i13_lrm_setup(n=2, b=4, seed=0):
+    model = lrm.EnsembleLRM(_LRM_TINY, n, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    z, context, lengths = _lrm_inputs(b=b, seed=seed)
+    target = torch.linspace(-1, 1, b)
+    return model, opt, z, context, lengths, target
+
+
+def _i13_clone(model, opt):
+    other = lrm.EnsembleLRM(model.cfg, model.n_members)
+    other.load_state_dict(model.state_dict())
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_opt.load_state_dict(opt.state_dict())
+    return other, other_opt
+
+
+def _i13_state(model, opt):
+    """Parameters and AdamW state, deep-copied."""
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for i, s in opt.state_dict()["state"].items()}
+    return params, state
+
+
+def _i13_assert_same_state(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1].keys() == b[1].keys()
+    for i in a[1]:
+        assert all(torch.equal(torch.as_tensor(a[1][i][k]), torch.as_tensor(b[1][i][k])) for k in a[1][i])
+
+
+def test_i13_lrm_update_finite_inputs_unchanged():
+    """With finite inputs the step is exactly the plain Huber step (forward, mean loss, backward, AdamW)."""
+    model, opt, z, context, lengths, target = _i13_lrm_setup()
+    ref, ref_opt = _i13_clone(model, opt)
+    for _ in range(2):
+        out = lrm.lrm_update(model, opt, z, context, lengths, target)
+        pred = ref(z, context, lengths)
+        ref_opt.zero_grad(set_to_none=True)
+        lrm.huber_loss(pred, target.float().expand_as(pred)).mean(1).sum().backward()
+        ref_opt.step()
+        assert out["skipped"] is False and out["dropped"] == 0
+    _i13_assert_same_state(_i13_state(model, opt), _i13_state(ref, ref_opt))
+
+
+def _i13_sgd(model):
+    """Plain SGD for comparing steps: AdamW turns float noise in the zero gradients of attention key
+    biases into visible updates, so equal steps are compared through SGD."""
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_i13_lrm_update_drops_non_finite_targets():
+    # shared batch (B,): one inf target -> the step equals the step on the other three samples
+    model, _, z, context, lengths, target = _i13_lrm_setup()
+    ref, _ = _i13_clone(model, _)
+    bad = target.clone()
+    bad[1] = float("inf")
+    out = lrm.lrm_update(model, _i13_sgd(model), z, context, lengths, bad)
+    keep = torch.tensor([0, 2, 3])
+    want = lrm.lrm_update(ref, _i13_sgd(ref), z[keep], context[keep], lengths[keep], target[keep])
+    assert out["dropped"] == 1 and out["skipped"] is False and want["dropped"] == 0
+    assert out["loss"] == pytest.approx(want["loss"], rel=1e-5) and out["mse"] == pytest.approx(want["mse"], rel=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+    # per-member batches (N, B): a NaN and an inf in the same column -> the step without that column
+    model, _, z, context, lengths, target = _i13_lrm_setup()
+    ref, _ = _i13_clone(model, _)
+    zz, cc, ll, tt = (torch.stack([x, x.flip(0)]) for x in (z, context, lengths, target))
+    bad = tt.clone()
+    bad[0, 2], bad[1, 2] = float("nan"), float("-inf")
+    out = lrm.lrm_update(model, _i13_sgd(model), zz, cc, ll, bad)
+    keep = torch.tensor([0, 1, 3])
+    lrm.lrm_update(ref, _i13_sgd(ref), zz[:, keep], cc[:, keep], ll[:, keep], tt[:, keep])
+    assert out["dropped"] == 2 and out["skipped"] is False
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+    # AdamW, one inf target (the case that made most weights non-finite), and bootstrap resamples
+    model, opt, z, context, lengths, target = _i13_lrm_setup(n=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = target.clone()
+    bad[0] = float("inf")
+    out = lrm.lrm_update(model, opt, z, context, lengths, bad)
+    assert out["dropped"] == 1 and out["skipped"] is False
+    bad[2] = float("nan")
+    out = lrm.lrm_update(model, opt, z, context, lengths, bad, bootstrap=True, generator=torch.Generator().manual_seed(0))
+    assert out["dropped"] == 2 and out["skipped"] is False and math.isfinite(out["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.head2.weight, before["head2.weight"])
+
+
+def test_i13_lrm_update_skips_non_finite_steps_without_touching_state():
+    model, opt, z, context, lengths, target = _i13_lrm_setup()
+    lrm.lrm_update(model, opt, z, context, lengths, target)
+    before = _i13_state(model, opt)
+    # every target non-finite: nothing to train on
+    out = lrm.lrm_update(model, opt, z, context, lengths, torch.full_like(target, float("nan")))
+    assert out["skipped"] is True and out["dropped"] == 4
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    # a non-finite latent: non-finite prediction and loss
+    bad_z = z.clone()
+    bad_z[0, 0, 0, 0, 0] = float("inf")
+    out = lrm.lrm_update(model, opt, bad_z, context, lengths, target)
+    assert out["skipped"] is True and out["dropped"] == 0 and not math.isfinite(out["loss"])
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    # a finite loss whose gradient is not finite
+    handle = model.head2.weight.register_hook(lambda g: g * float("nan"))
+    out = lrm.lrm_update(model, opt, z, context, lengths, target)
+    handle.remove()
+    assert out["skipped"] is True and math.isfinite(out["loss"])
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    assert all(p.grad is None for p in model.parameters())
+    # and the next good step goes through
+    out = lrm.lrm_update(model, opt, z, context, lengths, target)
+    assert out["skipped"] is False and not torch.equal(model.head2.weight, before[0]["head2.weight"])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

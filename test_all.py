@@ -2450,5 +2450,36 @@ def test_i13_lrm_update_skips_non_finite_steps_without_touching_state():
     assert out["skipped"] is False and not torch.equal(model.head2.weight, before[0]["head2.weight"])
 
 
+def test_i13_replay_never_stores_non_finite_rows():
+    buf = replay.ReplayBuffer(capacity=8)
+    z, context, lengths, reward, variance = _refl_entries([0.1, 0.2, 0.3, 0.4, 0.5])
+    reward[1], variance[3] = float("nan"), float("inf")
+    z[4, 0] = float("nan")
+    assert buf.insert(z, context, lengths, reward, variance) == 3
+    assert len(buf) == 2 and buf.data["reward"].tolist() == [0.0, 2.0]
+    assert buf.insert(*(x[1:2] for x in (z, context, lengths, reward, variance))) == 1 and len(buf) == 2
+    empty = replay.ReplayBuffer(capacity=4)
+    assert empty.insert(*(x[1:2] for x in (z, context, lengths, reward, variance))) == 1 and len(empty) == 0
+    # a state saved before this check (same format) loads; its non-finite rows are dropped and counted
+    state = {"capacity": 4, "data": dict(zip(replay.FIELDS, _refl_entries([0.1, 0.2, 0.3])))}
+    state["data"]["reward"][0] = float("inf")
+    other = replay.ReplayBuffer()
+    assert other.load_state_dict(state) == 1
+    assert len(other) == 2 and other.data["reward"].tolist() == [1.0, 2.0]
+
+
+def test_i13_replay_sample_errors_are_clear():
+    buf = replay.ReplayBuffer(capacity=4)
+    buf.insert(*_refl_entries([3e38, 3e38, 0.0]))  # finite, but the sum overflows
+    ids = buf.sample(1000, generator=torch.Generator().manual_seed(0))["reward"].long()
+    assert set(ids.tolist()) == {0, 1}
+    buf.data["variance"][2] = float("nan")  # changed behind the buffer's back
+    with pytest.raises(ValueError, match=r"non-finite variance at entries \[2\]"):
+        buf.sample(4)
+    bad = {"capacity": 4, "data": {k: v for k, v in buf.data.items() if k != "reward"}}
+    with pytest.raises(ValueError, match=r"not a replay buffer state: no \['data.reward'\]"):
+        replay.ReplayBuffer().load_state_dict(bad)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -2481,5 +2481,27 @@ def test_i13_replay_sample_errors_are_clear():
         replay.ReplayBuffer().load_state_dict(bad)
 
 
+def test_i13_reward_output_check_states_the_contract(tmp_path):
+    video = torch.zeros(3, 3, 2, 4, 4)
+    ok = torch.tensor([0.1, float("nan"), 0.3])
+    assert rewards.check_reward_output(ok, 3) is ok  # non-finite values are the caller's to count
+    contract = re.escape("fn(video, prompts) must return a float tensor of shape (B,) = (3,)")
+    for bad, what in ((ok.tolist(), "list"), (torch.ones(3, 1), r"shape \(3, 1\)"), (torch.ones(2), r"shape \(2,\)"),
+                      (torch.ones(3, dtype=torch.long), "torch.int64"), (torch.tensor(1.0), r"shape \(\)")):
+        with pytest.raises((TypeError, ValueError), match=f"'my_rm' returned .*{what}.*{contract}"):
+            rewards.check_reward_output(bad, 3, name="my_rm")
+    (tmp_path / "i13_rm.py").write_text(
+        "import torch\n"
+        "def per_frame(video, prompts):\n"
+        "    return video.mean((1, 3, 4))\n"
+        "def good(video, prompts):\n"
+        "    return video.mean((1, 2, 3, 4))\n")
+    wrong = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:per_frame")
+    with pytest.raises(ValueError, match=r"i13_rm\.py:per_frame' returned a tensor of shape \(3, 2\).*" + contract):
+        wrong(video, ["a", "b", "c"])
+    good = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:good")
+    assert torch.equal(good(video, ["a", "b", "c"]), torch.zeros(3))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

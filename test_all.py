@@ -2503,5 +2503,46 @@ def test_i13_reward_output_check_states_the_contract(tmp_path):
     assert torch.equal(good(video, ["a", "b", "c"]), torch.zeros(3))
 
 
+_I13_BLOCKED = ("imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "cv2", "av", "ftfy")
+
+
+def test_i13_components_import_alone():
+    """Each component imports with torch, safetensors, numpy and the standard library only, and none
+    imports another project file (except lrm -> model_dit); text_encoder's tokenizer packages load lazily."""
+    script = f"""
+import importlib, sys
+for name in {_I13_BLOCKED!r}:
+    sys.modules[name] = None  # any import of these raises ImportError
+import torch, safetensors.torch, numpy
+project = {{"model_dit", "vae", "text_encoder", "lrm", "replay", "rewards", "toy", "sample", "prepare_data",
+            "train_lrm", "train_refl", "bench"}}
+allowed = {{"lrm": {{"model_dit"}}}}
+ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
+for name in ("model_dit", "vae", "text_encoder", "lrm", "replay", "rewards"):
+    for m in [m for m in sys.modules if m.split(".")[0] in project]:
+        del sys.modules[m]
+    before = set(sys.modules)
+    importlib.import_module(name)
+    new = {{m.split(".")[0] for m in set(sys.modules) - before if sys.modules[m] is not None}} - {{name}}
+    assert not (new & project) - allowed.get(name, set()), (name, new & project)
+    assert not new - project - ok, (name, sorted(new - project - ok))
+import text_encoder
+assert text_encoder.load_tokenizer(None)(["hi"], max_length=4)[0].tolist() == [[107, 108, 1, 0]]
+open(sys.argv[1], "wb").write(b"x" * 16)
+try:
+    text_encoder.load_tokenizer(sys.argv[1])
+except ImportError as err:
+    assert "sentencepiece" in str(err), err
+else:
+    raise AssertionError("no ImportError")
+print("ok")
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        res = subprocess.run([sys.executable, "-c", script, str(Path(d) / "spiece.model")], cwd=_DATA_REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

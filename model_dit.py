@@ -19,7 +19,9 @@ checkpointing sits behind `model.gradient_checkpointing`.
 `load_dit` reads the original layout (.safetensors, sharded *.safetensors.index.json, .pth/.pt,
 a repo folder with config.json), single-file repacks with a `model.diffusion_model.` or
 `diffusion_model.` prefix, and the Diffusers `WanTransformer3DModel` layout (renamed through one
-table, _DIFFUSERS_TO_ORIGINAL).
+table, _DIFFUSERS_TO_ORIGINAL). Every file is read through one function, `_read`, whose errors name
+the file, what is wrong with it and what was expected; a .pth holding {"model": sd} or
+{"state_dict": sd} and nothing else is unwrapped.
 
 Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention and
 sequence parallelism, and the padding of variable-length token lists: samples of one batch share

@@ -24,6 +24,9 @@ sharded with an index, or a Diffusers text_encoder/ folder) and single-file repa
 tensor that is dropped). `load_tokenizer` reads a tokenizer.json (tokenizers), a spiece.model
 (sentencepiece), such a repack's `spiece_model` tensor, or, with no path, uses an offline UTF-8
 byte tokenizer for the "tiny" preset (id = byte + 3, so pad 0 / EOS 1 / unk 2 match T5).
+sentencepiece and tokenizers are imported only when such a file is read, so the rest of this file
+needs torch and safetensors alone. Every file is read through one function, `_read`, whose errors
+name the file, what is wrong with it and what was expected.
 
 Left out: the decoder, dropout (inference only), the fp16 clamp (run bf16 or fp32), shared
 position embeddings (UMT5 has none), and the special-token parsing of literal "</s>" / "<pad>"

@@ -2544,5 +2544,16 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
+def test_i13_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
+    import shutil
+    for name in ("dit.safetensors", "lrm.safetensors"):
+        copy = tmp_path / name / "cache"
+        shutil.copytree(refl_cache, copy)
+        (target,) = copy.glob(f"*/{name}")
+        target.write_bytes(target.read_bytes()[:1000])
+        with pytest.raises(ValueError, match=rf"{re.escape(str(target))}.*delete the cache folder {re.escape(str(target.parent))}"):
+            toy.load_world(cache_dir=copy, log=lambda *a: None)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -100,7 +100,10 @@ class ReplayBuffer:
             return 0
         data = {k: state["data"][k] for k in FIELDS}
         keep = _finite_rows(data)
-        self.data = {k: v[keep].clone() for k, v in data.items()} if keep.any() else None
+        if keep.all():
+            self.data = {k: v.clone() for k, v in data.items()}
+        else:
+            self.data = {k: v[keep] for k, v in data.items()} if keep.any() else None  # indexing copies
         return int(keep.numel() - keep.sum())
 
 

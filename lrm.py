@@ -41,12 +41,13 @@ VELR/T and VELR/C ablation variants, a backbone (DiT-based) reward model.
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 @dataclass
@@ -431,20 +432,54 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     The loss is the sum over members of each member's mean Huber loss, so each member gets exactly
     the gradient it would get alone. `model` may be wrapped in DDP. amp_dtype (e.g. torch.bfloat16)
     runs the forward under autocast; the backward runs outside it.
-    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches.
+
+    Non-finite values never reach the weights:
+      - a non-finite target is not trained on: its sample is left out of its member's mean (a member
+        with no finite target in its minibatch gets a zero gradient this step);
+      - a step whose loss or gradients are not finite, or that has no finite target at all, is
+        skipped: no optimizer step (the optimizer state is not advanced), gradients cleared. Under
+        DDP every rank takes the same decision.
+    With finite inputs the step is exactly the plain one.
+
+    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches
+    (finite samples only), "dropped": how many target values were non-finite (entries of the target
+    the caller passed), "skipped": True if nothing was applied.
     """
     n = getattr(model, "module", model).n_members  # DDP keeps the model in .module
+    finite = torch.isfinite(target)
+    dropped = int(finite.numel() - finite.sum())
     if z.dim() == 5 and bootstrap:
         idx = bootstrap_indices(n, z.shape[0], generator).to(z.device)  # (N, B)
         z, context, lengths, target = z[idx], context[idx], lengths[idx], target[idx]
     with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         pred = model(z, context, lengths)  # (N, B)
     target = target.float().expand_as(pred)
-    loss = huber_loss(pred, target, delta).mean(1)  # (N,)
+    if dropped:
+        keep = torch.isfinite(target)
+        target = torch.where(keep, target, pred.detach())  # a dropped sample: zero loss, zero gradient
+        count = keep.sum(1)
+        loss = huber_loss(pred, target, delta).sum(1) / count.clamp_min(1)  # (N,)
+        mse = ((pred.detach() - target).pow(2).sum() / count.sum().clamp_min(1)).item()
+        usable = bool(count.sum() > 0)
+    else:
+        loss = huber_loss(pred, target, delta).mean(1)  # (N,)
+        mse = (pred.detach() - target).pow(2).mean().item()
+        usable = True
     optimizer.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    optimizer.step()
-    return {"loss": loss.mean().item(), "mse": (pred.detach() - target).pow(2).mean().item()}
+    loss.sum().backward()  # always, so that DDP ranks meet in the gradient all-reduce
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    ok = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
+    ok = ok & usable
+    if hasattr(model, "module") and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = (~ok).to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one rank's skip is every rank's
+        ok = flag[0] == 0
+    skipped = not bool(ok)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    return {"loss": loss.mean().item(), "mse": mse, "dropped": dropped, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -456,20 +491,53 @@ def save_lrm(model: nn.Module, path):
     save_file(state, str(path), metadata=metadata)
 
 
-def load_lrm(path, device="cpu") -> nn.Module:
-    """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:
+    """The one reader of this file: a save_lrm .safetensors -> (kind, member count, config from the
+    metadata, name -> tensor on device). The metadata is checked before any tensor is read. Every way
+    the file can be missing, empty, truncated or of the wrong kind ends here in an error that names it."""
+    expected = "expected an LRM .safetensors written by save_lrm"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {expected}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); {expected}")
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            kind, n, cfg = _config_of(path, f.metadata() or {})
+            return kind, n, cfg, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}; {expected}") from err
+
+
+def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
+    """Model kind, member count and config from a save_lrm file's metadata."""
     if meta.get("kind") not in MODEL_KINDS:
         raise ValueError(
             f"{path} is not an LRM file written by save_lrm: "
             f"kind {meta.get('kind')!r}, expected one of {list(MODEL_KINDS)}"
         )
-    kind, n = meta["kind"], int(meta["n_members"])
-    cfg = LRMConfig(**json.loads(meta["config"]))
+    try:
+        n = int(meta["n_members"])
+        if n < 1:
+            raise ValueError(f"{n} < 1")
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: metadata 'n_members' is {meta.get('n_members')!r}, expected a positive "
+                         f"integer (written by save_lrm)") from err
+    try:
+        cfg = LRMConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as err:  # absent, not JSON, unknown fields, invalid values
+        raise ValueError(f"{path}: metadata 'config' is not an LRMConfig as save_lrm writes it: "
+                         f"{type(err).__name__}: {err}") from err
+    return meta["kind"], n, cfg
+
+
+def load_lrm(path, device="cpu") -> nn.Module:
+    """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
+    path = Path(path)
+    kind, n, cfg, state = _read(path, device)
     with torch.device("meta"):
         model = MODEL_KINDS[kind](cfg, n_members=n)
-    state = load_file(str(path), device=str(device))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

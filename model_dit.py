@@ -19,7 +19,9 @@ checkpointing sits behind `model.gradient_checkpointing`.
 `load_dit` reads the original layout (.safetensors, sharded *.safetensors.index.json, .pth/.pt,
 a repo folder with config.json), single-file repacks with a `model.diffusion_model.` or
 `diffusion_model.` prefix, and the Diffusers `WanTransformer3DModel` layout (renamed through one
-table, _DIFFUSERS_TO_ORIGINAL).
+table, _DIFFUSERS_TO_ORIGINAL). Every file is read through one function, `_read`, whose errors name
+the file, what is wrong with it and what was expected; a .pth holding {"model": sd} or
+{"state_dict": sd} and nothing else is unwrapped.
 
 Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention and
 sequence parallelism, and the padding of variable-length token lists: samples of one batch share
@@ -28,7 +30,6 @@ one latent shape.
 
 import json
 import math
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -353,12 +354,17 @@ def _to_original_keys(sd: dict) -> tuple[dict, str]:
 
 
 def _files_in_index(index: Path) -> list[Path]:
-    weight_map = json.loads(index.read_text())["weight_map"]
+    contents = _read(index)
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: not a safetensors index (expected a JSON object with a non-empty 'weight_map')")
     return [index.parent / name for name in sorted(set(weight_map.values()))]
 
 
 def _checkpoint_files(path: Path) -> tuple[list[Path], dict, str]:
     """Weight files, config.json contents ({} if none) and a description of the source."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
         if len(found) != 1:
@@ -366,7 +372,10 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict, str]:
                              f"{[p.name for p in found]} (for a Diffusers repo pass its transformer/ folder)")
         config = path / "config.json"
         files, source = _checkpoint_files(found[0])[0], f"folder {path.name}/ with {found[0].name}"
-        return files, json.loads(config.read_text()) if config.exists() else {}, source
+        config_json = _read(config) if config.exists() else {}
+        if not isinstance(config_json, dict):
+            raise ValueError(f"{config}: expected a JSON object of model settings, got a {type(config_json).__name__}")
+        return files, config_json, source
     if path.name.endswith(".index.json"):
         files = _files_in_index(path)
         return files, {}, f"{len(files)} shards listed in {path.name}"
@@ -376,15 +385,50 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict, str]:
                      "(expected .safetensors, .safetensors.index.json, .pth, .pt or a folder)")
 
 
-def _read_file(file: Path) -> dict:
-    """All tensors of one file, memory-mapped (nothing is read until used)."""
-    try:
-        if file.suffix == ".safetensors":
+_WRAPPER_KEYS = ("model", "state_dict")  # {key: state_dict} with nothing else is unwrapped
+
+
+def _state_dict_of(obj, file: Path) -> dict:
+    """The name -> tensor dict a .pth holds: the object itself, or the one entry of {"model": sd} or
+    {"state_dict": sd}. Anything else (a training checkpoint with optimizer state, a list) is refused."""
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
+    odd = [str(k) for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:
+        raise ValueError(f"{file}: holds a dict with keys {sorted(map(str, obj))[:8]} whose entries "
+                         f"{odd[:8]} are not tensors; expected a state dict (name -> tensor) or a dict with a "
+                         f"single 'model' or 'state_dict' entry holding one")
+    return obj
+
+
+def _read(file: Path):
+    """The one reader of this file: a .json -> its parsed contents; a .safetensors (memory-mapped, nothing
+    is read until used) or .pth/.pt (weights only, never pickled code) -> name -> tensor. Every way a file
+    can be missing, empty, truncated or of the wrong kind ends here in an error that names the file."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{file} is not a file; expected a weight file (.safetensors, .pth, .pt) or a .json")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file}: empty file (0 bytes); expected a weight file (.safetensors, .pth, .pt) or a .json")
+    if file.suffix == ".json":
+        try:
+            return json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: not valid JSON: {err}") from err
+    if file.suffix == ".safetensors":
+        try:
             return load_file(file)
-        # mmap needs the zip format of torch.save; older pickles are read whole.
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise ValueError(f"could not read checkpoint file {file} (truncated or not a checkpoint?): {err}") from err
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    try:  # mmap needs the zip format of torch.save; older pickles are read whole
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
+                         f"tensors?): {type(err).__name__}: {err}") from err
+    return _state_dict_of(obj, file)
 
 
 def _config_from_json(d: dict) -> dict:
@@ -457,7 +501,7 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
     files, config_json, source = _checkpoint_files(path)
     sd = {}
     for file in files:
-        sd.update(_read_file(file))
+        sd.update(_read(file))
     sd, layout = _to_original_keys(sd)
     layout = f"{layout}, {source}"
     shapes = {k: tuple(v.shape) for k, v in sd.items()}

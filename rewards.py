@@ -34,6 +34,8 @@ VideoAlign or VideoScore, looks like this (`my_rm.py`, run with `--reward my_rm.
 
 Move the video to the model's device and dtype yourself, resize or subsample frames as the model
 expects, and return one scalar per video. `load_videoalign` / `.score` stand for the model's own API.
+A user reward from `load_reward` checks every output (`check_reward_output`): anything but a float
+tensor of shape (B,) is an error that says so. Non-finite values pass: the callers drop and count them.
 
 The built-ins need no weights and no network; they are differentiable and state honestly what
 they measure (they are toy rewards for tests and the offline demo, not quality metrics). Each
@@ -154,8 +156,33 @@ def _is_factory(obj) -> bool:
     return not required
 
 
+def check_reward_output(r, batch: int, name: str = "reward"):
+    """r if it is what a reward must return for a batch of `batch` videos (a float tensor of shape
+    (batch,)), else a TypeError / ValueError that states the contract. Values are not checked: a
+    NaN or inf is the caller's to drop and count."""
+    contract = f"fn(video, prompts) must return a float tensor of shape (B,) = ({batch},), one scalar per video"
+    if not torch.is_tensor(r):
+        raise TypeError(f"reward {name!r} returned a {type(r).__name__}; {contract}")
+    if not r.is_floating_point():
+        raise TypeError(f"reward {name!r} returned a {r.dtype} tensor; {contract}")
+    if tuple(r.shape) != (batch,):
+        raise ValueError(f"reward {name!r} returned a tensor of shape {tuple(r.shape)}; {contract}")
+    return r
+
+
+class CheckedReward:
+    """A user reward whose every output goes through check_reward_output (`fn` is the reward itself)."""
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, video, prompts):
+        return check_reward_output(self.fn(video, prompts), video.shape[0], self.name)
+
+
 def load_reward(spec: str):
-    """A built-in name, "module:attr" or "path/to/file.py:attr" -> reward callable fn(video, prompts) -> (B,)."""
+    """A built-in name, "module:attr" or "path/to/file.py:attr" -> reward callable fn(video, prompts) -> (B,).
+    User rewards come wrapped in a CheckedReward; built-ins are returned as they are."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" not in spec:
@@ -168,4 +195,4 @@ def load_reward(spec: str):
     fn = obj() if _is_factory(obj) else obj
     if not callable(fn):
         raise TypeError(f"reward {spec} gave {type(fn).__name__}, which is not callable")
-    return fn
+    return CheckedReward(fn, spec)

@@ -212,7 +212,7 @@ def test_dit_load_errors_name_the_problem(tmp_path):
     for name in ("dit.safetensors", "dit.pth"):
         data = (tmp_path / name).read_bytes()
         (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
-        with pytest.raises(ValueError, match=f"could not read checkpoint file .*cut_{name} \\(truncated"):
+        with pytest.raises(ValueError, match=f"cut_{name}: not a readable .* \\(truncated"):
             load_dit(tmp_path / f"cut_{name}", config="tiny")
 
     bad = dict(sd, **{"blocks.1.self_attn.q.weight": torch.zeros(64, 32)})
@@ -224,6 +224,7 @@ def test_dit_load_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="expected one .*found \\[\\]"):
         load_dit(tmp_path / "empty")
+    (tmp_path / "dit.bin").write_bytes(b"weights")
     with pytest.raises(ValueError, match="unknown checkpoint type .*dit.bin"):
         load_dit(tmp_path / "dit.bin")
 
@@ -2232,6 +2233,342 @@ def test_bench_main_merges_sections_into_the_json(tmp_path, monkeypatch):
     bench.main(["dit", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["earlier"] == {"kept": 1} and data["dit"]["ratio_time"] == 0.5
+
+
+# ---- loader errors and non-finite values (issue 13)
+
+def _i13_bad_files(root: Path) -> dict:
+    """Damaged checkpoint files next to each other: name -> path."""
+    root.mkdir(parents=True, exist_ok=True)
+    sd = {"w": torch.arange(64.0).reshape(8, 8), "b": torch.ones(8)}
+    save_file(sd, root / "good.safetensors")
+    torch.save(sd, root / "good.pth")
+    files = {}
+    for name in ("good.safetensors", "good.pth"):
+        data = (root / name).read_bytes()
+        files[f"cut_{name}"] = root / f"cut_{name}"
+        files[f"cut_{name}"].write_bytes(data[: len(data) // 2])
+        files[f"zero_{name}"] = root / f"zero_{name}"
+        files[f"zero_{name}"].write_bytes(b"")
+    files["nothing"] = root / "nothing"
+    files["nothing"].mkdir()
+    files["missing"] = root / "gone" / "model.safetensors"
+    files["missing_dir"] = root / "gone_dir"
+    return files
+
+
+def _i13_loaders():
+    return {
+        "dit": lambda p: load_dit(p, config="tiny"),
+        "vae": lambda p: load_vae(p, config=VAE_CONFIGS["tiny"]),
+        "text_encoder": lambda p: te.load_text_encoder(p, config=te.UMT5_CONFIGS["tiny"], dtype=torch.float32),
+        "lrm": lambda p: lrm.load_lrm(p),
+    }
+
+
+@pytest.mark.parametrize("loader", ["dit", "vae", "text_encoder", "lrm"])
+def test_i13_loaders_name_the_file_and_the_fault(tmp_path, loader):
+    files, load = _i13_bad_files(tmp_path), _i13_loaders()[loader]
+    for name in ("missing", "missing_dir"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(files[name])) + " does not exist"):
+            load(files[name])
+    for name in ("zero_good.safetensors", "zero_good.pth"):
+        with pytest.raises(ValueError, match=re.escape(str(files[name])) + r": empty file \(0 bytes\)"):
+            load(files[name])
+    with pytest.raises(ValueError, match=re.escape(str(files["cut_good.safetensors"]))
+                       + r": not a readable safetensors file \(truncated or corrupt\?\): .*header"):
+        load(files["cut_good.safetensors"])
+    want = "not a readable torch checkpoint" if loader != "lrm" else "not a readable safetensors file"
+    with pytest.raises(ValueError, match=re.escape(str(files["cut_good.pth"])) + ": " + want):
+        load(files["cut_good.pth"])
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(files["nothing"])) + r".*expected"):
+        load(files["nothing"])
+
+
+def test_i13_state_dict_wrappers_follow_one_rule(tmp_path):
+    """A .pth holding exactly {"model": sd} or {"state_dict": sd} is unwrapped; anything else that is
+    not name -> tensor is refused with the keys it holds."""
+    torch.manual_seed(0)
+    dit_sd = WanDiT(DIT_CONFIGS["tiny"]).state_dict()
+    vae_sd = _vae_tiny().state_dict()
+    te_sd = te.UMT5Encoder(te.UMT5_CONFIGS["tiny"]).state_dict()
+    cases = [("dit", dit_sd, lambda p: load_dit(p, config="tiny")),
+             ("vae", vae_sd, lambda p: load_vae(p, config=VAE_CONFIGS["tiny"])),
+             ("te", te_sd, lambda p: te.load_text_encoder(p, dtype=torch.float32))]
+    for name, sd, load in cases:
+        for key in ("model", "state_dict"):
+            torch.save({key: sd}, tmp_path / f"{name}_{key}.pth")
+            loaded = load(tmp_path / f"{name}_{key}.pth").state_dict()
+            assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k].float()) for k in sd), (name, key)
+        torch.save({"model": sd, "optimizer": {"lr": 1.0}, "step": 3}, tmp_path / f"{name}_ckpt.pth")
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / f"{name}_ckpt.pth"))
+                           + r".*\['model', 'optimizer', 'step'\].*single 'model' or 'state_dict'"):
+            load(tmp_path / f"{name}_ckpt.pth")
+        torch.save([sd], tmp_path / f"{name}_list.pth")
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / f"{name}_list.pth")) + r": holds a list, expected"):
+            load(tmp_path / f"{name}_list.pth")
+
+
+def test_i13_tokenizer_refuses_bad_files_at_load(tmp_path):
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.model")) + r": empty file"):
+        te.load_tokenizer(tmp_path / "empty.model")
+    (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model" * 4)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "garbage.model")) + ": not a SentencePiece model"):
+        te.load_tokenizer(tmp_path / "garbage.model")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad" / "tokenizer.json")) + ": not valid JSON"):
+        te.load_tokenizer(tmp_path / "bad")
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad" / "tokenizer.json")) + ": not a tokenizers"):
+        te.load_tokenizer(tmp_path / "bad")
+    for missing in (tmp_path / "nope", tmp_path / "nope.model", tmp_path / "nope" / "tokenizer.json"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + " does not exist"):
+            te.load_tokenizer(missing)
+    save_file({"w": torch.zeros(2)}, tmp_path / "repack.safetensors")
+    data = (tmp_path / "repack.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:20])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "cut.safetensors")) + ": not a readable safetensors"):
+        te.load_tokenizer(tmp_path / "cut.safetensors")
+    save_file({"spiece_model": torch.zeros(0, dtype=torch.uint8)}, tmp_path / "empty_repack.safetensors")
+    with pytest.raises(ValueError, match="empty_repack.safetensors.*spiece_model.*not a SentencePiece model"):
+        te.load_tokenizer(tmp_path / "empty_repack.safetensors")
+
+
+def test_i13_lrm_load_names_bad_metadata(tmp_path):
+    model = lrm.EnsembleLRM(_LRM_TINY, 2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for meta, part in (({"kind": "ensemble", "config": json.dumps(asdict(_LRM_TINY))}, "n_members"),
+                       ({"kind": "ensemble", "n_members": "two", "config": "{}"}, "n_members"),
+                       ({"kind": "ensemble", "n_members": "2", "config": "{oops"}, "config"),
+                       ({"kind": "ensemble", "n_members": "2", "config": json.dumps({"width": 3})}, "config")):
+        save_file(state, tmp_path / "m.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "m.safetensors")) + f".*{part}"):
+            lrm.load_lrm(tmp_path / "m.safetensors")
+
+
+def _i13_lrm_setup(n=2, b=4, seed=0):
+    model = lrm.EnsembleLRM(_LRM_TINY, n, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    z, context, lengths = _lrm_inputs(b=b, seed=seed)
+    target = torch.linspace(-1, 1, b)
+    return model, opt, z, context, lengths, target
+
+
+def _i13_clone(model, opt):
+    other = lrm.EnsembleLRM(model.cfg, model.n_members)
+    other.load_state_dict(model.state_dict())
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    other_opt.load_state_dict(opt.state_dict())
+    return other, other_opt
+
+
+def _i13_state(model, opt):
+    """Parameters and AdamW state, deep-copied."""
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for i, s in opt.state_dict()["state"].items()}
+    return params, state
+
+
+def _i13_assert_same_state(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1].keys() == b[1].keys()
+    for i in a[1]:
+        assert all(torch.equal(torch.as_tensor(a[1][i][k]), torch.as_tensor(b[1][i][k])) for k in a[1][i])
+
+
+def test_i13_lrm_update_finite_inputs_unchanged():
+    """With finite inputs the step is exactly the plain Huber step (forward, mean loss, backward, AdamW)."""
+    model, opt, z, context, lengths, target = _i13_lrm_setup()
+    ref, ref_opt = _i13_clone(model, opt)
+    for _ in range(2):
+        out = lrm.lrm_update(model, opt, z, context, lengths, target)
+        pred = ref(z, context, lengths)
+        ref_opt.zero_grad(set_to_none=True)
+        lrm.huber_loss(pred, target.float().expand_as(pred)).mean(1).sum().backward()
+        ref_opt.step()
+        assert out["skipped"] is False and out["dropped"] == 0
+    _i13_assert_same_state(_i13_state(model, opt), _i13_state(ref, ref_opt))
+
+
+def _i13_sgd(model):
+    """Plain SGD for comparing steps: AdamW turns float noise in the zero gradients of attention key
+    biases into visible updates, so equal steps are compared through SGD."""
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_i13_lrm_update_drops_non_finite_targets():
+    # shared batch (B,): one inf target -> the step equals the step on the other three samples
+    model, _, z, context, lengths, target = _i13_lrm_setup()
+    ref, _ = _i13_clone(model, _)
+    bad = target.clone()
+    bad[1] = float("inf")
+    out = lrm.lrm_update(model, _i13_sgd(model), z, context, lengths, bad)
+    keep = torch.tensor([0, 2, 3])
+    want = lrm.lrm_update(ref, _i13_sgd(ref), z[keep], context[keep], lengths[keep], target[keep])
+    assert out["dropped"] == 1 and out["skipped"] is False and want["dropped"] == 0
+    assert out["loss"] == pytest.approx(want["loss"], rel=1e-5) and out["mse"] == pytest.approx(want["mse"], rel=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+    # per-member batches (N, B): a NaN and an inf in the same column -> the step without that column
+    model, _, z, context, lengths, target = _i13_lrm_setup()
+    ref, _ = _i13_clone(model, _)
+    zz, cc, ll, tt = (torch.stack([x, x.flip(0)]) for x in (z, context, lengths, target))
+    bad = tt.clone()
+    bad[0, 2], bad[1, 2] = float("nan"), float("-inf")
+    out = lrm.lrm_update(model, _i13_sgd(model), zz, cc, ll, bad)
+    keep = torch.tensor([0, 1, 3])
+    lrm.lrm_update(ref, _i13_sgd(ref), zz[:, keep], cc[:, keep], ll[:, keep], tt[:, keep])
+    assert out["dropped"] == 2 and out["skipped"] is False
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+    # AdamW, one inf target (the case that made most weights non-finite), and bootstrap resamples
+    model, opt, z, context, lengths, target = _i13_lrm_setup(n=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = target.clone()
+    bad[0] = float("inf")
+    out = lrm.lrm_update(model, opt, z, context, lengths, bad)
+    assert out["dropped"] == 1 and out["skipped"] is False
+    bad[2] = float("nan")
+    out = lrm.lrm_update(model, opt, z, context, lengths, bad, bootstrap=True, generator=torch.Generator().manual_seed(0))
+    assert out["dropped"] == 2 and out["skipped"] is False and math.isfinite(out["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.head2.weight, before["head2.weight"])
+
+
+def test_i13_lrm_update_skips_non_finite_steps_without_touching_state():
+    model, opt, z, context, lengths, target = _i13_lrm_setup()
+    lrm.lrm_update(model, opt, z, context, lengths, target)
+    before = _i13_state(model, opt)
+    # every target non-finite: nothing to train on
+    out = lrm.lrm_update(model, opt, z, context, lengths, torch.full_like(target, float("nan")))
+    assert out["skipped"] is True and out["dropped"] == 4
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    # a non-finite latent: non-finite prediction and loss
+    bad_z = z.clone()
+    bad_z[0, 0, 0, 0, 0] = float("inf")
+    out = lrm.lrm_update(model, opt, bad_z, context, lengths, target)
+    assert out["skipped"] is True and out["dropped"] == 0 and not math.isfinite(out["loss"])
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    # a finite loss whose gradient is not finite
+    handle = model.head2.weight.register_hook(lambda g: g * float("nan"))
+    out = lrm.lrm_update(model, opt, z, context, lengths, target)
+    handle.remove()
+    assert out["skipped"] is True and math.isfinite(out["loss"])
+    _i13_assert_same_state(_i13_state(model, opt), before)
+    assert all(p.grad is None for p in model.parameters())
+    # and the next good step goes through
+    out = lrm.lrm_update(model, opt, z, context, lengths, target)
+    assert out["skipped"] is False and not torch.equal(model.head2.weight, before[0]["head2.weight"])
+
+
+def test_i13_replay_never_stores_non_finite_rows():
+    buf = replay.ReplayBuffer(capacity=8)
+    z, context, lengths, reward, variance = _refl_entries([0.1, 0.2, 0.3, 0.4, 0.5])
+    reward[1], variance[3] = float("nan"), float("inf")
+    z[4, 0] = float("nan")
+    assert buf.insert(z, context, lengths, reward, variance) == 3
+    assert len(buf) == 2 and buf.data["reward"].tolist() == [0.0, 2.0]
+    assert buf.insert(*(x[1:2] for x in (z, context, lengths, reward, variance))) == 1 and len(buf) == 2
+    empty = replay.ReplayBuffer(capacity=4)
+    assert empty.insert(*(x[1:2] for x in (z, context, lengths, reward, variance))) == 1 and len(empty) == 0
+    # a state saved before this check (same format) loads; its non-finite rows are dropped and counted
+    state = {"capacity": 4, "data": dict(zip(replay.FIELDS, _refl_entries([0.1, 0.2, 0.3])))}
+    state["data"]["reward"][0] = float("inf")
+    other = replay.ReplayBuffer()
+    assert other.load_state_dict(state) == 1
+    assert len(other) == 2 and other.data["reward"].tolist() == [1.0, 2.0]
+
+
+def test_i13_replay_sample_errors_are_clear():
+    buf = replay.ReplayBuffer(capacity=4)
+    buf.insert(*_refl_entries([3e38, 3e38, 0.0]))  # finite, but the sum overflows
+    ids = buf.sample(1000, generator=torch.Generator().manual_seed(0))["reward"].long()
+    assert set(ids.tolist()) == {0, 1}
+    buf.data["variance"][2] = float("nan")  # changed behind the buffer's back
+    with pytest.raises(ValueError, match=r"non-finite variance at entries \[2\]"):
+        buf.sample(4)
+    bad = {"capacity": 4, "data": {k: v for k, v in buf.data.items() if k != "reward"}}
+    with pytest.raises(ValueError, match=r"not a replay buffer state: no \['data.reward'\]"):
+        replay.ReplayBuffer().load_state_dict(bad)
+
+
+def test_i13_reward_output_check_states_the_contract(tmp_path):
+    video = torch.zeros(3, 3, 2, 4, 4)
+    ok = torch.tensor([0.1, float("nan"), 0.3])
+    assert rewards.check_reward_output(ok, 3) is ok  # non-finite values are the caller's to count
+    contract = re.escape("fn(video, prompts) must return a float tensor of shape (B,) = (3,)")
+    for bad, what in ((ok.tolist(), "list"), (torch.ones(3, 1), r"shape \(3, 1\)"), (torch.ones(2), r"shape \(2,\)"),
+                      (torch.ones(3, dtype=torch.long), "torch.int64"), (torch.tensor(1.0), r"shape \(\)")):
+        with pytest.raises((TypeError, ValueError), match=f"'my_rm' returned .*{what}.*{contract}"):
+            rewards.check_reward_output(bad, 3, name="my_rm")
+    (tmp_path / "i13_rm.py").write_text(
+        "import torch\n"
+        "def per_frame(video, prompts):\n"
+        "    return video.mean((1, 3, 4))\n"
+        "def good(video, prompts):\n"
+        "    return video.mean((1, 2, 3, 4))\n")
+    wrong = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:per_frame")
+    with pytest.raises(ValueError, match=r"i13_rm\.py:per_frame' returned a tensor of shape \(3, 2\).*" + contract):
+        wrong(video, ["a", "b", "c"])
+    good = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:good")
+    assert torch.equal(good(video, ["a", "b", "c"]), torch.zeros(3))
+
+
+_I13_BLOCKED = ("imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "cv2", "av", "ftfy")
+
+
+def test_i13_components_import_alone():
+    """Each component imports with torch, safetensors, numpy and the standard library only, and none
+    imports another project file (except lrm -> model_dit); text_encoder's tokenizer packages load lazily."""
+    script = f"""
+import importlib, sys
+for name in {_I13_BLOCKED!r}:
+    sys.modules[name] = None  # any import of these raises ImportError
+import torch, safetensors.torch, numpy
+project = {{"model_dit", "vae", "text_encoder", "lrm", "replay", "rewards", "toy", "sample", "prepare_data",
+            "train_lrm", "train_refl", "bench"}}
+allowed = {{"lrm": {{"model_dit"}}}}
+ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
+for name in ("model_dit", "vae", "text_encoder", "lrm", "replay", "rewards"):
+    for m in [m for m in sys.modules if m.split(".")[0] in project]:
+        del sys.modules[m]
+    before = set(sys.modules)
+    importlib.import_module(name)
+    new = {{m.split(".")[0] for m in set(sys.modules) - before if sys.modules[m] is not None}} - {{name}}
+    assert not (new & project) - allowed.get(name, set()), (name, new & project)
+    assert not new - project - ok, (name, sorted(new - project - ok))
+import text_encoder
+assert text_encoder.load_tokenizer(None)(["hi"], max_length=4)[0].tolist() == [[107, 108, 1, 0]]
+open(sys.argv[1], "wb").write(b"x" * 16)
+try:
+    text_encoder.load_tokenizer(sys.argv[1])
+except ImportError as err:
+    assert "sentencepiece" in str(err), err
+else:
+    raise AssertionError("no ImportError")
+print("ok")
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        res = subprocess.run([sys.executable, "-c", script, str(Path(d) / "spiece.model")], cwd=_DATA_REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_i13_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
+    import shutil
+    for name in ("dit.safetensors", "lrm.safetensors"):
+        copy = tmp_path / name / "cache"
+        shutil.copytree(refl_cache, copy)
+        (target,) = copy.glob(f"*/{name}")
+        target.write_bytes(target.read_bytes()[:1000])
+        with pytest.raises(ValueError, match=rf"{re.escape(str(target))}.*delete the cache folder {re.escape(str(target.parent))}"):
+            toy.load_world(cache_dir=copy, log=lambda *a: None)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ sharded with an index, or a Diffusers text_encoder/ folder) and single-file repa
 tensor that is dropped). `load_tokenizer` reads a tokenizer.json (tokenizers), a spiece.model
 (sentencepiece), such a repack's `spiece_model` tensor, or, with no path, uses an offline UTF-8
 byte tokenizer for the "tiny" preset (id = byte + 3, so pad 0 / EOS 1 / unk 2 match T5).
+sentencepiece and tokenizers are imported only when such a file is read, so the rest of this file
+needs torch and safetensors alone. Every file is read through one function, `_read`, whose errors
+name the file, what is wrong with it and what was expected.
 
 Left out: the decoder, dropout (inference only), the fp16 clamp (run bf16 or fp32), shared
 position embeddings (UMT5 has none), and the special-token parsing of literal "</s>" / "<pad>"
@@ -40,13 +43,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 try:
     import ftfy  # optional, as in diffusers' WanPipeline; Wan's own code always applies it
@@ -215,23 +216,47 @@ class PromptTokenizer:
 
 
 def _tokenizers_pieces(file: Path):
-    tok = tokenizers.Tokenizer.from_file(str(file))
+    try:  # imported here: the rest of this file needs neither tokenizer package
+        import tokenizers
+    except ImportError as err:
+        raise ImportError(f"reading {file} needs the tokenizers package (pip install tokenizers)") from err
+    contents = _read(file)
+    try:
+        tok = tokenizers.Tokenizer.from_str(json.dumps(contents))
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{file}: not a tokenizers tokenizer.json (as saved by T5TokenizerFast): {err}") from err
     tok.no_truncation()  # a saved tokenizer.json may carry the settings of its last call
     tok.no_padding()
     return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def _sentencepiece_pieces(model_proto: bytes):
-    sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+def _sentencepiece_pieces(model_proto: bytes, source: str):
+    try:
+        import sentencepiece
+    except ImportError as err:
+        raise ImportError(f"reading {source} needs the sentencepiece package (pip install sentencepiece)") from err
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        if not model_proto:
+            raise ValueError("0 bytes")
+        sp.LoadFromSerializedProto(model_proto)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ValueError(f"{source}: not a SentencePiece model (expected the bytes of a spiece.model): "
+                         f"{str(err).strip() or type(err).__name__}") from err
+    if sp.get_piece_size() == 0:
+        raise ValueError(f"{source}: not a SentencePiece model (expected the bytes of a spiece.model): no pieces")
     return lambda texts: sp.encode(texts)
 
 
 def load_tokenizer(path=None) -> PromptTokenizer:
     """None -> the offline byte tokenizer; a folder with tokenizer.json (preferred, as
-    T5TokenizerFast) or spiece.model; either file; or a repack .safetensors with `spiece_model`."""
+    T5TokenizerFast) or spiece.model; either file; or a repack .safetensors with `spiece_model`.
+    A file that is not a tokenizer is refused here, not at the first prompt."""
     if path is None:
         return PromptTokenizer(byte_pieces)
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         for name in ("tokenizer.json", "spiece.model"):
             if (path / name).exists():
@@ -240,12 +265,13 @@ def load_tokenizer(path=None) -> PromptTokenizer:
     if path.suffix == ".json":
         return PromptTokenizer(_tokenizers_pieces(path))
     if path.suffix == ".model":
-        return PromptTokenizer(_sentencepiece_pieces(path.read_bytes()))
+        return PromptTokenizer(_sentencepiece_pieces(_read(path), str(path)))
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
-            if "spiece_model" in f.keys():
-                return PromptTokenizer(_sentencepiece_pieces(f.get_tensor("spiece_model").numpy().tobytes()))
-        raise ValueError(f"{path} has no 'spiece_model' tensor to build a tokenizer from")
+        tensors = _read(path, only=("spiece_model",))
+        if "spiece_model" not in tensors:
+            raise ValueError(f"{path} has no 'spiece_model' tensor to build a tokenizer from")
+        proto = tensors["spiece_model"].numpy().tobytes()
+        return PromptTokenizer(_sentencepiece_pieces(proto, f"{path} (tensor 'spiece_model')"))
     raise ValueError(f"unknown tokenizer {path} "
                      "(expected a folder, tokenizer.json, spiece.model or a .safetensors repack)")
 
@@ -308,7 +334,12 @@ class PromptCache:
             context, lengths = encode_prompts(todo[i : i + batch_size], tokenizer, encoder, text_len)
             for prompt, c, n in zip(todo[i : i + batch_size], context, lengths):
                 self._write(prompt, text_len, c[:n])
-        rows = [load_file(self.path(p, text_len))["context"] for p in prompts]
+        rows = []
+        for p in prompts:
+            try:
+                rows.append(_read(self.path(p, text_len), only=("context",))["context"])
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"prompt cache entry for {p!r} is unreadable; delete it to re-encode: {err}") from err
         lengths = torch.tensor([r.shape[0] for r in rows])
         return torch.stack([F.pad(r, (0, 0, 0, text_len - r.shape[0])) for r in rows]), lengths
 
@@ -344,6 +375,8 @@ def _hf_to_wan(key: str) -> str:
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():  # a transformers / Diffusers text_encoder/ folder
         found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
         if len(found) != 1:
@@ -351,28 +384,78 @@ def _checkpoint_files(path: Path) -> list[Path]:
                              f"found {[p.name for p in found]}")
         return _checkpoint_files(found[0])
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return [path.parent / s for s in shards]
+        contents = _read(path)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{path}: not a safetensors index (expected a JSON object with a non-empty 'weight_map')")
+        return [path.parent / s for s in sorted(set(weight_map.values()))]
     if path.suffix in (".safetensors", ".pth", ".pt"):
         return [path]
     raise ValueError(f"unknown checkpoint type {path} "
                      "(expected .pth, .pt, .safetensors, .safetensors.index.json or a folder)")
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+_WRAPPER_KEYS = ("model", "state_dict")  # {key: state_dict} with nothing else is unwrapped
+
+
+def _state_dict_of(obj, file: Path) -> dict:
+    """The name -> tensor dict a .pth holds: the object itself, or the one entry of {"model": sd} or
+    {"state_dict": sd}. Anything else (a training checkpoint with optimizer state, a list) is refused."""
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
+    odd = [str(k) for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:
+        raise ValueError(f"{file}: holds a dict with keys {sorted(map(str, obj))[:8]} whose entries {odd[:8]} are "
+                         f"not tensors; expected a state dict (name -> tensor) or a dict with a single 'model' or "
+                         f"'state_dict' entry holding one")
+    return obj
+
+
+def _read(file: Path, dtype: torch.dtype | None = None, only=None):
+    """The one reader of this file. A .safetensors or .pth/.pt (weights only, never pickled code) ->
+    name -> tensor, floating tensors cast to dtype one at a time (keeps peak memory low), only the
+    names in `only` if given; a .json -> its parsed contents; a .model -> its bytes. Every way a file
+    can be missing, empty, truncated or of the wrong kind ends here in an error that names the file."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{file} is not a file; expected a checkpoint (.safetensors, .pth, .pt) or a tokenizer file")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file}: empty file (0 bytes); expected a checkpoint (.safetensors, .pth, .pt) "
+                         "or a tokenizer file")
+    if file.suffix == ".model":
+        return file.read_bytes()
+    if file.suffix == ".json":
+        try:
+            return json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: not valid JSON: {err}") from err
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                names = [k for k in f.keys() if only is None or k in only]
+                return {k: _cast(f.get_tensor(k), dtype) for k in names}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    try:  # mmap needs torch.save's zip format; older pickles are read whole
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
+                         f"tensors?): {type(err).__name__}: {err}") from err
+    return {k: _cast(v, dtype) for k, v in _state_dict_of(obj, file).items() if only is None or k in only}
 
 
 def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict:
-    """Every tensor of the files; floating ones cast to dtype one at a time (keeps peak memory low)."""
+    """Every tensor of the files, floating ones cast to dtype."""
     sd = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
-                sd.update((k, _cast(f.get_tensor(k), dtype)) for k in f.keys())
-        else:  # mmap needs torch.save's zip format; older pickles are read whole
-            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-            sd.update((k, _cast(v, dtype)) for k, v in tensors.items())
+        sd.update(_read(file, dtype))
     return sd
 
 

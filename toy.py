@@ -232,15 +232,26 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     root.mkdir(parents=True, exist_ok=True)
     dit, vae, encoder, tokenizer = build_models(cfg.seed)
     dit_path, lrm_path = root / "dit.safetensors", root / "lrm.safetensors"
+
+    def unreadable(path, err):  # a cut or stale cache file: say how to recover
+        return ValueError(f"toy cache file {path} is unreadable ({type(err).__name__}: {err}); "
+                          f"delete the cache folder {root} and rerun to rebuild it")
+
     if dit_path.exists():
-        dit.load_state_dict(load_file(str(dit_path)), strict=True)
+        try:
+            dit.load_state_dict(load_file(str(dit_path)), strict=True)
+        except Exception as err:
+            raise unreadable(dit_path, err) from err
     else:
         log(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
         pretrain_dit(dit, vae, encoder, tokenizer, cfg, log)
         dit.zero_grad(set_to_none=True)  # the pretraining gradients are not the caller's
         _save_atomic(dit.state_dict(), dit_path, {"toy_config": json.dumps(asdict(cfg))})
     if lrm_path.exists():
-        model = lrm_lib.load_lrm(lrm_path)
+        try:
+            model = lrm_lib.load_lrm(lrm_path)
+        except Exception as err:
+            raise unreadable(lrm_path, err) from err
     else:
         log(f"toy world: bootstrapping the LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {lrm_path}")
         model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log)

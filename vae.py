@@ -25,6 +25,7 @@ Wan 2.2 VAE (`is_residual`, patchified input).
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 CACHE_T = 2  # frames a causal 3-tap conv carries over from the previous chunk
@@ -465,20 +467,74 @@ def check_state_dict(model, state, path, layout):
         )
 
 
+_WRAPPER_KEYS = ("model", "state_dict")  # {key: state_dict} with nothing else is unwrapped
+
+
+def _state_dict_of(obj, file):
+    """The name -> tensor dict a .pth holds: the object itself, or the one entry of {"model": sd} or
+    {"state_dict": sd}. Anything else (a training checkpoint with optimizer state, a list) is refused."""
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
+    odd = [str(k) for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:
+        raise ValueError(f"{file}: holds a dict with keys {sorted(map(str, obj))[:8]} whose entries {odd[:8]} are "
+                         f"not tensors; expected a state dict (name -> tensor) or a dict with a single 'model' or "
+                         f"'state_dict' entry holding one")
+    return obj
+
+
+def _read(file: Path):
+    """The one reader of this file: config.json -> its parsed contents; a .safetensors or a .pth/.pt
+    (weights only, never pickled code) -> name -> tensor. Every way a file can be missing, empty,
+    truncated or of the wrong kind ends here in an error that names the file."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{file} is not a file; expected Wan2.1_VAE.pth, a .safetensors or a Diffusers vae/ folder")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file}: empty file (0 bytes); expected a VAE checkpoint (.pth, .safetensors) or config.json")
+    if file.name == "config.json":
+        try:
+            return json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file}: not valid JSON: {err}") from err
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    try:  # mmap needs the zip format of torch.save; older pickles are read whole
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
+                         f"tensors?): {type(err).__name__}: {err}") from err
+    return _state_dict_of(obj, file)
+
+
 def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:
     """Load `Wan2.1_VAE.pth`, an original-layout .safetensors (fp32 or a 16-bit repack) or a
     Diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors), cast to `dtype`.
     `config` defaults to the folder's config.json, or for original-layout files (which carry
-    none) to Wan 2.1's; a tiny file needs config=VAE_CONFIGS["tiny"]. Returns the model in eval
-    mode with frozen parameters (gradients still flow to a z that requires them)."""
+    none) to Wan 2.1's; a tiny file needs config=VAE_CONFIGS["tiny"]. A .pth holding
+    {"model": state_dict} or {"state_dict": state_dict} and nothing else is unwrapped. Returns the
+    model in eval mode with frozen parameters (gradients still flow to a z that requires them)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
-        config = config or config_from_diffusers(json.loads((path / "config.json").read_text()))
-        state = load_file(path / "diffusion_pytorch_model.safetensors")
-    elif path.suffix == ".safetensors":
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        wanted = ("config.json", "diffusion_pytorch_model.safetensors")
+        if not all((path / name).is_file() for name in wanted):
+            raise ValueError(f"{path}: expected a Diffusers vae/ folder holding {' and '.join(wanted)}, found "
+                             f"{sorted(p.name for p in path.iterdir())[:8]}")
+        settings = _read(path / "config.json")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path / 'config.json'}: expected a JSON object of VAE settings")
+        config = config or config_from_diffusers(settings)
+        state = _read(path / "diffusion_pytorch_model.safetensors")
+    else:  # .safetensors, or any other file as a torch checkpoint (Wan2.1_VAE.pth)
+        state = _read(path)
     with torch.device("meta"):
         model = WanVAE(config or VAEConfig())
     layout = "diffusers" if "quant_conv.weight" in state else "original"

@@ -2235,9 +2235,9 @@ def test_bench_main_merges_sections_into_the_json(tmp_path, monkeypatch):
     assert data["earlier"] == {"kept": 1} and data["dit"]["ratio_time"] == 0.5
 
 
-# ---- loader errors and non-finite values (issue 13)
+# ---- loader errors and non-finite values
 
-def _i13_bad_files(root: Path) -> dict:
+def _robust_bad_files(root: Path) -> dict:
     """Damaged checkpoint files next to each other: name -> path."""
     root.mkdir(parents=True, exist_ok=True)
     sd = {"w": torch.arange(64.0).reshape(8, 8), "b": torch.ones(8)}
@@ -2257,7 +2257,7 @@ def _i13_bad_files(root: Path) -> dict:
     return files
 
 
-def _i13_loaders():
+def _robust_loaders():
     return {
         "dit": lambda p: load_dit(p, config="tiny"),
         "vae": lambda p: load_vae(p, config=VAE_CONFIGS["tiny"]),
@@ -2267,8 +2267,8 @@ def _i13_loaders():
 
 
 @pytest.mark.parametrize("loader", ["dit", "vae", "text_encoder", "lrm"])
-def test_i13_loaders_name_the_file_and_the_fault(tmp_path, loader):
-    files, load = _i13_bad_files(tmp_path), _i13_loaders()[loader]
+def test_loaders_name_the_file_and_the_fault(tmp_path, loader):
+    files, load = _robust_bad_files(tmp_path), _robust_loaders()[loader]
     for name in ("missing", "missing_dir"):
         with pytest.raises(FileNotFoundError, match=re.escape(str(files[name])) + " does not exist"):
             load(files[name])
@@ -2285,7 +2285,7 @@ def test_i13_loaders_name_the_file_and_the_fault(tmp_path, loader):
         load(files["nothing"])
 
 
-def test_i13_state_dict_wrappers_follow_one_rule(tmp_path):
+def test_state_dict_wrappers_follow_one_rule(tmp_path):
     """A .pth holding exactly {"model": sd} or {"state_dict": sd} is unwrapped; anything else that is
     not name -> tensor is refused with the keys it holds."""
     torch.manual_seed(0)
@@ -2309,7 +2309,7 @@ def test_i13_state_dict_wrappers_follow_one_rule(tmp_path):
             load(tmp_path / f"{name}_list.pth")
 
 
-def test_i13_tokenizer_refuses_bad_files_at_load(tmp_path):
+def test_tokenizer_refuses_bad_files_at_load(tmp_path):
     (tmp_path / "empty.model").write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty.model")) + r": empty file"):
         te.load_tokenizer(tmp_path / "empty.model")
@@ -2336,7 +2336,7 @@ def test_i13_tokenizer_refuses_bad_files_at_load(tmp_path):
         te.load_tokenizer(tmp_path / "empty_repack.safetensors")
 
 
-def test_i13_lrm_load_names_bad_metadata(tmp_path):
+def test_lrm_load_names_bad_metadata(tmp_path):
     model = lrm.EnsembleLRM(_LRM_TINY, 2)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     for meta, part in (({"kind": "ensemble", "config": json.dumps(asdict(_LRM_TINY))}, "n_members"),
@@ -2348,7 +2348,7 @@ def test_i13_lrm_load_names_bad_metadata(tmp_path):
             lrm.load_lrm(tmp_path / "m.safetensors")
 
 
-def _i13_lrm_setup(n=2, b=4, seed=0):
+def _robust_lrm_setup(n=2, b=4, seed=0):
     model = lrm.EnsembleLRM(_LRM_TINY, n, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     z, context, lengths = _lrm_inputs(b=b, seed=seed)
@@ -2356,7 +2356,7 @@ def _i13_lrm_setup(n=2, b=4, seed=0):
     return model, opt, z, context, lengths, target
 
 
-def _i13_clone(model, opt):
+def _robust_clone(model, opt):
     other = lrm.EnsembleLRM(model.cfg, model.n_members)
     other.load_state_dict(model.state_dict())
     other_opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
@@ -2364,7 +2364,7 @@ def _i13_clone(model, opt):
     return other, other_opt
 
 
-def _i13_state(model, opt):
+def _robust_state(model, opt):
     """Parameters and AdamW state, deep-copied."""
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
@@ -2372,17 +2372,17 @@ def _i13_state(model, opt):
     return params, state
 
 
-def _i13_assert_same_state(a, b):
+def _robust_assert_same_state(a, b):
     assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     assert a[1].keys() == b[1].keys()
     for i in a[1]:
         assert all(torch.equal(torch.as_tensor(a[1][i][k]), torch.as_tensor(b[1][i][k])) for k in a[1][i])
 
 
-def test_i13_lrm_update_finite_inputs_unchanged():
+def test_lrm_update_finite_inputs_unchanged():
     """With finite inputs the step is exactly the plain Huber step (forward, mean loss, backward, AdamW)."""
-    model, opt, z, context, lengths, target = _i13_lrm_setup()
-    ref, ref_opt = _i13_clone(model, opt)
+    model, opt, z, context, lengths, target = _robust_lrm_setup()
+    ref, ref_opt = _robust_clone(model, opt)
     for _ in range(2):
         out = lrm.lrm_update(model, opt, z, context, lengths, target)
         pred = ref(z, context, lengths)
@@ -2390,44 +2390,44 @@ def test_i13_lrm_update_finite_inputs_unchanged():
         lrm.huber_loss(pred, target.float().expand_as(pred)).mean(1).sum().backward()
         ref_opt.step()
         assert out["skipped"] is False and out["dropped"] == 0
-    _i13_assert_same_state(_i13_state(model, opt), _i13_state(ref, ref_opt))
+    _robust_assert_same_state(_robust_state(model, opt), _robust_state(ref, ref_opt))
 
 
-def _i13_sgd(model):
+def _robust_sgd(model):
     """Plain SGD for comparing steps: AdamW turns float noise in the zero gradients of attention key
     biases into visible updates, so equal steps are compared through SGD."""
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def test_i13_lrm_update_drops_non_finite_targets():
+def test_lrm_update_drops_non_finite_targets():
     # shared batch (B,): one inf target -> the step equals the step on the other three samples
-    model, _, z, context, lengths, target = _i13_lrm_setup()
-    ref, _ = _i13_clone(model, _)
+    model, _, z, context, lengths, target = _robust_lrm_setup()
+    ref, _ = _robust_clone(model, _)
     bad = target.clone()
     bad[1] = float("inf")
-    out = lrm.lrm_update(model, _i13_sgd(model), z, context, lengths, bad)
+    out = lrm.lrm_update(model, _robust_sgd(model), z, context, lengths, bad)
     keep = torch.tensor([0, 2, 3])
-    want = lrm.lrm_update(ref, _i13_sgd(ref), z[keep], context[keep], lengths[keep], target[keep])
+    want = lrm.lrm_update(ref, _robust_sgd(ref), z[keep], context[keep], lengths[keep], target[keep])
     assert out["dropped"] == 1 and out["skipped"] is False and want["dropped"] == 0
     assert out["loss"] == pytest.approx(want["loss"], rel=1e-5) and out["mse"] == pytest.approx(want["mse"], rel=1e-5)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
     # per-member batches (N, B): a NaN and an inf in the same column -> the step without that column
-    model, _, z, context, lengths, target = _i13_lrm_setup()
-    ref, _ = _i13_clone(model, _)
+    model, _, z, context, lengths, target = _robust_lrm_setup()
+    ref, _ = _robust_clone(model, _)
     zz, cc, ll, tt = (torch.stack([x, x.flip(0)]) for x in (z, context, lengths, target))
     bad = tt.clone()
     bad[0, 2], bad[1, 2] = float("nan"), float("-inf")
-    out = lrm.lrm_update(model, _i13_sgd(model), zz, cc, ll, bad)
+    out = lrm.lrm_update(model, _robust_sgd(model), zz, cc, ll, bad)
     keep = torch.tensor([0, 1, 3])
-    lrm.lrm_update(ref, _i13_sgd(ref), zz[:, keep], cc[:, keep], ll[:, keep], tt[:, keep])
+    lrm.lrm_update(ref, _robust_sgd(ref), zz[:, keep], cc[:, keep], ll[:, keep], tt[:, keep])
     assert out["dropped"] == 2 and out["skipped"] is False
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
     # AdamW, one inf target (the case that made most weights non-finite), and bootstrap resamples
-    model, opt, z, context, lengths, target = _i13_lrm_setup(n=3)
+    model, opt, z, context, lengths, target = _robust_lrm_setup(n=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = target.clone()
     bad[0] = float("inf")
@@ -2440,33 +2440,33 @@ def test_i13_lrm_update_drops_non_finite_targets():
     assert not torch.equal(model.head2.weight, before["head2.weight"])
 
 
-def test_i13_lrm_update_skips_non_finite_steps_without_touching_state():
-    model, opt, z, context, lengths, target = _i13_lrm_setup()
+def test_lrm_update_skips_non_finite_steps_without_touching_state():
+    model, opt, z, context, lengths, target = _robust_lrm_setup()
     lrm.lrm_update(model, opt, z, context, lengths, target)
-    before = _i13_state(model, opt)
+    before = _robust_state(model, opt)
     # every target non-finite: nothing to train on
     out = lrm.lrm_update(model, opt, z, context, lengths, torch.full_like(target, float("nan")))
     assert out["skipped"] is True and out["dropped"] == 4
-    _i13_assert_same_state(_i13_state(model, opt), before)
+    _robust_assert_same_state(_robust_state(model, opt), before)
     # a non-finite latent: non-finite prediction and loss
     bad_z = z.clone()
     bad_z[0, 0, 0, 0, 0] = float("inf")
     out = lrm.lrm_update(model, opt, bad_z, context, lengths, target)
     assert out["skipped"] is True and out["dropped"] == 0 and not math.isfinite(out["loss"])
-    _i13_assert_same_state(_i13_state(model, opt), before)
+    _robust_assert_same_state(_robust_state(model, opt), before)
     # a finite loss whose gradient is not finite
     handle = model.head2.weight.register_hook(lambda g: g * float("nan"))
     out = lrm.lrm_update(model, opt, z, context, lengths, target)
     handle.remove()
     assert out["skipped"] is True and math.isfinite(out["loss"])
-    _i13_assert_same_state(_i13_state(model, opt), before)
+    _robust_assert_same_state(_robust_state(model, opt), before)
     assert all(p.grad is None for p in model.parameters())
     # and the next good step goes through
     out = lrm.lrm_update(model, opt, z, context, lengths, target)
     assert out["skipped"] is False and not torch.equal(model.head2.weight, before[0]["head2.weight"])
 
 
-def test_i13_replay_never_stores_non_finite_rows():
+def test_replay_never_stores_non_finite_rows():
     buf = replay.ReplayBuffer(capacity=8)
     z, context, lengths, reward, variance = _refl_entries([0.1, 0.2, 0.3, 0.4, 0.5])
     reward[1], variance[3] = float("nan"), float("inf")
@@ -2484,7 +2484,7 @@ def test_i13_replay_never_stores_non_finite_rows():
     assert len(other) == 2 and other.data["reward"].tolist() == [1.0, 2.0]
 
 
-def test_i13_replay_sample_errors_are_clear():
+def test_replay_sample_errors_are_clear():
     buf = replay.ReplayBuffer(capacity=4)
     buf.insert(*_refl_entries([3e38, 3e38, 0.0]))  # finite, but the sum overflows
     ids = buf.sample(1000, generator=torch.Generator().manual_seed(0))["reward"].long()
@@ -2497,7 +2497,7 @@ def test_i13_replay_sample_errors_are_clear():
         replay.ReplayBuffer().load_state_dict(bad)
 
 
-def test_i13_reward_output_check_states_the_contract(tmp_path):
+def test_reward_output_check_states_the_contract(tmp_path):
     video = torch.zeros(3, 3, 2, 4, 4)
     ok = torch.tensor([0.1, float("nan"), 0.3])
     assert rewards.check_reward_output(ok, 3) is ok  # non-finite values are the caller's to count
@@ -2506,35 +2506,35 @@ def test_i13_reward_output_check_states_the_contract(tmp_path):
                       (torch.ones(3, dtype=torch.long), "torch.int64"), (torch.tensor(1.0), r"shape \(\)")):
         with pytest.raises((TypeError, ValueError), match=f"'my_rm' returned .*{what}.*{contract}"):
             rewards.check_reward_output(bad, 3, name="my_rm")
-    (tmp_path / "i13_rm.py").write_text(
+    (tmp_path / "user_rm.py").write_text(
         "import torch\n"
         "def per_frame(video, prompts):\n"
         "    return video.mean((1, 3, 4))\n"
         "def good(video, prompts):\n"
         "    return video.mean((1, 2, 3, 4))\n")
-    wrong = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:per_frame")
-    with pytest.raises(ValueError, match=r"i13_rm\.py:per_frame' returned a tensor of shape \(3, 2\).*" + contract):
+    wrong = rewards.load_reward(f"{tmp_path / 'user_rm.py'}:per_frame")
+    with pytest.raises(ValueError, match=r"user_rm\.py:per_frame' returned a tensor of shape \(3, 2\).*" + contract):
         wrong(video, ["a", "b", "c"])
-    good = rewards.load_reward(f"{tmp_path / 'i13_rm.py'}:good")
+    good = rewards.load_reward(f"{tmp_path / 'user_rm.py'}:good")
     assert torch.equal(good(video, ["a", "b", "c"]), torch.zeros(3))
 
 
-_I13_BLOCKED = ("imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "cv2", "av", "ftfy")
+_ROBUST_BLOCKED = ("imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "cv2", "av", "ftfy")
 
 
-def test_i13_components_import_alone():
+def test_components_import_alone():
     """Each component imports with torch, safetensors, numpy and the standard library only, and none
     imports another project file (except lrm -> model_dit); text_encoder's tokenizer packages load lazily."""
     script = f"""
 import importlib, sys
-for name in {_I13_BLOCKED!r}:
+for name in {_ROBUST_BLOCKED!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 import torch, safetensors.torch, numpy
-project = {{"model_dit", "vae", "text_encoder", "lrm", "replay", "rewards", "toy", "sample", "prepare_data",
-            "train_lrm", "train_refl", "bench"}}
+project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "toy", "sample",
+            "prepare_data", "train_lrm", "train_refl", "bench"}}
 allowed = {{"lrm": {{"model_dit"}}}}
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
-for name in ("model_dit", "vae", "text_encoder", "lrm", "replay", "rewards"):
+for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]
     before = set(sys.modules)
@@ -2560,7 +2560,7 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
-def test_i13_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
+def test_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
     import shutil
     for name in ("dit.safetensors", "lrm.safetensors"):
         copy = tmp_path / name / "cache"
@@ -2576,15 +2576,6 @@ if __name__ == "__main__":
 
 
 # ---- one owner per concept: lora.py, distributed.py, sizes, precision, checkpoint folders
-
-def test_component_files_import_with_torch_safetensors_numpy_only():
-    """A file copied into another repo must import there: block every other third-party package."""
-    blocked = ["imageio", "diffusers", "transformers", "sentencepiece", "tokenizers", "PIL", "matplotlib", "scipy"]
-    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked) +
-            "import model_dit, vae, lrm, lora, replay, rewards, distributed\nprint('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
-
 
 def test_vae_latent_shape_and_size_rule():
     assert vae_lib.latent_shape(81, 480, 832) == (16, 21, 60, 104)

@@ -74,7 +74,7 @@ NEUTRAL = 0.5  # the color reward of a prompt that names no colour
 _COLOR_WORD = re.compile(r"\b(" + "|".join(PALETTE) + r")\b", re.IGNORECASE)
 
 
-def _unit(video: torch.Tensor) -> torch.Tensor:
+def unit_range(video: torch.Tensor) -> torch.Tensor:
     """Check the shape and map [-1, 1] to [0, 1] intensities (B, 3, T, H, W), in fp32."""
     if video.dim() != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
@@ -82,7 +82,7 @@ def _unit(video: torch.Tensor) -> torch.Tensor:
 
 
 def _frame_diffs(video: torch.Tensor) -> torch.Tensor:
-    x = _unit(video)
+    x = unit_range(video)
     if x.shape[2] < 2:
         raise ValueError(f"temporal rewards need at least 2 frames, got {x.shape[2]}")
     return x[:, :, 1:] - x[:, :, :-1]  # (B, 3, T-1, H, W)
@@ -99,7 +99,7 @@ def color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     names: 1 - |mean_rgb - target|^2 / 3, in [0, 1] (1 = exact match, 0 = opposite corner of the
     RGB cube). It sees only the average colour: half red, half blue scores like purple. A prompt
     without a palette word gets NEUTRAL (0.5) with zero gradient."""
-    x = _unit(video)
+    x = unit_range(video)
     if len(prompts) != x.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {x.shape[0]} videos")
     colors = [prompt_color(p) for p in prompts]
@@ -113,7 +113,7 @@ def sharpness(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Spatial detail, prompt-independent: mean |horizontal| and |vertical| difference of
     neighbouring pixel intensities, averaged; 0 for flat frames, lower after blurring, 1 only for a
     one-pixel black/white checkerboard. Noise counts as detail."""
-    x = _unit(video)
+    x = unit_range(video)
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3, 4))
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3, 4))
     return (dx + dy) / 2

@@ -2688,3 +2688,45 @@ def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"
+
+
+def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_path):
+    """A pixel reward that returns NaN for a quarter of its samples: the run finishes, every weight
+    it writes is finite, and it says how many rewards it dropped (once a NaN alignment reward turned
+    all LRM weights into NaN and the run exited 0)."""
+    (tmp_path / "nan_rm.py").write_text(
+        "import torch, toy\n"
+        "def reward(video, prompts):\n"
+        "    r = toy.calibrated_color(video, prompts).clone()\n"
+        "    r[::4] = float('nan')\n"
+        "    return r\n")
+    flags = ["--reward", f"{tmp_path / 'nan_rm.py'}:reward", "--align-every", "1", "--align-steps", "2",
+             "--steps", "3", "--eval-samples", "4"]
+    _, lrm_model, buffer = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # the reward sees batches of 2: one NaN per training step (3) and per evaluation batch (2 evaluations x 2 batches)
+    assert summary["nonfinite"]["rewards_dropped"] == 3 and summary["nonfinite"]["eval_dropped"] == 4
+    assert math.isfinite(summary["true_reward_before"]) and math.isfinite(summary["true_reward_after"])
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run" / "lora.safetensors")).values())
+    assert all(torch.isfinite(p).all() for p in lrm_model.parameters())
+    assert len(buffer) == 3 and torch.isfinite(buffer.data["reward"]).all()
+
+    (tmp_path / "all_nan.py").write_text("import torch\ndef reward(video, prompts):\n"
+                                         "    return torch.full((video.shape[0],), float('nan'), requires_grad=True)\n")
+    with pytest.raises(RuntimeError, match="more than --max-bad-steps 1"):  # pixel ReFL: every loss is NaN
+        train_refl.main(_refl_flags(refl_cache, tmp_path / "pixel", "--mode", "pixel", "--max-bad-steps", "1",
+                                    "--steps", "3", "--reward", f"{tmp_path / 'all_nan.py'}:reward"))
+    assert not (tmp_path / "pixel" / "lora.safetensors").exists()
+
+
+def test_toy_build_models_leaves_the_global_rng_alone():
+    """It used to reseed the global RNG, so after the toy world loaded --seed changed nothing."""
+    def after_build(seed):
+        torch.manual_seed(seed)
+        toy.build_models(0)
+        return torch.rand(4)
+
+    assert not torch.equal(after_build(5), after_build(6))
+    assert torch.equal(after_build(5), after_build(5))
+    a, b = toy.build_models(0)[0], toy.build_models(0)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded weights

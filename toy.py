@@ -2,7 +2,7 @@
 
 ReFL needs a generator whose mid-step x0 prediction says something about where its own sampler
 ends; a randomly initialised DiT does not, and ReFL on it raises no true reward at any learning
-rate (measured, methods.md §5). So the offline default is a small world of its own:
+rate (measured on a 2-layer DiT: lr 1e-4 and 1e-3, beta 0 and 1). So the offline default is a small world of its own:
 
   - procedural videos: 5 frames of 32x32, a random background colour and a square of another
     random colour moving in a straight line; captions name a colour from the pixel reward's
@@ -18,7 +18,7 @@ rate (measured, methods.md §5). So the offline default is a small world of its 
   - an ensemble LRM bootstrapped from the generator's own labelled rollouts: sample, decode,
     score with the pixel reward, `lrm.lrm_update` (also cached).
 
-The world's sampler: 20 Euler steps, shift 5 (methods.md §5).
+The world's sampler: 20 Euler steps, shift 5; train_refl.py's toy defaults read it from ToyConfig.
 Left out: a trained toy VAE (a random VAE is a fixed, smooth decoder, which is all ReFL needs here).
 """
 
@@ -37,6 +37,7 @@ import rewards
 import sample
 import text_encoder
 from model_dit import DIT_CONFIGS, WanDiT
+import vae as vae_lib
 from vae import VAE_CONFIGS, WanVAE
 
 TEMPLATES = ("a {} video", "make it {}", "{} everywhere", "a clip in {}")
@@ -102,8 +103,7 @@ def toy_prompts(n: int, generator: torch.Generator) -> list[str]:
 def decoder_colour_stats(seed: int = 0, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (3,) of the toy VAE's decoded mean colour (RGB in [0, 1]) over n standard-normal
     latents of the toy shape. Seeded and deterministic; the global RNG is left untouched."""
-    with torch.random.fork_rng():
-        _, vae, _, _ = build_models(seed)
+    _, vae, _, _ = build_models(seed)
     z = torch.randn(n, *latent_shape(ToyConfig()), generator=torch.Generator().manual_seed(seed + 7))
     with torch.no_grad():
         colours = (vae.decode(z) + 1).div(2).mean((2, 3, 4))
@@ -119,7 +119,7 @@ def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     then compared with the named colour mapped to [-1, 1]: 1 - |c - (2 rgb - 1)|^2 / 12, in [0, 1].
     Prompt-dependent and differentiable; a prompt without a palette word gets rewards.NEUTRAL.
     It measures the direction the decoded colour moves in, not an absolute colour."""
-    x = rewards._unit(video)  # checks the shape, [-1, 1] -> [0, 1]
+    x = rewards.unit_range(video)  # checks the shape, [-1, 1] -> [0, 1]
     if len(prompts) != x.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {x.shape[0]} videos")
     mean, std = (t.to(x.device) for t in decoder_colour_stats())
@@ -134,17 +134,14 @@ def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- models
 
 def build_models(seed: int = 0):
-    """The seeded tiny models: (dit, vae, text encoder, tokenizer), fp32, on the CPU."""
-    torch.manual_seed(seed)
-    dit = WanDiT(DIT_CONFIGS["tiny"])
-    vae = WanVAE(VAE_CONFIGS["tiny"]).eval().requires_grad_(False)
-    encoder = text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).eval().requires_grad_(False)
+    """The seeded tiny models: (dit, vae, text encoder, tokenizer), fp32, on the CPU. The caller's
+    global RNG is left as it was (the weights come from `seed` alone)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        dit = WanDiT(DIT_CONFIGS["tiny"])
+        vae = WanVAE(VAE_CONFIGS["tiny"]).eval().requires_grad_(False)
+        encoder = text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).eval().requires_grad_(False)
     return dit, vae, encoder, text_encoder.load_tokenizer(None)
-
-
-def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """The sampler's time shift applied to uniform u: sigma' = s u / (1 + (s - 1) u)."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
@@ -157,7 +154,7 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
     for step in range(cfg.pretrain_steps):
         idx = torch.randint(cfg.num_videos, (cfg.pretrain_batch,), generator=g)
         x0, noise = z[idx], torch.randn(z[idx].shape, generator=g)
-        sigma = shifted_sigma(torch.rand(len(idx), generator=g), cfg.shift)
+        sigma = sample.shift_sigmas(torch.rand(len(idx), generator=g), cfg.shift)  # the sampler's shift
         s = sigma.view(-1, 1, 1, 1, 1)
         t = (sigma * 1000).long()  # the sampler hands truncated integer timesteps
         loss = (dit((1 - s) * x0 + s * noise, t, context[idx]) - (noise - x0)).pow(2).mean()
@@ -178,7 +175,7 @@ def rollout(dit, context, noise, cfg: ToyConfig) -> torch.Tensor:
 
 
 def latent_shape(cfg: ToyConfig) -> tuple[int, int, int, int]:
-    return (16, (cfg.frames - 1) // 4 + 1, cfg.size // 8, cfg.size // 8)
+    return vae_lib.latent_shape(cfg.frames, cfg.size, cfg.size)
 
 
 def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):

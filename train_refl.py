@@ -150,6 +150,9 @@ def parse_args(argv=None):
     o.add_argument("--out", default="runs/refl", help="run folder (default runs/refl)")
     o.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
     o.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --out, replacing it")
+    o.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop with an error once more ReFL steps + LRM updates than this were skipped for non-finite "
+                        "loss or gradients (default 10)")
     o.add_argument("--seed", type=int, default=0, help="default 0")
     o.add_argument("--stop-after", type=int, metavar="STEP",
                    help="exit right after this step as a crash would (no final evaluation, checkpoint or export), "
@@ -168,7 +171,7 @@ def validate(args):
     for k in positive:
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k"):
+    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps"):
         if getattr(args, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     if not 0 <= args.mid_min <= args.mid_max:
@@ -308,37 +311,49 @@ def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigma
     else:
         members = lrm(z0, context, lengths)  # (N, B)
         reward = lrm_lib.aggregate(members, args.agg, args.lcb_k)
-    loss = -reward.mean() + (args.beta * kl if args.beta > 0 else 0.0)
-    return {"loss": loss, "reward": reward.detach(), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach()}
+    finite = torch.isfinite(reward.detach())  # a non-finite reward is left out (no finite one: a NaN loss, skipped)
+    used = reward[finite].mean() if finite.any() else reward.sum() * float("nan")
+    loss = -used + (args.beta * kl if args.beta > 0 else 0.0)
+    return {"loss": loss, "reward": reward.detach(), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach(),
+            "dropped": int((~finite).sum())}
 
 
 # ----------------------------------------------------------------------------- online alignment
 
-def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_fn, args, step, world) -> dict:
-    """Decode the scored z0s (no gradient), score them, fill the shared buffer, re-fit the LRM."""
+def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_fn, args, step, world, bad, log) -> dict:
+    """Decode the scored z0s (no gradient), score them, fill the shared buffer, re-fit the LRM.
+    Non-finite pixel rewards never enter the buffer (counted in bad["rewards_dropped"]); an LRM
+    update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
     with torch.no_grad():
         true = reward_fn(vae.decode(out["z0"]), prompts).float()
+    for p in [p for p, r in zip(prompts, true.tolist()) if not math.isfinite(r)]:
+        log(f"step {step}: the pixel reward returned a non-finite value for {p!r}; dropped")
     variance = out["members"].float().var(0, correction=0)
     entries = [distributed.all_gather_cat(x) for x in (out["z0"], context, lengths, true, variance)]
-    buffer.insert(*entries)
+    bad["rewards_dropped"] += buffer.insert(*entries)
     g = torch.Generator().manual_seed(args.seed * 7919 + step)  # same on every rank: same batches, same update
     lrm.requires_grad_(True)
     amp = sample.dtypes(out["z0"].device)["amp"]
-    for _ in range(args.align_steps):
+    for _ in range(args.align_steps if len(buffer) else 0):
         b = buffer.sample(args.batch_size, generator=g)
         dev = out["z0"].device
-        lrm_lib.lrm_update(lrm, lrm_opt, b["z"].to(dev), b["context"].to(dev), b["lengths"].to(dev), b["reward"].to(dev),
-                           generator=g, amp_dtype=amp)
+        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"].to(dev), b["context"].to(dev), b["lengths"].to(dev),
+                                 b["reward"].to(dev), generator=g, amp_dtype=amp)
+        if res["skipped"]:
+            bad["lrm_skipped"] += 1
+            log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
     lrm.requires_grad_(False)
     if world > 1:
         for p in lrm.parameters():  # float nondeterminism must not let the ranks' LRMs drift apart
             dist.broadcast(p.data, 0)
-    error = (out["members"].mean(0) - true).abs().mean()
-    stats = torch.stack([true.mean(), error])
+    finite = torch.isfinite(true)
+    err = (out["members"].mean(0).float() - true).abs()
+    stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
     if world > 1:
         dist.all_reduce(stats)
-        stats /= world
-    return {"true_reward": stats[0].item(), "lrm_error": stats[1].item()}
+    if stats[2] == 0:
+        return {}
+    return {"true_reward": (stats[0] / stats[2]).item(), "lrm_error": (stats[1] / stats[2]).item()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -348,12 +363,14 @@ def eval_pairs(args, prompts: list[str]) -> list[tuple[str, int]]:
     return [(prompts[i % len(prompts)], 10_000 + i) for i in range(args.eval_samples)]
 
 
-def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step) -> float:
+def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step,
+             bad=None) -> float:
     """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
-    rank runs the same number of batches). Saves the first two videos of rank 0 as mp4."""
+    rank runs the same number of batches); non-finite rewards are left out of the mean and counted
+    in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4."""
     per_rank = math.ceil(len(pairs) / world)
     mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
-    total = torch.zeros(2, device=device)
+    total = torch.zeros(3, device=device)  # reward sum, finite count, non-finite count
     for i in range(0, per_rank, args.batch_size):
         chunk = mine[i : i + args.batch_size]
         ps = [pairs[j % len(pairs)][0] for j in chunk]
@@ -367,12 +384,15 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
             video = vae.decode(z)
             r = reward_fn(video, ps).float()
         weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
-        total += torch.stack([(r * weight).sum(), weight.sum()])
+        finite = torch.isfinite(r)
+        total += torch.stack([torch.where(finite, r * weight, 0).sum(), (weight * finite).sum(), (weight * ~finite).sum()])
         if rank == 0 and i == 0:
             save_videos(video[:2], Path(out_dir) / "samples", step)
     if world > 1:
         dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    if bad is not None:
+        bad["eval_dropped"] += int(total[2].item())
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
 def save_videos(video: torch.Tensor, folder: Path, step: int):
@@ -384,7 +404,7 @@ def save_videos(video: torch.Tensor, folder: Path, step: int):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int, args):
+def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, history: list, rank: int, args, bad: dict):
     """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history; rank 0
     writes tmp + os.replace.
     get_state_dict gathers full state dicts under FSDP2 (a collective: every rank calls it)."""
@@ -396,7 +416,7 @@ def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, his
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {"step": step, "model": model_state, "optimizer": opt_state, "lrm": lrm.state_dict() if lrm else None,
                  "lrm_optimizer": lrm_opt.state_dict() if lrm_opt else None, "buffer": buffer.state_dict(), "rng": rng,
-                 "history": history}
+                 "history": history, "nonfinite": dict(bad)}
         bad = nonfinite_tensors({**model_state, **(state["lrm"] or {})})
         if bad:  # never overwrite a good checkpoint with a poisoned one
             raise RuntimeError(f"step {step}: refusing to write {path}: {len(bad)} weight tensors hold NaN or inf "
@@ -452,8 +472,9 @@ def read_checkpoint(path) -> dict:
     return state
 
 
-def load_checkpoint(state, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]:
-    """Restore what save_checkpoint saved (read_checkpoint's state) -> (step, evaluation history)."""
+def load_checkpoint(state, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list, dict]:
+    """Restore what save_checkpoint saved (read_checkpoint's state) -> (step, evaluation history,
+    non-finite counters)."""
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     if lrm is not None:
@@ -464,7 +485,37 @@ def load_checkpoint(state, model, opt, lrm, lrm_opt, buffer) -> tuple[int, list]
     random.setstate(state["rng"]["python"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["history"]
+    return state["step"], state["history"], {**new_bad_counts(), **state.get("nonfinite", {})}
+
+
+def new_bad_counts() -> dict:
+    """What non-finite values cost the run: rewards left out (training / evaluation), steps not applied."""
+    return {"rewards_dropped": 0, "eval_dropped": 0, "refl_skipped": 0, "lrm_skipped": 0}
+
+
+def gradients_finite(model, loss, world: int) -> bool:
+    """True when the loss and every trainable gradient are finite on every rank (one all-reduce, so
+    the ranks skip a step together)."""
+    ok = bool(torch.isfinite(loss.detach()).all())
+    for p in model.parameters():
+        if ok and p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+            ok = bool(torch.isfinite(g).all())
+    if world > 1:
+        flag = torch.tensor(float(ok), device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
+
+
+def check_bad(bad: dict, args, step: int):
+    """Stop the run (nothing more is written) once too many steps had non-finite loss or gradients."""
+    skipped = bad["refl_skipped"] + bad["lrm_skipped"]
+    if skipped > args.max_bad_steps:
+        raise RuntimeError(f"step {step}: {bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates were "
+                           f"skipped for non-finite loss or gradients (more than --max-bad-steps {args.max_bad_steps}); "
+                           f"{bad['rewards_dropped']} non-finite pixel rewards were dropped. Check the reward model "
+                           f"and the learning rate; the last checkpoint holds the last good state")
 
 
 def rank_difference(model, lrm, buffer) -> float:
@@ -588,11 +639,12 @@ def main(argv=None):
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
     ckpt_path = out_dir / "ckpt.pt"
     if args.resume:
-        start, history = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)
+        start, history, bad = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)
         log(f"resumed {args.resume} at step {start}")
     else:
-        start, history = 0, [{"step": 0, "true_reward": evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas,
-                                                                  device, rank, world, out_dir, 0)}]
+        start, bad = 0, new_bad_counts()
+        history = [{"step": 0, "true_reward": evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank,
+                                                       world, out_dir, 0, bad)}]
     before = history[0]["true_reward"]
     log(f"eval step 0 | true reward {before:.4f} ({len(pairs)} fixed prompt/seed pairs)")
     metrics = open_metrics(out_dir / "metrics.jsonl", start) if rank == 0 else None
@@ -605,17 +657,26 @@ def main(argv=None):
             out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        opt.step()
-        rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].mean().item(),
+        bad["rewards_dropped"] += out["dropped"]
+        if gradients_finite(model, out["loss"], world):
+            opt.step()
+        else:  # nothing of this step is applied
+            opt.zero_grad(set_to_none=True)
+            bad["refl_skipped"] += 1
+            log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
+        rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
         if args.align_every and step % args.align_every == 0 and args.mode != "pixel":
-            rec.update(align_lrm(lrm, lrm_opt, buffer, out, context, lengths, batch["prompts"], vae, reward_fn, args, step, world))
+            rec.update(align_lrm(lrm, lrm_opt, buffer, out, context, lengths, batch["prompts"], vae, reward_fn, args, step,
+                                 world, bad, log))
+        check_bad(bad, args, step)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step)
+            rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world,
+                                               out_dir, step, bad)
             history.append({"step": step, "true_reward": rec["eval_true_reward"]})
         if args.save_every and step % args.save_every == 0:
-            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, args)
-        rec.update(sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
+            save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, args, bad)
+        rec.update(**bad, sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         log(format_line(rec))
         if metrics:
             metrics.write(json.dumps(rec) + "\n")
@@ -625,9 +686,9 @@ def main(argv=None):
             finish(metrics)
             return model, lrm, buffer
     seconds = time.time() - t_run
-    after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps)
+    after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps, bad)
     history.append({"step": args.steps, "true_reward": after})
-    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, args)
+    save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, args, bad)
     if world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
         diff = rank_difference(model, lrm, buffer)
         if rank == 0:
@@ -639,9 +700,12 @@ def main(argv=None):
         steps_run = max(args.steps - start, 1)
         summary = {"true_reward_before": before, "true_reward_after": after, "eval_history": history,
                    "steps": args.steps, "train_seconds": seconds, "sec_per_step": seconds / steps_run,
-                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "mode": args.mode}
+                   "peak_mem_mb": peak_memory_mb(device), "world_size": world, "mode": args.mode, "nonfinite": bad}
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"true reward (eval, {len(pairs)} fixed prompt/seed pairs): before {before:.4f} -> after {after:.4f}")
+    if any(bad.values()):
+        log(f"non-finite values: {bad['rewards_dropped']} training and {bad['eval_dropped']} evaluation rewards dropped, "
+            f"{bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates skipped")
     finish(metrics)
     return model, lrm, buffer
 

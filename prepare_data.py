@@ -15,7 +15,9 @@ Each video: read with imageio (ffmpeg), `--frames` (4k+1) frames picked by index
 the source's own fps, shorter side resized and centre-cropped to `--size WxH`, scaled to [-1, 1],
 VAE-encoded (posterior mean), decoded again and scored with `--reward` (`--keep-reward` keeps a
 manifest's precomputed reward instead). Prompts go through the on-disk PromptCache.
-Unreadable and too-short videos are skipped, counted and listed in `report.json`.
+Unreadable and too-short videos, and samples whose reward is NaN or inf (never stored as a label),
+are skipped, counted and listed in `report.json`; a shard whose inputs all fail is a shard of zero
+samples.
 
 Output in `--out`: `shard_00000.safetensors`, ... (`latents` (N, 16, T', H', W') fp32,
 `context` (N, L, C) = the prompt embeddings trimmed to the longest prompt of the shard,
@@ -179,6 +181,9 @@ def shard_metadata(path):
         return f.metadata()
 
 
+SKIP_REASONS = ("unreadable", "too_short", "non_finite_reward")
+
+
 def write_index(out, num_shards, num_items):
     """index.json and report.json from the shard files (so they also cover earlier, resumed runs)."""
     shards, skipped = [], []
@@ -188,7 +193,7 @@ def write_index(out, num_shards, num_items):
         skipped += json.loads(meta["skipped"])
     written = sum(s["samples"] for s in shards)
     (Path(out) / "index.json").write_text(json.dumps({"samples": written, "shards": shards}, indent=1))
-    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in ("unreadable", "too_short")}
+    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in SKIP_REASONS}
     report = {"inputs": num_items, "written": written, "skipped": counts, "skipped_files": skipped}
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -264,8 +269,12 @@ def process_shard(items, vae, embed, reward_fn, args, device):
             reward = item["reward"]
         else:  # the target the LRM will be compared against: R(Dec(z), prompt)
             reward = float(reward_fn(vae.decode(z[None]), [prompt])[0])
+        if not math.isfinite(reward):  # a NaN/inf label would poison every LRM trained on it
+            print(f"skipped {source} (prompt {prompt!r}): the reward is {reward}, not a finite number")
+            skipped.append({"source": source, "reason": "non_finite_reward", "error": f"reward {reward} for prompt {prompt!r}"})
+            continue
         rows.append({"latent": z.cpu(), "prompt": prompt, "source": source, "reward": reward})
-    for row, context in zip(rows, embed([r["prompt"] for r in rows])):
+    for row, context in zip(rows, embed([r["prompt"] for r in rows]) if rows else []):
         row["context"] = context.cpu()
     return rows, skipped
 
@@ -316,6 +325,15 @@ def parse_args(argv):
         p.error(str(e))
     if args.shard_size < 1:
         p.error(f"shard-size must be >= 1, got {args.shard_size}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        p.error(f"--fps must be a finite number > 0, got {args.fps}")
+    for flag, path, kind in (("--manifest", args.manifest, "file"), ("--videos", args.videos, "folder"), ("--latents", args.latents, "folder")):
+        if path is None:
+            continue
+        if not Path(path).exists():
+            p.error(f"{flag} {path} does not exist")
+        if (kind == "file") != Path(path).is_file():
+            p.error(f"{flag} {path} is not a {kind}")
     return args
 
 

@@ -1561,7 +1561,7 @@ def test_data_prepare_folder_skips_bad_videos_and_resumes(tmp_path):
     argv = _data_prepare_argv(out, "--videos", str(src), "--shard-size", "2")
     report = prepare_data.main(argv)
     assert report["written"] == 3 and report["inputs"] == 5
-    assert report["skipped"] == {"unreadable": 1, "too_short": 1}
+    assert report["skipped"] == {"unreadable": 1, "too_short": 1, "non_finite_reward": 0}
     reasons = {Path(s["source"]).name: s["reason"] for s in report["skipped_files"]}
     assert reasons == {"b_corrupt.mp4": "unreadable", "d_short.mp4": "too_short"}
     assert json.loads((out / "report.json").read_text()) == report
@@ -1607,7 +1607,7 @@ def test_data_prepare_manifest_and_saved_latents(tmp_path):
 
     out = tmp_path / "data"
     report = prepare_data.main(_data_prepare_argv(out, "--manifest", str(manifest), "--latents", str(latents), "--keep-reward"))
-    assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 0}
+    assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 0, "non_finite_reward": 0}
     _, files = _data_shards(out)
     shard = load_file(files[0])
     with safe_open(files[0], "pt") as h:
@@ -2688,3 +2688,74 @@ def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"
+
+
+# ---- data preparation and LRM training never lose or corrupt data
+
+_NAN_REWARD = (
+    "import torch\n"
+    "import rewards\n"
+    "def score(video, prompts):\n"
+    "    r = rewards.color(video, prompts)\n"
+    "    return torch.where(torch.tensor(['broken' in p for p in prompts]), torch.tensor(float('nan')), r)\n"
+)
+
+
+def test_prepare_never_stores_a_non_finite_label(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour, caption in (("a", (200, 30, 30), "a red room"), ("b", (30, 30, 200), "a broken sky")):
+        _data_write_video(videos / f"{name}.mp4", 9, colour)
+        (videos / f"{name}.txt").write_text(caption)
+    (tmp_path / "nan_rm.py").write_text(_NAN_REWARD)
+    out = tmp_path / "data"
+    report = prepare_data.main(_data_prepare_argv(out, "--videos", str(videos), "--reward", f"{tmp_path / 'nan_rm.py'}:score"))
+    assert report["written"] == 1 and report["skipped"]["non_finite_reward"] == 1
+    assert [Path(s["source"]).name for s in report["skipped_files"]] == ["b.mp4"]
+    log = capsys.readouterr().out
+    assert "a broken sky" in log and "b.mp4" in log
+    _, files = _data_shards(out)
+    assert torch.isfinite(load_file(files[0])["rewards"]).all()
+    # a manifest's kept reward that is not finite is dropped the same way
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"video": "videos/a.mp4", "prompt": "a", "reward": Infinity}\n'
+                        '{"video": "videos/b.mp4", "prompt": "b", "reward": 0.5}\n')
+    report = prepare_data.main(_data_prepare_argv(tmp_path / "kept", "--manifest", str(manifest), "--keep-reward"))
+    assert report["written"] == 1 and report["skipped"]["non_finite_reward"] == 1
+    _, files = _data_shards(tmp_path / "kept")
+    assert load_file(files[0])["rewards"].tolist() == [0.5]
+
+
+def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a_bad.mp4").write_bytes(b"not a video" * 10)
+    (videos / "a_bad.txt").write_text("nothing")
+    _data_write_video(videos / "b_good.mp4", 9, (200, 30, 30))
+    (videos / "b_good.txt").write_text("a red room")
+    out = tmp_path / "data"
+    argv = _data_prepare_argv(out, "--videos", str(videos), "--shard-size", "1")
+    report = prepare_data.main(argv)
+    assert report["written"] == 1 and report["skipped"]["unreadable"] == 1
+    index, _ = _data_shards(out)
+    assert [s["samples"] for s in index["shards"]] == [0, 1]
+    assert prepare_data.main(argv) == report  # and a rerun finds it finished
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--fps", "0"], "--fps must be a finite number > 0"),
+    (["--fps", "-2"], "--fps must be a finite number > 0"),
+    (["--fps", "nan"], "--fps must be a finite number > 0"),
+    (["--videos", "MISSING"], "--videos .*does not exist"),
+    (["--latents", "MISSING"], "--latents .*does not exist"),
+    (["--manifest", "MISSING"], "--manifest .*does not exist"),
+])
+def test_prepare_refuses_bad_flags_up_front(tmp_path, capsys, flags, msg):
+    flags = [str(tmp_path / "nowhere") if f == "MISSING" else f for f in flags]
+    if "--fps" in flags:
+        (tmp_path / "v").mkdir()
+        flags += ["--videos", str(tmp_path / "v")]
+    with pytest.raises(SystemExit) as e:
+        prepare_data.parse_args(["--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    assert re.search(msg, capsys.readouterr().err.strip().splitlines()[-1])

@@ -2759,3 +2759,85 @@ def test_prepare_refuses_bad_flags_up_front(tmp_path, capsys, flags, msg):
         prepare_data.parse_args(["--out", str(tmp_path / "out"), *flags])
     assert e.value.code == 2
     assert re.search(msg, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_save_lrm_is_atomic_and_refuses_non_finite_weights(tmp_path, monkeypatch):
+    path = tmp_path / "lrm.safetensors"
+    model = lrm.EnsembleLRM(_LRM_TINY, 2, seed=0)
+    lrm.save_lrm(model, path)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.head2.weight.view(-1)[0] = float("nan")
+        model.head2.bias.fill_(float("inf"))
+    count = 1 + model.head2.bias.numel()
+    with pytest.raises(ValueError, match=rf"{count} non-finite values.*head2\.weight"):
+        lrm.save_lrm(model, path)
+    assert path.read_bytes() == before
+
+    def torn(state, name, metadata=None):  # a write that dies half way (full disk, kill)
+        Path(name).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lrm, "save_file", torn)
+    with pytest.raises(OSError):
+        lrm.save_lrm(lrm.EnsembleLRM(_LRM_TINY, 2, seed=1), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["lrm.safetensors"]
+
+
+def _lrm_shards(out, shapes, widths=None, rewards_fn=None):
+    """Hand-written prepare_data shards: shard i has 4 rows of latents (16, *shapes[i])."""
+    out.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, shape in enumerate(shapes):
+        width = widths[i] if widths else 64
+        rows = [{"latent": torch.randn(16, *shape, generator=g), "context": torch.randn(3, width, generator=g),
+                 "reward": rewards_fn(i, j) if rewards_fn else float(j), "prompt": f"p{j}", "source": f"s{i}_{j}"}
+                for j in range(4)]
+        prepare_data.write_shard(prepare_data.shard_path(out, i), rows, [])
+    prepare_data.write_index(out, len(shapes), 4 * len(shapes))
+    return out
+
+
+def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
+    data = _lrm_shards(tmp_path / "d1", [(2, 4, 4), (2, 4, 4), (3, 4, 4)])
+    with pytest.raises(ValueError, match=r"shard_00002\.safetensors.*\(16, 3, 4, 4\).*\(16, 2, 4, 4\)"):
+        train_lrm.main(_data_train_argv(tmp_path / "r1", "--data", str(data), "--members", "2", "--epochs", "1"))
+    data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
+    with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
+        train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
+
+
+def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
+    nan_every_other = _lrm_shards(tmp_path / "some", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan") if j % 2 else float(j))
+    out = tmp_path / "ok"
+    train_lrm.main(["--out", str(out), "--data", str(nan_every_other), "--members", "2", "--epochs", "1", "--log-every", "1"])
+    log = capsys.readouterr().out
+    assert re.search(r"dropped [1-9]\d*", log) and "skipped 0" in log
+    assert all(torch.isfinite(v).all() for v in load_file(out / "lrm.safetensors").values())
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert all(math.isfinite(x) for split in ("train", "test") for x in metrics[split]["mse"])
+
+    all_nan = _lrm_shards(tmp_path / "none", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan"))
+    out = tmp_path / "bad"
+    with pytest.raises(RuntimeError, match=r"3 LRM steps skipped.*--max-bad-steps 2.*no finite label"):
+        train_lrm.main(["--out", str(out), "--data", str(all_nan), "--members", "2", "--epochs", "3", "--max-bad-steps", "2"])
+    assert not (out / "lrm.safetensors").exists()
+
+
+def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_path):
+    model = lrm.EnsembleLRM(_LRM_TINY, 2, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.head2.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        train_lrm.save_checkpoint(tmp_path / "ckpt.pt", model, opt, 3)
+    assert not (tmp_path / "ckpt.pt").exists()
+    argv = ["--out", str(tmp_path / "run"), "--synthetic", "16", "--members", "2", "--epochs", "1"]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "missing.pt")])
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x02half a pickle")
+    with pytest.raises(ValueError, match=r"torn\.pt.*not a readable train_lrm checkpoint"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "torn.pt")])
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt.*not a train_lrm checkpoint"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "other.pt")])

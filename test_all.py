@@ -2841,3 +2841,53 @@ def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_p
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt.*not a train_lrm checkpoint"):
         train_lrm.main([*argv, "--resume", str(tmp_path / "other.pt")])
+
+
+def _prepare_sources(out):
+    index, files = _data_shards(out)
+    sources = []
+    for f in files:
+        with safe_open(f, "pt") as h:
+            sources += [Path(s).name for s in json.loads(h.metadata()["sources"])]
+    return index, files, sources
+
+
+def test_prepare_rerun_appends_new_inputs_and_refuses_other_settings(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 200, 30))):
+        _data_write_video(videos / f"{name}.mp4", 9, colour)
+        (videos / f"{name}.txt").write_text(f"clip {name}")
+    out = tmp_path / "data"
+    argv = _data_prepare_argv(out, "--videos", str(videos), "--shard-size", "2")
+    prepare_data.main(argv)
+    stamp = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    _data_write_video(videos / "0_new.mp4", 9, (30, 30, 200))  # sorts first: must not shift the old shards
+    (videos / "0_new.txt").write_text("clip new")
+    report = prepare_data.main(argv)
+    assert report["inputs"] == 3 and report["written"] == 3
+    index, _, sources = _prepare_sources(out)
+    assert sorted(sources) == ["0_new.mp4", "a.mp4", "b.mp4"] and [s["samples"] for s in index["shards"]] == [2, 1]
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == stamp
+    recorded = json.loads((out / "dataset.json").read_text())
+    assert [[Path(i["path"]).name for i in shard] for shard in recorded["shards"]] == [["a.mp4", "b.mp4"], ["0_new.mp4"]]
+    assert prepare_data.main(argv) == report  # nothing new: nothing redone
+
+    with pytest.raises(ValueError) as refused:
+        prepare_data.main([*argv, "--frames", "9", "--size", "48x32"])
+    assert re.search(r"--frames 9 .*5", str(refused.value)) and re.search(r"--size 48x32 .*32x32", str(refused.value))
+    _data_write_video(videos / "a.mp4", 11, (200, 30, 30))  # a recorded input changed under the dataset
+    with pytest.raises(ValueError, match=r"a\.mp4 changed since it was added to shard 0.*new --out"):
+        prepare_data.main(argv)
+
+
+def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _data_write_video(videos / "a.mp4", 9, (200, 30, 30))
+    (videos / "a.txt").write_text("clip a")
+    out = tmp_path / "data"
+    out.mkdir()
+    prepare_data.write_shard(prepare_data.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
+    with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
+        prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))

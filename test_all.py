@@ -2822,6 +2822,10 @@ def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsy
     with pytest.raises(RuntimeError, match=r"3 LRM steps skipped.*--max-bad-steps 2.*no finite label"):
         train_lrm.main(["--out", str(out), "--data", str(all_nan), "--members", "2", "--epochs", "3", "--max-bad-steps", "2"])
     assert not (out / "lrm.safetensors").exists()
+    proc = subprocess.run([sys.executable, "train_lrm.py", "--out", str(out), "--data", str(all_nan), "--members", "2",
+                           "--max-bad-steps", "0"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("train_lrm.py: error: 1 LRM steps skipped")
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_path):

@@ -82,6 +82,10 @@ class ShardRows:
             }
 
 
+class TooManyBadSteps(RuntimeError):
+    """More steps were skipped for non-finite labels, loss or gradients than --max-bad-steps allows."""
+
+
 def check_shards(paths):
     """Every shard holds latents of one shape and prompt embeddings of one width (a dataset extended
     with other --size/--frames or another text encoder would otherwise fail mid-training): a
@@ -348,7 +352,7 @@ def main(argv=None):
         if stats["skipped"]:
             skipped["labels" if stats["dropped"] == batch[3].numel() else "numerics"] += 1
             if sum(skipped.values()) > args.max_bad_steps:
-                raise RuntimeError(
+                raise TooManyBadSteps(
                     f"{sum(skipped.values())} LRM steps skipped (more than --max-bad-steps {args.max_bad_steps}) by step {step}: "
                     f"{skipped['labels']} had no finite label, {skipped['numerics']} a non-finite loss or gradients; "
                     f"check the rewards in the data (NaN/inf labels) or lower --lr")
@@ -382,5 +386,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+    except (ValueError, FileNotFoundError, TooManyBadSteps) as e:  # a user's mistake or bad data: one line, no traceback
         raise SystemExit(f"train_lrm.py: error: {e}") from None

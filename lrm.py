@@ -40,6 +40,7 @@ VELR/T and VELR/C ablation variants, a backbone (DiT-based) reward model.
 """
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -485,10 +486,25 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
 # ----------------------------------------------------------------------------- save / load
 
 def save_lrm(model: nn.Module, path):
-    """safetensors with the model kind, member count and config (JSON) in the metadata."""
+    """safetensors with the model kind, member count and config (JSON) in the metadata.
+    Refuses (ValueError) a model with any NaN/inf weight. Written to a temporary file, fsync'ed and
+    renamed over `path`, so a kill or a full disk never leaves a torn file under the final name."""
     metadata = {"kind": model.kind, "n_members": str(model.n_members), "config": json.dumps(asdict(model.cfg))}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        raise ValueError(f"refusing to save an LRM with {sum(bad.values())} non-finite values in {len(bad)} "
+                         f"tensors (first: {next(iter(bad))}) to {path}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:

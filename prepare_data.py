@@ -15,13 +15,22 @@ Each video: read with imageio (ffmpeg), `--frames` (4k+1) frames picked by index
 the source's own fps, shorter side resized and centre-cropped to `--size WxH`, scaled to [-1, 1],
 VAE-encoded (posterior mean), decoded again and scored with `--reward` (`--keep-reward` keeps a
 manifest's precomputed reward instead). Prompts go through the on-disk PromptCache.
-Unreadable and too-short videos are skipped, counted and listed in `report.json`.
+Unreadable and too-short videos, and samples whose reward is NaN or inf (never stored as a label),
+are skipped, counted and listed in `report.json`; a shard whose inputs all fail is a shard of zero
+samples.
 
 Output in `--out`: `shard_00000.safetensors`, ... (`latents` (N, 16, T', H', W') fp32,
 `context` (N, L, C) = the prompt embeddings trimmed to the longest prompt of the shard,
 `lengths` (N,), `rewards` (N,) fp32; metadata: `prompts`, `sources`, `skipped` as JSON), plus
 `index.json` and `report.json` built from the shard files. A shard is written atomically, so one
 that exists is finished: re-running skips it. Under torchrun rank r does shards r, r+W, ...
+
+`dataset.json` records what the dataset is made from: the settings that define the data (size,
+frames, fps, reward, keep-reward, models) and, per shard, its inputs with their path, size and
+mtime. It is written (atomically, by rank 0) before any shard, so a rerun knows the plan: it
+redoes planned shards whose file is missing, puts inputs that are in no shard yet into new shards
+numbered after the old ones (nothing is duplicated or dropped), and refuses other settings, a
+recorded input that changed since, and a folder with shards but no record.
 
 Without `--ckpt-dir/--vae/--text-encoder` the tiny presets are used with *random* weights
 (seeded): that is for tests and the offline demo, the latents mean nothing.
@@ -179,6 +188,9 @@ def shard_metadata(path):
         return f.metadata()
 
 
+SKIP_REASONS = ("unreadable", "too_short", "non_finite_reward")
+
+
 def write_index(out, num_shards, num_items):
     """index.json and report.json from the shard files (so they also cover earlier, resumed runs)."""
     shards, skipped = [], []
@@ -188,7 +200,7 @@ def write_index(out, num_shards, num_items):
         skipped += json.loads(meta["skipped"])
     written = sum(s["samples"] for s in shards)
     (Path(out) / "index.json").write_text(json.dumps({"samples": written, "shards": shards}, indent=1))
-    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in ("unreadable", "too_short")}
+    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in SKIP_REASONS}
     report = {"inputs": num_items, "written": written, "skipped": counts, "skipped_files": skipped}
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -264,8 +276,12 @@ def process_shard(items, vae, embed, reward_fn, args, device):
             reward = item["reward"]
         else:  # the target the LRM will be compared against: R(Dec(z), prompt)
             reward = float(reward_fn(vae.decode(z[None]), [prompt])[0])
+        if not math.isfinite(reward):  # a NaN/inf label would poison every LRM trained on it
+            print(f"skipped {source} (prompt {prompt!r}): the reward is {reward}, not a finite number")
+            skipped.append({"source": source, "reason": "non_finite_reward", "error": f"reward {reward} for prompt {prompt!r}"})
+            continue
         rows.append({"latent": z.cpu(), "prompt": prompt, "source": source, "reward": reward})
-    for row, context in zip(rows, embed([r["prompt"] for r in rows])):
+    for row, context in zip(rows, embed([r["prompt"] for r in rows]) if rows else []):
         row["context"] = context.cpu()
     return rows, skipped
 
@@ -316,6 +332,15 @@ def parse_args(argv):
         p.error(str(e))
     if args.shard_size < 1:
         p.error(f"shard-size must be >= 1, got {args.shard_size}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        p.error(f"--fps must be a finite number > 0, got {args.fps}")
+    for flag, path, kind in (("--manifest", args.manifest, "file"), ("--videos", args.videos, "folder"), ("--latents", args.latents, "folder")):
+        if path is None:
+            continue
+        if not Path(path).exists():
+            p.error(f"{flag} {path} does not exist")
+        if (kind == "file") != Path(path).is_file():
+            p.error(f"{flag} {path} is not a {kind}")
     return args
 
 
@@ -327,27 +352,131 @@ def collect_items(args):
     return items
 
 
+# ---------------------------------------------------------------------------------------------
+# The record of what a dataset was made from (dataset.json)
+
+
+RECORD = "dataset.json"
+
+
+def dataset_settings(args):
+    """The flags that define the data: a dataset extended with other values would mix latent shapes,
+    frame rates, labels or prompt embeddings across its shards."""
+    paths = sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))
+    models = {k: str(Path(v).resolve()) for k, v in sorted(paths.items())} if paths else f"tiny-random-seed{args.seed}"
+    return {"size": "{}x{}".format(*args.size), "frames": args.frames, "fps": args.fps, "reward": args.reward,
+            "keep_reward": args.keep_reward, "models": models}
+
+
+SETTING_FLAGS = {"size": "--size", "frames": "--frames", "fps": "--fps", "reward": "--reward", "keep_reward": "--keep-reward",
+                 "models": "--ckpt-dir/--vae/--text-encoder/--tokenizer/--seed"}
+
+
+def input_entry(item):
+    """An input as dataset.json records it: the item (what process_shard needs) with its file's
+    absolute path, size and mtime, so a rerun can tell a new input from a recorded one and notice
+    a recorded one that changed."""
+    path = Path(item.get("video") or item["latent"]).resolve()
+    entry = {**item, "path": str(path)}
+    entry.pop("video", None), entry.pop("latent", None)
+    st = path.stat() if path.exists() else None
+    entry["size"], entry["mtime_ns"] = (st.st_size, st.st_mtime_ns) if st else (None, None)
+    return entry
+
+
+def entry_key(entry):
+    return entry["path"], entry.get("prompt")
+
+
+def entry_item(entry):
+    """A recorded input back to a process_shard item."""
+    item = {k: v for k, v in entry.items() if k not in ("path", "size", "mtime_ns")}
+    item["latent" if "prompt" not in entry else "video"] = entry["path"]
+    return item
+
+
+def plan_dataset(out, settings, items, shard_size):
+    """-> (record, changed): the shards of the dataset in `out` with the inputs not yet in any shard
+    appended as new shards (numbered after the old ones; a function of the folder and the inputs,
+    so every rank computes the same). ValueError for a folder it must not extend: shards but no
+    record, other settings, or a recorded input that changed since."""
+    path = Path(out) / RECORD
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+            record["settings"], record["shards"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a readable dataset record ({err}); start a new --out") from None
+    else:
+        if any(Path(out).glob("shard_*.safetensors")):
+            raise ValueError(f"{out} holds shards but no {RECORD} (made by an older prepare_data.py): what they were made "
+                             f"from is unknown, so it cannot be extended safely; start a new --out")
+        record = {"settings": settings, "shards": []}
+    diffs = [f"{SETTING_FLAGS[k]} {settings[k]} (this run) vs {record['settings'].get(k)} (dataset)"
+             for k in settings if settings[k] != record["settings"].get(k)]
+    if diffs:
+        raise ValueError(f"{out} was made with other settings: " + "; ".join(diffs) + "; use the dataset's settings or a new --out")
+    recorded = set()
+    for i, shard in enumerate(record["shards"]):
+        for entry in shard:
+            recorded.add(entry_key(entry))
+            now = Path(entry["path"])
+            if not now.exists():
+                if not shard_path(out, i).exists():
+                    raise ValueError(f"{now} is gone but shard {i} that holds it is not written yet; restore it or start a new --out")
+                continue
+            st = now.stat()
+            if (st.st_size, st.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+                raise ValueError(f"{now} changed since it was added to shard {i} (size/mtime differ from {RECORD}); "
+                                 f"restore the original file, or start a new --out to use the new one")
+    new = []
+    for item in items:
+        entry = input_entry(item)
+        if entry_key(entry) not in recorded:
+            recorded.add(entry_key(entry))
+            new.append(entry)
+    record["shards"] += [new[i : i + shard_size] for i in range(0, len(new), shard_size)]
+    return record, bool(new) or not path.exists()
+
+
+def write_record(out, record):
+    """dataset.json through a temporary file, fsync'ed, renamed: never torn."""
+    path = Path(out) / RECORD
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = collect_items(args)
-    num_shards = math.ceil(len(items) / args.shard_size)
+    # every rank plans from the same folder and inputs (and so refuses the same way); rank 0 records
+    # the plan before any shard is written, so a crash leaves planned shards that a rerun redoes
+    record, changed = plan_dataset(out, dataset_settings(args), collect_items(args), args.shard_size)
+    if rank == 0 and changed:
+        write_record(out, record)
+    distributed.barrier()
+    num_shards = len(record["shards"])
+    num_items = sum(len(shard) for shard in record["shards"])
     mine = list(range(num_shards))[rank::world]
     todo = [i for i in mine if not shard_path(out, i).exists()]
-    print(f"[rank {rank}] {len(items)} inputs, {num_shards} shards: {len(todo)} to write, {len(mine) - len(todo)} finished before")
+    print(f"[rank {rank}] {num_items} inputs, {num_shards} shards: {len(todo)} to write, {len(mine) - len(todo)} finished before")
     if todo:
         vae, embed = load_models(args, device)
         reward_fn = rewards.load_reward(args.reward)
     for i in todo:
-        rows, skipped = process_shard(items[i * args.shard_size : (i + 1) * args.shard_size], vae, embed, reward_fn, args, device)
+        rows, skipped = process_shard([entry_item(e) for e in record["shards"][i]], vae, embed, reward_fn, args, device)
         write_shard(shard_path(out, i), rows, skipped)
         print(f"[rank {rank}] shard {i}: {len(rows)} samples, {len(skipped)} skipped")
     distributed.barrier()
     report = None
     if rank == 0:
-        report = write_index(out, num_shards, len(items))
+        report = write_index(out, num_shards, num_items)
         print(f"{report['written']} samples in {num_shards} shards; skipped {report['skipped']} (details in {out / 'report.json'})")
     distributed.cleanup()
     return report

@@ -1561,7 +1561,7 @@ def test_data_prepare_folder_skips_bad_videos_and_resumes(tmp_path):
     argv = _data_prepare_argv(out, "--videos", str(src), "--shard-size", "2")
     report = prepare_data.main(argv)
     assert report["written"] == 3 and report["inputs"] == 5
-    assert report["skipped"] == {"unreadable": 1, "too_short": 1}
+    assert report["skipped"] == {"unreadable": 1, "too_short": 1, "non_finite_reward": 0}
     reasons = {Path(s["source"]).name: s["reason"] for s in report["skipped_files"]}
     assert reasons == {"b_corrupt.mp4": "unreadable", "d_short.mp4": "too_short"}
     assert json.loads((out / "report.json").read_text()) == report
@@ -1607,7 +1607,7 @@ def test_data_prepare_manifest_and_saved_latents(tmp_path):
 
     out = tmp_path / "data"
     report = prepare_data.main(_data_prepare_argv(out, "--manifest", str(manifest), "--latents", str(latents), "--keep-reward"))
-    assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 0}
+    assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 0, "non_finite_reward": 0}
     _, files = _data_shards(out)
     shard = load_file(files[0])
     with safe_open(files[0], "pt") as h:
@@ -2730,3 +2730,208 @@ def test_toy_build_models_leaves_the_global_rng_alone():
     assert torch.equal(after_build(5), after_build(5))
     a, b = toy.build_models(0)[0], toy.build_models(0)[0]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # seeded weights
+# ---- data preparation and LRM training never lose or corrupt data
+
+_NAN_REWARD = (
+    "import torch\n"
+    "import rewards\n"
+    "def score(video, prompts):\n"
+    "    r = rewards.color(video, prompts)\n"
+    "    return torch.where(torch.tensor(['broken' in p for p in prompts]), torch.tensor(float('nan')), r)\n"
+)
+
+
+def test_prepare_never_stores_a_non_finite_label(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour, caption in (("a", (200, 30, 30), "a red room"), ("b", (30, 30, 200), "a broken sky")):
+        _data_write_video(videos / f"{name}.mp4", 9, colour)
+        (videos / f"{name}.txt").write_text(caption)
+    (tmp_path / "nan_rm.py").write_text(_NAN_REWARD)
+    out = tmp_path / "data"
+    report = prepare_data.main(_data_prepare_argv(out, "--videos", str(videos), "--reward", f"{tmp_path / 'nan_rm.py'}:score"))
+    assert report["written"] == 1 and report["skipped"]["non_finite_reward"] == 1
+    assert [Path(s["source"]).name for s in report["skipped_files"]] == ["b.mp4"]
+    log = capsys.readouterr().out
+    assert "a broken sky" in log and "b.mp4" in log
+    _, files = _data_shards(out)
+    assert torch.isfinite(load_file(files[0])["rewards"]).all()
+    # a manifest's kept reward that is not finite is dropped the same way
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"video": "videos/a.mp4", "prompt": "a", "reward": Infinity}\n'
+                        '{"video": "videos/b.mp4", "prompt": "b", "reward": 0.5}\n')
+    report = prepare_data.main(_data_prepare_argv(tmp_path / "kept", "--manifest", str(manifest), "--keep-reward"))
+    assert report["written"] == 1 and report["skipped"]["non_finite_reward"] == 1
+    _, files = _data_shards(tmp_path / "kept")
+    assert load_file(files[0])["rewards"].tolist() == [0.5]
+
+
+def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a_bad.mp4").write_bytes(b"not a video" * 10)
+    (videos / "a_bad.txt").write_text("nothing")
+    _data_write_video(videos / "b_good.mp4", 9, (200, 30, 30))
+    (videos / "b_good.txt").write_text("a red room")
+    out = tmp_path / "data"
+    argv = _data_prepare_argv(out, "--videos", str(videos), "--shard-size", "1")
+    report = prepare_data.main(argv)
+    assert report["written"] == 1 and report["skipped"]["unreadable"] == 1
+    index, _ = _data_shards(out)
+    assert [s["samples"] for s in index["shards"]] == [0, 1]
+    assert prepare_data.main(argv) == report  # and a rerun finds it finished
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--fps", "0"], "--fps must be a finite number > 0"),
+    (["--fps", "-2"], "--fps must be a finite number > 0"),
+    (["--fps", "nan"], "--fps must be a finite number > 0"),
+    (["--videos", "MISSING"], "--videos .*does not exist"),
+    (["--latents", "MISSING"], "--latents .*does not exist"),
+    (["--manifest", "MISSING"], "--manifest .*does not exist"),
+])
+def test_prepare_refuses_bad_flags_up_front(tmp_path, capsys, flags, msg):
+    flags = [str(tmp_path / "nowhere") if f == "MISSING" else f for f in flags]
+    if "--fps" in flags:
+        (tmp_path / "v").mkdir()
+        flags += ["--videos", str(tmp_path / "v")]
+    with pytest.raises(SystemExit) as e:
+        prepare_data.parse_args(["--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    assert re.search(msg, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_save_lrm_is_atomic_and_refuses_non_finite_weights(tmp_path, monkeypatch):
+    path = tmp_path / "lrm.safetensors"
+    model = lrm.EnsembleLRM(_LRM_TINY, 2, seed=0)
+    lrm.save_lrm(model, path)
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.head2.weight.view(-1)[0] = float("nan")
+        model.head2.bias.fill_(float("inf"))
+    count = 1 + model.head2.bias.numel()
+    with pytest.raises(ValueError, match=rf"{count} non-finite values.*head2\.weight"):
+        lrm.save_lrm(model, path)
+    assert path.read_bytes() == before
+
+    def torn(state, name, metadata=None):  # a write that dies half way (full disk, kill)
+        Path(name).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lrm, "save_file", torn)
+    with pytest.raises(OSError):
+        lrm.save_lrm(lrm.EnsembleLRM(_LRM_TINY, 2, seed=1), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["lrm.safetensors"]
+
+
+def _lrm_shards(out, shapes, widths=None, rewards_fn=None):
+    """Hand-written prepare_data shards: shard i has 4 rows of latents (16, *shapes[i])."""
+    out.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, shape in enumerate(shapes):
+        width = widths[i] if widths else 64
+        rows = [{"latent": torch.randn(16, *shape, generator=g), "context": torch.randn(3, width, generator=g),
+                 "reward": rewards_fn(i, j) if rewards_fn else float(j), "prompt": f"p{j}", "source": f"s{i}_{j}"}
+                for j in range(4)]
+        prepare_data.write_shard(prepare_data.shard_path(out, i), rows, [])
+    prepare_data.write_index(out, len(shapes), 4 * len(shapes))
+    return out
+
+
+def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
+    data = _lrm_shards(tmp_path / "d1", [(2, 4, 4), (2, 4, 4), (3, 4, 4)])
+    with pytest.raises(ValueError, match=r"shard_00002\.safetensors.*\(16, 3, 4, 4\).*\(16, 2, 4, 4\)"):
+        train_lrm.main(_data_train_argv(tmp_path / "r1", "--data", str(data), "--members", "2", "--epochs", "1"))
+    data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
+    with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
+        train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
+
+
+def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
+    nan_every_other = _lrm_shards(tmp_path / "some", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan") if j % 2 else float(j))
+    out = tmp_path / "ok"
+    train_lrm.main(["--out", str(out), "--data", str(nan_every_other), "--members", "2", "--epochs", "1", "--log-every", "1"])
+    log = capsys.readouterr().out
+    assert re.search(r"dropped [1-9]\d*", log) and "skipped 0" in log
+    assert all(torch.isfinite(v).all() for v in load_file(out / "lrm.safetensors").values())
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert all(math.isfinite(x) for split in ("train", "test") for x in metrics[split]["mse"])
+
+    all_nan = _lrm_shards(tmp_path / "none", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan"))
+    out = tmp_path / "bad"
+    with pytest.raises(RuntimeError, match=r"3 LRM steps skipped.*--max-bad-steps 2.*no finite label"):
+        train_lrm.main(["--out", str(out), "--data", str(all_nan), "--members", "2", "--epochs", "3", "--max-bad-steps", "2"])
+    assert not (out / "lrm.safetensors").exists()
+    proc = subprocess.run([sys.executable, "train_lrm.py", "--out", str(out), "--data", str(all_nan), "--members", "2",
+                           "--max-bad-steps", "0"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("train_lrm.py: error: 1 LRM steps skipped")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_path):
+    model = lrm.EnsembleLRM(_LRM_TINY, 2, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.head2.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        train_lrm.save_checkpoint(tmp_path / "ckpt.pt", model, opt, 3)
+    assert not (tmp_path / "ckpt.pt").exists()
+    argv = ["--out", str(tmp_path / "run"), "--synthetic", "16", "--members", "2", "--epochs", "1"]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "missing.pt")])
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x02half a pickle")
+    with pytest.raises(ValueError, match=r"torn\.pt.*not a readable train_lrm checkpoint"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "torn.pt")])
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt.*not a train_lrm checkpoint"):
+        train_lrm.main([*argv, "--resume", str(tmp_path / "other.pt")])
+
+
+def _prepare_sources(out):
+    index, files = _data_shards(out)
+    sources = []
+    for f in files:
+        with safe_open(f, "pt") as h:
+            sources += [Path(s).name for s in json.loads(h.metadata()["sources"])]
+    return index, files, sources
+
+
+def test_prepare_rerun_appends_new_inputs_and_refuses_other_settings(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 200, 30))):
+        _data_write_video(videos / f"{name}.mp4", 9, colour)
+        (videos / f"{name}.txt").write_text(f"clip {name}")
+    out = tmp_path / "data"
+    argv = _data_prepare_argv(out, "--videos", str(videos), "--shard-size", "2")
+    prepare_data.main(argv)
+    stamp = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    _data_write_video(videos / "0_new.mp4", 9, (30, 30, 200))  # sorts first: must not shift the old shards
+    (videos / "0_new.txt").write_text("clip new")
+    report = prepare_data.main(argv)
+    assert report["inputs"] == 3 and report["written"] == 3
+    index, _, sources = _prepare_sources(out)
+    assert sorted(sources) == ["0_new.mp4", "a.mp4", "b.mp4"] and [s["samples"] for s in index["shards"]] == [2, 1]
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == stamp
+    recorded = json.loads((out / "dataset.json").read_text())
+    assert [[Path(i["path"]).name for i in shard] for shard in recorded["shards"]] == [["a.mp4", "b.mp4"], ["0_new.mp4"]]
+    assert prepare_data.main(argv) == report  # nothing new: nothing redone
+
+    with pytest.raises(ValueError) as refused:
+        prepare_data.main([*argv, "--frames", "9", "--size", "48x32"])
+    assert re.search(r"--frames 9 .*5", str(refused.value)) and re.search(r"--size 48x32 .*32x32", str(refused.value))
+    _data_write_video(videos / "a.mp4", 11, (200, 30, 30))  # a recorded input changed under the dataset
+    with pytest.raises(ValueError, match=r"a\.mp4 changed since it was added to shard 0.*new --out"):
+        prepare_data.main(argv)
+
+
+def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _data_write_video(videos / "a.mp4", 9, (200, 30, 30))
+    (videos / "a.txt").write_text("clip a")
+    out = tmp_path / "data"
+    out.mkdir()
+    prepare_data.write_shard(prepare_data.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
+    with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
+        prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))

@@ -22,7 +22,13 @@ the end the ranks' weights are compared (they must be identical). bf16 autocast 
 `ckpt.pt` (model, optimiser, step, RNG; the data order is a function of seed and epoch) is
 written atomically every `--save-every` steps and at every epoch end; `--resume OUT/ckpt.pt`
 continues from it. `--stop-after STEP` exits after that step as a crash would (for testing resume).
-The result is `lrm.safetensors` (`lrm.save_lrm`, config in the metadata).
+The result is `lrm.safetensors` (`lrm.save_lrm`: atomic, config in the metadata).
+
+Nothing non-finite is trained on or written: shards of mixed latent shapes or prompt widths are
+refused before training; a NaN/inf label is left out of its step (counted as "dropped"); a step with
+no finite label or a non-finite loss/gradient is skipped (counted, nothing applied), and past
+`--max-bad-steps` skipped steps the run stops with an error naming the cause; checkpoints and the
+final LRM refuse non-finite weights. Held-out metrics leave samples without a finite label out.
 
     python train_lrm.py                                      # tiny synthetic run, CPU, ~1 min
     python train_lrm.py --data data/lrm --config default --out runs/lrm
@@ -60,6 +66,7 @@ class ShardRows:
     def __init__(self, folder):
         index = json.loads((Path(folder) / "index.json").read_text())
         self.rows = [(Path(folder) / s["file"], r) for s in index["shards"] for r in range(s["samples"])]
+        check_shards([Path(folder) / s["file"] for s in index["shards"] if s["samples"]])
 
     def __len__(self):
         return len(self.rows)
@@ -73,6 +80,29 @@ class ShardRows:
                 "context": f.get_slice("context")[r : r + 1, :length][0],
                 "reward": float(f.get_slice("rewards")[r : r + 1][0]),
             }
+
+
+class TooManyBadSteps(RuntimeError):
+    """More steps were skipped for non-finite labels, loss or gradients than --max-bad-steps allows."""
+
+
+def check_shards(paths):
+    """Every shard holds latents of one shape and prompt embeddings of one width (a dataset extended
+    with other --size/--frames or another text encoder would otherwise fail mid-training): a
+    ValueError naming the odd shard and its shape, read from the headers only."""
+    first = None
+    for path in paths:
+        with safe_open(path, "pt") as f:
+            latent = tuple(f.get_slice("latents").get_shape()[1:])
+            width = f.get_slice("context").get_shape()[-1]
+        if first is None:
+            first = (path, latent, width)
+        elif latent != first[1]:
+            raise ValueError(f"{path} has latents of shape {latent}, {first[0].name} has {first[1]}: "
+                             f"the shards were made with different --size/--frames; use one setting per dataset")
+        elif width != first[2]:
+            raise ValueError(f"{path} has prompt embeddings of width {width}, {first[0].name} has width {first[2]}: "
+                             f"the shards were made with different text encoders")
 
 
 @torch.no_grad()
@@ -158,13 +188,14 @@ def evaluate(model, data, indices, batch_size, device, amp):
     """(M + 1, 7) sums over `indices` (this rank's share): one row per member, the last for the
     ensemble mean."""
     model.eval()
-    total = None
+    total = torch.zeros(model.n_members + 1, 7, dtype=torch.float64, device=device)
     for i in range(0, len(indices), batch_size):
         z, context, lengths, target = collate([data[j] for j in indices[i : i + batch_size]], device)
         with amp:
             r = model(z, context, lengths).float()  # (M, B)
-        s = sums(torch.cat([r, r.mean(0, keepdim=True)]), target)
-        total = s if total is None else total + s
+        keep = torch.isfinite(target)  # a sample without a finite label is not scored
+        if keep.any():
+            total += sums(torch.cat([r, r.mean(0, keepdim=True)])[:, keep], target[keep])
     model.train()
     return total
 
@@ -188,17 +219,40 @@ def save_checkpoint(path, model, optimizer, step):
     """Atomic: a temporary file renamed over the old one, so a kill never leaves half a checkpoint.
     Nothing else is needed to resume exactly: every member's data order is a function of
     (seed, member, epoch) and the step says where in it to continue."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to write {path}: {len(bad)} weight tensors hold non-finite values (first: {bad[0]})")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def read_checkpoint(path):
+    """A save_checkpoint file -> its state dict; a missing, torn or foreign file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises several types for truncated and corrupt files
+        raise ValueError(f"{path}: not a readable train_lrm checkpoint (truncated or corrupt?): {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a train_lrm checkpoint: expected the keys model, optimizer, step, got {keys}")
+    return state
+
+
 def load_checkpoint(path, model, optimizer):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+    state = read_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} does not fit this model (other --model/--config/--members?): {err}") from err
+    return int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +283,13 @@ def parse_args(argv):
     g.add_argument("--stop-after", type=int, metavar="STEP",
                    help="exit right after this step as a crash would (no export), to test --resume")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
+    g.add_argument("--max-bad-steps", type=int, default=10, metavar="N",
+                   help="stop with an error once more than N steps were skipped for non-finite loss, gradients or labels (default 10)")
     args = p.parse_args(argv)
+    if args.max_bad_steps < 0:
+        raise ValueError(f"max-bad-steps must be >= 0, got {args.max_bad_steps}")
+    if args.resume and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume {args.resume} does not exist (or is not a file)")
     if args.members < 1 or args.batch_size < 1 or args.epochs < 1:
         raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
     if not 0 < args.test_frac < 1:
@@ -275,6 +335,8 @@ def main(argv=None):
     total = args.epochs * per_epoch
     stop = min(total, args.stop_after or total)
     metrics, t0 = None, time.time()
+    skipped = {"labels": 0, "numerics": 0}  # steps this run skipped: no finite label / non-finite loss or gradients
+    dropped = 0  # non-finite labels left out of the steps this run took
     while step < stop:
         epoch, b = divmod(step, per_epoch)
         # every member its own shuffled order of the epoch (member 0: the single model's order);
@@ -286,8 +348,19 @@ def main(argv=None):
         batch = member_batches([[rows[i] for i in p] for p in picks], device)
         stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype)
         step += 1
+        dropped += stats["dropped"]
+        if stats["skipped"]:
+            skipped["labels" if stats["dropped"] == batch[3].numel() else "numerics"] += 1
+            if sum(skipped.values()) > args.max_bad_steps:
+                raise TooManyBadSteps(
+                    f"{sum(skipped.values())} LRM steps skipped (more than --max-bad-steps {args.max_bad_steps}) by step {step}: "
+                    f"{skipped['labels']} had no finite label, {skipped['numerics']} a non-finite loss or gradients; "
+                    f"check the rewards in the data (NaN/inf labels) or lower --lr")
         if rank == 0 and (step % args.log_every == 0 or step == stop):
-            print(f"step {step:6d} | epoch {epoch} | huber {stats['loss']:.5f} | mse {stats['mse']:.5f} | lr {args.lr:.1e} | {(time.time() - t0) / step:.3f} s/step")
+            loss = "skipped" if stats["skipped"] else f"{stats['loss']:.5f}"
+            mse = "skipped" if stats["skipped"] else f"{stats['mse']:.5f}"
+            print(f"step {step:6d} | epoch {epoch} | huber {loss} | mse {mse} | lr {args.lr:.1e} | "
+                  f"skipped {sum(skipped.values())} | dropped {dropped} | {(time.time() - t0) / step:.3f} s/step")
         if step % per_epoch == 0:
             metrics = epoch_metrics(model, data, train, test, args, rank, world, device, amp)
             if rank == 0:
@@ -313,5 +386,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # a user's mistake: one line, no traceback
+    except (ValueError, FileNotFoundError, TooManyBadSteps) as e:  # a user's mistake or bad data: one line, no traceback
         raise SystemExit(f"train_lrm.py: error: {e}") from None

@@ -1811,10 +1811,11 @@ def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, f
     out["loss"].backward()
     s["opt"].step()
 
-    # the window each mode asks for: velr K + 1 calls from a mid step, lastk the last K, latestep one late step
+    # the window each mode asks for: velr exactly K calls from a mid step, lastk the last K, latestep one late step
     n, k, start, stop = args.sample_steps, args.window, batch["grad_start"], batch["stop"]
     if args.mode == "velr":
-        assert args.mid_min <= start <= args.mid_max and stop == start + k + 1 and start > 0
+        assert args.mid_min <= start <= args.mid_max and stop == start + k and start > 0
+        assert sum(grad for grad, _ in calls) == k  # K means K (it once made K + 1 calls with gradient)
     elif args.mode == "lastk":
         assert (start, stop) == (n - k, n)
     else:

@@ -7,7 +7,7 @@ with its own prompts and noise:
   1. roll out the sampler WITHOUT gradients from noise to a mid step drawn uniformly from
      [--mid-min, --mid-max] (paper: 15..25 of 50);
   2. keep the graph for --window K steps (paper: 10), and predict z0 = z_t - sigma_t v from the
-     velocity at the window's end t_end (sample.denoise with stop = mid + K + 1);
+     velocity of the last of those K steps, t_end = step mid + K - 1 (sample.denoise, stop = mid + K);
   3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb;
   4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
      the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
@@ -261,7 +261,7 @@ def step_batch(args, step: int, rank: int, prompts: list[str]) -> dict:
         stop = grad_start + 1
     else:
         grad_start = int(torch.randint(args.mid_min, args.mid_max + 1, (1,), generator=shared))
-        stop = grad_start + k + 1  # z0 from the velocity at t_end = step mid + K
+        stop = grad_start + k  # exactly K DiT calls with gradient; z0 from the velocity of the last (VELR §4.3)
     return {"prompts": [prompts[i] for i in idx], "noise": noise, "grad_start": grad_start, "stop": stop}
 
 

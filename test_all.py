@@ -2936,3 +2936,23 @@ def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
     prepare_data.write_shard(prepare_data.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
     with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
         prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))
+
+
+def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A full disk made torch.save fail with a bare "unexpected pos" and no file name."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    args = train_refl.parse_args(["--out", str(tmp_path)])
+    path = tmp_path / "ckpt.pt"
+    train_refl.save_checkpoint(path, model, opt, None, None, replay.ReplayBuffer(4), 1, [], 0, args, train_refl.new_bad_counts())
+    good = path.read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RuntimeError, match=r"step 2: could not write the checkpoint .*ckpt\.pt\.tmp \(disk full\?\)"):
+        train_refl.save_checkpoint(path, model, opt, None, None, replay.ReplayBuffer(4), 2, [], 0, args,
+                                   train_refl.new_bad_counts())
+    assert path.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()

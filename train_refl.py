@@ -425,9 +425,14 @@ def save_checkpoint(path: Path, model, opt, lrm, lrm_opt, buffer, step: int, his
                                f"(first: {bad[0]})")
         state["run"] = run_settings(args)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            torch.save(state, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # a full disk shows up as "unexpected pos ..." from torch.save
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"step {step}: could not write the checkpoint {tmp} (disk full?): {e}; "
+                               f"{path} still holds the previous one") from None
         os.replace(tmp, path)
     distributed.barrier()
 

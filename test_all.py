@@ -57,7 +57,7 @@ import bench
 
 # ==================== dit ====================
 
-_DIT_TSV = Path(__file__).resolve().parent / "testdata/wan21_keys.tsv"  # copy of ../shared/docs/wan21_keys.tsv
+_DIT_TSV = Path(__file__).resolve().parent / "testdata/wan21_keys.tsv"  # every official DiT tensor name and shape (1.3B, 14B)
 
 
 _DIT_CFG128 = DiTConfig(dim=256, ffn_dim=256, num_heads=2, num_layers=2, text_dim=4096)

@@ -1363,8 +1363,12 @@ def test_lrm_bf16_autocast():
     before = model.head2.weight.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    stats = lrm.lrm_update(model, opt, z, context, lengths, torch.rand(4), generator=g, amp_dtype=torch.bfloat16)
-    assert stats["loss"] == stats["loss"] and not torch.equal(before, model.head2.weight)
+    # oneDNN's bf16 grouped conv3d weight gradient on CPU is sometimes non-finite (about 1 run in 6
+    # here, in the first conv: an upstream kernel fault, not this model); lrm_update would rightly
+    # skip such a step, so the step is taken with PyTorch's own CPU convolution.
+    with torch.backends.mkldnn.flags(enabled=False):
+        stats = lrm.lrm_update(model, opt, z, context, lengths, torch.rand(4), generator=g, amp_dtype=torch.bfloat16)
+    assert not stats["skipped"] and stats["loss"] == stats["loss"] and not torch.equal(before, model.head2.weight)
 
 
 def test_lrm_save_load(tmp_path):

@@ -7,6 +7,7 @@
     python bench.py all --threads 1     # on a CPU shared with other jobs
     python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
     python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
+    python bench.py toy [--seeds 4]     # the toy world: VAE PSNR, build time, squares, default runs (~15 min)
 
 Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
 is the peak of that one workload. Three memory numbers per workload: `resident_mb`, what is held
@@ -556,6 +557,61 @@ def table_gpu_quick(res):
 
 
 # ---------------------------------------------------------------------------------------------
+# toy: is the offline toy world one you can watch? (its VAE, its generator, the default run)
+
+TOY_SEEDS = 4
+
+
+def bench_toy(device, scale, seeds=TOY_SEEDS):
+    """The toy world's floors: the VAE's reconstruction PSNR on 64 held-out procedural videos, the
+    world build time in a fresh cache, the share of 48 fixed samples of the pretrained generator in
+    which the scene parser finds one square in every frame, and the README's main command
+    (train_refl.py, toy defaults) for seeds 0..seeds-1: true reward before, after, gain."""
+    import text_encoder
+    import toy
+    import train_refl
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        dit, vae, encoder, tokenizer, _ = toy.load_world(cache_dir=tmp, log=lambda *a: None)
+        res["build_s"] = time.time() - t0
+        cfg = toy.ToyConfig()
+        res["vae_psnr_db"] = toy.vae_psnr(vae, toy.procedural_videos(64, cfg.frames, cfg.size, torch.Generator().manual_seed(12345)))
+        g = torch.Generator().manual_seed(2024)
+        prompts = toy.toy_prompts(48, g)
+        with torch.no_grad():
+            context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+            video = vae.decode(toy.rollout(dit.eval(), context, torch.randn(48, *toy.latent_shape(cfg), generator=g), cfg))
+        found = toy.parse_squares(video)
+        res["square_share"] = sum(n == cfg.frames for n in found) / len(found)
+        res["square_frames_mean"] = sum(found) / len(found)
+        res["runs"] = {}
+        for seed in range(seeds):
+            out = Path(tmp) / f"run{seed}"
+            with open(Path(tmp) / f"run{seed}.log", "w") as log, redirect_stdout(log):
+                train_refl.main(["--cache-dir", tmp, "--out", str(out), "--seed", str(seed)])
+            summary = json.loads((out / "summary.json").read_text())
+            before, after = summary["true_reward_before"], summary["true_reward_after"]
+            res["runs"][seed] = {"before": before, "after": after, "gain": after - before, "sec": summary["train_seconds"]}
+            print(f"toy seed {seed}: {json.dumps(res['runs'][seed])}", flush=True)
+    gains = torch.tensor([r["gain"] for r in res["runs"].values()])
+    res["gain_mean"] = gains.mean().item()
+    res["gain_std"] = gains.std().item() if len(gains) > 1 else 0.0
+    return res
+
+
+def table_toy(res):
+    rows = [["VAE PSNR, 64 held-out videos (dB)", res["vae_psnr_db"]], ["world build (s)", res["build_s"]],
+            ["samples with one square in every frame", res["square_share"]],
+            ["mean frames with one square (of 5)", res["square_frames_mean"]]]
+    rows += [[f"default run seed {s}: before -> after (gain)", f"{r['before']:.3f} -> {r['after']:.3f} ({r['gain']:+.3f})"]
+             for s, r in res["runs"].items()]
+    rows.append(["gain, mean ± std over seeds", f"{res['gain_mean']:+.3f} ± {res['gain_std']:.3f}"])
+    return "### toy world (python bench.py toy)\n\n" + markdown(["measure", "value"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 
 IMPLS = ("ours", "diffusers")
@@ -585,14 +641,14 @@ def table_vs_diffusers(name, res, ops):
 
 CHILD_IMPORTS = {"refl": ["train_refl"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}
 CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": child_lrm}
-SECTIONS = {  # `all` runs these; gpu-quick (QUICK) only when asked
+SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "memory": (bench_memory, table_memory),
     "dit": (bench_dit, lambda r: table_vs_diffusers("dit", r, ("fwd_bwd",))),
     "vae": (bench_vae, lambda r: table_vs_diffusers("vae", r, ("encode", "decode"))),
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),
 }
-QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick)}
+QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy)}
 
 
 def main(argv=None):
@@ -602,6 +658,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads of every process (default: torch's); on a machine "
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
+    p.add_argument("--seeds", type=int, default=TOY_SEEDS, help="toy: default runs, seeds 0..N-1")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -615,7 +672,7 @@ def main(argv=None):
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
-        results[name] = bench(device, scale)
+        results[name] = bench(device, scale, args.seeds) if name == "toy" else bench(device, scale)
         print(table(results[name]) + "\n", flush=True)
         out.write_text(json.dumps(results, indent=2))
     return results

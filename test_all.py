@@ -2576,9 +2576,6 @@ def test_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
             toy.load_world(cache_dir=copy, log=lambda *a: None)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 # ---- one owner per concept: lora.py, distributed.py, sizes, precision, checkpoint folders
 
@@ -2960,3 +2957,42 @@ def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_
         train_refl.save_checkpoint(path, model, opt, None, None, replay.ReplayBuffer(4), 2, [], 0, args,
                                    train_refl.new_bad_counts())
     assert path.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+# ---- the toy scene parser and the before/after picture
+
+def test_toy_scene_parser():
+    g = torch.Generator().manual_seed(0)
+    video = toy.procedural_videos(24, 5, 32, g)
+    found = toy.parse_squares(video)
+    assert sum(n == 5 for n in found) >= 20  # squares that differ enough from their background are found
+    flat = video[:, :, :, :1, :1].expand_as(video).contiguous()  # the square erased: one colour per frame
+    assert toy.parse_squares(flat) == [0] * 24
+    noise = torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1
+    assert toy.parse_squares(noise) == [0, 0]
+    two = video[:1].clone()
+    two[..., 2:8, 24:30] = -two[..., 2:8, 24:30]  # a second blob far from the first: not one square
+    assert toy.parse_squares(two)[0] < toy.parse_squares(video[:1])[0] or toy.parse_squares(video[:1])[0] == 0
+    wide = flat[:1].clone()
+    wide[:, :, :, 10:16, 2:30] = 1 - wide[:, :, :, 10:16, 2:30].sign()  # a 6x28 bar, not a square
+    assert toy.parse_squares(wide) == [0]
+
+
+def test_before_after_picture(refl_cache, tmp_path):
+    train_refl.main(_refl_flags(refl_cache, tmp_path / "run", "--picture-rows", "3", "--eval-samples", "4"))
+    image = imageio.imread(tmp_path / "run" / "samples" / "before_after.png")
+    assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 3 * 96
+    g = torch.Generator().manual_seed(0)
+    before = toy.procedural_videos(2, 5, 32, g)
+    after = -before
+    img = train_refl.before_after_image(before, after, ["a red square", "no colour named"])
+    assert img.dtype == np.uint8 and (img[16:28, 2:14] == [255, 0, 0]).all()  # the named colour's swatch
+    frame = ((before[0, :, 0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1)
+    assert (img[16 : 16 + 96, 60 : 60 + 96] == frame).all()  # first frame of the first row, before, scaled 3x
+    assert not (img[16 : 16 + 96, 60 + 3 * 98 + 8 : 60 + 3 * 98 + 8 + 96] == frame).all()  # after differs
+    assert train_refl.main(_refl_flags(refl_cache, tmp_path / "none", "--picture-rows", "0")) is not None
+    assert not (tmp_path / "none" / "samples" / "before_after.png").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -25,6 +25,7 @@ Left out: a trained toy VAE (a random VAE is a fixed, smooth decoder, which is a
 import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ import vae as vae_lib
 from vae import VAE_CONFIGS, WanVAE
 
 TEMPLATES = ("a {} video", "make it {}", "{} everywhere", "a clip in {}")
+MIN_CONTRAST = 0.5  # RGB distance (in [0, 1] units) from the background at which the parser's threshold sits (half of it)
 
 
 @dataclass
@@ -131,6 +133,44 @@ def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.where(named, match, torch.full_like(match, rewards.NEUTRAL))
 
 
+# ----------------------------------------------------------------------------- the scene parser
+
+def _background(x: torch.Tensor) -> torch.Tensor:
+    """Per-frame background colour of videos x (B, 3, T, H, W) in [0, 1]: the per-channel median over
+    the frame's pixels (the square covers at most a quarter of the frame), (B, 3, T, 1, 1), detached."""
+    return x.detach().flatten(3).median(3).values[..., None, None]
+
+
+def square_mask(video: torch.Tensor) -> torch.Tensor:
+    """Where the square is, (B, T, H, W) 0/1: pixels whose colour is more than MIN_CONTRAST / 2 (RGB
+    distance, [0, 1] units) from their frame's background colour."""
+    x = rewards.unit_range(video)
+    return ((x - _background(x)).pow(2).sum(1).sqrt() > MIN_CONTRAST / 2).float()
+
+
+def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
+    """The toy scene parser: for each video (B, 3, T, H, W) in [-1, 1], in how many of its frames it
+    finds exactly one square: `square_mask`, cleaned of rows and columns with fewer than 2
+    mask pixels, must be one blob that fills at least `min_fill` of its bounding box, with sides
+    between 1/4 and 3/4 of the frame and an aspect ratio within 1.5."""
+    mask = square_mask(video)  # (B, T, H, W)
+    size = min(mask.shape[-2:])
+    found = []
+    for frames in mask:
+        n = 0
+        for m in frames:
+            rows, cols = (m.sum(1) >= 2).nonzero().flatten(), (m.sum(0) >= 2).nonzero().flatten()
+            if len(rows) == 0 or len(cols) == 0:
+                continue
+            h, w = int(rows[-1] - rows[0]) + 1, int(cols[-1] - cols[0]) + 1
+            fill = m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean().item()
+            outside = m.sum().item() - fill * h * w
+            sides_ok = size / 4 <= min(h, w) and max(h, w) <= 3 * size / 4 and max(h, w) <= 1.5 * min(h, w)
+            n += int(sides_ok and fill >= min_fill and outside <= 0.1 * h * w)
+        found.append(n)
+    return found
+
+
 # ----------------------------------------------------------------------------- models
 
 def build_models(seed: int = 0):
@@ -142,6 +182,13 @@ def build_models(seed: int = 0):
         vae = WanVAE(VAE_CONFIGS["tiny"]).eval().requires_grad_(False)
         encoder = text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).eval().requires_grad_(False)
     return dit, vae, encoder, text_encoder.load_tokenizer(None)
+
+
+def vae_psnr(vae, videos: torch.Tensor, batch: int = 32) -> float:
+    """Reconstruction PSNR in dB of videos in [-1, 1] through encode -> decode, on the [0, 1] scale."""
+    with torch.no_grad():
+        err = sum(((vae.decode(vae.encode(v)) - v) / 2).pow(2).sum().item() for v in videos.split(batch))
+    return 10 * math.log10(1 / (err / videos.numel()))
 
 
 def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):

@@ -57,6 +57,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import imageio
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -81,7 +82,8 @@ MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
 # and its LRM bootstrapped with (toy.ToyConfig), so ReFL cannot drift from it.
 REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid_max=25, window=10, beta=10.0,
                      lr=1e-5, align_every=10, align_steps=2, align_lr=1e-5, steps=1000, eval_every=100,
-                     eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None, lora_rank=256, lora_alpha=256.0)
+                     eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None, lora_rank=256, lora_alpha=256.0,
+                     picture_rows=2)
 # Toy window 5: the five DiT calls with gradient the toy default made while --window 4 still meant
 # K + 1 calls. Toy lr: 5e-4 rather than 1e-3. Final eval true reward from 0.744, seeds 0-3, 300 steps,
 # measured while every seed shared one LoRA initialisation: lr 1e-3 +0.044/+0.051/+0.022/+0.039, 5e-4
@@ -91,7 +93,7 @@ TOY_DEFAULTS = dict(sample_steps=toy.ToyConfig.sample_steps, shift=toy.ToyConfig
                     mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4, align_every=25, align_steps=4, align_lr=1e-4,
                     steps=300, eval_every=100, eval_samples=48, guidance=1.0,
                     size=f"{toy.ToyConfig.size}x{toy.ToyConfig.size}", frames=toy.ToyConfig.frames,
-                    reward="toy:calibrated_color", lora_rank=16, lora_alpha=16.0)
+                    reward="toy:calibrated_color", lora_rank=16, lora_alpha=16.0, picture_rows=6)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -148,6 +150,9 @@ def parse_args(argv=None):
     o.add_argument("--steps", type=int, help=_default("steps", "ReFL steps"))
     o.add_argument("--eval-every", type=int, help=_default("eval_every", "steps between evaluations, 0 = before and after only"))
     o.add_argument("--eval-samples", type=int, help=_default("eval_samples", "fixed prompt/seed pairs evaluated"))
+    o.add_argument("--picture-rows", type=int, help=_default(
+        "picture_rows", "fixed prompt/seed pairs in samples/before_after.png, sampled before (reference model) and "
+        "after training at the end of the run; 0 = no picture"))
     o.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, 0 = only at the end (default 100)")
     o.add_argument("--out", default="runs/refl", help="run folder (default runs/refl)")
     o.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
@@ -173,7 +178,8 @@ def validate(args):
     for k in positive:
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps"):
+    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps",
+              "picture_rows"):
         if getattr(args, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     if not 0 <= args.mid_min <= args.mid_max:
@@ -365,6 +371,36 @@ def eval_pairs(args, prompts: list[str]) -> list[tuple[str, int]]:
     return [(prompts[i % len(prompts)], 10_000 + i) for i in range(args.eval_samples)]
 
 
+def sample_pairs(model, vae, pairs, table, neg_context, args, sigmas, device) -> torch.Tensor:
+    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on (prompt, seed) pairs."""
+    noise = torch.stack([torch.randn(latent_shape(args), generator=torch.Generator().manual_seed(seed))
+                         for _, seed in pairs]).to(device)
+    context, _ = text_batch(table, [p for p, _ in pairs], device)
+    neg = None if neg_context is None else neg_context[:1].expand(len(pairs), -1, -1)
+    with torch.no_grad(), sample.autocast(device):
+        z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=args.solver,
+                              uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=args.guidance)
+        return vae.decode(z)
+
+
+def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, rank, out_dir):
+    """samples/before_after.png: args.picture_rows pairs spread over the evaluation pairs, sampled by
+    the reference (the initial model: adapters off, or the frozen copy) and by the trained model.
+    Every rank samples (FSDP needs them all in each forward); rank 0 writes."""
+    n = min(args.picture_rows, len(pairs))
+    chosen = [pairs[i * len(pairs) // n] for i in range(n)]
+    after = torch.cat([sample_pairs(model, vae, chosen[i : i + args.batch_size], table, neg_context, args, sigmas, device)
+                       for i in range(0, n, args.batch_size)])
+    with nullcontext(ref) if ref is not None else lora.lora_disabled(unwrap(model)) as initial:
+        before = torch.cat([sample_pairs(initial, vae, chosen[i : i + args.batch_size], table, neg_context, args, sigmas,
+                                         device) for i in range(0, n, args.batch_size)])
+    if rank == 0:
+        (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / "samples" / "before_after.png"
+        imageio.imwrite(path, before_after_image(before, after, [p for p, _ in chosen]))
+        return path
+
+
 def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step,
              bad=None) -> float:
     """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
@@ -376,14 +412,8 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
     for i in range(0, per_rank, args.batch_size):
         chunk = mine[i : i + args.batch_size]
         ps = [pairs[j % len(pairs)][0] for j in chunk]
-        noise = torch.stack([torch.randn(latent_shape(args), generator=torch.Generator().manual_seed(pairs[j % len(pairs)][1]))
-                             for j in chunk]).to(device)
-        context, _ = text_batch(table, ps, device)
-        neg = None if neg_context is None else neg_context[:1].expand(len(chunk), -1, -1)
-        with torch.no_grad(), sample.autocast(device):
-            z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=args.solver,
-                                  uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=args.guidance)
-            video = vae.decode(z)
+        video = sample_pairs(model, vae, [pairs[j % len(pairs)] for j in chunk], table, neg_context, args, sigmas, device)
+        with torch.no_grad():
             r = reward_fn(video, ps).float()
         weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
         finite = torch.isfinite(r)
@@ -402,6 +432,59 @@ def save_videos(video: torch.Tensor, folder: Path, step: int):
     frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (B, T, H, W, 3)
     for i, f in enumerate(frames):
         imageio.mimwrite(folder / f"step{step:06d}_{i}.mp4", f.numpy(), fps=16)
+
+
+# 3x5 pixel glyphs (rows top to bottom, "#" = ink) for the labels of before_after.png.
+GLYPHS = {
+    "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.", "C": ".## #.. #.. #.. .##", "D": "##. #.# #.# #.# ##.",
+    "E": "### #.. ##. #.. ###", "F": "### #.. ##. #.. #..", "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#",
+    "I": "### .#. .#. .#. ###", "K": "#.# #.# ##. #.# #.#", "L": "#.. #.. #.. #.. ###", "N": "##. #.# #.# #.# #.#",
+    "O": ".#. #.# #.# #.# .#.", "P": "##. #.# ##. #.. #..", "R": "##. #.# ##. #.# #.#", "T": "### .#. .#. .#. .#.",
+    "U": "#.# #.# #.# #.# ###", "W": "#.# #.# #.# ### #.#", "Y": "#.# #.# .#. .#. .#.",
+}
+
+
+def draw_text(canvas: np.ndarray, text: str, y: int, x: int, scale: int = 2, color=(255, 255, 255)):
+    """Write `text` (upper-cased) into an (H, W, 3) uint8 image at (y, x) with GLYPHS; other characters are blank."""
+    for i, ch in enumerate(text.upper()):
+        if ch not in GLYPHS:
+            continue
+        ink = np.array([[c == "#" for c in row] for row in GLYPHS[ch].split()]).repeat(scale, 0).repeat(scale, 1)
+        x0 = x + i * 4 * scale
+        patch = canvas[y : y + 5 * scale, x0 : x0 + 3 * scale]
+        patch[ink[: patch.shape[0], : patch.shape[1]]] = color
+
+
+def before_after_image(before: torch.Tensor, after: torch.Tensor, prompts: list[str], frames: int = 3,
+                       height: int = 96) -> np.ndarray:
+    """One row per prompt: the named colour (word and swatch), then `frames` evenly spaced frames of
+    the video before training, then the same frames after. Videos (B, 3, T, H, W) in [-1, 1]; each
+    frame is scaled (nearest neighbour) to about `height` pixels. Returns an (H, W, 3) uint8 image."""
+    t = before.shape[2]
+    picks = torch.linspace(0, t - 1, min(frames, t)).round().long().tolist()
+    h, w = before.shape[-2:]
+    up = max(1, round(height / h))
+    step = max(1, round(h / height))  # large frames are subsampled instead
+    fh, fw = len(range(0, h, step)) * up, len(range(0, w, step)) * up
+    label_w, gap, top = 60, 8, 16
+    width = label_w + 2 * len(picks) * (fw + 2) + gap
+    canvas = np.full((top + len(prompts) * (fh + 4), width, 3), 24, np.uint8)
+    draw_text(canvas, "before", 4, label_w)
+    draw_text(canvas, "after", 4, label_w + len(picks) * (fw + 2) + gap)
+    for row, prompt in enumerate(prompts):
+        y = top + row * (fh + 4)
+        match = rewards._COLOR_WORD.search(prompt)
+        if match:
+            rgb = tuple(int(255 * c) for c in rewards.PALETTE[match.group(1).lower()])
+            canvas[y : y + 12, 2 : 14] = rgb
+            draw_text(canvas, match.group(1)[:6], y + 16, 2, scale=1 if len(match.group(1)) > 5 else 2)
+        for k, video in enumerate((before, after)):
+            for j, f in enumerate(picks):
+                frame = ((video[row, :, f, ::step, ::step].float().clamp(-1, 1) + 1) * 127.5).round().byte()
+                img = frame.permute(1, 2, 0).cpu().numpy().repeat(up, 0).repeat(up, 1)
+                x = label_w + k * (len(picks) * (fw + 2) + gap) + j * (fw + 2)
+                canvas[y : y + fh, x : x + fw] = img
+    return canvas
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -696,6 +779,9 @@ def main(argv=None):
     after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps, bad)
     history.append({"step": args.steps, "true_reward": after})
     save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, args, bad)
+    if args.picture_rows:
+        path = picture(model, ref, vae, pairs, table, neg, args, sigmas, device, rank, out_dir)
+        log(f"before/after picture: {path}")
     if world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
         diff = rank_difference(model, lrm, buffer)
         if rank == 0:

@@ -1,29 +1,44 @@
-"""Variance-prioritised replay buffer for VELR's online LRM alignment.
+"""Replay buffer for VELR's online LRM alignment (VELR §4.3, Algorithm 1, App. C.2, C.6).
 
-Follows the VELR paper (§4.3, Algorithm 1, App. C.2, C.6): during ReFL the latent
-reward model (LRM) drifts away from the true pixel reward, so every few steps the latents the LRM
-scored are decoded (no gradient), scored by the pixel reward model, and stored here together with
-the ensemble variance the LRM had on them. The LRM is then re-fitted on samples drawn from the
-buffer. An entry is (z0, text context, text length, true reward, ensemble variance):
+During ReFL the latent reward model (LRM) drifts away from the true pixel reward. Every ReFL step
+offers each latent it scored to this buffer together with the ensemble variance the LRM had on it;
+the ones the buffer admits are decoded (no gradient), scored by the pixel reward model and stored;
+every few steps the LRM is re-fitted on samples drawn from the buffer (train_refl.py). An entry is
+(z0, text context, text length, true reward, ensemble variance).
 
-  - capacity fixed (paper: 256); while not full every entry is kept;
-  - once full, a new entry replaces the entry of LOWEST variance, and only if its own variance is
-    higher (the buffer keeps the samples the ensemble is least sure about);
-  - sampling draws entries with probability proportional to their variance (uniformly while all
-    variances are zero);
-  - a row with a non-finite value in any field (a NaN reward, an inf variance, a NaN latent) is
-    never stored: `insert` and `load_state_dict` drop such rows and return how many they dropped.
+Two policies (`policy=`), chosen by train_refl.py from the LRM's member count:
+
+  "variance" (an ensemble, the paper's): the buffer keeps the samples the ensemble is least sure
+    about. While not full every entry is kept; once full, a new entry replaces the entry of LOWEST
+    variance, and only if its own variance is strictly higher ("we replace the samples with the
+    smallest variance using those from the current batch", C.2). Among entries of equal variance
+    the newest is the one replaced. Sampling draws entries with probability proportional to their
+    variance (uniformly while all variances are zero).
+  "fifo" (a one-member LRM, e.g. the Dollar baseline, whose variance is always 0 and would let
+    nothing into a full buffer): once full, a new entry replaces the OLDEST entry; sampling is
+    uniform. The stored variance is then only carried along.
+
+Both are one total order over entries (variance first, then age; or age alone for "fifo"): a full
+buffer always holds the `capacity` highest-ranked entries it was offered, so `admit(variances)`
+can say, before any pixel reward is computed, which candidates of a batch would be in the buffer
+after inserting the whole batch (candidates of one batch compete with each other as well as with
+the stored entries). Inserting only those candidates leaves the buffer holding the same entries
+as inserting all of them would; train_refl.py labels (decodes and scores) only the admitted ones.
+
+A row with a non-finite value in any field (a NaN reward, an inf variance, a NaN latent) is never
+stored: `insert`, `set_variance` and `load_state_dict` drop such rows and return how many they
+dropped; `admit` never admits a candidate with a non-finite variance.
 
 All tensors live on the CPU (a 480x832x81 latent is 8.4 MB in fp32; 256 of them plus their UMT5
 contexts are a few GB of host memory, never GPU memory). `state_dict()` / `load_state_dict()` save
-and restore the buffer with a training checkpoint.
+and restore the buffer with a training checkpoint, including each entry's arrival number (its age).
 
-Several ranks (train_refl.py): the buffer is SHARED. Every rank all-gathers the new entries of all
-ranks (in rank order) and inserts the same entries in the same order, so all ranks hold identical
-buffers; sampling with a generator seeded identically on every rank then gives identical batches,
-and the LRM update is the same on every rank. We chose this over per-rank buffers because the LRM
-must stay identical across ranks (it defines every rank's loss), and a shared buffer sees the whole
-global batch; the cost is world_size times the (small) insert traffic.
+Several ranks (train_refl.py): the buffer is SHARED. Every rank all-gathers the candidates of all
+ranks (in rank order), takes the same admission decision and inserts the same entries in the same
+order, so all ranks hold identical buffers; sampling with a generator seeded identically on every
+rank then gives identical batches, and the LRM update is the same on every rank. We chose this over
+per-rank buffers because the LRM must stay identical across ranks (it defines every rank's loss),
+and a shared buffer sees the whole global batch; the cost is world_size times the insert traffic.
 
 Left out: staleness-based eviction and the alignment schedule itself (that is train_refl.py's).
 """
@@ -31,21 +46,60 @@ Left out: staleness-based eviction and the alignment schedule itself (that is tr
 import torch
 
 FIELDS = ("z", "context", "lengths", "reward", "variance")
+POLICIES = ("variance", "fifo")
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int = 256):
+    def __init__(self, capacity: int = 256, policy: str = "variance"):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.capacity, self.policy = capacity, policy
         self.data = None  # dict FIELDS -> tensor with a leading entry dimension, created on first insert
+        self.arrival = torch.zeros(0, dtype=torch.int64)  # per entry: how many entries were stored before it
+        self.count = 0  # entries ever stored (the next arrival number)
 
     def __len__(self) -> int:
         return 0 if self.data is None else self.data["variance"].shape[0]
 
+    # ------------------------------------------------------------------ the order
+
+    def _key(self, variance: float, arrival: int) -> tuple:
+        """Rank of an entry: the larger key is kept. Variance first (the older wins a tie), or age alone
+        (the newer is kept)."""
+        return (arrival,) if self.policy == "fifo" else (variance, -arrival)
+
+    def _lowest(self) -> int:
+        """Index of the entry a full buffer replaces next."""
+        keys = [self._key(v, a) for v, a in zip(self.data["variance"].tolist(), self.arrival.tolist())]
+        return min(range(len(keys)), key=keys.__getitem__)
+
+    def admit(self, variance: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which of B candidates (with these ensemble variances, offered in this order)
+        would be in the buffer after inserting all of them. A candidate that would enter and then be
+        replaced by a later one of the same batch is not admitted; nor is a non-finite variance."""
+        variance = variance.detach().float().cpu().flatten()
+        ok = torch.isfinite(variance)
+        free = self.capacity - len(self)
+        stored = ([] if self.data is None else
+                  [(self._key(v, a), -1) for v, a in zip(self.data["variance"].tolist(), self.arrival.tolist())])
+        cand = [(self._key(v, self.count + i), i) for i, v in enumerate(variance.tolist()) if ok[i]]
+        if len(cand) <= free:
+            kept = cand
+        else:  # the buffer ends with the `capacity` highest-ranked of stored + candidates
+            kept = sorted(stored + cand, key=lambda e: e[0], reverse=True)[: self.capacity]
+        mask = torch.zeros(variance.numel(), dtype=torch.bool)
+        for _, i in kept:
+            if i >= 0:
+                mask[i] = True
+        return mask
+
+    # ------------------------------------------------------------------ writing
+
     def insert(self, z, context, lengths, reward, variance) -> int:
-        """Insert a batch: z (B, 16, T, H, W), context (B, L, C), lengths (B,), reward (B,), variance (B,).
-        Rows with a non-finite value in any field are dropped; returns how many were dropped."""
+        """Insert a batch in order: z (B, 16, T, H, W), context (B, L, C), lengths (B,), reward (B,),
+        variance (B,). Rows with a non-finite value in any field are dropped; returns how many were dropped."""
         batch = dict(zip(FIELDS, (z, context, lengths, reward, variance)))
         batch = {k: v.detach().to("cpu") for k, v in batch.items()}
         sizes = {k: v.shape[0] for k, v in batch.items()}
@@ -57,18 +111,43 @@ class ReplayBuffer:
         return int(keep.numel() - keep.sum())
 
     def _insert_one(self, entry: dict):
+        stamp = torch.tensor([self.count], dtype=torch.int64)
         if self.data is None:
             self.data = {k: v.clone() for k, v in entry.items()}
+            self.arrival = stamp
         elif len(self) < self.capacity:
             self.data = {k: torch.cat([self.data[k], entry[k]]) for k in FIELDS}
+            self.arrival = torch.cat([self.arrival, stamp])
         else:
-            j = int(self.data["variance"].argmin())
-            if entry["variance"].item() > self.data["variance"][j].item():
-                for k in FIELDS:
-                    self.data[k][j] = entry[k][0]
+            j = self._lowest()
+            new = self._key(entry["variance"].item(), self.count)
+            if new <= self._key(self.data["variance"][j].item(), int(self.arrival[j])):
+                return  # ranks below every stored entry: not stored, no arrival number used
+            for k in FIELDS:
+                self.data[k][j] = entry[k][0]
+            self.arrival[j] = self.count
+        self.count += 1
+
+    def set_variance(self, variance: torch.Tensor) -> int:
+        """Replace every entry's stored variance (e.g. rescored by the current LRM); entries whose
+        new variance is not finite are removed. Returns how many were removed."""
+        if len(self) == 0:
+            return 0
+        variance = variance.detach().to("cpu", self.data["variance"].dtype).flatten()
+        if variance.shape[0] != len(self):
+            raise ValueError(f"need one variance per entry ({len(self)}), got {variance.shape[0]}")
+        self.data["variance"] = variance.clone()
+        keep = torch.isfinite(variance)
+        if not keep.all():
+            self.data = {k: v[keep] for k, v in self.data.items()} if keep.any() else None
+            self.arrival = self.arrival[keep]
+        return int(keep.numel() - keep.sum())
+
+    # ------------------------------------------------------------------ reading
 
     def sample(self, n: int, generator=None) -> dict:
-        """n entries drawn with replacement, P(entry) proportional to its variance -> dict of tensors."""
+        """n entries drawn with replacement -> dict of tensors: P(entry) proportional to its
+        variance ("variance"), uniform ("fifo")."""
         if len(self) == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         weights = self.data["variance"].float()
@@ -79,31 +158,42 @@ class ReplayBuffer:
         weights = weights.clamp_min(0)
         if not torch.isfinite(weights.sum()):  # finite weights whose sum overflows float32
             weights = weights / weights.max()
-        if weights.sum() <= 0:
+        if self.policy == "fifo" or weights.sum() <= 0:
             weights = torch.ones_like(weights)
         idx = torch.multinomial(weights, n, replacement=True, generator=generator)
         return {k: v[idx] for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "data": None if self.data is None else dict(self.data)}
+        return {"capacity": self.capacity, "policy": self.policy, "count": self.count, "arrival": self.arrival.clone(),
+                "data": None if self.data is None else dict(self.data)}
 
     def load_state_dict(self, state: dict) -> int:
         """Restore a state_dict(); rows with a non-finite value (possible in a state saved before the
-        buffer refused them) are dropped. Returns how many were dropped."""
+        buffer refused them) are dropped. A state saved before entries carried an arrival number gets
+        them in storage order. Returns how many rows were dropped."""
         absent = [k for k in ("capacity", "data") if k not in state]
         absent += [f"data.{k}" for k in FIELDS if state.get("data") is not None and k not in state["data"]]
         if absent:
             raise ValueError(f"not a replay buffer state: no {absent} (expected ReplayBuffer.state_dict())")
+        policy = state.get("policy", "variance")
+        if policy != self.policy:
+            raise ValueError(f"the saved replay buffer uses policy {policy!r}, this one {self.policy!r} "
+                             f"(an ensemble LRM gives 'variance', a one-member LRM 'fifo')")
         self.capacity = state["capacity"]
         if state["data"] is None:
-            self.data = None
+            self.data, self.arrival, self.count = None, torch.zeros(0, dtype=torch.int64), state.get("count", 0)
             return 0
         data = {k: state["data"][k] for k in FIELDS}
+        n = data["variance"].shape[0]
+        arrival = state.get("arrival")
+        arrival = torch.arange(n, dtype=torch.int64) if arrival is None else arrival.to(torch.int64)
+        self.count = state.get("count", n)
         keep = _finite_rows(data)
         if keep.all():
-            self.data = {k: v.clone() for k, v in data.items()}
-        else:
-            self.data = {k: v[keep] for k, v in data.items()} if keep.any() else None  # indexing copies
+            self.data, self.arrival = {k: v.clone() for k, v in data.items()}, arrival.clone()
+        else:  # indexing copies
+            self.data = {k: v[keep] for k, v in data.items()} if keep.any() else None
+            self.arrival = arrival[keep]
         return int(keep.numel() - keep.sum())
 
 

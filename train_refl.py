@@ -11,10 +11,16 @@ with its own prompts and noise:
   3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb;
   4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
      the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
-The gradient never passes the VAE decoder or the pixel reward model. Every --align-every steps the
-scored z0s are decoded WITHOUT gradient, scored by the pixel reward (--reward), stored in the
-variance-prioritised replay buffer (replay.py) and the LRM takes --align-steps Huber updates on
-variance-weighted samples (lrm.lrm_update). Baselines on identical settings (--mode): pixel ReFL
+The gradient never passes the VAE decoder or the pixel reward model. Online LRM alignment
+(Algorithm 1, App. C.2; on while --align-every > 0, not in --mode pixel): every step offers each
+scored z0 of the global batch, with the LRM's ensemble variance on it, to the shared replay buffer
+(replay.py); the ones it admits (higher variance than its lowest entry, or any while it is not
+full) are decoded WITHOUT gradient, scored by the pixel reward (--reward) and stored. Every
+--align-every steps the LRM is re-fitted: --align-rounds passes over the buffer, each
+ceil(entries / --batch-size) Huber updates (lrm.lrm_update) in which every member draws its own
+variance-weighted minibatch; --refresh-variance first rescores the buffer's variances with the
+current LRM. A one-member LRM (variance always 0) gets a FIFO buffer sampled uniformly.
+Baselines on identical settings (--mode): pixel ReFL
 (decode z0 with checkpointing + differentiable pixel reward through the same window), lastk
 (VADER-style: gradients through the last K steps), latestep (ImageReward-style: one gradient
 step at a random step of the last K), dollar (the Dollar LRM in place of the ensemble).
@@ -81,17 +87,20 @@ MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
 # toy world's for the offline default. The toy sampler is the one the toy generator was pretrained
 # and its LRM bootstrapped with (toy.ToyConfig), so ReFL cannot drift from it.
 REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid_max=25, window=10, beta=10.0,
-                     lr=1e-5, align_every=10, align_steps=2, align_lr=1e-5, steps=1000, eval_every=100,
+                     lr=1e-5, align_every=10, align_rounds=2, align_lr=1e-5, steps=1000, eval_every=100,
                      eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None, lora_rank=256, lora_alpha=256.0,
                      picture_rows=2)
 # Toy window 5: the five DiT calls with gradient the toy default made while --window 4 still meant
-# K + 1 calls. Toy lr: 5e-4 rather than 1e-3. Final eval true reward from 0.744, seeds 0-3, 300 steps,
-# measured while every seed shared one LoRA initialisation: lr 1e-3 +0.044/+0.051/+0.022/+0.039, 5e-4
-# +0.061/+0.046/+0.029/+0.048, 2.5e-4 +0.042/+0.048/+0.032/+0.032; beta 0.01 and --align-every 10
-# were no better. With --seed also setting the LoRA init (lr 5e-4): +0.052/+0.003/+0.037/+0.070.
+# K + 1 calls. Toy lr: 5e-4 rather than 1e-3 (with the earlier alignment, seeds 0-3, 300 steps: lr
+# 1e-3 +0.044/+0.051/+0.022/+0.039, 5e-4 +0.061/+0.046/+0.029/+0.048, 2.5e-4 +0.042/+0.048/+0.032/+0.032).
+# Toy steps 100 and alignment every 10 steps (the real default's interval): under Algorithm 1's
+# alignment the eval true reward of seed 0 peaks near step 100 and then falls whatever the
+# alignment settings (eval at steps 100 / 200 / 300 from 0.744, 2-core CPU, one run each):
+# every 25 steps at lr 1e-4 0.769 / 0.768 / 0.750; lr 1e-5 0.778 / 0.776 / 0.664; every 100 steps
+# 0.796 / 0.764 / 0.760; every 10 steps 0.795 / 0.742 / 0.763. README "Over-optimisation".
 TOY_DEFAULTS = dict(sample_steps=toy.ToyConfig.sample_steps, shift=toy.ToyConfig.shift, solver="euler",
-                    mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4, align_every=25, align_steps=4, align_lr=1e-4,
-                    steps=300, eval_every=100, eval_samples=48, guidance=1.0,
+                    mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4, align_every=10, align_rounds=2, align_lr=1e-4,
+                    steps=100, eval_every=50, eval_samples=48, guidance=1.0,
                     size=f"{toy.ToyConfig.size}x{toy.ToyConfig.size}", frames=toy.ToyConfig.frames,
                     reward="toy:calibrated_color", lora_rank=16, lora_alpha=16.0, picture_rows=6)
 
@@ -143,9 +152,13 @@ def parse_args(argv=None):
                    help="comma-separated Linear names inside each block (default: all ten)")
     a = p.add_argument_group("online LRM alignment")
     a.add_argument("--align-every", type=int, help=_default("align_every", "ReFL steps between alignments, 0 = never"))
-    a.add_argument("--align-steps", type=int, help=_default("align_steps", "LRM updates per alignment"))
+    a.add_argument("--align-rounds", type=int,
+                   help=_default("align_rounds", "passes over the replay buffer per alignment, each "
+                                 "ceil(entries / batch size) LRM updates (VELR App. C.2: two rounds)"))
     a.add_argument("--align-lr", type=float, help=_default("align_lr", "LRM learning rate"))
     a.add_argument("--buffer-size", type=int, default=256, help="replay buffer entries (default 256)")
+    a.add_argument("--refresh-variance", action="store_true",
+                   help="before each alignment, rescore every buffer entry's ensemble variance with the current LRM")
     o = p.add_argument_group("run")
     o.add_argument("--steps", type=int, help=_default("steps", "ReFL steps"))
     o.add_argument("--eval-every", type=int, help=_default("eval_every", "steps between evaluations, 0 = before and after only"))
@@ -174,12 +187,12 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size")
+    positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
+                "align_rounds")
     for k in positive:
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    for k in ("beta", "align_every", "align_steps", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps",
-              "picture_rows"):
+    for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows"):
         if getattr(args, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     if not 0 <= args.mid_min <= args.mid_max:
@@ -328,25 +341,82 @@ def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigma
 
 # ----------------------------------------------------------------------------- online alignment
 
-def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_fn, args, step, world, bad, log) -> dict:
-    """Decode the scored z0s (no gradient), score them, fill the shared buffer, re-fit the LRM.
-    Non-finite pixel rewards never enter the buffer (counted in bad["rewards_dropped"]); an LRM
-    update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
-    with torch.no_grad():
-        true = reward_fn(vae.decode(out["z0"]), prompts).float()
-    for p in [p for p, r in zip(prompts, true.tolist()) if not math.isfinite(r)]:
-        log(f"step {step}: the pixel reward returned a non-finite value for {p!r}; dropped")
-    variance = out["members"].float().var(0, correction=0)
-    entries = [distributed.all_gather_cat(x) for x in (out["z0"], context, lengths, true, variance)]
-    bad["rewards_dropped"] += buffer.insert(*entries)
+def buffer_policy(lrm) -> str:
+    """The replay buffer's policy for this LRM: an ensemble ranks entries by its variance, a
+    one-member LRM (variance always 0) gets a FIFO buffer (replay.py)."""
+    return "fifo" if lrm is not None and lrm.n_members == 1 else "variance"
+
+
+def offer_to_buffer(buffer, out, context, lengths, prompts, vae, reward_fn, step, rank, world, bad, log) -> dict:
+    """Algorithm 1's buffer update, every ReFL step: offer every z0 of the global batch with the
+    LRM's ensemble variance on it; label (decode without gradient + pixel reward) only the ones the
+    buffer admits, each rank its own; insert them. The decision is taken on the all-gathered
+    variances, so every rank admits and inserts the same entries in the same (rank) order.
+    Non-finite pixel rewards never enter the buffer (counted in bad["rewards_dropped"]).
+    Returns {"labelled": how many were labelled over all ranks} and, when any were, the mean true
+    reward of the labelled samples and the LRM's mean absolute error on them."""
+    z0 = out["z0"]
+    variance = out["members"].float().var(0, correction=0)  # (B,), 0 for a one-member LRM
+    admitted = buffer.admit(distributed.all_gather_cat(variance).cpu())  # (world B,), identical on every rank
+    b = z0.shape[0]
+    mine = admitted[rank * b : (rank + 1) * b].to(z0.device)
+    true = torch.full((b,), float("nan"), device=z0.device)
+    if mine.any():
+        chosen = [p for p, m in zip(prompts, mine.tolist()) if m]
+        with torch.no_grad():
+            true[mine] = reward_fn(vae.decode(z0[mine]), chosen).float().to(true.device)
+        for p in [p for p, r in zip(chosen, true[mine].tolist()) if not math.isfinite(r)]:
+            log(f"step {step}: the pixel reward returned a non-finite value for {p!r}; dropped")
+    if admitted.any():  # the same on every rank, so the collectives stay matched
+        keep = admitted.to(z0.device)
+        entries = [distributed.all_gather_cat(x)[keep] for x in (z0, context, lengths, true, variance)]
+        bad["rewards_dropped"] += buffer.insert(*entries)
+    finite = mine & torch.isfinite(true)
+    err = (out["members"].mean(0).float() - true).abs()
+    stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
+    if world > 1:
+        dist.all_reduce(stats)
+    rec = {"labelled": int(admitted.sum())}
+    if stats[2] > 0:
+        rec.update(true_reward=(stats[0] / stats[2]).item(), lrm_error=(stats[1] / stats[2]).item())
+    return rec
+
+
+def refresh_variance(lrm, buffer, args, device, world, step, log):
+    """Rescore every buffer entry's ensemble variance with the current LRM (no gradient, batches of
+    --batch-size) and store it; rank 0's values on every rank, so the buffers stay identical."""
+    parts = []
+    with torch.no_grad(), sample.autocast(device):
+        for i in range(0, len(buffer), args.batch_size):
+            rows = slice(i, i + args.batch_size)
+            members = lrm(buffer.data["z"][rows].to(device), buffer.data["context"][rows].to(device),
+                          buffer.data["lengths"][rows].to(device))
+            parts.append(members.float().var(0, correction=0))
+    variance = torch.cat(parts)
+    if world > 1:
+        dist.broadcast(variance, 0)
+    removed = buffer.set_variance(variance)
+    if removed:
+        log(f"step {step}: {removed} buffer entries got a non-finite variance from the LRM; removed")
+
+
+def align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log) -> dict:
+    """Re-fit the LRM on the shared buffer (App. C.2): --align-rounds passes, each
+    ceil(entries / --batch-size) Huber updates; every member draws its own minibatch (variance-
+    weighted, or uniform in a FIFO buffer). The generator is seeded the same on every rank: same
+    batches, same update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
+    if args.refresh_variance and len(buffer):
+        refresh_variance(lrm, buffer, args, device, world, step, log)
+    if not len(buffer):
+        return {}
     g = torch.Generator().manual_seed(args.seed * 7919 + step)  # same on every rank: same batches, same update
+    n, bs = lrm.n_members, args.batch_size
+    updates = args.align_rounds * math.ceil(len(buffer) / bs)
+    amp = sample.dtypes(device)["amp"]
     lrm.requires_grad_(True)
-    amp = sample.dtypes(out["z0"].device)["amp"]
-    for _ in range(args.align_steps if len(buffer) else 0):
-        b = buffer.sample(args.batch_size, generator=g)
-        dev = out["z0"].device
-        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"].to(dev), b["context"].to(dev), b["lengths"].to(dev),
-                                 b["reward"].to(dev), generator=g, amp_dtype=amp)
+    for _ in range(updates):
+        b = {k: v.unflatten(0, (n, bs)).to(device) for k, v in buffer.sample(n * bs, generator=g).items()}  # (N, B, ...)
+        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], generator=g, amp_dtype=amp)
         if res["skipped"]:
             bad["lrm_skipped"] += 1
             log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
@@ -354,14 +424,7 @@ def align_lrm(lrm, lrm_opt, buffer, out, context, lengths, prompts, vae, reward_
     if world > 1:
         for p in lrm.parameters():  # float nondeterminism must not let the ranks' LRMs drift apart
             dist.broadcast(p.data, 0)
-    finite = torch.isfinite(true)
-    err = (out["members"].mean(0).float() - true).abs()
-    stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
-    if world > 1:
-        dist.all_reduce(stats)
-    if stats[2] == 0:
-        return {}
-    return {"true_reward": (stats[0] / stats[2]).item(), "lrm_error": (stats[1] / stats[2]).item()}
+    return {"lrm_updates": updates}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -614,7 +677,7 @@ def rank_difference(model, lrm, buffer) -> float:
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # gathered on every rank
     tensors = list(get_model_state_dict(model, options=options).values())
     tensors += list(lrm.parameters()) if lrm is not None else []
-    tensors += list(buffer.data.values()) if buffer.data is not None else []
+    tensors += list(buffer.data.values()) + [buffer.arrival] if buffer.data is not None else []
     return distributed.max_rank_difference(tensors)
 
 
@@ -687,11 +750,13 @@ def check_out_dir(out_dir: Path, args):
 
 
 def format_line(r: dict) -> str:
+    """One step's log line. labelled: samples decoded and scored for the buffer this step; r_true and
+    lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
     true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
     err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
     return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
-            f"kl {r['kl']:.2e} | r_true {true} | lrm_err {err} | lr {r['lr']:.1e} | {r['sec']:.2f} s | "
-            f"mem {r['peak_mem_mb']:.0f} MB")
+            f"kl {r['kl']:.2e} | labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
+            f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB")
 
 
 def main(argv=None):
@@ -725,7 +790,7 @@ def main(argv=None):
     if lrm is not None:
         lrm = lrm.to(device).requires_grad_(False)
         lrm_opt = torch.optim.AdamW(lrm.parameters(), lr=args.align_lr, weight_decay=0.0)
-    buffer = replay.ReplayBuffer(args.buffer_size)
+    buffer = replay.ReplayBuffer(args.buffer_size, policy=buffer_policy(lrm))
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
     ckpt_path = out_dir / "ckpt.pt"
     if args.resume:
@@ -756,9 +821,11 @@ def main(argv=None):
             log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
         rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
-        if args.align_every and step % args.align_every == 0 and args.mode != "pixel":
-            rec.update(align_lrm(lrm, lrm_opt, buffer, out, context, lengths, batch["prompts"], vae, reward_fn, args, step,
-                                 world, bad, log))
+        if args.align_every and args.mode != "pixel":  # online alignment (Algorithm 1)
+            rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, rank, world,
+                                       bad, log))
+            if step % args.align_every == 0:
+                rec.update(align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log))
         check_bad(bad, args, step)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world,

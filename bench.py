@@ -8,6 +8,7 @@
     python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
     python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
     python bench.py toy [--seeds 4]     # the toy world: VAE PSNR, build time, squares, default runs (~15 min)
+    python bench.py refl [--seeds 3]    # VELR vs its baselines in the toy world, same budget (~25 min)
 
 Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
 is the peak of that one workload. Three memory numbers per workload: `resident_mb`, what is held
@@ -612,6 +613,92 @@ def table_toy(res):
 
 
 # ---------------------------------------------------------------------------------------------
+# refl: VELR and its baselines side by side in the toy world, same ReFL budget (VELR §5)
+
+REFL_SEEDS = 3
+REFL_METHODS = {  # name -> train_refl flags on top of the toy defaults ("@1member" / "@dollar": that LRM)
+    "velr": [],
+    "velr_noalign": ["--align-every", "0"],
+    "velr_1member": ["--lrm", "@1member"],
+    "dollar": ["--mode", "dollar", "--lrm", "@dollar"],
+    "pixel": ["--mode", "pixel"],
+    "lastk": ["--mode", "lastk"],
+    "latestep": ["--mode", "latestep"],
+}
+
+
+def bench_refl(device, scale, seeds=REFL_SEEDS):
+    """Every method of REFL_METHODS for seeds 0..seeds-1 in the toy world with its defaults (same
+    steps, batch, window, lr): true-reward gain, the LRM's error against the true reward at every
+    evaluation (|LRM - true| on the final latents of the 48 eval pairs), the LRM-minus-true gap at
+    the end, peak memory and time per step. The one-member and Dollar LRMs are bootstrapped like
+    the world's ensemble (same rollouts, steps and lr)."""
+    import lrm as lrm_lib
+    import toy
+    import train_refl
+
+    cfg = toy.ToyConfig()
+    res = {"seeds": seeds, "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        dit, vae, encoder, tokenizer, _ = toy.load_world(cache_dir=tmp, log=lambda *a: None)
+        lrms = {"@1member": lrm_lib.EnsembleLRM(toy.toy_lrm_config(cfg), n_members=1, seed=cfg.seed),
+                "@dollar": lrm_lib.DollarLRM(toy.toy_lrm_config(cfg), seed=cfg.seed)}
+        for key, model in lrms.items():
+            with open(os.devnull, "w") as null, redirect_stdout(null):
+                toy.bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, model=model)
+            lrm_lib.save_lrm(model.requires_grad_(False), Path(tmp) / f"{key[1:]}.safetensors")
+        for name, flags in REFL_METHODS.items():
+            flags = [str(Path(tmp) / f"{f[1:]}.safetensors") if f.startswith("@") else f for f in flags]
+            runs = []
+            for seed in range(seeds):
+                out = Path(tmp) / f"{name}{seed}"
+                with open(Path(tmp) / f"{name}{seed}.log", "w") as log, redirect_stdout(log):
+                    train_refl.main(["--cache-dir", tmp, "--out", str(out), "--seed", str(seed), "--picture-rows", "0", *flags])
+                runs.append(json.loads((out / "summary.json").read_text()))
+            gains = torch.tensor([r["true_reward_after"] - r["true_reward_before"] for r in runs])
+            steps = [e["step"] for e in runs[0]["eval_history"]]
+            def curve(key):  # mean over seeds per evaluation; None where the method has no such value (pixel: no LRM)
+                values = [[r["eval_history"][i].get(key) for r in runs] for i in range(len(steps))]
+                return [None if None in v else sum(v) / len(v) for v in values]
+
+            res["methods"][name] = {
+                "gain_mean": gains.mean().item(), "gain_std": gains.std().item() if seeds > 1 else 0.0,
+                "gains": gains.tolist(), "steps": steps, "true_curve": curve("true_reward"),
+                "lrm_err_curve": curve("lrm_err"), "lrm_err_final": curve("lrm_err")[-1],
+                "latent_minus_true": curve("latent_minus_true")[-1],
+                "peak_mb": max(r["peak_mem_mb"] for r in runs), "sec_per_step": sum(r["sec_per_step"] for r in runs) / seeds}
+            print(f"refl {name}: {json.dumps(res['methods'][name])}", flush=True)
+    return res
+
+
+def plot_refl(res, path):
+    """True reward and LRM error against step for every method (matplotlib, a bench-only dependency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, m) in enumerate(res["methods"].items()):
+        a.plot(m["steps"], m["true_curve"], marker="o", label=name, color=f"C{i}")
+        if None not in m["lrm_err_curve"]:  # pixel ReFL has no LRM
+            b.plot(m["steps"], m["lrm_err_curve"], marker="o", label=name, color=f"C{i}")
+    a.set(xlabel="ReFL step", ylabel="true reward (eval, 48 pairs)", title=f"mean over {res['seeds']} seeds")
+    b.set(xlabel="ReFL step", ylabel="|LRM - true| (eval latents)", title="LRM error")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def table_refl(res):
+    rows = [[n, f"{m['gain_mean']:+.3f} ± {m['gain_std']:.3f}", m["lrm_err_curve"][0] or "-", m["lrm_err_final"] or "-",
+             m["latent_minus_true"] or "-", m["peak_mb"], m["sec_per_step"]] for n, m in res["methods"].items()]
+    header = ["method", "true-reward gain", "LRM err step 0", "LRM err end", "LRM - true end", "peak MiB", "s/step"]
+    return f"### refl (toy world, {res['seeds']} seeds)\n\n" + markdown(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 
 IMPLS = ("ours", "diffusers")
@@ -648,7 +735,7 @@ SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),
 }
-QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy)}
+QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy), "refl": (bench_refl, table_refl)}
 
 
 def main(argv=None):
@@ -658,7 +745,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads of every process (default: torch's); on a machine "
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
-    p.add_argument("--seeds", type=int, default=TOY_SEEDS, help="toy: default runs, seeds 0..N-1")
+    p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -672,7 +759,10 @@ def main(argv=None):
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
-        results[name] = bench(device, scale, args.seeds) if name == "toy" else bench(device, scale)
+        results[name] = bench(device, scale, args.seeds or {"toy": TOY_SEEDS, "refl": REFL_SEEDS}[name]) \
+            if name in ("toy", "refl") else bench(device, scale)
+        if name == "refl":
+            print(f"plot: {plot_refl(results[name], out.with_name('bench_refl.png'))}")
         print(table(results[name]) + "\n", flush=True)
         out.write_text(json.dumps(results, indent=2))
     return results

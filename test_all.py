@@ -3166,5 +3166,19 @@ def test_before_after_picture(refl_cache, tmp_path):
     assert not (tmp_path / "none" / "samples" / "before_after.png").exists()
 
 
+def test_refl_eval_history_records_the_lrm_error(refl_cache, tmp_path):
+    """Every evaluation also scores its final latents with the LRM: |LRM - true| and LRM - true on
+    the same pairs (what bench.py refl plots); pixel ReFL, which has no LRM in its loss, records none."""
+    train_refl.main(_refl_flags(refl_cache, tmp_path / "velr", "--eval-samples", "3", "--picture-rows", "0"))
+    history = json.loads((tmp_path / "velr" / "summary.json").read_text())["eval_history"]
+    assert [e["step"] for e in history] == [0, 2]
+    for e in history:
+        assert e["lrm_err"] > 0 and abs(e["latent_minus_true"]) <= e["lrm_err"] + 1e-6
+    train_refl.main(_refl_flags(refl_cache, tmp_path / "pixel", "--mode", "pixel", "--eval-samples", "3",
+                                "--picture-rows", "0"))
+    history = json.loads((tmp_path / "pixel" / "summary.json").read_text())["eval_history"]
+    assert all("lrm_err" not in e for e in history)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

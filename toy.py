@@ -225,8 +225,9 @@ def latent_shape(cfg: ToyConfig) -> tuple[int, int, int, int]:
     return vae_lib.latent_shape(cfg.frames, cfg.size, cfg.size)
 
 
-def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
-    """Ensemble LRM fitted to the pixel reward of the generator's own decoded rollouts."""
+def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model=None):
+    """Ensemble LRM (or the given `model`, e.g. a one-member ensemble or a Dollar LRM) fitted to the
+    pixel reward of the generator's own decoded rollouts."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     reward_fn = rewards.load_reward(cfg.reward)
     prompts = toy_prompts(cfg.lrm_rollouts, g)
@@ -237,7 +238,7 @@ def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
             for i in range(0, len(prompts), 64)
         ])
         target = reward_fn(vae.decode(z), prompts).float()
-    model = lrm_lib.EnsembleLRM(toy_lrm_config(cfg), n_members=cfg.lrm_members, seed=cfg.seed)
+    model = model or lrm_lib.EnsembleLRM(toy_lrm_config(cfg), n_members=cfg.lrm_members, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lrm_lr)
     for step in range(cfg.lrm_steps):
         idx = torch.randint(len(prompts), (cfg.lrm_batch,), generator=g)

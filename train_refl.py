@@ -434,8 +434,9 @@ def eval_pairs(args, prompts: list[str]) -> list[tuple[str, int]]:
     return [(prompts[i % len(prompts)], 10_000 + i) for i in range(args.eval_samples)]
 
 
-def sample_pairs(model, vae, pairs, table, neg_context, args, sigmas, device) -> torch.Tensor:
-    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on (prompt, seed) pairs."""
+def sample_pairs(model, vae, pairs, table, neg_context, args, sigmas, device, latents=False):
+    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on (prompt, seed) pairs;
+    latents=True returns (final latents, videos)."""
     noise = torch.stack([torch.randn(latent_shape(args), generator=torch.Generator().manual_seed(seed))
                          for _, seed in pairs]).to(device)
     context, _ = text_batch(table, [p for p, _ in pairs], device)
@@ -443,7 +444,8 @@ def sample_pairs(model, vae, pairs, table, neg_context, args, sigmas, device) ->
     with torch.no_grad(), sample.autocast(device):
         z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=args.solver,
                               uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=args.guidance)
-        return vae.decode(z)
+        video = vae.decode(z)
+    return (z, video) if latents else video
 
 
 def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, rank, out_dir):
@@ -465,28 +467,40 @@ def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, ra
 
 
 def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step,
-             bad=None) -> float:
+             bad=None, lrm=None, lrm_stats=None) -> float:
     """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
     rank runs the same number of batches); non-finite rewards are left out of the mean and counted
-    in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4."""
+    in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4. With an `lrm` and a dict
+    `lrm_stats`, also scores the final latents with the LRM (member mean) and stores in lrm_stats
+    "lrm_err" = mean |LRM - true| and "latent_minus_true" = mean (LRM - true) over the same pairs."""
     per_rank = math.ceil(len(pairs) / world)
     mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
-    total = torch.zeros(3, device=device)  # reward sum, finite count, non-finite count
+    total = torch.zeros(5, device=device)  # reward sum, finite count, non-finite count, |LRM - true| sum, (LRM - true) sum
     for i in range(0, per_rank, args.batch_size):
         chunk = mine[i : i + args.batch_size]
         ps = [pairs[j % len(pairs)][0] for j in chunk]
-        video = sample_pairs(model, vae, [pairs[j % len(pairs)] for j in chunk], table, neg_context, args, sigmas, device)
+        z, video = sample_pairs(model, vae, [pairs[j % len(pairs)] for j in chunk], table, neg_context, args, sigmas, device,
+                                latents=True)
         with torch.no_grad():
             r = reward_fn(video, ps).float()
         weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
         finite = torch.isfinite(r)
-        total += torch.stack([torch.where(finite, r * weight, 0).sum(), (weight * finite).sum(), (weight * ~finite).sum()])
+        gap = torch.zeros_like(r)
+        if lrm is not None and lrm_stats is not None:
+            context, lengths = text_batch(table, ps, device)
+            with torch.no_grad(), sample.autocast(device):
+                gap = lrm(z, context, lengths).float().mean(0) - r
+        ok = weight * finite
+        total += torch.stack([torch.where(finite, r * weight, 0).sum(), ok.sum(), (weight * ~finite).sum(),
+                              torch.where(finite, gap.abs() * ok, 0).sum(), torch.where(finite, gap * ok, 0).sum()])
         if rank == 0 and i == 0:
             save_videos(video[:2], Path(out_dir) / "samples", step)
     if world > 1:
         dist.all_reduce(total)
     if bad is not None:
         bad["eval_dropped"] += int(total[2].item())
+    if lrm is not None and lrm_stats is not None and total[1] > 0:
+        lrm_stats.update(lrm_err=(total[3] / total[1]).item(), latent_minus_true=(total[4] / total[1]).item())
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
@@ -793,13 +807,20 @@ def main(argv=None):
     buffer = replay.ReplayBuffer(args.buffer_size, policy=buffer_policy(lrm))
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
     ckpt_path = out_dir / "ckpt.pt"
+
+    def eval_entry(step: int) -> dict:
+        """One evaluation: the true reward and, with an LRM, its error on the same final latents."""
+        stats = {}
+        true = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step, bad,
+                        lrm=lrm if args.mode != "pixel" else None, lrm_stats=stats)
+        return {"step": step, "true_reward": true, **stats}
+
     if args.resume:
         start, history, bad = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)
         log(f"resumed {args.resume} at step {start}")
     else:
         start, bad = 0, new_bad_counts()
-        history = [{"step": 0, "true_reward": evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank,
-                                                       world, out_dir, 0, bad)}]
+        history = [eval_entry(0)]
     before = history[0]["true_reward"]
     log(f"eval step 0 | true reward {before:.4f} ({len(pairs)} fixed prompt/seed pairs)")
     metrics = open_metrics(out_dir / "metrics.jsonl", start) if rank == 0 else None
@@ -828,9 +849,8 @@ def main(argv=None):
                 rec.update(align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log))
         check_bad(bad, args, step)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            rec["eval_true_reward"] = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world,
-                                               out_dir, step, bad)
-            history.append({"step": step, "true_reward": rec["eval_true_reward"]})
+            history.append(eval_entry(step))
+            rec["eval_true_reward"] = history[-1]["true_reward"]
         if args.save_every and step % args.save_every == 0:
             save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, step, history, rank, args, bad)
         rec.update(**bad, sec=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
@@ -843,8 +863,8 @@ def main(argv=None):
             finish(metrics)
             return model, lrm, buffer
     seconds = time.time() - t_run
-    after = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, args.steps, bad)
-    history.append({"step": args.steps, "true_reward": after})
+    history.append(eval_entry(args.steps))
+    after = history[-1]["true_reward"]
     save_checkpoint(ckpt_path, model, opt, lrm, lrm_opt, buffer, args.steps, history, rank, args, bad)
     if args.picture_rows:
         path = picture(model, ref, vae, pairs, table, neg, args, sigmas, device, rank, out_dir)

@@ -88,10 +88,16 @@ def _frame_diffs(video: torch.Tensor) -> torch.Tensor:
     return x[:, :, 1:] - x[:, :, :-1]  # (B, 3, T-1, H, W)
 
 
+def color_word(prompt: str):
+    """The first palette word in the prompt (lower case), or None."""
+    match = _COLOR_WORD.search(prompt)
+    return None if match is None else match.group(1).lower()
+
+
 def prompt_color(prompt: str):
     """The RGB of the first palette word in the prompt, or None."""
-    match = _COLOR_WORD.search(prompt)
-    return None if match is None else PALETTE[match.group(1).lower()]
+    word = color_word(prompt)
+    return None if word is None else PALETTE[word]
 
 
 def color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:

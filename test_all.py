@@ -2093,7 +2093,7 @@ def test_refl_buffer_is_offered_every_sample_and_labels_only_the_admitted(refl_c
 
     monkeypatch.setattr(replay.ReplayBuffer, "admit", admit)
     monkeypatch.setattr(rewards, "load_reward", lambda spec: counting_reward)
-    monkeypatch.setattr(train_refl, "evaluate", lambda *a, **k: 0.5)  # every reward call below is a label
+    monkeypatch.setattr(train_refl, "evaluate", lambda *a, **k: {"true_reward": 0.5})  # every reward call below is a label
     _, _, buffer = train_refl.main(_refl_flags(refl_cache, tmp_path, "--steps", "3", "--align-every", "2",
                                                "--buffer-size", "1"))
     offers = [e for e in events if e[0] == "offered"]

@@ -454,11 +454,14 @@ def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, ra
     Every rank samples (FSDP needs them all in each forward); rank 0 writes."""
     n = min(args.picture_rows, len(pairs))
     chosen = [pairs[i * len(pairs) // n] for i in range(n)]
-    after = torch.cat([sample_pairs(model, vae, chosen[i : i + args.batch_size], table, neg_context, args, sigmas, device)
-                       for i in range(0, n, args.batch_size)])
+
+    def videos(m):
+        return torch.cat([sample_pairs(m, vae, chosen[i : i + args.batch_size], table, neg_context, args, sigmas, device)
+                          for i in range(0, n, args.batch_size)])
+
+    after = videos(model)
     with nullcontext(ref) if ref is not None else lora.lora_disabled(unwrap(model)) as initial:
-        before = torch.cat([sample_pairs(initial, vae, chosen[i : i + args.batch_size], table, neg_context, args, sigmas,
-                                         device) for i in range(0, n, args.batch_size)])
+        before = videos(initial)
     if rank == 0:
         (Path(out_dir) / "samples").mkdir(parents=True, exist_ok=True)
         path = Path(out_dir) / "samples" / "before_after.png"
@@ -467,12 +470,12 @@ def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, ra
 
 
 def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step,
-             bad=None, lrm=None, lrm_stats=None) -> float:
+             bad=None, lrm=None) -> dict:
     """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
     rank runs the same number of batches); non-finite rewards are left out of the mean and counted
-    in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4. With an `lrm` and a dict
-    `lrm_stats`, also scores the final latents with the LRM (member mean) and stores in lrm_stats
-    "lrm_err" = mean |LRM - true| and "latent_minus_true" = mean (LRM - true) over the same pairs."""
+    in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4. Returns {"true_reward"} and,
+    with an `lrm`, the LRM (member mean) on the same final latents: "lrm_err" = mean |LRM - true|,
+    "latent_minus_true" = mean (LRM - true)."""
     per_rank = math.ceil(len(pairs) / world)
     mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
     total = torch.zeros(5, device=device)  # reward sum, finite count, non-finite count, |LRM - true| sum, (LRM - true) sum
@@ -486,7 +489,7 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
         weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
         finite = torch.isfinite(r)
         gap = torch.zeros_like(r)
-        if lrm is not None and lrm_stats is not None:
+        if lrm is not None:
             context, lengths = text_batch(table, ps, device)
             with torch.no_grad(), sample.autocast(device):
                 gap = lrm(z, context, lengths).float().mean(0) - r
@@ -499,9 +502,12 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
         dist.all_reduce(total)
     if bad is not None:
         bad["eval_dropped"] += int(total[2].item())
-    if lrm is not None and lrm_stats is not None and total[1] > 0:
-        lrm_stats.update(lrm_err=(total[3] / total[1]).item(), latent_minus_true=(total[4] / total[1]).item())
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    if total[1] == 0:
+        return {"true_reward": float("nan")}
+    res = {"true_reward": (total[0] / total[1]).item()}
+    if lrm is not None:
+        res.update(lrm_err=(total[3] / total[1]).item(), latent_minus_true=(total[4] / total[1]).item())
+    return res
 
 
 def save_videos(video: torch.Tensor, folder: Path, step: int):
@@ -550,11 +556,10 @@ def before_after_image(before: torch.Tensor, after: torch.Tensor, prompts: list[
     draw_text(canvas, "after", 4, label_w + len(picks) * (fw + 2) + gap)
     for row, prompt in enumerate(prompts):
         y = top + row * (fh + 4)
-        match = rewards._COLOR_WORD.search(prompt)
-        if match:
-            rgb = tuple(int(255 * c) for c in rewards.PALETTE[match.group(1).lower()])
-            canvas[y : y + 12, 2 : 14] = rgb
-            draw_text(canvas, match.group(1)[:6], y + 16, 2, scale=1 if len(match.group(1)) > 5 else 2)
+        word = rewards.color_word(prompt)
+        if word:
+            canvas[y : y + 12, 2 : 14] = tuple(int(255 * c) for c in rewards.PALETTE[word])
+            draw_text(canvas, word, y + 16, 2, scale=1 if len(word) > 5 else 2)
         for k, video in enumerate((before, after)):
             for j, f in enumerate(picks):
                 frame = ((video[row, :, f, ::step, ::step].float().clamp(-1, 1) + 1) * 127.5).round().byte()
@@ -810,10 +815,8 @@ def main(argv=None):
 
     def eval_entry(step: int) -> dict:
         """One evaluation: the true reward and, with an LRM, its error on the same final latents."""
-        stats = {}
-        true = evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world, out_dir, step, bad,
-                        lrm=lrm if args.mode != "pixel" else None, lrm_stats=stats)
-        return {"step": step, "true_reward": true, **stats}
+        return {"step": step, **evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world,
+                                         out_dir, step, bad, lrm=lrm if args.mode != "pixel" else None)}
 
     if args.resume:
         start, history, bad = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)

@@ -7,7 +7,7 @@
     python bench.py all --threads 1     # on a CPU shared with other jobs
     python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
     python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
-    python bench.py toy [--seeds 4]     # the toy world: VAE PSNR, build time, squares, default runs (~15 min)
+    python bench.py toy [--seeds 4] [--toy-world watchable]  # a toy world: VAE PSNR, build, squares, default runs (~15 min)
     python bench.py refl [--seeds 3]    # VELR vs its baselines in the toy world, same budget (~25 min)
 
 Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
@@ -563,35 +563,27 @@ def table_gpu_quick(res):
 TOY_SEEDS = 4
 
 
-def bench_toy(device, scale, seeds=TOY_SEEDS):
-    """The toy world's floors: the VAE's reconstruction PSNR on 64 held-out procedural videos, the
-    world build time in a fresh cache, the share of 48 fixed samples of the pretrained generator in
-    which the scene parser finds one square in every frame, and the README's main command
-    (train_refl.py, toy defaults) for seeds 0..seeds-1: true reward before, after, gain."""
-    import text_encoder
+def bench_toy(device, scale, seeds=TOY_SEEDS, world="random"):
+    """A toy world's floors (toy.WORLDS[world]): the VAE's reconstruction PSNR on 64 held-out
+    procedural videos, the world build time in a fresh cache (the watchable world's VAE and DiT
+    come from assets/, so its build is the LRM bootstrap), the share of 48 fixed samples of the
+    pretrained generator in which the scene parser finds one square in every frame, and the
+    README's main command (train_refl.py, toy defaults) for seeds 0..seeds-1: true reward before,
+    after, gain."""
     import toy
     import train_refl
 
-    res = {}
+    res = {"world": world}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        dit, vae, encoder, tokenizer, _ = toy.load_world(cache_dir=tmp, log=lambda *a: None)
+        dit, vae, encoder, tokenizer, _ = toy.load_world(toy.WORLDS[world], cache_dir=tmp, log=lambda *a: None)
         res["build_s"] = time.time() - t0
-        cfg = toy.ToyConfig()
-        res["vae_psnr_db"] = toy.vae_psnr(vae, toy.procedural_videos(64, cfg.frames, cfg.size, torch.Generator().manual_seed(12345)))
-        g = torch.Generator().manual_seed(2024)
-        prompts = toy.toy_prompts(48, g)
-        with torch.no_grad():
-            context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder)
-            video = vae.decode(toy.rollout(dit.eval(), context, torch.randn(48, *toy.latent_shape(cfg), generator=g), cfg))
-        found = toy.parse_squares(video)
-        res["square_share"] = sum(n == cfg.frames for n in found) / len(found)
-        res["square_frames_mean"] = sum(found) / len(found)
+        res.update(toy.measure_world(dit, vae, encoder, tokenizer, toy.WORLDS[world]))
         res["runs"] = {}
         for seed in range(seeds):
             out = Path(tmp) / f"run{seed}"
             with open(Path(tmp) / f"run{seed}.log", "w") as log, redirect_stdout(log):
-                train_refl.main(["--cache-dir", tmp, "--out", str(out), "--seed", str(seed)])
+                train_refl.main(["--cache-dir", tmp, "--out", str(out), "--seed", str(seed), "--toy-world", world])
             summary = json.loads((out / "summary.json").read_text())
             before, after = summary["true_reward_before"], summary["true_reward_after"]
             res["runs"][seed] = {"before": before, "after": after, "gain": after - before, "sec": summary["train_seconds"]}
@@ -604,12 +596,13 @@ def bench_toy(device, scale, seeds=TOY_SEEDS):
 
 def table_toy(res):
     rows = [["VAE PSNR, 64 held-out videos (dB)", res["vae_psnr_db"]], ["world build (s)", res["build_s"]],
-            ["samples with one square in every frame", res["square_share"]],
+            ["samples with one square in every frame", res["square_every_frame"]],
             ["mean frames with one square (of 5)", res["square_frames_mean"]]]
     rows += [[f"default run seed {s}: before -> after (gain)", f"{r['before']:.3f} -> {r['after']:.3f} ({r['gain']:+.3f})"]
              for s, r in res["runs"].items()]
     rows.append(["gain, mean ± std over seeds", f"{res['gain_mean']:+.3f} ± {res['gain_std']:.3f}"])
-    return "### toy world (python bench.py toy)\n\n" + markdown(["measure", "value"], rows)
+    world = res.get("world", "random")
+    return f"### toy world {world} (python bench.py toy --toy-world {world})\n\n" + markdown(["measure", "value"], rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,6 +719,89 @@ def table_vs_diffusers(name, res, ops):
     return f"### {name} {res['shape']}\n\n" + markdown(["op", "ours s", "diffusers s", "ours MiB", "diffusers MiB"], rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# sp: Ulysses sequence parallelism against one process (2 ranks, gloo on the CPU, or nccl)
+
+SP_CONFIG = dict(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64, text_len=16)  # 4 heads: SP 2 or 4
+SP_LATENT = (2, 16, 5, 8, 8)  # 2 x 3 x 4 x 4 = 96 tokens per sample after the 1x2x2 patches
+
+
+def sp_worker(args):
+    """One rank of `torchrun --nproc_per_node=S bench.py _sp JSON`: the same LoRA DiT, inputs and
+    loss on every rank, forward + backward without and then with sequence parallelism over all
+    ranks (gradients summed over the group); rank 0 prints the largest relative difference of the
+    outputs and of the LoRA gradients, each relative to the reference's largest magnitude."""
+    import distributed
+    import lora
+    from model_dit import DiTConfig, WanDiT
+
+    rank, world, device = distributed.setup_distributed()
+    cfg = DiTConfig(**args.get("config", SP_CONFIG))
+    torch.manual_seed(0)
+    dit = WanDiT(cfg).to(device)
+    lora.add_lora(dit, 4, 4.0, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, prm in dit.named_parameters():
+            if "lora_B" in name or name.startswith("head.head."):  # non-zero, so every gradient is non-zero
+                prm.copy_(torch.randn(prm.shape, generator=gen) * 0.02)
+    dit.gradient_checkpointing = bool(args.get("checkpointing"))
+    shape = args.get("latent", SP_LATENT)
+    x, target = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+    t = torch.linspace(900, 300, shape[0], device=device)
+    context = torch.randn(shape[0], cfg.text_len, cfg.text_dim, generator=gen).to(device)
+    params = [prm for prm in dit.parameters() if prm.requires_grad]
+
+    def step():
+        dit.zero_grad(set_to_none=True)
+        out = dit(x, t, context)
+        (out - target).pow(2).mean().backward()
+        return out.detach(), [prm.grad.clone() for prm in params]
+
+    ref_out, ref_grads = step()
+    sp, _ = distributed.sequence_parallel_groups(world)
+    dit.set_sequence_parallel(sp)
+    out, _ = step()
+    distributed.sp_sum_grads(params, sp)
+    grads = [prm.grad for prm in params]
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    res = {"sp": world, "out_rel_diff": rel(out, ref_out), "grad_rel_diff": max(rel(a, b) for a, b in zip(grads, ref_grads)),
+           "lora_tensors": len(params)}
+    if rank == 0:
+        print(json.dumps(res), flush=True)
+    distributed.cleanup()
+
+
+def run_sp(args, nproc=2, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "_sp", json.dumps(args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sequence parallel check {args} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_sp(device, scale):
+    """2-rank Ulysses against one process: outputs and LoRA gradients, with and without gradient
+    checkpointing (fp32, CPU gloo unless the machine has 2 GPUs)."""
+    res = {"machine": "cpu" if device.type == "cpu" else device.type}
+    for name, flags in (("plain", {}), ("checkpointing", {"checkpointing": True})):
+        res[name] = run_sp(flags)
+        print(f"sp {name}: {json.dumps(res[name])}", flush=True)
+    res["max_rel_diff"] = max(res[k][d] for k in ("plain", "checkpointing") for d in ("out_rel_diff", "grad_rel_diff"))
+    return res
+
+
+def table_sp(res):
+    rows = [[k, res[k]["out_rel_diff"], res[k]["grad_rel_diff"]] for k in ("plain", "checkpointing")]
+    return "### sp (python bench.py sp: 2 ranks vs 1 process, fp32)\n\n" + markdown(
+        ["run", "output max rel. diff", "LoRA grad max rel. diff"], rows)
+
+
 CHILD_IMPORTS = {"refl": ["train_refl"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}
 CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": child_lrm}
 SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
@@ -735,7 +811,8 @@ SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),
 }
-QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy), "refl": (bench_refl, table_refl)}
+QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy), "refl": (bench_refl, table_refl),
+         "sp": (bench_sp, table_sp)}
 
 
 def main(argv=None):
@@ -746,6 +823,7 @@ def main(argv=None):
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
     p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
+    p.add_argument("--toy-world", default="random", choices=["random", "watchable"], help="toy: which world (default random)")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -759,11 +837,14 @@ def main(argv=None):
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
-        results[name] = bench(device, scale, args.seeds or {"toy": TOY_SEEDS, "refl": REFL_SEEDS}[name]) \
-            if name in ("toy", "refl") else bench(device, scale)
+        key = "toy_watchable" if name == "toy" and args.toy_world == "watchable" else name  # one entry per world
+        if name == "toy":
+            results[key] = bench(device, scale, args.seeds or TOY_SEEDS, args.toy_world)
+        else:
+            results[key] = bench(device, scale, args.seeds or REFL_SEEDS) if name == "refl" else bench(device, scale)
         if name == "refl":
-            print(f"plot: {plot_refl(results[name], out.with_name('bench_refl.png'))}")
-        print(table(results[name]) + "\n", flush=True)
+            print(f"plot: {plot_refl(results[key], out.with_name('bench_refl.png'))}")
+        print(table(results[key]) + "\n", flush=True)
         out.write_text(json.dumps(results, indent=2))
     return results
 
@@ -771,5 +852,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         child_main(sys.argv[2], json.loads(sys.argv[3]))
+    elif sys.argv[1:2] == ["_sp"]:
+        sp_worker(json.loads(sys.argv[2]))
     else:
         main()

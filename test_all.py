@@ -3180,5 +3180,92 @@ def test_refl_eval_history_records_the_lrm_error(refl_cache, tmp_path):
     assert all("lrm_err" not in e for e in history)
 
 
+# ---- the watchable toy world: visible squares, a trained VAE, a reward on the square's colour
+
+def _small_watchable(**kw):
+    return replace(toy.WATCHABLE, vae_steps=4, vae_videos=16, vae_batch=4, num_videos=16, pretrain_steps=2,
+                   pretrain_batch=4, lrm_rollouts=4, lrm_steps=2, lrm_batch=4, **kw)
+
+
+def test_watchable_world_videos_show_their_square():
+    g = torch.Generator().manual_seed(0)
+    video = toy.world_videos(64, toy.WATCHABLE, g)
+    x = (video + 1) / 2
+    bg = x.flatten(3).median(3).values  # (n, 3, T) per-frame background
+    far = (x - bg[..., None, None]).norm(dim=1).flatten(1).max(1).values  # strongest square pixel
+    assert (far >= toy.MIN_CONTRAST - 1e-5).all()  # every square stands out from its background
+    assert sum(n == 5 for n in toy.parse_squares(video)) >= 62
+    assert len(x[0, 0].unique()) > 2  # anti-aliased edges: colours between the two
+    hard = toy.procedural_videos(4, 5, 32, torch.Generator().manual_seed(0))  # the random world's: two colours
+    assert all(len(v.flatten(1).unique(dim=1).T) == 2 for v in hard)
+
+
+def test_square_color_reward():
+    g = torch.Generator().manual_seed(1)
+    video = toy.procedural_videos(1, 5, 32, g, min_contrast=0.5)
+    mask = toy.square_mask(video).bool()[:, None].expand_as(video)
+    red = video.clone()
+    red[mask] = torch.tensor([1.0, -1.0, -1.0])[None, :, None, None, None].expand_as(video)[mask]
+    r = toy.square_color(red.repeat(3, 1, 1, 1, 1), ["a red square", "a blue square", "a square"])
+    assert r[0] > 0.95 and r[1] < r[0] - 0.3 and r[2] == rewards.NEUTRAL  # the named colour, another, none
+    erased = video[:, :, :, :1, :1].expand_as(video).contiguous()
+    assert toy.square_color(erased, ["a red square"])[0] < 0.15  # no square: nothing to pay for
+    v = video.clone().requires_grad_(True)
+    toy.square_color(v, ["a red square"]).sum().backward()
+    step = v.grad * mask  # move the square's pixels along the gradient
+    assert toy.square_color(video + 0.5 * step / step.abs().max(), ["a red square"]) > toy.square_color(video, ["a red square"])
+
+
+def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch):
+    cfg = _small_watchable()
+    vae = toy.train_vae(cfg, log=lambda *a: None)
+    z = vae.encode(toy.world_videos(cfg.vae_videos, cfg, torch.Generator().manual_seed(cfg.seed + 2)))
+    assert z.mean((0, 2, 3, 4)).abs().max() < 1e-4 and (z.std((0, 2, 3, 4)) - 1).abs().max() < 1e-4  # measured normalisation
+    toy.save_toy_vae(vae, tmp_path / "toy_vae.safetensors", cfg, torch.float16)
+    back = toy.read_toy_vae(tmp_path / "toy_vae.safetensors", cfg)
+    x = toy.world_videos(2, cfg, torch.Generator().manual_seed(5))
+    assert torch.allclose(back.decode(back.encode(x)), vae.decode(vae.encode(x)), atol=0.05)
+    assert toy.read_toy_vae(tmp_path / "toy_vae.safetensors", replace(cfg, vae_steps=5)) is None  # another recipe
+    dit = toy.build_models(cfg.seed, cfg.dit)[0]
+    toy.save_toy_dit(dit, tmp_path / "toy_dit.safetensors", cfg)
+    monkeypatch.setattr(toy, "ASSETS", tmp_path)
+    logged = []
+    world = toy.load_world(cfg, cache_dir=tmp_path / "cache", log=logged.append)
+    assert not any("training the tiny VAE" in m or "pretraining" in m for m in logged)  # both came from the assets
+    assert torch.equal(world[0].patch_embedding.weight, dit.patch_embedding.weight)
+    assert torch.equal(world[1].decoder.conv1.weight, back.decoder.conv1.weight)
+    logged.clear()
+    toy.load_world(replace(cfg, pretrain_steps=3), cache_dir=tmp_path / "cache", log=logged.append)
+    assert any("pretraining" in m for m in logged)  # a DiT recipe the assets do not hold is trained
+
+
+def test_train_assets_command(tmp_path):
+    res = toy.train_assets(["--vae-steps", "2", "--pretrain-steps", "2", "--vae-videos", "8", "--videos", "8",
+                            "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json"}
+    saved = json.loads((tmp_path / "toy_assets.json").read_text())
+    assert saved["recipe"]["vae_steps"] == 2 and 0 <= saved["square_every_frame"] <= 1 and saved["vae_psnr_db"] > 0
+    assert saved == json.loads(json.dumps(res))
+
+
+def test_refl_in_the_watchable_world(tmp_path, monkeypatch):
+    monkeypatch.setitem(toy.WORLDS, "watchable", _small_watchable())
+    train_refl.main(_refl_flags(tmp_path / "cache", tmp_path / "run", "--toy-world", "watchable", "--picture-rows", "0"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["reward"] == "toy:square_color"
+    assert math.isfinite(summary["true_reward_after"])
+
+
+# ---- Ulysses sequence parallelism
+
+def test_sequence_parallel_two_ranks_equal_one_process():
+    """2 ranks (gloo) split every sample's 96 tokens: the same output and LoRA gradients (summed over
+    the group) as one process, with and without gradient checkpointing."""
+    for flags in ({}, {"checkpointing": True}):
+        res = bench.run_sp(flags, timeout=300)
+        assert res["sp"] == 2 and res["lora_tensors"] > 0
+        assert res["out_rel_diff"] <= 1e-5 and res["grad_rel_diff"] <= 1e-5, res
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -27,22 +27,25 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lrm as lrm_lib
 import rewards
 import sample
 import text_encoder
-from model_dit import DIT_CONFIGS, WanDiT
+from model_dit import DIT_CONFIGS, DiTConfig, WanDiT
 import vae as vae_lib
-from vae import VAE_CONFIGS, WanVAE
+from vae import VAE_CONFIGS, VAEConfig, WanVAE
 
 TEMPLATES = ("a {} video", "make it {}", "{} everywhere", "a clip in {}")
 MIN_CONTRAST = 0.5  # RGB distance (in [0, 1] units) from the background at which the parser's threshold sits (half of it)
+SOFTNESS = 0.05  # width of square_color's soft mask around that threshold
+MIN_AREA = 0.05  # square area (fraction of the video) below which square_color counts the square as partly missing
 
 
 @dataclass
@@ -62,17 +65,42 @@ class ToyConfig:
     lrm_lr: float = 1e-3
     reward: str = "toy:calibrated_color"
     seed: int = 0
+    # The watchable world (TRAINED below): a trained VAE, a larger DiT, visible squares.
+    vae_steps: int = 0  # 0: the random tiny VAE; > 0: trained for this many steps (train_vae)
+    vae_videos: int = 4096  # procedural training set of the VAE
+    vae_batch: int = 32
+    vae_lr: float = 3e-3
+    dit: str = "tiny"  # TOY_DITS key
+    min_contrast: float = 0.0  # least RGB distance ([0, 1] units) between square and background
+    edge: float = 0.0  # 0: hard square edges; > 0: anti-aliased over this many pixels
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy" DiT
+# pretrained on its latents (both shipped in assets/ once trained: `python toy.py train-assets`),
+# and a reward on the square's colour. WORLDS names the worlds `train_refl.py --toy-world` offers.
+WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=8000, pretrain_batch=64, vae_steps=20000, dit="toy",
+                      min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color")
+WORLDS = {"random": ToyConfig(), "watchable": WATCHABLE}
+
+
 # ----------------------------------------------------------------------------- data
 
-def procedural_videos(n: int, frames: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """n videos (n, 3, frames, size, size) in [-1, 1]: random background, a moving square of another colour."""
+def procedural_videos(n: int, frames: int, size: int, generator: torch.Generator,
+                      min_contrast: float = 0.0, edge: float = 0.0) -> torch.Tensor:
+    """n videos (n, 3, frames, size, size) in [-1, 1]: random background, a moving square of another
+    colour. The square's colour is redrawn until it is at least `min_contrast` (RGB distance, [0, 1]
+    units) from the background; edge > 0 draws its edges anti-aliased over `edge` pixels (pixel
+    coverage of a linear ramp), edge 0 hard (the random-VAE world's videos, unchanged)."""
     bg = torch.rand(n, 3, generator=generator) * 2 - 1
     fg = torch.rand(n, 3, generator=generator) * 2 - 1
+    for _ in range(64 if min_contrast > 0 else 0):
+        close = (fg - bg).norm(dim=1) < 2 * min_contrast  # [-1, 1] units
+        if not close.any():
+            break
+        fg = torch.where(close[:, None], torch.rand(n, 3, generator=generator) * 2 - 1, fg)
     side = torch.randint(size // 4, size // 2 + 1, (n,), generator=generator)
     start = torch.rand(n, 2, generator=generator) * (size - side[:, None])  # top-left corner (y, x)
     velocity = (torch.rand(n, 2, generator=generator) * 2 - 1) * size / (2 * frames)
@@ -80,10 +108,21 @@ def procedural_videos(n: int, frames: int, size: int, generator: torch.Generator
     pos = (start[:, None] + velocity[:, None] * t[None, :, None]).clamp(min=0)  # (n, T, 2)
     pos = torch.minimum(pos, (size - side)[:, None, None].float())
     grid = torch.arange(size).float()
-    inside_y = (grid >= pos[..., :1]) & (grid < pos[..., :1] + side[:, None, None])  # (n, T, H)
-    inside_x = (grid >= pos[..., 1:]) & (grid < pos[..., 1:] + side[:, None, None])  # (n, T, W)
-    mask = (inside_y[..., :, None] & inside_x[..., None, :]).float()[:, None]  # (n, 1, T, H, W)
+    if edge > 0:  # coverage of pixel centres by a square whose edges ramp linearly over `edge` pixels
+        centre, s = grid + 0.5, side[:, None, None, None].float()
+        inside_y = ((centre - pos[..., :1]) / edge + 0.5).clamp(0, 1) * ((pos[..., :1] + s[..., 0] - centre) / edge + 0.5).clamp(0, 1)
+        inside_x = ((centre - pos[..., 1:]) / edge + 0.5).clamp(0, 1) * ((pos[..., 1:] + s[..., 0] - centre) / edge + 0.5).clamp(0, 1)
+        mask = (inside_y[..., :, None] * inside_x[..., None, :])[:, None]
+    else:
+        inside_y = (grid >= pos[..., :1]) & (grid < pos[..., :1] + side[:, None, None])  # (n, T, H)
+        inside_x = (grid >= pos[..., 1:]) & (grid < pos[..., 1:] + side[:, None, None])  # (n, T, W)
+        mask = (inside_y[..., :, None] & inside_x[..., None, :]).float()[:, None]  # (n, 1, T, H, W)
     return bg[:, :, None, None, None] * (1 - mask) + fg[:, :, None, None, None] * mask
+
+
+def world_videos(n: int, cfg: "ToyConfig", generator: torch.Generator) -> torch.Tensor:
+    """The procedural videos of the world cfg describes."""
+    return procedural_videos(n, cfg.frames, cfg.size, generator, cfg.min_contrast, cfg.edge)
 
 
 def prompt_list() -> list[str]:
@@ -141,11 +180,41 @@ def _background(x: torch.Tensor) -> torch.Tensor:
     return x.detach().flatten(3).median(3).values[..., None, None]
 
 
-def square_mask(video: torch.Tensor) -> torch.Tensor:
-    """Where the square is, (B, T, H, W) 0/1: pixels whose colour is more than MIN_CONTRAST / 2 (RGB
-    distance, [0, 1] units) from their frame's background colour."""
+def square_mask(video: torch.Tensor, soft: bool = False) -> torch.Tensor:
+    """Where the square is, (B, T, H, W): pixels whose colour is more than MIN_CONTRAST / 2 (RGB
+    distance, [0, 1] units) from their frame's background colour; 0/1, or with soft=True a sigmoid
+    of width SOFTNESS around that threshold (differentiable in the pixels)."""
     x = rewards.unit_range(video)
-    return ((x - _background(x)).pow(2).sum(1).sqrt() > MIN_CONTRAST / 2).float()
+    d = (x - _background(x)).pow(2).sum(1).add(1e-12).sqrt()  # (B, T, H, W)
+    if not soft:
+        return (d > MIN_CONTRAST / 2).float()
+    return torch.sigmoid((d - MIN_CONTRAST / 2) / SOFTNESS)
+
+
+def square_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The watchable world's pixel reward (`--reward toy:square_color`): does the square have the
+    colour the caption names? From decoded pixels alone: the square is segmented against the
+    per-frame background (`square_mask`, soft), its mean colour c (RGB in [0, 1]) compared with the
+    named one:
+
+        reward = presence * (1 - |c - named|^2 / 3),  presence = min(1, square area / MIN_AREA)
+
+    in [0, 1], 1 = a visible square of exactly the named colour. `presence` pays nothing for
+    erasing the square or for painting the whole frame (the background is the frame's median colour,
+    so a frame of one colour has no square). Differentiable, as `--mode pixel` needs. A caption
+    without a palette word gets rewards.NEUTRAL."""
+    x = rewards.unit_range(video)
+    if len(prompts) != x.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {x.shape[0]} videos")
+    m = square_mask(video, soft=True)[:, None]  # (B, 1, T, H, W)
+    area = m.sum((1, 2, 3, 4))
+    c = (m * x).sum((2, 3, 4)) / area.clamp_min(1e-3)[:, None]  # (B, 3) mean colour of the square
+    colours = [rewards.prompt_color(p) for p in prompts]
+    named = torch.tensor([k is not None for k in colours], device=x.device)
+    target = x.new_tensor([k or (0.5, 0.5, 0.5) for k in colours])
+    presence = (area / (MIN_AREA * x[0, 0].numel())).clamp(max=1)
+    match = presence * (1 - (c - target).pow(2).sum(1) / 3)
+    return torch.where(named, match, torch.full_like(match, rewards.NEUTRAL))
 
 
 def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
@@ -153,7 +222,7 @@ def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
     finds exactly one square: `square_mask`, cleaned of rows and columns with fewer than 2
     mask pixels, must be one blob that fills at least `min_fill` of its bounding box, with sides
     between 1/4 and 3/4 of the frame and an aspect ratio within 1.5."""
-    mask = square_mask(video)  # (B, T, H, W)
+    mask = square_mask(video)  # (B, T, H, W) 0/1
     size = min(mask.shape[-2:])
     found = []
     for frames in mask:
@@ -173,41 +242,92 @@ def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
 
 # ----------------------------------------------------------------------------- models
 
-def build_models(seed: int = 0):
-    """The seeded tiny models: (dit, vae, text encoder, tokenizer), fp32, on the CPU. The caller's
-    global RNG is left as it was (the weights come from `seed` alone)."""
+# The toy DiTs: "tiny" (the random-VAE world's: 8 tokens for the 16x2x4x4 latent) and "toy" (the
+# watchable world's: patch 1x1x1, so 32 tokens, one per latent pixel; dim 128, 4 layers).
+TOY_DITS = {"tiny": DIT_CONFIGS["tiny"],
+            "toy": DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, patch_size=(1, 1, 1))}
+
+
+def build_models(seed: int = 0, dit: str = "tiny"):
+    """The seeded tiny models: (dit, vae, text encoder, tokenizer), fp32, on the CPU, the VAE with
+    random weights. The caller's global RNG is left as it was (the weights come from `seed` alone)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        dit = WanDiT(DIT_CONFIGS["tiny"])
+        model = WanDiT(TOY_DITS[dit])
         vae = WanVAE(VAE_CONFIGS["tiny"]).eval().requires_grad_(False)
         encoder = text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).eval().requires_grad_(False)
-    return dit, vae, encoder, text_encoder.load_tokenizer(None)
+    return model, vae, encoder, text_encoder.load_tokenizer(None)
 
 
 def vae_psnr(vae, videos: torch.Tensor, batch: int = 32) -> float:
     """Reconstruction PSNR in dB of videos in [-1, 1] through encode -> decode, on the [0, 1] scale."""
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        err = sum(((vae.decode(vae.encode(v)) - v) / 2).pow(2).sum().item() for v in videos.split(batch))
+        err = sum(((vae.decode(vae.encode(v.to(device))).cpu() - v) / 2).pow(2).sum().item() for v in videos.split(batch))
     return 10 * math.log10(1 / (err / videos.numel()))
 
 
-def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print):
-    """Flow matching on the VAE latents of the procedural videos; updates dit in place."""
+def toy_vae_config(mean=None, std=None) -> VAEConfig:
+    """The "tiny" Wan VAE preset with the toy latents' own normalisation (identity until measured)."""
+    z = VAE_CONFIGS["tiny"].z_dim
+    return replace(VAE_CONFIGS["tiny"], latents_mean=tuple(mean or [0.0] * z), latents_std=tuple(std or [1.0] * z))
+
+
+def train_vae(cfg: ToyConfig, device="cpu", log=print) -> WanVAE:
+    """The "tiny" Wan VAE (vae.py, the real model's code) trained as a plain autoencoder, MSE of
+    decode(encode(x)) through the posterior mean, on cfg.vae_videos procedural videos (AdamW,
+    one-cycle learning rate); then its per-channel latent mean/std measured on them, as Wan's VAE
+    comes with its own, and returned in a VAE that normalises with them (eval, no grad, on the CPU).
+    Deterministic per seed on one device. On 2 CPU cores a step of batch 32 takes about 2 s."""
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    data = world_videos(cfg.vae_videos, cfg, g)
+    with torch.random.fork_rng():  # the weights come from cfg.seed alone
+        torch.manual_seed(cfg.seed)
+        vae = WanVAE(toy_vae_config()).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    for step in range(cfg.vae_steps):
+        x = data[torch.randint(len(data), (cfg.vae_batch,), generator=g)].to(device)
+        loss = (vae.decode(vae.encode(x)) - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0 or step == cfg.vae_steps - 1:
+            log(f"toy VAE step {step:5d} | mse {loss.item():.5f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        mu = torch.cat([vae.encode(v.to(device)).cpu() for v in data.split(64)])  # raw latents (identity normalisation)
+    trained = WanVAE(toy_vae_config(mu.mean((0, 2, 3, 4)).tolist(), mu.std((0, 2, 3, 4)).tolist()))
+    trained.load_state_dict({k: v.cpu() for k, v in vae.state_dict().items()})
+    return trained.eval().requires_grad_(False)
+
+
+def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device="cpu"):
+    """Flow matching on the VAE latents of the procedural videos; updates dit in place (on `device`,
+    returned there). The watchable world (cfg.vae_steps > 0) decays the learning rate to 0 (cosine)."""
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        z = vae.encode(procedural_videos(cfg.num_videos, cfg.frames, cfg.size, g))
+        videos = world_videos(cfg.num_videos, cfg, g)
+        device_vae = next(vae.parameters()).device
+        z = torch.cat([vae.encode(v.to(device_vae)).cpu() for v in videos.split(512)])  # the default world: one call
         context, lengths = text_encoder.encode_prompts(toy_prompts(cfg.num_videos, g), tokenizer, encoder)
+    dit.to(device)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps) if cfg.vae_steps else None
     for step in range(cfg.pretrain_steps):
         idx = torch.randint(cfg.num_videos, (cfg.pretrain_batch,), generator=g)
         x0, noise = z[idx], torch.randn(z[idx].shape, generator=g)
         sigma = sample.shift_sigmas(torch.rand(len(idx), generator=g), cfg.shift)  # the sampler's shift
         s = sigma.view(-1, 1, 1, 1, 1)
         t = (sigma * 1000).long()  # the sampler hands truncated integer timesteps
-        loss = (dit((1 - s) * x0 + s * noise, t, context[idx]) - (noise - x0)).pow(2).mean()
+        x, target = ((1 - s) * x0 + s * noise).to(device), (noise - x0).to(device)
+        loss = (dit(x, t.to(device), context[idx].to(device)) - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched:
+            sched.step()
         if step % 100 == 0 or step == cfg.pretrain_steps - 1:
             log(f"toy pretrain step {step:4d} | flow-matching loss {loss.item():.4f}")
     return dit
@@ -266,27 +386,97 @@ def _save_atomic(state: dict, path: Path, metadata: dict):
     os.replace(tmp, path)
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights of the watchable world (train-assets)
+VAE_RECIPE = ("frames", "size", "vae_videos", "vae_steps", "vae_batch", "vae_lr", "min_contrast", "edge", "seed")
+DIT_RECIPE = VAE_RECIPE + ("num_videos", "pretrain_steps", "pretrain_batch", "pretrain_lr", "shift", "dit")
+
+
+def recipe(cfg: ToyConfig, fields) -> str:
+    """The settings a trained model depends on, as the JSON stored with its weights."""
+    return json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
+
+
+def save_toy_vae(vae: WanVAE, path: Path, cfg: ToyConfig, dtype=torch.float32):
+    """A trained toy VAE as safetensors with its latent normalisation and its recipe in the metadata."""
+    meta = {"latents_mean": json.dumps(list(vae.cfg.latents_mean)), "latents_std": json.dumps(list(vae.cfg.latents_std)),
+            "recipe": recipe(cfg, VAE_RECIPE)}
+    _save_atomic({k: v.to(dtype) for k, v in vae.state_dict().items()}, Path(path), meta)
+
+
+def save_toy_dit(dit: WanDiT, path: Path, cfg: ToyConfig, dtype=torch.float32):
+    _save_atomic({k: v.cpu().to(dtype) for k, v in dit.state_dict().items()}, Path(path), {"recipe": recipe(cfg, DIT_RECIPE)})
+
+
+def _read_trained(path: Path, cfg: ToyConfig, fields):
+    """(tensors as fp32, metadata) of a file saved by save_toy_vae / save_toy_dit, or None when it was
+    trained with another recipe than cfg's."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("recipe") != recipe(cfg, fields):
+        return None
+    return {k: v.float() for k, v in load_file(str(path)).items()}, meta
+
+
+def read_toy_vae(path: Path, cfg: ToyConfig):
+    """The trained toy VAE at path, or None when its recipe is not cfg's."""
+    found = _read_trained(path, cfg, VAE_RECIPE)
+    if found is None:
+        return None
+    state, meta = found
+    vae = WanVAE(toy_vae_config(json.loads(meta["latents_mean"]), json.loads(meta["latents_std"])))
+    vae.load_state_dict(state, strict=True)
+    return vae.eval().requires_grad_(False)
+
+
 def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     """The toy world: (dit pretrained, vae, text encoder, tokenizer, bootstrapped LRM).
 
-    Built once and cached under cache_dir/<settings hash>/ (dit.safetensors, lrm.safetensors);
-    later calls load the cache. The VAE and text encoder are rebuilt from the seed (cheap).
+    Built once and cached under cache_dir/<settings hash>/ (vae / dit / lrm .safetensors); later
+    calls load the cache. The random VAE and the text encoder are rebuilt from the seed (cheap). A
+    trained VAE (cfg.vae_steps > 0) and the DiT pretrained on it come from the repository's assets/
+    when their recipe there is cfg's (`python toy.py train-assets`), else they are trained here.
     """
     cfg = cfg or ToyConfig()
     root = Path(cache_dir or default_cache_dir()) / cfg.key()
     root.mkdir(parents=True, exist_ok=True)
-    dit, vae, encoder, tokenizer = build_models(cfg.seed)
-    dit_path, lrm_path = root / "dit.safetensors", root / "lrm.safetensors"
+    dit, vae, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
+    vae_path, dit_path, lrm_path = root / "vae.safetensors", root / "dit.safetensors", root / "lrm.safetensors"
 
     def unreadable(path, err):  # a cut or stale cache file: say how to recover
+        if path.parent != root:
+            return ValueError(f"shipped toy asset {path} is unreadable ({type(err).__name__}: {err}); restore it "
+                              f"(git checkout -- {path.name}) or retrain it with `python toy.py train-assets`")
         return ValueError(f"toy cache file {path} is unreadable ({type(err).__name__}: {err}); "
                           f"delete the cache folder {root} and rerun to rebuild it")
 
-    if dit_path.exists():
-        try:
-            dit.load_state_dict(load_file(str(dit_path)), strict=True)
-        except Exception as err:
-            raise unreadable(dit_path, err) from err
+    def dit_state(path):
+        if path == dit_path:
+            return load_file(str(path))
+        found = _read_trained(path, cfg, DIT_RECIPE)
+        return found and found[0]
+
+    def first_readable(paths, read):
+        for path in paths:
+            if path.exists():
+                try:
+                    found = read(path)
+                except Exception as err:
+                    raise unreadable(path, err) from err
+                if found is not None:
+                    return found
+        return None
+
+    if cfg.vae_steps:
+        vae = first_readable((vae_path, ASSETS / "toy_vae.safetensors"), lambda path: read_toy_vae(path, cfg))
+        if vae is None:
+            log(f"toy world: training the tiny VAE ({cfg.vae_steps} steps of batch {cfg.vae_batch}; on 2 CPU cores "
+                f"about 2 s a step: `python toy.py train-assets --device cuda` does it on a GPU), cached at {vae_path}")
+            vae = train_vae(cfg, log=log)
+            save_toy_vae(vae, vae_path, cfg)
+    state = first_readable((dit_path,) + ((ASSETS / "toy_dit.safetensors",) if cfg.vae_steps else ()),
+                           dit_state)
+    if state is not None:
+        dit.load_state_dict(state, strict=True)
     else:
         log(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
         pretrain_dit(dit, vae, encoder, tokenizer, cfg, log)
@@ -305,3 +495,65 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
         lrm_lib.save_lrm(model, tmp)
         os.replace(tmp, lrm_path)
     return dit, vae, encoder, tokenizer, model
+
+
+# ----------------------------------------------------------------------------- measuring a world
+
+def measure_world(dit, vae, encoder, tokenizer, cfg: ToyConfig, n: int = 48) -> dict:
+    """What a user sees: the VAE's reconstruction PSNR on 64 held-out procedural videos, and on n
+    fixed samples of the generator how often the scene parser finds the square (in every frame,
+    and frames per sample on average). The samples are drawn on the CPU, seeded."""
+    res = {"vae_psnr_db": vae_psnr(vae, world_videos(64, cfg, torch.Generator().manual_seed(12345)))}
+    g = torch.Generator().manual_seed(4321)
+    prompts = toy_prompts(n, g)
+    with torch.no_grad():
+        context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+        video = vae.decode(rollout(dit.eval(), context, torch.randn(n, *latent_shape(cfg), generator=g), cfg))
+    found = parse_squares(video)
+    res.update(square_every_frame=sum(f == cfg.frames for f in found) / n, square_frames_mean=sum(found) / n)
+    return res
+
+
+def train_assets(argv=None):
+    """`python toy.py train-assets [--device cuda]`: train the watchable world's VAE and DiT and write
+    them (fp16, recipe in the metadata) to assets/, with what they measure in assets/toy_assets.json."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(prog="toy.py train-assets", description=train_assets.__doc__)
+    p.add_argument("--device", default="cpu", help="where to train (default cpu; a GPU takes minutes, 2 CPU cores hours)")
+    p.add_argument("--vae-steps", type=int, default=WATCHABLE.vae_steps, help=f"default {WATCHABLE.vae_steps}")
+    p.add_argument("--pretrain-steps", type=int, default=WATCHABLE.pretrain_steps, help=f"default {WATCHABLE.pretrain_steps}")
+    p.add_argument("--vae-videos", type=int, default=WATCHABLE.vae_videos, help=f"default {WATCHABLE.vae_videos}")
+    p.add_argument("--videos", type=int, default=WATCHABLE.num_videos, help=f"the DiT's (default {WATCHABLE.num_videos})")
+    p.add_argument("--out", default=str(ASSETS), help="output folder (default assets/ of the repository)")
+    args = p.parse_args(argv)
+    cfg = replace(WATCHABLE, vae_steps=args.vae_steps, pretrain_steps=args.pretrain_steps, vae_videos=args.vae_videos,
+                  num_videos=args.videos)
+    if cfg != WATCHABLE:
+        print("note: other steps than toy.WATCHABLE's: load_world will not use these files for that world")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = train_vae(cfg, device=args.device)
+    save_toy_vae(vae, out / "toy_vae.safetensors", cfg, torch.float16)
+    vae = read_toy_vae(out / "toy_vae.safetensors", cfg)  # what users get: the fp16 file
+    t_vae = time.time() - t0
+    dit, _, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
+    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device)
+    save_toy_dit(dit, out / "toy_dit.safetensors", cfg, torch.float16)
+    dit.load_state_dict(_read_trained(out / "toy_dit.safetensors", cfg, DIT_RECIPE)[0])
+    res = measure_world(dit.cpu(), vae.cpu(), encoder, tokenizer, cfg)
+    res.update(vae_seconds=round(t_vae, 1), dit_seconds=round(time.time() - t0 - t_vae, 1), device=args.device,
+               recipe=json.loads(recipe(cfg, DIT_RECIPE)))
+    (out / "toy_assets.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["train-assets"]:
+        raise SystemExit("usage: python toy.py train-assets [--device cuda] [--vae-steps N] [--pretrain-steps N] [--out DIR]")
+    train_assets(sys.argv[2:])

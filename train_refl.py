@@ -129,6 +129,10 @@ def parse_args(argv=None):
     m.add_argument("--size", help=_default("size", "WxH, multiples of 16"))
     m.add_argument("--frames", type=int, help=_default("frames", "4k+1"))
     m.add_argument("--cache-dir", help="toy world cache (default <repo>/.cache/toy or $VELR_CACHE/toy)")
+    m.add_argument("--toy-world", default="random", choices=sorted(toy.WORLDS),
+                   help="which toy world (default random: the random tiny VAE, reward toy:calibrated_color; "
+                        "watchable: a trained VAE and a larger DiT whose samples show the square, reward "
+                        "toy:square_color; see toy.py)")
     r = p.add_argument_group("ReFL")
     r.add_argument("--mode", default="velr", choices=MODES, help="velr, or a baseline (default velr)")
     r.add_argument("--sample-steps", type=int, help=_default("sample_steps", "sampler steps"))
@@ -179,6 +183,8 @@ def parse_args(argv=None):
                         "to test --resume")
     args = p.parse_args(argv)
     args.toy = not (args.ckpt_dir or args.dit)
+    if args.toy and args.reward is None:
+        args.reward = toy.WORLDS[args.toy_world].reward
     for k, v in (TOY_DEFAULTS if args.toy else REAL_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -232,7 +238,7 @@ def load_models(args, device, rank, world):
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
-        dit, vae, encoder, tokenizer, lrm = toy.load_world(cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
+        dit, vae, encoder, tokenizer, lrm = toy.load_world(toy.WORLDS[args.toy_world], cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
         if rank == 0:
             distributed.barrier()
     else:
@@ -609,7 +615,7 @@ def nonfinite_tensors(state: dict) -> list[str]:
 
 # The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
-            "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size")
+            "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world")
 
 
 def run_settings(args) -> dict:

@@ -1,5 +1,6 @@
 """torchrun plumbing shared by the training and data scripts: process group set-up and teardown,
-a barrier, an all-gather, and the check that every rank ended with the same weights.
+a barrier, an all-gather, the check that every rank ended with the same weights, and the groups
+and gradient sum of Ulysses sequence parallelism.
 
 Under torchrun (RANK in the environment) the process group is nccl on GPU and gloo on CPU, and
 each process uses the GPU of its LOCAL_RANK; a plain `python script.py` is rank 0 of 1 with no
@@ -71,3 +72,29 @@ def max_rank_difference(tensors) -> float:
         diff = torch.maximum(diff, (x - ref).abs().max().float().to(device))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+def sequence_parallel_groups(sp_size: int):
+    """(sp group, data-parallel group) of this rank for sequence parallelism of size sp_size: ranks
+    k*S .. k*S + S - 1 share one sample (its tokens split over them), and the ranks at the same
+    place in every sequence group form a data-parallel group (a 2-D layout: world = DP x SP).
+    Every rank creates every group, in the same order, as torch.distributed requires."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"sequence parallel size {sp_size} must divide the world size {world}")
+    sp = dp = None
+    for k in range(world // sp_size):
+        group = dist.new_group(list(range(k * sp_size, (k + 1) * sp_size)))
+        sp = group if rank // sp_size == k else sp
+    for j in range(sp_size):
+        group = dist.new_group(list(range(j, world, sp_size)))
+        dp = group if rank % sp_size == j else dp
+    return sp, dp
+
+
+def sp_sum_grads(params, group):
+    """Sum the gradients over a sequence-parallel group: under Ulysses each rank's are the share
+    of its own tokens (model_dit.WanDiT.set_sequence_parallel), the sum is the whole gradient."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -130,6 +131,76 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[in
     return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
 
+# ----------------------------------------------------------------------------- sequence parallelism
+# Ulysses (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv 2309.14509): each of the S ranks of a group
+# holds a contiguous 1/S of the token sequence; around self-attention an all-to-all trades that
+# for all tokens of 1/S of the heads, and back. Everything else in a block is per token (RoPE,
+# modulation, norms, cross-attention to the whole prompt, FFN), so it runs on the local tokens.
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """dist.all_to_all_single on dim 0 (one chunk per rank)."""
+    x = x.contiguous()  # first: empty_like keeps a permuted input's strides, and the collective writes flat
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, L/S, N, d) local tokens, all heads -> (B, L, N/S, d) all tokens, this rank's heads."""
+    s, (b, ls, n, d) = dist.get_world_size(group), x.shape
+    out = _all_to_all(x.unflatten(2, (s, n // s)).permute(2, 0, 1, 3, 4), group)  # (S, B, L/S, N/S, d) by source rank
+    return out.permute(1, 0, 2, 3, 4).reshape(b, s * ls, n // s, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """The inverse: (B, L, N/S, d) -> (B, L/S, N, d)."""
+    s, (b, l, ns, d) = dist.get_world_size(group), x.shape
+    out = _all_to_all(x.unflatten(1, (s, l // s)).permute(1, 0, 2, 3, 4), group)  # (S, B, L/S, N/S, d) by head group
+    return out.permute(1, 2, 0, 3, 4).reshape(b, l // s, s * ns, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather the token chunks along dim 1. Backward keeps this rank's slice of the gradient:
+    every rank of the group computes the same loss from the gathered output, so summing over the
+    group (as an all-gather's adjoint would) counts it S times. The parameters' gradients are then
+    each rank's share (from its own tokens); their sum over the group is the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(dist.get_world_size(ctx.group), dim=1)[ctx.rank].contiguous(), None
+
+
 # ----------------------------------------------------------------------------- modules
 
 class WanLayerNorm(nn.LayerNorm):
@@ -162,13 +233,19 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)  # across all heads, not per head
         self.norm_k = WanRMSNorm(dim, eps)
+        self.sp_group = None  # set by WanDiT.set_sequence_parallel
 
     def forward(self, x, freqs):
         n = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # (B, L, N, d)
         k = self.norm_k(self.k(x)).unflatten(2, (n, -1))
         v = self.v(x).unflatten(2, (n, -1))
-        return self.o(attention(rope_apply(q, freqs), rope_apply(k, freqs), v))
+        q, k = rope_apply(q, freqs), rope_apply(k, freqs)
+        if self.sp_group is None:
+            return self.o(attention(q, k, v))
+        q, k, v = (_SeqToHeads.apply(t, self.sp_group) for t in (q, k, v))  # all tokens, 1/S of the heads
+        out = attention(q, k, v).unflatten(2, (n // dist.get_world_size(self.sp_group), -1))
+        return self.o(_HeadsToSeq.apply(out, self.sp_group).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -232,7 +309,20 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.sp_group = None
         self.init_weights()
+
+    def set_sequence_parallel(self, group):
+        """Split every sample's tokens over the ranks of `group` (Ulysses; None: off). Every rank of
+        the group must call forward with the same inputs; each gets the whole output. The heads must
+        divide by the group size. Parameter gradients are then each rank's share: sum them over the
+        group (distributed.sp_sum_grads) for the whole gradient."""
+        if group is not None and self.cfg.num_heads % dist.get_world_size(group):
+            raise ValueError(f"sequence parallel size {dist.get_world_size(group)} must divide the DiT's "
+                             f"{self.cfg.num_heads} attention heads")
+        self.sp_group = group
+        for block in self.blocks:
+            block.self_attn.sp_group = group
 
     def init_weights(self):
         """Wan's init: xavier Linears with zero bias, N(0, 0.02) embeddings, zero output head."""
@@ -266,6 +356,11 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) row-major order
         freqs = rope_freqs(cfg.head_dim, *grid, device=x.device)
+        if self.sp_group is not None:  # this rank's contiguous share of the tokens and their rotations
+            s, r = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
+            if x.shape[1] % s:
+                raise ValueError(f"{x.shape[1]} tokens (grid {grid}) do not split over sequence parallel size {s}")
+            x, freqs = x.chunk(s, dim=1)[r], freqs.chunk(s, dim=0)[r]
         with torch.amp.autocast(device, enabled=False):
             e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float())  # (B, D)
             e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D)
@@ -277,6 +372,8 @@ class WanDiT(nn.Module):
                 x = block(x, e0, context, freqs)
         with torch.amp.autocast(device, enabled=False):
             x = self.head(x.float(), e)  # (B, L, pt*ph*pw*C)
+        if self.sp_group is not None:
+            x = _GatherTokens.apply(x, self.sp_group)
         return unpatchify(x, grid, cfg.patch_size).float()
 
 

@@ -2864,9 +2864,27 @@ def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
         train_refl.read_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_refl.read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\); expected a train_refl ckpt.pt"):
+        train_refl.read_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        train_refl.read_checkpoint(tmp_path)
     proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"
+
+
+def test_refl_refused_inputs_leave_out_alone(refl_cache, tmp_path):
+    """An input refused at start (prompts, LRM, reward) writes nothing to --out: args.json used to be
+    written first, so the corrected rerun was refused as "already holds a run"."""
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "cut.safetensors").write_bytes(b"x" * 20)
+    for flags, msg in ((["--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+                       (["--lrm", str(tmp_path / "cut.safetensors")], r"cut.safetensors: not a readable safetensors"),
+                       (["--reward", "no_such_module:fn"], "cannot import no_such_module")):
+        with pytest.raises(ValueError, match=msg):
+            train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+        assert not (tmp_path / "run").exists(), flags
 
 
 def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_path):

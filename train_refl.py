@@ -229,21 +229,20 @@ def load_models(args, device, rank, world):
         raise FileNotFoundError(f"--lrm {args.lrm} does not exist")
     if args.mode == "dollar" and args.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
+    lrm = lrm_lib.load_lrm(args.lrm) if args.lrm else None  # the small files first: a bad one is found in seconds
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
-        dit, vae, encoder, tokenizer, lrm = toy.load_world(cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
+        dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
         if rank == 0:
             distributed.barrier()
+        lrm = toy_lrm if lrm is None else lrm
     else:
-        dt = sample.dtypes(device)
+        tokenizer, dt = text_encoder.load_tokenizer(paths["tokenizer"]), sample.dtypes(device)
         # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
         dit = load_dit(paths["dit"], dtype=torch.float32 if args.full_finetune else dt["dit"])
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
-        tokenizer, lrm = text_encoder.load_tokenizer(paths["tokenizer"]), None
-    if args.lrm:
-        lrm = lrm_lib.load_lrm(args.lrm)
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
 
@@ -632,7 +631,9 @@ def read_checkpoint(path) -> dict:
     """ckpt.pt -> its state, or an error that names the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {path} does not exist")
+        raise FileNotFoundError(f"--resume {path} does not exist (or is not a file); expected a train_refl ckpt.pt")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--resume {path}: empty file (0 bytes); expected a train_refl ckpt.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several types for truncated and foreign files
@@ -789,14 +790,14 @@ def main(argv=None):
     if args.resume:
         resume_state = read_checkpoint(args.resume)
         check_resume(resume_state, args, args.resume)
-    distributed.barrier()  # every rank has checked before rank 0 writes
+    reward_fn = rewards.load_reward(args.reward)
+    dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
+    distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "args.json", json.dumps({**vars(args), "world_size": world}, indent=2))
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    reward_fn = rewards.load_reward(args.reward)
-    dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
     pairs = eval_pairs(args, prompts)
     table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device)
     del encoder  # prompts are embedded once; the encoder is not needed again

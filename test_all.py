@@ -2980,6 +2980,7 @@ def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
 
 
 @pytest.mark.parametrize("flags, msg", [
+    (["--frames", "1"], "--frames 1 is a still image"),
     (["--fps", "0"], "--fps must be a finite number > 0"),
     (["--fps", "-2"], "--fps must be a finite number > 0"),
     (["--fps", "nan"], "--fps must be a finite number > 0"),
@@ -2989,13 +2990,24 @@ def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
 ])
 def test_prepare_refuses_bad_flags_up_front(tmp_path, capsys, flags, msg):
     flags = [str(tmp_path / "nowhere") if f == "MISSING" else f for f in flags]
-    if "--fps" in flags:
+    if "--fps" in flags or "--frames" in flags:
         (tmp_path / "v").mkdir()
         flags += ["--videos", str(tmp_path / "v")]
     with pytest.raises(SystemExit) as e:
         prepare_data.parse_args(["--out", str(tmp_path / "out"), *flags])
     assert e.value.code == 2
     assert re.search(msg, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_prepare_bad_reward_is_refused_before_anything_is_recorded(tmp_path):
+    """A --reward that does not load used to be found only when the first shard was scored, after
+    dataset.json had recorded it: the corrected rerun was then refused for "other settings"."""
+    (tmp_path / "v").mkdir()
+    argv = _data_prepare_argv(tmp_path / "out", "--videos", str(tmp_path / "v"))
+    with pytest.raises(ValueError, match="cannot import no_such_module"):
+        prepare_data.main(argv + ["--reward", "no_such_module:fn"])
+    assert not (tmp_path / "out").exists()
+    assert prepare_data.main(argv)["written"] == 0
 
 
 def test_save_lrm_is_atomic_and_refuses_non_finite_weights(tmp_path, monkeypatch):

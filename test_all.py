@@ -3056,6 +3056,27 @@ def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
         train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
 
 
+def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
+    data = _lrm_shards(tmp_path / "d", [(2, 4, 4), (2, 4, 4)])
+    for name in ("shard_00001.safetensors", "index.json"):  # the damage is undone after each case
+        good = (data / name).read_bytes()
+        (data / name).write_bytes(good[:40])
+        with pytest.raises(ValueError, match=re.escape(str(data / name)) + ": not a"):
+            train_lrm.ShardRows(data)
+        (data / name).unlink()
+        with pytest.raises(FileNotFoundError, match=re.escape(str(data / name if "shard" in name else data)) + ".*(does not exist|no index.json)"):
+            train_lrm.ShardRows(data)
+        (data / name).write_bytes(good)
+    assert len(train_lrm.ShardRows(data)) > 0
+    for flags, msg in ((["--huber-delta", "nan"], "--huber-delta must be a finite number > 0"),
+                       (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be")):
+        with pytest.raises(ValueError, match=msg):
+            train_lrm.parse_args(flags)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\)"):
+        train_lrm.read_checkpoint(tmp_path / "empty.pt")
+
+
 def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
     nan_every_other = _lrm_shards(tmp_path / "some", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan") if j % 2 else float(j))
     out = tmp_path / "ok"

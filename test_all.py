@@ -2797,6 +2797,18 @@ def test_cast_dit_keeps_the_fp32_islands():
                                                   "vae": torch.float32, "amp": None}
 
 
+def test_scripts_take_precision_from_one_policy():
+    """bf16-or-fp32 by device is decided in sample.dtypes alone; every other file asks it."""
+    import inspect
+    policy = inspect.getsource(sample.dtypes)
+    for path in sorted(_DATA_REPO.glob("*.py")):
+        if path.name == "test_all.py":
+            continue
+        src = path.read_text().replace(policy, "") if path.name == "sample.py" else path.read_text()
+        hits = re.findall(r".*(?:bfloat16|float32) if (?:gpu|.*cuda|.*device).*", src)  # a dtype chosen by device
+        assert not hits, (path.name, hits)
+
+
 def test_lora_save_read_merge_round_trip_and_refuses_nan(tmp_path):
     torch.manual_seed(0)
     dit = WanDiT(DIT_CONFIGS["tiny"])

@@ -2742,6 +2742,21 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
+def test_repo_stands_alone_and_cites_its_papers():
+    """No pointer to files outside the repo or to tracker items; the README names the papers with ids."""
+    outside = re.compile("|".join([r"methods\.md", r"\.\./" + "shared", r"\bissue" + r" ?#?\d"]), re.I)
+    for path in sorted(_DATA_REPO.glob("*.py")) + sorted(_DATA_REPO.glob("*.md")):
+        hits = [line for line in path.read_text().splitlines() if outside.search(line)]
+        assert not hits, (path.name, hits)
+    refs = (_DATA_REPO / "README.md").read_text().split("## References")[1]
+    refs = " ".join(refs.split())  # entries wrap over lines
+    for cite in ("VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models", "TctJWv7Suz",
+                 "Video Generation Models Are Good Latent Reward Models\", arXiv 2511.21541",
+                 "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference Optimization\"",
+                 "arXiv 2502.01051", "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling\", arXiv 2602.11146"):
+        assert cite in refs, cite
+
+
 def test_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
     import shutil
     for name in ("dit.safetensors", "lrm.safetensors"):

@@ -2914,6 +2914,18 @@ def test_refl_refused_inputs_leave_out_alone(refl_cache, tmp_path):
         assert not (tmp_path / "run").exists(), flags
 
 
+def test_refl_overwrite_clears_the_previous_run(refl_cache, tmp_path):
+    """--overwrite removes the old run's files first: a new run killed before its export used to leave
+    the old lora.safetensors and summary.json next to its own metrics. Files it did not write stay."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    for name in ("lora.safetensors", "summary.json", "ckpt.pt", "samples/step_40.mp4", "notes.txt"):
+        (run / name).write_text("old")
+    train_refl.main(_refl_flags(refl_cache, run, "--overwrite", "--stop-after", "1"))
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "metrics.jsonl", "notes.txt", "samples"]
+    assert not (run / "samples" / "step_40.mp4").exists() and (run / "notes.txt").read_text() == "old"
+
+
 def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_path):
     """A pixel reward that returns NaN for a quarter of its samples: the run finishes, every weight
     it writes is finite, and it says how many rewards it dropped (once a NaN alignment reward turned

@@ -58,6 +58,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -769,6 +770,20 @@ def check_out_dir(out_dir: Path, args):
                          f"replace it with --overwrite, or choose another --out")
 
 
+RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", "summary.json", "sync.json", "samples")
+
+
+def clear_run(out_dir: Path):
+    """--overwrite: the files of the previous run go before the new one writes any, so a new run that
+    stops early (or exports no LoRA) never sits next to the old run's results. Other files stay."""
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def format_line(r: dict) -> str:
     """One step's log line. labelled: samples decoded and scored for the buffer this step; r_true and
     lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
@@ -794,6 +809,8 @@ def main(argv=None):
     dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
     distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
     if rank == 0:
+        if args.overwrite and not args.resume:
+            clear_run(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "args.json", json.dumps({**vars(args), "world_size": world}, indent=2))
     log = print if rank == 0 else (lambda *a, **k: None)

@@ -230,7 +230,7 @@ def child_refl(args, device, base_mb):
     with device:  # random init of 1.3B parameters is slow on CPU
         dit = WanDiT(DiTConfig(**cfg["dit"]))
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
-        cast_dit(dit, torch.bfloat16)
+        cast_dit(dit, sample.dtypes(device)["dit"])
     dit.gradient_checkpointing = targs.gradient_checkpointing
     model, ref = train_refl.wrap(dit, targs, device, 1)
     modules = {"dit": [dit]}
@@ -328,7 +328,7 @@ def child_dit(args, device, base_mb):
     if args["impl"] == "ours":
         from model_dit import load_dit
 
-        model = load_dit(args["path"], device=device, dtype=torch.bfloat16 if gpu else torch.float32).train()
+        model = load_dit(args["path"], device=device, dtype=sample.dtypes(device)["dit"]).train()
         model.gradient_checkpointing = gpu
         forward = lambda: model(x, t, context)  # noqa: E731
     else:
@@ -818,7 +818,7 @@ QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, tab
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, *QUICK, "all"])
-    p.add_argument("--out", default="bench.json", help="results are merged into this file")
+    p.add_argument("--out", default="bench.json", help="results are merged into this file (default bench.json)")
     p.add_argument("--threads", type=int, help="CPU threads of every process (default: torch's); on a machine "
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")

@@ -314,9 +314,9 @@ def parse_args(argv):
     g.add_argument("--keep-reward", action="store_true", help="keep a manifest's reward instead of scoring")
     g = p.add_argument_group("models (none given: tiny presets, random weights)")
     g.add_argument("--ckpt-dir", help="Wan2.1-T2V folder (original or -Diffusers layout)")
-    g.add_argument("--vae")
-    g.add_argument("--text-encoder")
-    g.add_argument("--tokenizer")
+    g.add_argument("--vae", help="VAE file or folder (overrides --ckpt-dir)")
+    g.add_argument("--text-encoder", help="UMT5 file or folder (overrides --ckpt-dir)")
+    g.add_argument("--tokenizer", help="tokenizer folder or file (overrides --ckpt-dir)")
     g.add_argument("--prompt-cache", help="prompt-embedding cache folder (default OUT/prompt_cache)")
     g.add_argument("--seed", type=int, default=0, help="seed of the tiny random models (default 0)")
     g = p.add_argument_group("output")
@@ -327,6 +327,8 @@ def parse_args(argv):
         p.error("give at least one source: --manifest, --videos or --latents")
     try:
         vae_lib.check_size(args.frames, args.size[1], args.size[0])
+        if args.frames < 5:
+            raise ValueError(f"--frames {args.frames} is a still image, not a video: a video reward model needs at least 5 frames")
         sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))  # refused before any work
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
@@ -378,7 +380,8 @@ def input_entry(item):
     a recorded one that changed."""
     path = Path(item.get("video") or item["latent"]).resolve()
     entry = {**item, "path": str(path)}
-    entry.pop("video", None), entry.pop("latent", None)
+    for key in ("video", "latent"):
+        entry.pop(key, None)
     st = path.stat() if path.exists() else None
     entry["size"], entry["mtime_ns"] = (st.st_size, st.st_mtime_ns) if st else (None, None)
     return entry
@@ -452,6 +455,7 @@ def write_record(out, record):
 
 def main(argv=None):
     args = parse_args(argv)
+    reward_fn = rewards.load_reward(args.reward)  # a bad --reward is refused before anything is recorded or loaded
     rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,7 +472,6 @@ def main(argv=None):
     print(f"[rank {rank}] {num_items} inputs, {num_shards} shards: {len(todo)} to write, {len(mine) - len(todo)} finished before")
     if todo:
         vae, embed = load_models(args, device)
-        reward_fn = rewards.load_reward(args.reward)
     for i in todo:
         rows, skipped = process_shard([entry_item(e) for e in record["shards"][i]], vae, embed, reward_fn, args, device)
         write_shard(shard_path(out, i), rows, skipped)

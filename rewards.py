@@ -164,13 +164,13 @@ def _is_factory(obj) -> bool:
 
 def check_reward_output(r, batch: int, name: str = "reward"):
     """r if it is what a reward must return for a batch of `batch` videos (a float tensor of shape
-    (batch,)), else a TypeError / ValueError that states the contract. Values are not checked: a
-    NaN or inf is the caller's to drop and count."""
+    (batch,)), else a ValueError that states the contract (the scripts print it as one line). Values
+    are not checked: a NaN or inf is the caller's to drop and count."""
     contract = f"fn(video, prompts) must return a float tensor of shape (B,) = ({batch},), one scalar per video"
     if not torch.is_tensor(r):
-        raise TypeError(f"reward {name!r} returned a {type(r).__name__}; {contract}")
+        raise ValueError(f"reward {name!r} returned a {type(r).__name__}; {contract}")
     if not r.is_floating_point():
-        raise TypeError(f"reward {name!r} returned a {r.dtype} tensor; {contract}")
+        raise ValueError(f"reward {name!r} returned a {r.dtype} tensor; {contract}")
     if tuple(r.shape) != (batch,):
         raise ValueError(f"reward {name!r} returned a tensor of shape {tuple(r.shape)}; {contract}")
     return r
@@ -194,11 +194,15 @@ def load_reward(spec: str):
     if ":" not in spec:
         raise ValueError(f"reward {spec!r} is neither a built-in {sorted(BUILTIN)} nor 'module:attr'")
     module, attr = spec.rsplit(":", 1)
-    mod = _import(module)
+    try:  # a mistake in the spec is a ValueError (one line from the scripts); errors inside the module are its own
+        mod = _import(module)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"reward {spec!r}: cannot import {module} ({err}); expected a built-in {sorted(BUILTIN)}, "
+                         f"'module:attr' or 'path/to/file.py:attr'") from err
     if not hasattr(mod, attr):
-        raise AttributeError(f"reward module {module} has no attribute {attr!r}")
+        raise ValueError(f"reward module {module} has no attribute {attr!r}")
     obj = getattr(mod, attr)
     fn = obj() if _is_factory(obj) else obj
     if not callable(fn):
-        raise TypeError(f"reward {spec} gave {type(fn).__name__}, which is not callable")
+        raise ValueError(f"reward {spec} gave {type(fn).__name__}, which is not callable")
     return CheckedReward(fn, spec)

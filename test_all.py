@@ -1499,12 +1499,17 @@ def test_lrm_load_reward(tmp_path, monkeypatch):
     assert torch.equal(factory(video, ["a", "b"]), torch.full((2,), 0.5))
     monkeypatch.syspath_prepend(str(tmp_path))
     assert torch.equal(rewards.load_reward("lrm_user_rm:brightness")(video, ["a", "b"]), torch.full((2,), 0.25))
-    with pytest.raises(TypeError, match="not callable"):
+    # every mistake in the spec is a ValueError, which the scripts print as one line
+    with pytest.raises(ValueError, match="not callable"):
         rewards.load_reward("lrm_user_rm:not_callable")
-    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+    with pytest.raises(ValueError, match="no attribute 'missing'"):
         rewards.load_reward("lrm_user_rm:missing")
     with pytest.raises(ValueError, match="neither a built-in"):
         rewards.load_reward("beauty")
+    with pytest.raises(ValueError, match="'no_such_module:fn': cannot import no_such_module .*No module named"):
+        rewards.load_reward("no_such_module:fn")
+    with pytest.raises(FileNotFoundError, match="nope.py does not exist"):
+        rewards.load_reward(f"{tmp_path / 'nope.py'}:fn")
 
 
 # ==================== data ====================
@@ -2681,7 +2686,7 @@ def test_reward_output_check_states_the_contract(tmp_path):
     contract = re.escape("fn(video, prompts) must return a float tensor of shape (B,) = (3,)")
     for bad, what in ((ok.tolist(), "list"), (torch.ones(3, 1), r"shape \(3, 1\)"), (torch.ones(2), r"shape \(2,\)"),
                       (torch.ones(3, dtype=torch.long), "torch.int64"), (torch.tensor(1.0), r"shape \(\)")):
-        with pytest.raises((TypeError, ValueError), match=f"'my_rm' returned .*{what}.*{contract}"):
+        with pytest.raises(ValueError, match=f"'my_rm' returned .*{what}.*{contract}"):
             rewards.check_reward_output(bad, 3, name="my_rm")
     (tmp_path / "user_rm.py").write_text(
         "import torch\n"
@@ -2737,6 +2742,21 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
 
 
+def test_repo_stands_alone_and_cites_its_papers():
+    """No pointer to files outside the repo or to tracker items; the README names the papers with ids."""
+    outside = re.compile("|".join([r"methods\.md", r"\.\./" + "shared", r"\bissue" + r" ?#?\d"]), re.I)
+    for path in sorted(_DATA_REPO.glob("*.py")) + sorted(_DATA_REPO.glob("*.md")):
+        hits = [line for line in path.read_text().splitlines() if outside.search(line)]
+        assert not hits, (path.name, hits)
+    refs = (_DATA_REPO / "README.md").read_text().split("## References")[1]
+    refs = " ".join(refs.split())  # entries wrap over lines
+    for cite in ("VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models", "TctJWv7Suz",
+                 "Video Generation Models Are Good Latent Reward Models\", arXiv 2511.21541",
+                 "Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference Optimization\"",
+                 "arXiv 2502.01051", "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling\", arXiv 2602.11146"):
+        assert cite in refs, cite
+
+
 def test_truncated_toy_cache_says_delete_it(refl_cache, tmp_path):
     import shutil
     for name in ("dit.safetensors", "lrm.safetensors"):
@@ -2790,6 +2810,18 @@ def test_cast_dit_keeps_the_fp32_islands():
     assert {n for n, d in dtypes.items() if d == torch.float32} == {n for n in dtypes if model_dit.keeps_fp32(n)}
     assert sample.dtypes(torch.device("cpu")) == {"dit": torch.float32, "text_encoder": torch.bfloat16,
                                                   "vae": torch.float32, "amp": None}
+
+
+def test_scripts_take_precision_from_one_policy():
+    """bf16-or-fp32 by device is decided in sample.dtypes alone; every other file asks it."""
+    import inspect
+    policy = inspect.getsource(sample.dtypes)
+    for path in sorted(_DATA_REPO.glob("*.py")):
+        if path.name == "test_all.py":
+            continue
+        src = path.read_text().replace(policy, "") if path.name == "sample.py" else path.read_text()
+        hits = re.findall(r".*(?:bfloat16|float32) if (?:gpu|.*cuda|.*device).*", src)  # a dtype chosen by device
+        assert not hits, (path.name, hits)
 
 
 def test_lora_save_read_merge_round_trip_and_refuses_nan(tmp_path):
@@ -2859,9 +2891,39 @@ def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
         train_refl.read_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_refl.read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\); expected a train_refl ckpt.pt"):
+        train_refl.read_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        train_refl.read_checkpoint(tmp_path)
     proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"
+
+
+def test_refl_refused_inputs_leave_out_alone(refl_cache, tmp_path):
+    """An input refused at start (prompts, LRM, reward) writes nothing to --out: args.json used to be
+    written first, so the corrected rerun was refused as "already holds a run"."""
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "cut.safetensors").write_bytes(b"x" * 20)
+    for flags, msg in ((["--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+                       (["--lrm", str(tmp_path / "cut.safetensors")], r"cut.safetensors: not a readable safetensors"),
+                       (["--reward", "no_such_module:fn"], "cannot import no_such_module")):
+        with pytest.raises(ValueError, match=msg):
+            train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+        assert not (tmp_path / "run").exists(), flags
+
+
+def test_refl_overwrite_clears_the_previous_run(refl_cache, tmp_path):
+    """--overwrite removes the old run's files first: a new run killed before its export used to leave
+    the old lora.safetensors and summary.json next to its own metrics. Files it did not write stay."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    for name in ("lora.safetensors", "summary.json", "ckpt.pt", "samples/step_40.mp4", "notes.txt"):
+        (run / name).write_text("old")
+    train_refl.main(_refl_flags(refl_cache, run, "--overwrite", "--stop-after", "1"))
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "metrics.jsonl", "notes.txt", "samples"]
+    assert not (run / "samples" / "step_40.mp4").exists() and (run / "notes.txt").read_text() == "old"
 
 
 def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_path):
@@ -2957,6 +3019,7 @@ def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
 
 
 @pytest.mark.parametrize("flags, msg", [
+    (["--frames", "1"], "--frames 1 is a still image"),
     (["--fps", "0"], "--fps must be a finite number > 0"),
     (["--fps", "-2"], "--fps must be a finite number > 0"),
     (["--fps", "nan"], "--fps must be a finite number > 0"),
@@ -2966,13 +3029,24 @@ def test_prepare_finishes_when_a_whole_shard_fails(tmp_path):
 ])
 def test_prepare_refuses_bad_flags_up_front(tmp_path, capsys, flags, msg):
     flags = [str(tmp_path / "nowhere") if f == "MISSING" else f for f in flags]
-    if "--fps" in flags:
+    if "--fps" in flags or "--frames" in flags:
         (tmp_path / "v").mkdir()
         flags += ["--videos", str(tmp_path / "v")]
     with pytest.raises(SystemExit) as e:
         prepare_data.parse_args(["--out", str(tmp_path / "out"), *flags])
     assert e.value.code == 2
     assert re.search(msg, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_prepare_bad_reward_is_refused_before_anything_is_recorded(tmp_path):
+    """A --reward that does not load used to be found only when the first shard was scored, after
+    dataset.json had recorded it: the corrected rerun was then refused for "other settings"."""
+    (tmp_path / "v").mkdir()
+    argv = _data_prepare_argv(tmp_path / "out", "--videos", str(tmp_path / "v"))
+    with pytest.raises(ValueError, match="cannot import no_such_module"):
+        prepare_data.main(argv + ["--reward", "no_such_module:fn"])
+    assert not (tmp_path / "out").exists()
+    assert prepare_data.main(argv)["written"] == 0
 
 
 def test_save_lrm_is_atomic_and_refuses_non_finite_weights(tmp_path, monkeypatch):
@@ -3019,6 +3093,27 @@ def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
     data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
     with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
         train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
+
+
+def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
+    data = _lrm_shards(tmp_path / "d", [(2, 4, 4), (2, 4, 4)])
+    for name in ("shard_00001.safetensors", "index.json"):  # the damage is undone after each case
+        good = (data / name).read_bytes()
+        (data / name).write_bytes(good[:40])
+        with pytest.raises(ValueError, match=re.escape(str(data / name)) + ": not a"):
+            train_lrm.ShardRows(data)
+        (data / name).unlink()
+        with pytest.raises(FileNotFoundError, match=re.escape(str(data / name if "shard" in name else data)) + ".*(does not exist|no index.json)"):
+            train_lrm.ShardRows(data)
+        (data / name).write_bytes(good)
+    assert len(train_lrm.ShardRows(data)) > 0
+    for flags, msg in ((["--huber-delta", "nan"], "--huber-delta must be a finite number > 0"),
+                       (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be")):
+        with pytest.raises(ValueError, match=msg):
+            train_lrm.parse_args(flags)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\)"):
+        train_lrm.read_checkpoint(tmp_path / "empty.pt")
 
 
 def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):

@@ -39,6 +39,7 @@ Left out: gradient accumulation (the paper uses none), learning-rate schedules (
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -64,9 +65,15 @@ class ShardRows:
     is 8 MB, so thousands of them are not loaded into memory."""
 
     def __init__(self, folder):
-        index = json.loads((Path(folder) / "index.json").read_text())
-        self.rows = [(Path(folder) / s["file"], r) for s in index["shards"] for r in range(s["samples"])]
-        check_shards([Path(folder) / s["file"] for s in index["shards"] if s["samples"]])
+        path = Path(folder) / "index.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {folder}: no {path.name}; expected a prepare_data.py dataset folder")
+        try:
+            shards = [(Path(folder) / s["file"], int(s["samples"])) for s in json.loads(path.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a prepare_data.py index ({type(err).__name__}: {err})") from None
+        self.rows = [(file, r) for file, n in shards for r in range(n)]
+        check_shards([file for file, n in shards if n])
 
     def __len__(self):
         return len(self.rows)
@@ -92,9 +99,15 @@ def check_shards(paths):
     ValueError naming the odd shard and its shape, read from the headers only."""
     first = None
     for path in paths:
-        with safe_open(path, "pt") as f:
-            latent = tuple(f.get_slice("latents").get_shape()[1:])
-            width = f.get_slice("context").get_shape()[-1]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in index.json does not exist")
+        try:
+            with safe_open(path, "pt") as f:
+                latent = tuple(f.get_slice("latents").get_shape()[1:])
+                width = f.get_slice("context").get_shape()[-1]
+        except Exception as err:  # safetensors raises its own error types for torn files and missing keys
+            raise ValueError(f"{path}: not a readable prepare_data.py shard (truncated or corrupt?): "
+                             f"{type(err).__name__}: {err}") from None
         if first is None:
             first = (path, latent, width)
         elif latent != first[1]:
@@ -235,6 +248,8 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); expected a train_lrm ckpt.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises several types for truncated and corrupt files
@@ -294,6 +309,9 @@ def parse_args(argv):
         raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
     if not 0 < args.test_frac < 1:
         raise ValueError(f"test-frac must be in (0, 1), got {args.test_frac}")
+    for k in ("lr", "huber_delta"):
+        if not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number > 0, got {getattr(args, k)}")
     return args
 
 

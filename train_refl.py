@@ -58,6 +58,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -235,21 +236,21 @@ def load_models(args, device, rank, world):
         raise FileNotFoundError(f"--lrm {args.lrm} does not exist")
     if args.mode == "dollar" and args.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
+    lrm = lrm_lib.load_lrm(args.lrm) if args.lrm else None  # the small files first: a bad one is found in seconds
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
-        dit, vae, encoder, tokenizer, lrm = toy.load_world(toy.WORLDS[args.toy_world], cache_dir=args.cache_dir, log=print if rank == 0 else lambda s: None)
+        dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(toy.WORLDS[args.toy_world], cache_dir=args.cache_dir,
+                                                                log=print if rank == 0 else lambda s: None)
         if rank == 0:
             distributed.barrier()
+        lrm = toy_lrm if lrm is None else lrm
     else:
-        dt = sample.dtypes(device)
+        tokenizer, dt = text_encoder.load_tokenizer(paths["tokenizer"]), sample.dtypes(device)
         # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
         dit = load_dit(paths["dit"], dtype=torch.float32 if args.full_finetune else dt["dit"])
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
-        tokenizer, lrm = text_encoder.load_tokenizer(paths["tokenizer"]), None
-    if args.lrm:
-        lrm = lrm_lib.load_lrm(args.lrm)
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
 
@@ -638,7 +639,9 @@ def read_checkpoint(path) -> dict:
     """ckpt.pt -> its state, or an error that names the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {path} does not exist")
+        raise FileNotFoundError(f"--resume {path} does not exist (or is not a file); expected a train_refl ckpt.pt")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--resume {path}: empty file (0 bytes); expected a train_refl ckpt.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several types for truncated and foreign files
@@ -774,6 +777,20 @@ def check_out_dir(out_dir: Path, args):
                          f"replace it with --overwrite, or choose another --out")
 
 
+RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", "summary.json", "sync.json", "samples")
+
+
+def clear_run(out_dir: Path):
+    """--overwrite: the files of the previous run go before the new one writes any, so a new run that
+    stops early (or exports no LoRA) never sits next to the old run's results. Other files stay."""
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def format_line(r: dict) -> str:
     """One step's log line. labelled: samples decoded and scored for the buffer this step; r_true and
     lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
@@ -795,14 +812,16 @@ def main(argv=None):
     if args.resume:
         resume_state = read_checkpoint(args.resume)
         check_resume(resume_state, args, args.resume)
-    distributed.barrier()  # every rank has checked before rank 0 writes
+    reward_fn = rewards.load_reward(args.reward)
+    dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
+    distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
     if rank == 0:
+        if args.overwrite and not args.resume:
+            clear_run(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "args.json", json.dumps({**vars(args), "world_size": world}, indent=2))
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    reward_fn = rewards.load_reward(args.reward)
-    dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
     pairs = eval_pairs(args, prompts)
     table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device)
     del encoder  # prompts are embedded once; the encoder is not needed again

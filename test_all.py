@@ -3182,3 +3182,135 @@ def test_refl_eval_history_records_the_lrm_error(refl_cache, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ----------------------------------------------------------------------------- noise-aware LRM, pairwise losses
+
+_NA_TINY = replace(_LRM_TINY, timestep_cond=True)
+
+
+def test_lrm_old_files_load_and_score_identically():
+    """A file written before the noise-aware options (its config has no timestep_cond / objective)
+    loads as a clean-only Huber LRM and gives bit-identical scores to the ones its writer computed."""
+    model = lrm.load_lrm(_DATA_REPO / "testdata/lrm_clean_v1.safetensors")
+    ref = load_file(_DATA_REPO / "testdata/lrm_clean_v1_scores.safetensors")
+    assert not model.cfg.timestep_cond and model.cfg.objective == "huber" and not model.noise_aware
+    with torch.no_grad():
+        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"]), ref["rewards"])
+        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"], sigma=0.0), ref["rewards"])
+    with pytest.raises(ValueError, match="clean latents only"):
+        model(ref["z"], ref["context"], ref["lengths"], sigma=0.5)
+
+
+def test_lrm_timestep_cond_starts_as_the_clean_model_and_reads_sigma(tmp_path):
+    torch.manual_seed(0)
+    clean, cond = lrm.EnsembleLRM(_LRM_TINY, 3, seed=4), lrm.EnsembleLRM(_NA_TINY, 3, seed=4)
+    for k, v in clean.state_dict().items():  # the FiLM layers draw last: every other weight is unchanged
+        assert torch.equal(cond.state_dict()[k], v), k
+    assert torch.equal(cond.film.out.weight, torch.zeros_like(cond.film.out.weight))
+    z, context, lengths = _lrm_inputs(b=3)
+    with torch.no_grad():
+        base = clean(z, context, lengths)
+        for sigma in (None, 0.0, 0.7, torch.tensor([0.1, 0.5, 0.9])):  # zero-initialised FiLM: the identity
+            assert torch.equal(cond(z, context, lengths, sigma=sigma), base)
+        cond.film.out.weight.normal_(0, 0.1)  # a trained FiLM: outputs change with sigma
+        r0, r5 = cond(z, context, lengths, sigma=0.0), cond(z, context, lengths, sigma=0.5)
+        assert not torch.allclose(r0, r5)
+        assert torch.equal(cond(z, context, lengths), r0)  # None = clean
+        per_sample = cond(z, context, lengths, sigma=torch.tensor([0.0, 0.5, 0.0]))
+        torch.testing.assert_close(per_sample[:, 1], r5[:, 1])
+        torch.testing.assert_close(per_sample[:, 0], r0[:, 0])
+        lrm.save_lrm(cond, tmp_path / "na.safetensors")  # the file records the option
+        loaded = lrm.load_lrm(tmp_path / "na.safetensors")
+        assert loaded.cfg.timestep_cond and torch.equal(loaded(z, context, lengths, sigma=0.5), r5)
+        with pytest.raises(ValueError, match="sigma must be"):
+            cond(z, context, lengths, sigma=torch.zeros(2))
+    r = cond(z.requires_grad_(True), context, lengths, sigma=0.3)
+    r.sum().backward()
+    assert z.grad.abs().sum() > 0 and cond.film.embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="timestep"):
+        lrm.DollarLRM(_NA_TINY)
+
+
+def test_lrm_thurstone_bt_fidelity_values_and_gradient_signs():
+    # v(sigma) = 2 sigma^2 + 0.05; P = Phi((s_a - s_b) / sqrt(2 v))
+    assert torch.allclose(lrm.thurstone_var(torch.tensor([0.0, 0.5])), torch.tensor([0.05, 0.55]))
+    s_a, s_b = torch.tensor([0.3], requires_grad=True), torch.tensor([0.0], requires_grad=True)
+    prob = lrm.thurstone_prob(s_a, s_b, 0.0)
+    assert abs(prob.item() - 0.5 * (1 + math.erf(0.3 / math.sqrt(0.1) / math.sqrt(2)))) < 1e-6  # Phi(0.9487) = 0.8286
+    assert abs(prob.item() - 0.82861) < 1e-4
+    assert abs(lrm.thurstone_prob(s_a, s_b, 0.5).item() - 0.5 * (1 + math.erf(0.3 / math.sqrt(1.1) / math.sqrt(2)))) < 1e-6
+    assert lrm.thurstone_prob(s_a, s_b, 0.9).item() < lrm.thurstone_prob(s_a, s_b, 0.0).item()  # noisier: less sure
+    # fidelity loss: 1 - sqrt(p P) - sqrt((1 - p)(1 - P))
+    assert abs(lrm.fidelity_loss(torch.tensor(0.64), torch.tensor(1.0)).item() - 0.2) < 1e-6
+    assert abs(lrm.fidelity_loss(torch.tensor(0.5), torch.tensor(0.5)).item()) < 1e-6  # P = p: no loss
+    assert abs(lrm.fidelity_loss(torch.tensor(0.36), torch.tensor(0.5)).item()
+               - (1 - math.sqrt(0.18) - math.sqrt(0.32))) < 1e-6
+    loss = lrm.pair_loss(s_a, s_b, torch.tensor([1.0]), "thurstone")
+    loss.sum().backward()
+    assert s_a.grad.item() < 0 < s_b.grad.item()  # a preferred: descent raises s_a, lowers s_b
+    # Bradley-Terry: -log sigmoid(s_a - s_b)
+    s_a.grad, s_b.grad = None, None
+    bt = lrm.bt_loss(s_a, s_b, torch.tensor([1.0]))
+    assert abs(bt.item() - math.log(1 + math.exp(-0.3))) < 1e-6
+    bt.sum().backward()
+    assert s_a.grad.item() < 0 < s_b.grad.item()
+    assert abs(lrm.bt_loss(torch.tensor(0.3), torch.tensor(0.0), torch.tensor(0.0)).item() - math.log(1 + math.exp(0.3))) < 1e-6
+    # two kinds of uncertainty: lcb = mean - k sqrt(Var_members + v)
+    r = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    assert torch.equal(lrm.aggregate_lcb(r, 2.0), lrm.aggregate(r, "lcb", 2.0))
+    torch.testing.assert_close(lrm.aggregate_lcb(r, 2.0, torch.tensor(0.05)),
+                               torch.tensor([2 - 2 * math.sqrt(1.05), -2 * math.sqrt(0.05)]))
+
+
+def test_lrm_pair_formation_drops_near_ties():
+    groups = ["a", "a", "a", "b", "b", "c"]
+    rewards = [0.50, 0.52, 0.90, 0.1, float("nan"), 0.3]
+    a, b, p = lrm.make_pairs(groups, rewards, margin=0.05, generator=torch.Generator().manual_seed(0))
+    pairs = {frozenset((i, j)) for i, j in zip(a.tolist(), b.tolist())}
+    assert pairs == {frozenset((0, 2)), frozenset((1, 2))}  # (0, 1) is a near-tie; b has one finite, c one sample
+    for i, j, q in zip(a.tolist(), b.tolist(), p.tolist()):
+        assert q == float(rewards[i] > rewards[j])
+    a, b, p = lrm.make_pairs(groups, rewards, margin=0.0)
+    assert len(a) == 3
+
+
+def test_lrm_pair_update_trains_each_member_on_its_own_pairs():
+    torch.manual_seed(0)
+    for objective in ("bt", "thurstone"):
+        model = lrm.EnsembleLRM(_NA_TINY, 2, seed=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        za, ctx, lengths = _lrm_inputs(b=4, seed=1)
+        zb = _lrm_inputs(b=4, seed=2)[0]
+        per = lambda x: torch.stack([x, x.flip(0)])  # noqa: E731  member 1: the pairs in another order
+        p = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        sigma = torch.tensor([0.0, 0.3, 0.6, 0.9])
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = lrm.lrm_pair_update(model, opt, per(za), per(zb), per(ctx), per(lengths), per(p), objective=objective,
+                                  sigma=per(sigma))
+        assert not out["skipped"] and math.isfinite(out["loss"]) and 0 <= out["acc"] <= 1
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        nan = lrm.lrm_pair_update(model, opt, per(za), per(zb), per(ctx), per(lengths), torch.full((2, 4), float("nan")),
+                                  objective=objective)
+        assert nan["skipped"] and nan["dropped"] == 8
+
+
+def test_lrm_noise_ensemble_is_deterministic():
+    torch.manual_seed(0)
+    model = lrm.EnsembleLRM(_NA_TINY, 2, seed=1)
+    with torch.no_grad():
+        model.film.out.weight.normal_(0, 0.1)
+        z, context, lengths = _lrm_inputs(b=2)
+        a = lrm.noise_ensemble(model, z, context, lengths)
+        torch.randn(10)  # the global RNG plays no part
+        b = lrm.noise_ensemble(model, z, context, lengths)
+        assert torch.equal(a, b) and a.shape == (2, 2)
+        assert not torch.equal(a, lrm.noise_ensemble(model, z, context, lengths, seed=1))
+        assert torch.equal(lrm.noise_ensemble(model, z, context, lengths, sigmas=(0.0,)), model(z, context, lengths))
+        manual = sum(model(lrm.noise_latents(z, s, torch.randn(z.shape, generator=torch.Generator().manual_seed(i))),
+                           context, lengths, sigma=s) for i, s in enumerate((0.2, 0.4))) / 2
+        torch.testing.assert_close(lrm.noise_ensemble(model, z, context, lengths, sigmas=(0.2, 0.4)), manual)
+    g = torch.Generator().manual_seed(0)
+    s = lrm.draw_sigmas((1000,), sample.get_sigmas(20, 5.0, "euler")[:-1], 0.25, g)
+    grid = set(sample.get_sigmas(20, 5.0, "euler")[:-1].float().tolist())
+    assert set(s.tolist()) <= grid | {0.0} and 0.15 < (s == 0).float().mean() < 0.35

@@ -3314,3 +3314,41 @@ def test_lrm_noise_ensemble_is_deterministic():
     s = lrm.draw_sigmas((1000,), sample.get_sigmas(20, 5.0, "euler")[:-1], 0.25, g)
     grid = set(sample.get_sigmas(20, 5.0, "euler")[:-1].float().tolist())
     assert set(s.tolist()) <= grid | {0.0} and 0.15 < (s == 0).float().mean() < 0.35
+
+
+_NA_TRAIN = ["--synthetic", "96", "--synthetic-reward", "toy:calibrated_color", "--pair-margin", "0.005", "--members", "2",
+             "--sample-steps", "20", "--solver", "euler", "--eval-sigmas", "0,0.6"]
+
+
+@pytest.mark.parametrize("loss", ["huber", "thurstone"])
+def test_train_lrm_noise_aware_resume_is_bit_identical(tmp_path, loss):
+    common = [*_NA_TRAIN, "--noise-aware", "--loss", loss, "--epochs", "2", "--save-every", "3", "--batch-size", "8"]
+    full = train_lrm.main(_data_train_argv(tmp_path / "full", *common))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--stop-after", "5"))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume", str(tmp_path / "cut" / "ckpt.pt")))
+    a, b = (load_file(tmp_path / d / "lrm.safetensors") for d in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("film.") for k in a)
+    model = lrm.load_lrm(tmp_path / "full" / "lrm.safetensors")
+    assert model.cfg.timestep_cond and model.cfg.objective == loss
+    assert model.film.out.weight.abs().sum() > 0  # the FiLM trained
+    assert set(full["sigma"]) == {"0", "0.6"}
+    for m in full["sigma"].values():
+        assert {"test_mse", "test_pcc", "pair_acc", "ece"} <= m.keys() and 0 <= m["pair_acc"] <= 1
+
+
+def test_train_lrm_noise_draws_follow_the_schedule():
+    args = train_lrm.parse_args(["--noise-aware", "--sample-steps", "20", "--solver", "euler", "--clean-prob", "0.5"])
+    sigma, (noise,) = train_lrm.step_noise(args, 3, 0, (4, 64, 16, 2, 4, 4))
+    again = train_lrm.step_noise(args, 3, 0, (4, 64, 16, 2, 4, 4))
+    assert torch.equal(sigma, again[0]) and torch.equal(noise, again[1][0])  # a function of (seed, step, rank)
+    assert not torch.equal(sigma, train_lrm.step_noise(args, 4, 0, (4, 64, 16, 2, 4, 4))[0])
+    grid = set(sample.get_sigmas(20, 5.0, "euler")[:-1].float().tolist())
+    assert set(sigma.flatten().tolist()) <= grid | {0.0} and 0.3 < (sigma == 0).float().mean() < 0.7
+    z = torch.randn(4, 64, 16, 2, 4, 4)
+    zs = train_lrm.renoise(z, sigma, noise)
+    torch.testing.assert_close(zs[1, 2], (1 - sigma[1, 2]) * z[1, 2] + sigma[1, 2] * noise[1, 2])
+    with pytest.raises(ValueError, match="Dollar"):
+        train_lrm.parse_args(["--noise-aware", "--model", "dollar"])
+    assert abs(train_lrm.calibration_error(torch.tensor([0.9, 0.9, 0.2, 0.2]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+               - (0.5 * 0.4 + 0.5 * 0.2)) < 1e-6

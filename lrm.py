@@ -789,6 +789,18 @@ def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
     return meta["kind"], n, cfg
 
 
+def read_config(path) -> tuple[str, int, LRMConfig]:
+    """(kind, member count, config) of a save_lrm file from its metadata alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return _config_of(path, f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
 def load_lrm(path, device="cpu") -> nn.Module:
     """Rebuild the model a `save_lrm` file describes (on the meta device) and load its weights."""
     path = Path(path)

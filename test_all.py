@@ -2341,11 +2341,18 @@ def test_bench_refl_step_breakdown(mode):
 def test_bench_quality_trains_every_model_identically(monkeypatch):
     monkeypatch.setattr(bench, "QUALITY_ARGS", ["--synthetic", "24", "--epochs", "1", "--batch-size", "4", "--config", "tiny"])
     monkeypatch.setattr(bench, "QUALITY_MODELS", {"dollar": ["--model", "dollar"], "ensemble3": ["--members", "3"]})
+    monkeypatch.setattr(bench, "QUALITY_NA_ARGS", [*_NA_TRAIN, "--epochs", "1", "--batch-size", "8",
+                                                   "--eval-sigmas", "0,0.3,0.6,0.9"])
     res = bench.bench_quality(CPU, "tiny")
     for name in ("dollar", "ensemble3"):
         assert set(res[name]) == {"train_mse", "train_pcc", "test_mse", "test_pcc"}
         assert res[name]["test_mse"] >= 0 and -1 <= res[name]["test_pcc"] <= 1
-    assert "ensemble3 MSE" in bench.table_quality(res)
+    assert set(res["noise_aware"]) == {"0", "0.3", "0.6", "0.9"}
+    assert all(set(m) == {"test_mse", "test_pcc", "pair_acc"} for m in res["noise_aware"].values())
+    assert set(res["pairwise"]) == {"huber", "bt", "thurstone"}
+    assert all(0 <= m["pair_acc"] <= 1 and 0 <= m["ece"] <= 1 for m in res["pairwise"].values())
+    table = bench.table_quality(res)
+    assert "ensemble3 MSE" in table and "thurstone" in table and "pair acc" in table
 
 
 def _bench_fake_step(step_mb, resident_mb=1000.0):
@@ -3352,3 +3359,83 @@ def test_train_lrm_noise_draws_follow_the_schedule():
         train_lrm.parse_args(["--noise-aware", "--model", "dollar"])
     assert abs(train_lrm.calibration_error(torch.tensor([0.9, 0.9, 0.2, 0.2]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
                - (0.5 * 0.4 + 0.5 * 0.2)) < 1e-6
+
+
+def _na_toy_lrm(path, objective="huber"):
+    """A small noise-aware LRM for the toy world (random weights, FiLM not at zero so sigma matters)."""
+    cfg = replace(toy.toy_lrm_config(toy.ToyConfig(), noise_aware=True), objective=objective)
+    model = lrm_lib.EnsembleLRM(cfg, 2, seed=0)
+    with torch.no_grad():
+        model.film.out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    lrm_lib.save_lrm(model, path)
+    return path
+
+
+def test_refl_zt_refused_for_a_clean_lrm(tmp_path):
+    clean = lrm_lib.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
+    lrm_lib.save_lrm(clean, tmp_path / "clean.safetensors")
+    for flags in (["--reward-on", "zt"], ["--noise-ensemble"]):
+        with pytest.raises(ValueError, match="needs a noise-aware LRM .*scores clean latents only"):
+            train_refl.parse_args(["--lrm", str(tmp_path / "clean.safetensors"), *flags])
+    with pytest.raises(ValueError, match="--mode pixel"):
+        train_refl.parse_args(["--mode", "pixel", "--reward-on", "zt"])
+    args = train_refl.parse_args(["--reward-on", "zt", "--lrm", str(_na_toy_lrm(tmp_path / "na.safetensors"))])
+    assert args.reward_on == "zt"
+    assert train_refl.parse_args([]).reward_on == "z0"  # the paper's default
+    proc = subprocess.run([sys.executable, "train_refl.py", "--lrm", str(tmp_path / "clean.safetensors"), "--reward-on",
+                           "zt", "--out", str(tmp_path / "o")], cwd=_REFL_REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "noise-aware" in proc.stderr  # one line
+
+
+def test_refl_zt_scores_the_noisy_latent_and_aligns_on_renoised_z0(refl_cache, tmp_path, monkeypatch):
+    path = _na_toy_lrm(tmp_path / "na.safetensors", objective="thurstone")
+    s = _refl_setup(refl_cache, "--lrm", str(path), "--reward-on", "zt", "--agg", "lcb", "--lcb-k", "2")
+    batch, out = _refl_loss(s)
+    sigma = float(s["sigmas"][batch["stop"]])
+    assert 0 < sigma < 1
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s["model"].parameters() if p.requires_grad)
+    assert out["members"].shape == (2, 2)
+    # lcb with both uncertainties: mean - k sqrt(Var_members + v(sigma))
+    m = out["members"]
+    expect = m.mean(0) - 2 * (m.var(0, correction=0) + 2 * sigma ** 2 + 0.05).sqrt()
+    torch.testing.assert_close(out["reward"], expect)
+    # the LRM saw the window's last latent at its own sigma: recompute it with the same step
+    seen = {}
+    real = s["lrm"].forward
+
+    def spy(z, context, lengths, sigma=None):
+        seen.update(z=z.detach().clone(), sigma=sigma)
+        return real(z, context, lengths, sigma=sigma)
+
+    monkeypatch.setattr(s["lrm"], "forward", spy)
+    _refl_loss(s)
+    assert seen["sigma"] == sigma and not torch.equal(seen["z"], out["z0"])
+    # alignment: the buffer keeps the clean z0; the noise-aware LRM is fitted on it re-noised
+    buf = replay.ReplayBuffer(8)
+    buf.insert(out["z0"], *train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu")),
+               torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.2]))
+    assert torch.equal(buf.data["z"], out["z0"])
+    calls = []
+    monkeypatch.setattr(lrm_lib, "lrm_update", lambda *a, **k: calls.append((a, k)) or {"skipped": False})
+    opt = torch.optim.AdamW(s["lrm"].parameters(), lr=1e-4)
+    train_refl.align_lrm(s["lrm"], opt, buf, s["args"], 1, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
+    assert calls and all(k["sigma"] is not None and k["sigma"].shape == (2, 2) for _, k in calls)
+    z_fed, sig = calls[0][0][2], calls[0][1]["sigma"]
+    assert set(sig.flatten().tolist()) <= set(s["sigmas"][:-1].float().tolist()) | {0.0}
+    assert not torch.equal(z_fed[sig > 0], buf.data["z"][:1].expand_as(z_fed)[sig > 0])  # re-noised
+
+
+def test_refl_zt_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    flags = ["--lrm", str(path), "--reward-on", "zt", "--steps", "2", "--save-every", "1", "--align-every", "1",
+             "--align-rounds", "1", "--buffer-size", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
+    with pytest.raises(ValueError, match="--reward-on 'zt' -> 'z0'"):
+        train_refl.main(_refl_flags(refl_cache, cut, *flags[:2], *flags[4:], "--resume", str(cut / "ckpt.pt")))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
+    for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
+        _refl_assert_same(a[key], b[key], key)

@@ -3439,3 +3439,23 @@ def test_refl_zt_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
     for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
         _refl_assert_same(a[key], b[key], key)
+
+
+def test_train_lrm_pairs_from_a_preference_file(tmp_path):
+    data = _lrm_shards(tmp_path / "data", [(2, 4, 4)] * 4)
+    lines = [{"a": f"s{i}_{j}", "b": f"s{(i + 1) % 4}_{j}", "p": [1.0, 0.0, 0.7, 0.5][j]} for i in range(4) for j in range(4)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    argv = ["--data", str(data), "--pairs", str(prefs), "--loss", "bt", "--members", "2", "--epochs", "1", "--batch-size", "2",
+            "--test-frac", "0.5"]
+    metrics = train_lrm.main(_data_train_argv(tmp_path / "run", *argv))
+    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, train_lrm.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
+    assert metrics["sigma"]["0"].get("pairs", 0) == len(held_out)  # only pairs with both sides held out
+    assert lrm.load_lrm(tmp_path / "run" / "lrm.safetensors").cfg.objective == "bt"
+    rows = train_lrm.ShardRows(data)
+    assert train_lrm.read_preferences(prefs, rows)[0] == (rows.sources().index("s0_0"), rows.sources().index("s1_0"), 1.0)
+    prefs.write_text('{"a": "s0_0", "b": "nowhere", "p": 1}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        train_lrm.main(_data_train_argv(tmp_path / "bad", *argv))
+    with pytest.raises(ValueError, match="--pairs"):
+        train_lrm.parse_args(["--pairs", str(prefs)])  # needs a pairwise loss and --data

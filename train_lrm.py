@@ -31,7 +31,9 @@ Options beside the paper (its defaults are unchanged):
   With either, every epoch also reports per noise level (--eval-sigmas, each held-out latent with
   its own fixed noise; PRFL's per-timestep table): held-out MSE / Pearson of the ensemble mean,
   pairwise accuracy on held-out same-prompt pairs and the expected calibration error of P(a > b)
-  ("sigma" in metrics.jsonl). Left out: a preference file (jsonl of latent pairs and p) as input.
+  ("sigma" in metrics.jsonl). `--pairs FILE` takes the pairs from a preference file instead: jsonl
+  of {"a": source, "b": source, "p": P(a preferred)}, the two videos (or latents) put through
+  prepare_data.py into --data; pairs across the train/test split are used by neither.
 
 Multi-GPU: plain DDP, each rank its own slice of every batch order, gradients all-reduced; at
 the end the ranks' weights are compared (they must be identical). bf16 autocast on GPU.
@@ -87,6 +89,16 @@ class ShardRows:
 
     def __len__(self):
         return len(self.rows)
+
+    def sources(self) -> list[str]:
+        """Every row's source (the video or latent file prepare_data.py read it from)."""
+        out, seen = [], {}
+        for path, r in self.rows:
+            if path not in seen:
+                with safe_open(path, "pt") as f:
+                    seen[path] = json.loads(f.metadata()["sources"])
+            out.append(seen[path][r])
+        return out
 
     def prompts_and_rewards(self) -> tuple[list[str], list[float]]:
         """Every row's prompt and reward from the shards' metadata and reward tensors (no latents read)."""
@@ -249,6 +261,36 @@ def form_pairs(data, indices, margin, seed) -> list[tuple[int, int, float]]:
     return [(indices[i], indices[j], q) for i, j, q in zip(a.tolist(), b.tolist(), p.tolist())]
 
 
+def read_preferences(path, data) -> list[tuple[int, int, float]]:
+    """A preference file: jsonl, one {"a": SOURCE, "b": SOURCE, "p": P(a preferred)} per line, SOURCE a
+    video or latent file as prepare_data.py recorded it in the shards of --data (their "sources").
+    -> [(row a, row b, p)]; an unknown source, a p outside [0, 1] or a malformed line is an error
+    naming the line."""
+    if not hasattr(data, "sources"):
+        raise ValueError("--pairs needs --data (prepare_data.py shards whose sources the file names)")
+    row_of = {src: i for i, src in enumerate(data.sources())}
+    pairs = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            a, b, p = row_of[item["a"]], row_of[item["b"]], float(item["p"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} line {n}: expected {{\"a\": source, \"b\": source, \"p\": number}} with sources "
+                             f"of the --data shards, got {line.strip()[:120]!r} ({type(err).__name__}: {err})") from None
+        if not 0 <= p <= 1:
+            raise ValueError(f"{path} line {n}: p must be in [0, 1], got {p}")
+        pairs.append((a, b, p))
+    return pairs
+
+
+def split_pairs(pairs, indices) -> list[tuple[int, int, float]]:
+    """The pairs whose both sides are among `indices` (a pair across the train/test split is used by neither)."""
+    keep = set(indices)
+    return [q for q in pairs if q[0] in keep and q[1] in keep]
+
+
 def pair_prob(d, sigma, objective, resid_var=None):
     """P(a > b) an LRM gives for score differences d: sigmoid(d) (Bradley-Terry), DiNa-LRM's
     Phi(d / sqrt(2 v(sigma))) (Thurstone), and for a Huber regressor Phi(d / sqrt(2 m)) with m its
@@ -296,7 +338,7 @@ def sigma_metrics(model, data, train, test, args, device, amp) -> dict:
     ensemble mean against the clean latent's reward, pairwise accuracy on the held-out pairs (same
     prompt, at least --pair-margin apart) and the expected calibration error of P(a > b)
     (`pair_prob`). Every rank computes all of it (the same numbers)."""
-    test_pairs = form_pairs(data, test, args.pair_margin, args.seed + 1)
+    test_pairs = split_pairs(args.preferences, test) if args.pairs else form_pairs(data, test, args.pair_margin, args.seed + 1)
     pos = {j: k for k, j in enumerate(test)}
     objective = args.loss
     out = {}
@@ -315,7 +357,7 @@ def sigma_metrics(model, data, train, test, args, device, amp) -> dict:
                 tr, tt = scores_at(model, data, train, sigma, args.batch_size, device, amp, args.seed)
                 ok = torch.isfinite(tt)
                 resid = (tr[ok] - tt[ok]).pow(2).mean().item()
-            res.update(pair_acc=((d > 0).float() == p).float().mean().item(),
+            res.update(pair_acc=((d > 0).float() == (p > 0.5).float())[p != 0.5].float().mean().item(),
                        ece=calibration_error(pair_prob(d, sigma, objective, resid), p), pairs=len(test_pairs))
         out[f"{sigma:g}"] = res
     return out
@@ -445,6 +487,10 @@ def parse_args(argv):
                         "noise-calibrated Thurstone fidelity loss on pairs (default huber)")
     g.add_argument("--pair-margin", type=float, default=0.02,
                    help="pairs (same prompt) whose rewards differ by less are near-ties and dropped (default 0.02)")
+    g.add_argument("--pairs", metavar="FILE",
+                   help="preference file for --loss bt|thurstone: jsonl of {\"a\": source, \"b\": source, \"p\": P(a "
+                        "preferred)}, sources as prepare_data.py recorded them in --data; default: pairs formed from "
+                        "the labels")
     g.add_argument("--noise-aware", action="store_true",
                    help="timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps, s from the "
                         "sampler's schedule; the label stays the clean latent's reward")
@@ -477,6 +523,8 @@ def parse_args(argv):
     if not 0 <= args.clean_prob <= 1 or not all(0 <= x < 1 for x in args.eval_sigmas) or args.pair_margin < 0:
         raise ValueError(f"need 0 <= --clean-prob <= 1, --eval-sigmas in [0, 1), --pair-margin >= 0; got "
                          f"{args.clean_prob}, {args.eval_sigmas}, {args.pair_margin}")
+    if args.pairs and (args.loss == "huber" or not args.data or not Path(args.pairs).is_file()):
+        raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
     return args
@@ -515,7 +563,11 @@ def main(argv=None):
     amp_dtype, amp = sample.dtypes(device)["amp"], sample.autocast(device)
 
     # what an epoch walks: the training samples (Huber) or the preference pairs formed among them
-    units = train if args.loss == "huber" else form_pairs(data, train, args.pair_margin, args.seed)
+    args.preferences = read_preferences(args.pairs, data) if args.pairs else None
+    if args.loss == "huber":
+        units = train
+    else:
+        units = split_pairs(args.preferences, train) if args.pairs else form_pairs(data, train, args.pair_margin, args.seed)
     per_epoch = len(units) // (args.batch_size * world)  # the last partial batch is dropped
     if per_epoch == 0:
         what = "samples" if args.loss == "huber" else f"pairs (same prompt, --pair-margin {args.pair_margin})"

@@ -3459,3 +3459,14 @@ def test_train_lrm_pairs_from_a_preference_file(tmp_path):
         train_lrm.main(_data_train_argv(tmp_path / "bad", *argv))
     with pytest.raises(ValueError, match="--pairs"):
         train_lrm.parse_args(["--pairs", str(prefs)])  # needs a pairwise loss and --data
+
+
+def test_toy_noise_aware_bootstrap_is_cached_and_noise_aware(tmp_path):
+    cfg = toy.ToyConfig(lrm_rollouts=4, lrm_steps=2, lrm_batch=4, lrm_members=2, sample_steps=4)
+    dit, vae, encoder, tokenizer = toy.build_models(cfg.seed)
+    model = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
+    assert model.noise_aware and model.n_members == 2
+    assert model.film.out.weight.abs().sum() > 0  # trained on re-noised rollouts
+    again = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert (tmp_path / cfg.key() / "lrm_noise_aware.safetensors").exists()

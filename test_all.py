@@ -3470,3 +3470,14 @@ def test_toy_noise_aware_bootstrap_is_cached_and_noise_aware(tmp_path):
     again = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert (tmp_path / cfg.key() / "lrm_noise_aware.safetensors").exists()
+
+
+def test_refl_noise_ensemble_scores_z0_at_fixed_levels(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    s = _refl_setup(refl_cache, "--lrm", str(path), "--noise-ensemble")
+    batch, out = _refl_loss(s)
+    context, lengths = train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu"))
+    with torch.no_grad():
+        expect = lrm_lib.noise_ensemble(s["lrm"], out["z0"], context, lengths, seed=s["args"].seed)
+    torch.testing.assert_close(out["members"], expect)
+    assert not torch.allclose(out["members"], s["lrm"](out["z0"], context, lengths))

@@ -28,7 +28,10 @@ the paper's 7B-32B VLMs, so it under-states pixel ReFL. Its CPU config shrinks t
 the LRM, VAE or stand-in, so resident weights there do not reflect the real proportions: the
 VELR / pixel ratio `ratio_peak` is of step memory, `ratio_peak_total` of the whole peak. `dit` /
 `vae` need diffusers (the reference implementation); nothing else does. `quality` trains
-through `train_lrm.main`.
+through `train_lrm.main`; besides the paper's Table 3 it trains a clean and a noise-aware ensemble
+on a synthetic set whose same-prompt rewards spread, and noise-aware BT / Thurstone ensembles
+(`quality.noise_aware[sigma]`, `quality.pairwise[loss]`). `refl`'s `velr_zt` row is VELR
+rewarded on the noisy window latent (`--reward-on zt`) through the toy world's noise-aware LRM.
 
 Prints markdown tables and merges the results into `bench.json` (`--out`). The CPU configs are
 small on purpose; the GPU configs (taken when CUDA is present) are the real Wan 2.1 sizes.
@@ -504,13 +507,52 @@ def bench_quality(device, scale):
             with open(Path(tmp) / f"{name}.log", "w") as log, redirect_stdout(log):  # its per-epoch tables
                 m = train_lrm.main([*QUALITY_ARGS, *extra, "--out", str(Path(tmp) / name), "--log-every", "1000000"])
             res[name] = {f"{split}_{k}": m[split][k][-1] for split in ("train", "test") for k in ("mse", "pcc")}
+        res.update(bench_quality_noise(tmp))
     return res
+
+
+# Noise-aware and pairwise LRMs (options beside the paper): their own synthetic set, where the
+# rewards of one prompt spread (toy:calibrated_color), so same-prompt pairs exist; 5 members each.
+QUALITY_NA_ARGS = ["--synthetic", "512", "--synthetic-reward", "toy:calibrated_color", "--pair-margin", "0.005",
+                   "--epochs", "8", "--lr", "1e-3", "--batch-size", "8", "--config", "tiny", "--members", "5",
+                   "--sample-steps", "20", "--solver", "euler", "--eval-sigmas", "0,0.3,0.6,0.9"]
+QUALITY_NA_MODELS = {"clean": [], "huber": ["--noise-aware"], "bt": ["--noise-aware", "--loss", "bt", "--epochs", "3"],
+                     "thurstone": ["--noise-aware", "--loss", "thurstone", "--epochs", "3"]}
+
+
+def bench_quality_noise(tmp):
+    """The noise-aware ensemble per sigma (test MSE / PCC against the clean reward, same-prompt pair
+    accuracy) next to a clean ensemble on the same data, and BT / Thurstone / Huber (all noise-aware)
+    ranking accuracy and expected calibration error, each the mean over the noisy levels (sigma > 0)."""
+    import train_lrm
+
+    runs = {}
+    for name, extra in QUALITY_NA_MODELS.items():
+        with open(Path(tmp) / f"na_{name}.log", "w") as log, redirect_stdout(log):
+            runs[name] = train_lrm.main([*QUALITY_NA_ARGS, *extra, "--out", str(Path(tmp) / f"na_{name}"),
+                                         "--log-every", "1000000"])
+    noisy = [k for k in runs["huber"]["sigma"] if float(k) > 0]
+    pairwise = {name: {"pair_acc": sum(runs[name]["sigma"][k]["pair_acc"] for k in noisy) / len(noisy),
+                       "ece": sum(runs[name]["sigma"][k]["ece"] for k in noisy) / len(noisy),
+                       "per_sigma": runs[name]["sigma"]} for name in ("huber", "bt", "thurstone")}
+    return {"args_noise": QUALITY_NA_ARGS, "clean_ensemble_test_mse": runs["clean"]["test"]["mse"][-1],
+            "noise_aware": {k: {m: v[m] for m in ("test_mse", "test_pcc", "pair_acc")}
+                            for k, v in runs["huber"]["sigma"].items()},
+            "pairwise": pairwise}
 
 
 def table_quality(res):
     rows = [[split] + [res[n][f"{split}_{k}"] for n in QUALITY_MODELS for k in ("mse", "pcc")] for split in ("train", "test")]
     header = [""] + [f"{n} {k.upper()}" for n in QUALITY_MODELS for k in ("mse", "pcc")]
-    return f"### quality (train_lrm.py {' '.join(res['args'])})\n\n" + markdown(header, rows)
+    text = f"### quality (train_lrm.py {' '.join(res['args'])})\n\n" + markdown(header, rows)
+    if "noise_aware" in res:
+        rows = [[sig, m["test_mse"], m["test_pcc"], m["pair_acc"]] for sig, m in res["noise_aware"].items()]
+        text += (f"\n\n### noise-aware ensemble (train_lrm.py {' '.join(res['args_noise'])} --noise-aware; clean "
+                 f"ensemble test MSE {res['clean_ensemble_test_mse']:.4g})\n\n"
+                 + markdown(["sigma", "test MSE", "test PCC", "pair acc"], rows))
+        rows = [[n, m["pair_acc"], m["ece"]] for n, m in res["pairwise"].items()]
+        text += "\n\n### pairwise (noise-aware, mean over sigma > 0)\n\n" + markdown(["loss", "pair acc", "ECE"], rows)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,6 +656,7 @@ REFL_METHODS = {  # name -> train_refl flags on top of the toy defaults ("@1memb
     "velr_noalign": ["--align-every", "0"],
     "velr_1member": ["--lrm", "@1member"],
     "dollar": ["--mode", "dollar", "--lrm", "@dollar"],
+    "velr_zt": ["--reward-on", "zt"],  # a noise-aware LRM scores the window's last x_t (the toy world bootstraps it)
     "pixel": ["--mode", "pixel"],
     "lastk": ["--mode", "lastk"],
     "latestep": ["--mode", "latestep"],

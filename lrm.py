@@ -35,6 +35,21 @@ Decisions: the "last token" is the last *real* token (index lengths-1 of the zer
 never a padding row (the paper's "last token" read for padded UMT5 output); std over members is the population std (0 for N = 1);
 `lcb` = mean - k*std is our conservative aggregation next to the paper's mean/min/max.
 
+Noise awareness and pairs (options beside the paper; its defaults are unchanged and every older
+LRM file loads and scores as before):
+  - `LRMConfig.timestep_cond`: each member's token stream (after the position embeddings) is
+    modulated by its own FiLM scale and shift of a sinusoidal embedding of Wan's t = 1000 sigma
+    (DiNa-LRM, "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", arXiv 2602.11146:
+    a timestep-conditioned reward head). The FiLM output layer starts at zero, so a fresh conditioned
+    LRM equals the unconditioned one of the same seed; sigma = 0 (or None) is clean scoring.
+  - `noise_ensemble`: DiNa-LRM's inference-time noise ensembling: a clean latent re-noised at fixed
+    sigma levels with fixed seeded noise, the scores averaged.
+  - pairwise losses: Bradley-Terry, and DiNa-LRM's noise-calibrated Thurstone likelihood
+    P(a > b) = Phi((s_a - s_b) / sqrt(2 v(sigma))), v(sigma) = 2 sigma^2 + 0.05, trained with the
+    fidelity loss 1 - sqrt(p P) - sqrt((1 - p)(1 - P)); `LRMConfig.objective` records which.
+  - `aggregate_lcb`: lcb = mean - k sqrt(Var_members + v), the ensemble's (epistemic) variance plus,
+    for a Thurstone-trained LRM, its (aleatoric) v(sigma).
+
 Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel), the paper's
 VELR/T and VELR/C ablation variants, a backbone (DiT-based) reward model.
 """
@@ -49,6 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+
+OBJECTIVES = ("huber", "bt", "thurstone")
 
 
 @dataclass
@@ -69,6 +87,10 @@ class LRMConfig:
     text_mode: str = "last"  # "last": the last real prompt token (paper); "all": every real token
     pool: str = "mean"  # "mean" | "max" over the video tokens
     eps: float = 1e-5
+    # Noise awareness (options beside the paper; off: VELR's clean-latent LRM, files without these fields).
+    timestep_cond: bool = False  # FiLM of the token stream on the noise level (a noise-aware LRM)
+    t_freq_dim: int = 64  # width of the sinusoidal embedding of t = 1000 sigma
+    objective: str = "huber"  # what the LRM was trained with: "huber" (paper Eq. 6), "bt" or "thurstone"
 
     def __post_init__(self):
         self.channels = tuple(self.channels)  # a config read back from JSON carries lists
@@ -83,6 +105,10 @@ class LRMConfig:
             raise ValueError(f"text_mode must be 'last' or 'all', got {self.text_mode!r}")
         if self.pool not in ("mean", "max"):
             raise ValueError(f"pool must be 'mean' or 'max', got {self.pool!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.t_freq_dim < 2 or self.t_freq_dim % 2:
+            raise ValueError(f"t_freq_dim must be even and >= 2, got {self.t_freq_dim}")
 
     @property
     def dim(self) -> int:
@@ -142,10 +168,126 @@ def aggregate(rewards: torch.Tensor, agg: str = "mean", k: float = 1.0) -> torch
     raise ValueError(f"agg must be mean, min, max or lcb, got {agg!r}")
 
 
+def aggregate_lcb(rewards: torch.Tensor, k: float = 1.0, aleatoric=None) -> torch.Tensor:
+    """Lower confidence bound with both kinds of uncertainty (our extension, beyond every paper here):
+
+        lcb = mean - k * sqrt(Var_members + v)
+
+    Var_members is the ensemble's (epistemic) population variance over members; v the per-sample
+    (aleatoric) variance of the score, for a Thurstone-trained LRM v(sigma) = 2 sigma^2 + 0.05
+    (`thurstone_var`). With aleatoric None this is exactly Eq. 7's mean - k * std."""
+    if aleatoric is None:
+        return aggregate(rewards, "lcb", k)
+    return rewards.mean(0) - k * (rewards.var(0, correction=0) + aleatoric).sqrt()
+
+
 def huber_loss(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
     """Paper Eq. 6, elementwise: 0.5 d^2 where |d| <= delta, else delta (|d| - delta / 2); d = target - pred."""
     d = (target - pred).abs()
     return torch.where(d <= delta, 0.5 * d * d, delta * (d - 0.5 * delta))
+
+
+# ----------------------------------------------------------------------------- noise awareness and pairs
+# Noisy latents as Wan's flow matching makes them, z_sigma = (1 - sigma) z0 + sigma eps; the noise
+# level enters the LRM as Wan's timestep t = 1000 sigma (PRFL, arXiv 2511.21541; LPO, arXiv 2502.01051;
+# DiNa-LRM, arXiv 2602.11146: a timestep-conditioned reward head).
+
+THURSTONE_FLOOR = 0.05  # v(0): the score variance of a clean latent (DiNa-LRM's noise-calibrated Thurstone)
+NOISE_ENSEMBLE_SIGMAS = (0.0, 0.1, 0.2, 0.3)  # our default set of levels for `noise_ensemble` (low noise)
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (..., dim) of t = 1000 sigma, Wan's layout: [cos(t f_i), sin(t f_i)],
+    f_i = 10000^(-i / (dim / 2)); computed in float64, returned in float32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=sigma.device) / half)
+    angles = (sigma.double() * 1000)[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], -1).float()
+
+
+def noise_latents(z0: torch.Tensor, sigma, noise: torch.Tensor) -> torch.Tensor:
+    """z_sigma = (1 - sigma) z0 + sigma eps, sigma a float or one per sample (leading dims of z0)."""
+    sigma = torch.as_tensor(sigma, dtype=z0.dtype, device=z0.device)
+    sigma = sigma.reshape(sigma.shape + (1,) * (z0.dim() - sigma.dim()))
+    return (1 - sigma) * z0 + sigma * noise.to(z0.dtype)
+
+
+def draw_sigmas(shape, grid: torch.Tensor, clean_prob: float, generator=None) -> torch.Tensor:
+    """Noise levels (shape) for noise-aware training: uniform over the sampler's shifted grid `grid`
+    (its `steps` sigmas, the final 0 excluded), or 0 (a clean latent) with probability clean_prob."""
+    grid = torch.as_tensor(grid, dtype=torch.float32).flatten()
+    sigma = grid[torch.randint(len(grid), tuple(shape), generator=generator)]
+    clean = torch.rand(tuple(shape), generator=generator) < clean_prob
+    return torch.where(clean, torch.zeros_like(sigma), sigma)
+
+
+def thurstone_var(sigma) -> torch.Tensor:
+    """DiNa-LRM's noise-dependent score variance v(sigma) = 2 sigma^2 + 0.05."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    return 2 * sigma * sigma + THURSTONE_FLOOR
+
+
+def thurstone_prob(s_a, s_b, sigma_a, sigma_b=None) -> torch.Tensor:
+    """P(a > b) = Phi((s_a - s_b) / sqrt(v(sigma_a) + v(sigma_b))): DiNa-LRM's noise-calibrated
+    Thurstone likelihood; with both at one sigma, Phi((s_a - s_b) / sqrt(2 v(sigma)))."""
+    sigma_b = sigma_a if sigma_b is None else sigma_b
+    scale = (thurstone_var(sigma_a) + thurstone_var(sigma_b)).to(s_a.device).sqrt()
+    return torch.special.ndtr((s_a - s_b) / scale)
+
+
+def bt_prob(s_a, s_b) -> torch.Tensor:
+    """Bradley-Terry P(a > b) = sigmoid(s_a - s_b)."""
+    return torch.sigmoid(s_a - s_b)
+
+
+def bt_loss(s_a, s_b, p) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood for target probability p, elementwise:
+    -p log sigmoid(s_a - s_b) - (1 - p) log sigmoid(s_b - s_a); p = 1 gives -log sigmoid(s_a - s_b)."""
+    d = s_a - s_b
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
+
+
+def fidelity_loss(prob, p, eps: float = 1e-6) -> torch.Tensor:
+    """Fidelity loss 1 - sqrt(p P) - sqrt((1 - p)(1 - P)) of a predicted P against a target p,
+    elementwise; P is clamped to [eps, 1 - eps] (the square root's slope is infinite at 0)."""
+    prob = prob.clamp(eps, 1 - eps)
+    p = torch.as_tensor(p, dtype=prob.dtype, device=prob.device)
+    # sqrt(p) sqrt(P), not sqrt(p P): at p = 0 or 1 the other term's gradient stays 0 instead of 0 * inf
+    return 1 - p.sqrt() * prob.sqrt() - (1 - p).sqrt() * (1 - prob).sqrt()
+
+
+def pair_loss(s_a, s_b, p, objective: str, sigma_a=0.0, sigma_b=None) -> torch.Tensor:
+    """The pairwise loss of `objective` ("bt" or "thurstone"), elementwise."""
+    if objective == "bt":
+        return bt_loss(s_a, s_b, p)
+    if objective == "thurstone":
+        return fidelity_loss(thurstone_prob(s_a, s_b, sigma_a, sigma_b), p)
+    raise ValueError(f"pairwise objective must be 'bt' or 'thurstone', got {objective!r}")
+
+
+def make_pairs(groups, rewards, margin: float = 0.0, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preference pairs from labelled samples: every two samples of the same group (prompt) whose
+    rewards differ by at least `margin` (near-ties are dropped). Returns a (P,), b (P,) indices and
+    the target p (P,) = 1 if reward a > reward b else 0; each pair's order is a coin flip (from
+    `generator`), so a is not always the winner. Non-finite rewards form no pair."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    groups = list(groups)
+    by_group = {}
+    for i, key in enumerate(groups):
+        if torch.isfinite(rewards[i]):
+            by_group.setdefault(key, []).append(i)
+    a, b = [], []
+    for members in by_group.values():
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                i, j = members[x], members[y]
+                if abs(rewards[i] - rewards[j]) >= margin and rewards[i] != rewards[j]:
+                    a.append(i)
+                    b.append(j)
+    a, b = torch.tensor(a, dtype=torch.long), torch.tensor(b, dtype=torch.long)
+    flip = torch.rand(len(a), generator=generator) < 0.5
+    a, b = torch.where(flip, b, a), torch.where(flip, a, b)
+    return a, b, (rewards[a] > rewards[b]).float()
 
 
 # ----------------------------------------------------------------------------- batched layers
@@ -267,12 +409,31 @@ class TransformerBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+class TimestepFiLM(nn.Module):
+    """Per-member FiLM on the noise level (DiNa-LRM's timestep-conditioned head, on our token stream):
+    sigma (N, B) -> sinusoidal embedding of t = 1000 sigma -> Linear, SiLU -> Linear -> scale, shift
+    (N, B, 1, D); tokens x (N, B, L, D) -> x (1 + scale) + shift. The output layer starts at zero
+    (init_members), so a fresh conditioned LRM scores exactly like the unconditioned one."""
+
+    def __init__(self, n: int, cfg: LRMConfig):
+        super().__init__()
+        self.freq_dim = cfg.t_freq_dim
+        self.embed = EnsembleLinear(n, cfg.t_freq_dim, cfg.dim)
+        self.out = EnsembleLinear(n, cfg.dim, 2 * cfg.dim)
+
+    def forward(self, x, sigma):
+        e = timestep_embedding(sigma, self.freq_dim).to(x.dtype)  # (N, B, F)
+        scale, shift = self.out(F.silu(self.embed(e))).unsqueeze(2).chunk(2, -1)  # (N, B, 1, D) each
+        return x * (1 + scale) + shift
+
+
 # ----------------------------------------------------------------------------- models
 
 def init_members(model: nn.Module, seed: int):
     """Every init decision. Member i draws from its own generator seeded with seed + i, in parameter
     order, on the CPU (so the result does not depend on the device). Biases 0, norm scales 1,
-    position embeddings N(0, 0.02^2), all other weights N(0, 1/fan_in)."""
+    position embeddings N(0, 0.02^2), the FiLM output layer 0, all other weights N(0, 1/fan_in).
+    The FiLM layers are registered last, so they draw after (and never change) every other weight."""
     with torch.no_grad():
         for i in range(model.n_members):
             g = torch.Generator().manual_seed(seed + i)
@@ -284,6 +445,8 @@ def init_members(model: nn.Module, seed: int):
                     value = torch.ones(shape)
                 elif name.startswith("pos_"):
                     value = torch.randn(shape, generator=g) * 0.02
+                elif name.startswith("film.out."):
+                    value = torch.zeros(shape)  # FiLM starts as the identity (scale 0, shift 0)
                 else:
                     value = torch.randn(shape, generator=g) / shape[1:].numel() ** 0.5
                 p[i].copy_(value)
@@ -335,8 +498,28 @@ class EnsembleLRM(nn.Module):
         self.norm_out = EnsembleLayerNorm(n, cfg.dim, cfg.eps)
         self.head1 = EnsembleLinear(n, cfg.dim, cfg.dim)
         self.head2 = EnsembleLinear(n, cfg.dim, 1)
+        if cfg.timestep_cond:  # registered last: see init_members
+            self.film = TimestepFiLM(n, cfg)
         if self.pos_temporal.device.type != "meta":
             init_members(self, seed)
+
+    @property
+    def noise_aware(self) -> bool:
+        return self.cfg.timestep_cond
+
+    def member_sigmas(self, sigma, z: torch.Tensor) -> torch.Tensor:
+        """sigma (None = 0, a float, (B,) or (N, B)) -> (N, B) float32 on z's device. An LRM without
+        timestep conditioning only scores clean latents: a non-zero sigma is an error."""
+        n, b = self.n_members, z.shape[-5]
+        if sigma is None:
+            sigma = torch.zeros(())
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
+        if not self.noise_aware and bool((sigma != 0).any()):
+            raise ValueError("this LRM scores clean latents only (sigma = 0); a noisy latent needs a noise-aware LRM "
+                             "(train_lrm.py --noise-aware)")
+        if sigma.dim() > 2 or (sigma.dim() == 2 and sigma.shape[0] != n) or (sigma.dim() >= 1 and sigma.shape[-1] != b):
+            raise ValueError(f"sigma must be a number, ({b},) or ({n}, {b}), got {tuple(sigma.shape)}")
+        return sigma.expand(n, b)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Block output (B, N*D, t, h, w) -> tokens (N, B, t*h*w, D) with position embeddings added."""
@@ -353,14 +536,18 @@ class EnsembleLRM(nn.Module):
                 f"({cfg.max_frames}, {cfg.max_height}, {cfg.max_width}); raise max_frames/max_height/max_width"
             )
 
-    def forward(self, z, context, lengths):
+    def forward(self, z, context, lengths, sigma=None):
+        """sigma: the noise level of z (None: clean); only a noise-aware (timestep_cond) LRM reads it."""
         self.check_size(z)
         dtype = self.head2.weight.dtype
         context, lengths = _split_inputs(z, context.to(dtype), lengths, self.n_members, self.cfg)
+        sigma = self.member_sigmas(sigma, z)
         x = stack_members(z.to(dtype), self.n_members)  # (B, N*16, T, H, W)
         for block in self.blocks:
             x = block(x)
         x = self.tokens(x)  # (N, B, L, D)
+        if self.noise_aware:
+            x = self.film(x, sigma)
         keys, mask = text_tokens(context, lengths, self.cfg.text_mode)
         x = x + self.cross_attn(self.norm_cross(x), keys, mask)
         for layer in self.layers:
@@ -384,9 +571,12 @@ class DollarLRM(nn.Module):
     """
 
     kind = "dollar"
+    noise_aware = False
 
     def __init__(self, cfg: LRMConfig, n_members: int = 1, seed: int = 0):
         super().__init__()
+        if cfg.timestep_cond:
+            raise ValueError("the Dollar baseline has no timestep conditioning (timestep_cond must be False)")
         self.cfg, self.n_members = cfg, n_members
         n, widths = n_members, (cfg.in_channels,) + cfg.channels
         self.convs = nn.ModuleList(EnsembleConv3d(n, a, b, 3, s) for a, b, s in zip(widths, widths[1:], cfg.strides))
@@ -397,7 +587,9 @@ class DollarLRM(nn.Module):
         if self.text_proj.weight.device.type != "meta":
             init_members(self, seed)
 
-    def forward(self, z, context, lengths):
+    def forward(self, z, context, lengths, sigma=None):
+        if sigma is not None and bool((torch.as_tensor(sigma) != 0).any()):
+            raise ValueError("the Dollar LRM scores clean latents only (sigma = 0)")
         dtype = self.head2.weight.dtype
         context, lengths = _split_inputs(z, context.to(dtype), lengths, self.n_members, self.cfg)
         x = stack_members(z.to(dtype), self.n_members)
@@ -411,6 +603,19 @@ class DollarLRM(nn.Module):
 MODEL_KINDS = {"ensemble": EnsembleLRM, "dollar": DollarLRM}
 
 
+def noise_ensemble(model, z0, context, lengths, sigmas=NOISE_ENSEMBLE_SIGMAS, seed: int = 0) -> torch.Tensor:
+    """DiNa-LRM's inference-time noise ensembling: the clean latents z0 (B, 16, T, H, W) re-noised at
+    each level of `sigmas` with fixed noise (level i: a CPU generator seeded with seed + i, one draw of
+    z0's shape) and scored at that level; rewards (N, B) averaged over the levels. Deterministic, and
+    differentiable in z0 (usable as a ReFL reward). A level 0 scores z0 itself."""
+    total = 0
+    for i, sigma in enumerate(sigmas):
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + i)).to(z0.device)
+        zs = noise_latents(z0, float(sigma), noise) if sigma else z0
+        total = total + model(zs, context, lengths, sigma=float(sigma) if sigma else None)
+    return total / len(sigmas)
+
+
 # ----------------------------------------------------------------------------- training step
 
 def bootstrap_indices(n_members: int, batch: int, generator=None) -> torch.Tensor:
@@ -419,7 +624,7 @@ def bootstrap_indices(n_members: int, batch: int, generator=None) -> torch.Tenso
 
 
 def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, bootstrap=False, generator=None,
-               amp_dtype=None):
+               amp_dtype=None, sigma=None):
     """One Huber step (paper Eq. 6) of an ensemble or Dollar LRM; target = the pixel reward of the
     decoded latents. All members run in one batched forward; which samples each member sees:
 
@@ -442,6 +647,8 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
         DDP every rank takes the same decision.
     With finite inputs the step is exactly the plain one.
 
+    sigma (None, (B,) or (N, B) like target): the noise level of each latent, for a noise-aware LRM.
+
     Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches
     (finite samples only), "dropped": how many target values were non-finite (entries of the target
     the caller passed), "skipped": True if nothing was applied.
@@ -452,8 +659,9 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     if z.dim() == 5 and bootstrap:
         idx = bootstrap_indices(n, z.shape[0], generator).to(z.device)  # (N, B)
         z, context, lengths, target = z[idx], context[idx], lengths[idx], target[idx]
+        sigma = None if sigma is None else sigma[idx]
     with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        pred = model(z, context, lengths)  # (N, B)
+        pred = model(z, context, lengths) if sigma is None else model(z, context, lengths, sigma=sigma)  # (N, B)
     target = target.float().expand_as(pred)
     if dropped:
         keep = torch.isfinite(target)
@@ -466,6 +674,14 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
         loss = huber_loss(pred, target, delta).mean(1)  # (N,)
         mse = (pred.detach() - target).pow(2).mean().item()
         usable = True
+    skipped = _apply(model, optimizer, loss, usable)
+    return {"loss": loss.mean().item(), "mse": mse, "dropped": dropped, "skipped": skipped}
+
+
+def _apply(model, optimizer, loss, usable: bool) -> bool:
+    """Backward of the member losses (N,) and the optimizer step, unless the loss or a gradient is
+    not finite or nothing was usable (then no step and cleared gradients; under DDP one rank's skip
+    is every rank's). Returns True when skipped."""
     optimizer.zero_grad(set_to_none=True)
     loss.sum().backward()  # always, so that DDP ranks meet in the gradient all-reduce
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -480,7 +696,32 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    return {"loss": loss.mean().item(), "mse": mse, "dropped": dropped, "skipped": skipped}
+    return skipped
+
+
+def lrm_pair_update(model, optimizer, z_a, z_b, context, lengths, p, *, objective="bt", sigma=None, amp_dtype=None):
+    """One pairwise step: every member scores both sides of its own pairs in one batched forward,
+    z_a / z_b (N, P, 16, T, H, W), context (N, P, L, C) and lengths (N, P) of the pair's prompt,
+    p (N, P) the target P(a > b), sigma (N, P) the pair's noise level (both sides; None = clean).
+    The loss: Bradley-Terry -log sigmoid(s_a - s_b) (soft target p) or DiNa-LRM's noise-calibrated
+    Thurstone fidelity loss (`pair_loss`); per member the mean over its finite-target pairs, summed
+    over members. Non-finite targets and steps are handled as in `lrm_update`.
+    Returns {"loss", "acc" (share of pairs ordered as p says, p != 0.5), "dropped", "skipped"}."""
+    finite = torch.isfinite(p)
+    dropped = int(finite.numel() - finite.sum())
+    both = lambda a, b: torch.cat([a, b], 1)  # noqa: E731  (N, 2P, ...)
+    sig = None if sigma is None else both(sigma, sigma)
+    with torch.autocast(z_a.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        s = model(both(z_a, z_b), both(context, context), both(lengths, lengths), sigma=sig).float()
+    s_a, s_b = s.chunk(2, 1)
+    target = torch.where(finite, p, 0.5).float()
+    loss = pair_loss(s_a, s_b, target, objective, 0.0 if sigma is None else sigma)
+    count = finite.sum(1)
+    loss = torch.where(finite, loss, 0).sum(1) / count.clamp_min(1)  # (N,)
+    decided = finite & (p != 0.5)
+    acc = (((s_a > s_b).float() == (p > 0.5).float()) & decided).sum() / decided.sum().clamp_min(1)
+    skipped = _apply(model, optimizer, loss, bool(count.sum() > 0))
+    return {"loss": loss.mean().item(), "acc": acc.item(), "dropped": dropped, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -546,6 +787,18 @@ def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
         raise ValueError(f"{path}: metadata 'config' is not an LRMConfig as save_lrm writes it: "
                          f"{type(err).__name__}: {err}") from err
     return meta["kind"], n, cfg
+
+
+def read_config(path) -> tuple[str, int, LRMConfig]:
+    """(kind, member count, config) of a save_lrm file from its metadata alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return _config_of(path, f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 def load_lrm(path, device="cpu") -> nn.Module:

@@ -2346,11 +2346,18 @@ def test_bench_refl_step_breakdown(mode):
 def test_bench_quality_trains_every_model_identically(monkeypatch):
     monkeypatch.setattr(bench, "QUALITY_ARGS", ["--synthetic", "24", "--epochs", "1", "--batch-size", "4", "--config", "tiny"])
     monkeypatch.setattr(bench, "QUALITY_MODELS", {"dollar": ["--model", "dollar"], "ensemble3": ["--members", "3"]})
+    monkeypatch.setattr(bench, "QUALITY_NA_ARGS", [*_NA_TRAIN, "--epochs", "1", "--batch-size", "8",
+                                                   "--eval-sigmas", "0,0.3,0.6,0.9"])
     res = bench.bench_quality(CPU, "tiny")
     for name in ("dollar", "ensemble3"):
         assert set(res[name]) == {"train_mse", "train_pcc", "test_mse", "test_pcc"}
         assert res[name]["test_mse"] >= 0 and -1 <= res[name]["test_pcc"] <= 1
-    assert "ensemble3 MSE" in bench.table_quality(res)
+    assert set(res["noise_aware"]) == {"0", "0.3", "0.6", "0.9"}
+    assert all(set(m) == {"test_mse", "test_pcc", "pair_acc"} for m in res["noise_aware"].values())
+    assert set(res["pairwise"]) == {"huber", "bt", "thurstone"}
+    assert all(0 <= m["pair_acc"] <= 1 and 0 <= m["ece"] <= 1 for m in res["pairwise"].values())
+    table = bench.table_quality(res)
+    assert "ensemble3 MSE" in table and "thurstone" in table and "pair acc" in table
 
 
 def _bench_fake_step(step_mb, resident_mb=1000.0):
@@ -3364,3 +3371,295 @@ def test_sequence_parallel_two_ranks_equal_one_process():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ----------------------------------------------------------------------------- noise-aware LRM, pairwise losses
+
+_NA_TINY = replace(_LRM_TINY, timestep_cond=True)
+
+
+def test_lrm_old_files_load_and_score_identically():
+    """A file written before the noise-aware options (its config has no timestep_cond / objective)
+    loads as a clean-only Huber LRM and gives bit-identical scores to the ones its writer computed."""
+    model = lrm.load_lrm(_DATA_REPO / "testdata/lrm_clean_v1.safetensors")
+    ref = load_file(_DATA_REPO / "testdata/lrm_clean_v1_scores.safetensors")
+    assert not model.cfg.timestep_cond and model.cfg.objective == "huber" and not model.noise_aware
+    with torch.no_grad():
+        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"]), ref["rewards"])
+        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"], sigma=0.0), ref["rewards"])
+    with pytest.raises(ValueError, match="clean latents only"):
+        model(ref["z"], ref["context"], ref["lengths"], sigma=0.5)
+
+
+def test_lrm_timestep_cond_starts_as_the_clean_model_and_reads_sigma(tmp_path):
+    torch.manual_seed(0)
+    clean, cond = lrm.EnsembleLRM(_LRM_TINY, 3, seed=4), lrm.EnsembleLRM(_NA_TINY, 3, seed=4)
+    for k, v in clean.state_dict().items():  # the FiLM layers draw last: every other weight is unchanged
+        assert torch.equal(cond.state_dict()[k], v), k
+    assert torch.equal(cond.film.out.weight, torch.zeros_like(cond.film.out.weight))
+    z, context, lengths = _lrm_inputs(b=3)
+    with torch.no_grad():
+        base = clean(z, context, lengths)
+        for sigma in (None, 0.0, 0.7, torch.tensor([0.1, 0.5, 0.9])):  # zero-initialised FiLM: the identity
+            assert torch.equal(cond(z, context, lengths, sigma=sigma), base)
+        cond.film.out.weight.normal_(0, 0.1)  # a trained FiLM: outputs change with sigma
+        r0, r5 = cond(z, context, lengths, sigma=0.0), cond(z, context, lengths, sigma=0.5)
+        assert not torch.allclose(r0, r5)
+        assert torch.equal(cond(z, context, lengths), r0)  # None = clean
+        per_sample = cond(z, context, lengths, sigma=torch.tensor([0.0, 0.5, 0.0]))
+        torch.testing.assert_close(per_sample[:, 1], r5[:, 1])
+        torch.testing.assert_close(per_sample[:, 0], r0[:, 0])
+        lrm.save_lrm(cond, tmp_path / "na.safetensors")  # the file records the option
+        loaded = lrm.load_lrm(tmp_path / "na.safetensors")
+        assert loaded.cfg.timestep_cond and torch.equal(loaded(z, context, lengths, sigma=0.5), r5)
+        with pytest.raises(ValueError, match="sigma must be"):
+            cond(z, context, lengths, sigma=torch.zeros(2))
+    r = cond(z.requires_grad_(True), context, lengths, sigma=0.3)
+    r.sum().backward()
+    assert z.grad.abs().sum() > 0 and cond.film.embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="timestep"):
+        lrm.DollarLRM(_NA_TINY)
+
+
+def test_lrm_thurstone_bt_fidelity_values_and_gradient_signs():
+    # v(sigma) = 2 sigma^2 + 0.05; P = Phi((s_a - s_b) / sqrt(2 v))
+    assert torch.allclose(lrm.thurstone_var(torch.tensor([0.0, 0.5])), torch.tensor([0.05, 0.55]))
+    s_a, s_b = torch.tensor([0.3], requires_grad=True), torch.tensor([0.0], requires_grad=True)
+    prob = lrm.thurstone_prob(s_a, s_b, 0.0)
+    assert abs(prob.item() - 0.5 * (1 + math.erf(0.3 / math.sqrt(0.1) / math.sqrt(2)))) < 1e-6  # Phi(0.9487) = 0.8286
+    assert abs(prob.item() - 0.82861) < 1e-4
+    assert abs(lrm.thurstone_prob(s_a, s_b, 0.5).item() - 0.5 * (1 + math.erf(0.3 / math.sqrt(1.1) / math.sqrt(2)))) < 1e-6
+    assert lrm.thurstone_prob(s_a, s_b, 0.9).item() < lrm.thurstone_prob(s_a, s_b, 0.0).item()  # noisier: less sure
+    # fidelity loss: 1 - sqrt(p P) - sqrt((1 - p)(1 - P))
+    assert abs(lrm.fidelity_loss(torch.tensor(0.64), torch.tensor(1.0)).item() - 0.2) < 1e-6
+    assert abs(lrm.fidelity_loss(torch.tensor(0.5), torch.tensor(0.5)).item()) < 1e-6  # P = p: no loss
+    assert abs(lrm.fidelity_loss(torch.tensor(0.36), torch.tensor(0.5)).item()
+               - (1 - math.sqrt(0.18) - math.sqrt(0.32))) < 1e-6
+    loss = lrm.pair_loss(s_a, s_b, torch.tensor([1.0]), "thurstone")
+    loss.sum().backward()
+    assert s_a.grad.item() < 0 < s_b.grad.item()  # a preferred: descent raises s_a, lowers s_b
+    # Bradley-Terry: -log sigmoid(s_a - s_b)
+    s_a.grad, s_b.grad = None, None
+    bt = lrm.bt_loss(s_a, s_b, torch.tensor([1.0]))
+    assert abs(bt.item() - math.log(1 + math.exp(-0.3))) < 1e-6
+    bt.sum().backward()
+    assert s_a.grad.item() < 0 < s_b.grad.item()
+    assert abs(lrm.bt_loss(torch.tensor(0.3), torch.tensor(0.0), torch.tensor(0.0)).item() - math.log(1 + math.exp(0.3))) < 1e-6
+    # two kinds of uncertainty: lcb = mean - k sqrt(Var_members + v)
+    r = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    assert torch.equal(lrm.aggregate_lcb(r, 2.0), lrm.aggregate(r, "lcb", 2.0))
+    torch.testing.assert_close(lrm.aggregate_lcb(r, 2.0, torch.tensor(0.05)),
+                               torch.tensor([2 - 2 * math.sqrt(1.05), -2 * math.sqrt(0.05)]))
+
+
+def test_lrm_pair_formation_drops_near_ties():
+    groups = ["a", "a", "a", "b", "b", "c"]
+    rewards = [0.50, 0.52, 0.90, 0.1, float("nan"), 0.3]
+    a, b, p = lrm.make_pairs(groups, rewards, margin=0.05, generator=torch.Generator().manual_seed(0))
+    pairs = {frozenset((i, j)) for i, j in zip(a.tolist(), b.tolist())}
+    assert pairs == {frozenset((0, 2)), frozenset((1, 2))}  # (0, 1) is a near-tie; b has one finite, c one sample
+    for i, j, q in zip(a.tolist(), b.tolist(), p.tolist()):
+        assert q == float(rewards[i] > rewards[j])
+    a, b, p = lrm.make_pairs(groups, rewards, margin=0.0)
+    assert len(a) == 3
+
+
+def test_lrm_pair_update_trains_each_member_on_its_own_pairs():
+    torch.manual_seed(0)
+    for objective in ("bt", "thurstone"):
+        model = lrm.EnsembleLRM(_NA_TINY, 2, seed=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        za, ctx, lengths = _lrm_inputs(b=4, seed=1)
+        zb = _lrm_inputs(b=4, seed=2)[0]
+        per = lambda x: torch.stack([x, x.flip(0)])  # noqa: E731  member 1: the pairs in another order
+        p = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        sigma = torch.tensor([0.0, 0.3, 0.6, 0.9])
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = lrm.lrm_pair_update(model, opt, per(za), per(zb), per(ctx), per(lengths), per(p), objective=objective,
+                                  sigma=per(sigma))
+        assert not out["skipped"] and math.isfinite(out["loss"]) and 0 <= out["acc"] <= 1
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        nan = lrm.lrm_pair_update(model, opt, per(za), per(zb), per(ctx), per(lengths), torch.full((2, 4), float("nan")),
+                                  objective=objective)
+        assert nan["skipped"] and nan["dropped"] == 8
+
+
+def test_lrm_noise_ensemble_is_deterministic():
+    torch.manual_seed(0)
+    model = lrm.EnsembleLRM(_NA_TINY, 2, seed=1)
+    with torch.no_grad():
+        model.film.out.weight.normal_(0, 0.1)
+        z, context, lengths = _lrm_inputs(b=2)
+        a = lrm.noise_ensemble(model, z, context, lengths)
+        torch.randn(10)  # the global RNG plays no part
+        b = lrm.noise_ensemble(model, z, context, lengths)
+        assert torch.equal(a, b) and a.shape == (2, 2)
+        assert not torch.equal(a, lrm.noise_ensemble(model, z, context, lengths, seed=1))
+        assert torch.equal(lrm.noise_ensemble(model, z, context, lengths, sigmas=(0.0,)), model(z, context, lengths))
+        manual = sum(model(lrm.noise_latents(z, s, torch.randn(z.shape, generator=torch.Generator().manual_seed(i))),
+                           context, lengths, sigma=s) for i, s in enumerate((0.2, 0.4))) / 2
+        torch.testing.assert_close(lrm.noise_ensemble(model, z, context, lengths, sigmas=(0.2, 0.4)), manual)
+    g = torch.Generator().manual_seed(0)
+    s = lrm.draw_sigmas((1000,), sample.get_sigmas(20, 5.0, "euler")[:-1], 0.25, g)
+    grid = set(sample.get_sigmas(20, 5.0, "euler")[:-1].float().tolist())
+    assert set(s.tolist()) <= grid | {0.0} and 0.15 < (s == 0).float().mean() < 0.35
+
+
+_NA_TRAIN = ["--synthetic", "96", "--synthetic-reward", "toy:calibrated_color", "--pair-margin", "0.005", "--members", "2",
+             "--sample-steps", "20", "--solver", "euler", "--eval-sigmas", "0,0.6"]
+
+
+@pytest.mark.parametrize("loss", ["huber", "thurstone"])
+def test_train_lrm_noise_aware_resume_is_bit_identical(tmp_path, loss):
+    common = [*_NA_TRAIN, "--noise-aware", "--loss", loss, "--epochs", "2", "--save-every", "3", "--batch-size", "8"]
+    full = train_lrm.main(_data_train_argv(tmp_path / "full", *common))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--stop-after", "5"))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume", str(tmp_path / "cut" / "ckpt.pt")))
+    a, b = (load_file(tmp_path / d / "lrm.safetensors") for d in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("film.") for k in a)
+    model = lrm.load_lrm(tmp_path / "full" / "lrm.safetensors")
+    assert model.cfg.timestep_cond and model.cfg.objective == loss
+    assert model.film.out.weight.abs().sum() > 0  # the FiLM trained
+    assert set(full["sigma"]) == {"0", "0.6"}
+    for m in full["sigma"].values():
+        assert {"test_mse", "test_pcc", "pair_acc", "ece"} <= m.keys() and 0 <= m["pair_acc"] <= 1
+
+
+def test_train_lrm_noise_draws_follow_the_schedule():
+    args = train_lrm.parse_args(["--noise-aware", "--sample-steps", "20", "--solver", "euler", "--clean-prob", "0.5"])
+    sigma, (noise,) = train_lrm.step_noise(args, 3, 0, (4, 64, 16, 2, 4, 4))
+    again = train_lrm.step_noise(args, 3, 0, (4, 64, 16, 2, 4, 4))
+    assert torch.equal(sigma, again[0]) and torch.equal(noise, again[1][0])  # a function of (seed, step, rank)
+    assert not torch.equal(sigma, train_lrm.step_noise(args, 4, 0, (4, 64, 16, 2, 4, 4))[0])
+    grid = set(sample.get_sigmas(20, 5.0, "euler")[:-1].float().tolist())
+    assert set(sigma.flatten().tolist()) <= grid | {0.0} and 0.3 < (sigma == 0).float().mean() < 0.7
+    z = torch.randn(4, 64, 16, 2, 4, 4)
+    zs = train_lrm.renoise(z, sigma, noise)
+    torch.testing.assert_close(zs[1, 2], (1 - sigma[1, 2]) * z[1, 2] + sigma[1, 2] * noise[1, 2])
+    with pytest.raises(ValueError, match="Dollar"):
+        train_lrm.parse_args(["--noise-aware", "--model", "dollar"])
+    assert abs(train_lrm.calibration_error(torch.tensor([0.9, 0.9, 0.2, 0.2]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+               - (0.5 * 0.4 + 0.5 * 0.2)) < 1e-6
+
+
+def _na_toy_lrm(path, objective="huber"):
+    """A small noise-aware LRM for the toy world (random weights, FiLM not at zero so sigma matters)."""
+    cfg = replace(toy.toy_lrm_config(toy.ToyConfig(), noise_aware=True), objective=objective)
+    model = lrm_lib.EnsembleLRM(cfg, 2, seed=0)
+    with torch.no_grad():
+        model.film.out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    lrm_lib.save_lrm(model, path)
+    return path
+
+
+def test_refl_zt_refused_for_a_clean_lrm(tmp_path):
+    clean = lrm_lib.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
+    lrm_lib.save_lrm(clean, tmp_path / "clean.safetensors")
+    for flags in (["--reward-on", "zt"], ["--noise-ensemble"]):
+        with pytest.raises(ValueError, match="needs a noise-aware LRM .*scores clean latents only"):
+            train_refl.parse_args(["--lrm", str(tmp_path / "clean.safetensors"), *flags])
+    with pytest.raises(ValueError, match="--mode pixel"):
+        train_refl.parse_args(["--mode", "pixel", "--reward-on", "zt"])
+    args = train_refl.parse_args(["--reward-on", "zt", "--lrm", str(_na_toy_lrm(tmp_path / "na.safetensors"))])
+    assert args.reward_on == "zt"
+    assert train_refl.parse_args([]).reward_on == "z0"  # the paper's default
+    proc = subprocess.run([sys.executable, "train_refl.py", "--lrm", str(tmp_path / "clean.safetensors"), "--reward-on",
+                           "zt", "--out", str(tmp_path / "o")], cwd=_REFL_REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "noise-aware" in proc.stderr  # one line
+
+
+def test_refl_zt_scores_the_noisy_latent_and_aligns_on_renoised_z0(refl_cache, tmp_path, monkeypatch):
+    path = _na_toy_lrm(tmp_path / "na.safetensors", objective="thurstone")
+    s = _refl_setup(refl_cache, "--lrm", str(path), "--reward-on", "zt", "--agg", "lcb", "--lcb-k", "2")
+    batch, out = _refl_loss(s)
+    sigma = float(s["sigmas"][batch["stop"]])
+    assert 0 < sigma < 1
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s["model"].parameters() if p.requires_grad)
+    assert out["members"].shape == (2, 2)
+    # lcb with both uncertainties: mean - k sqrt(Var_members + v(sigma))
+    m = out["members"]
+    expect = m.mean(0) - 2 * (m.var(0, correction=0) + 2 * sigma ** 2 + 0.05).sqrt()
+    torch.testing.assert_close(out["reward"], expect)
+    # the LRM saw the window's last latent at its own sigma: recompute it with the same step
+    seen = {}
+    real = s["lrm"].forward
+
+    def spy(z, context, lengths, sigma=None):
+        seen.update(z=z.detach().clone(), sigma=sigma)
+        return real(z, context, lengths, sigma=sigma)
+
+    monkeypatch.setattr(s["lrm"], "forward", spy)
+    _refl_loss(s)
+    assert seen["sigma"] == sigma and not torch.equal(seen["z"], out["z0"])
+    # alignment: the buffer keeps the clean z0; the noise-aware LRM is fitted on it re-noised
+    buf = replay.ReplayBuffer(8)
+    buf.insert(out["z0"], *train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu")),
+               torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.2]))
+    assert torch.equal(buf.data["z"], out["z0"])
+    calls = []
+    monkeypatch.setattr(lrm_lib, "lrm_update", lambda *a, **k: calls.append((a, k)) or {"skipped": False})
+    opt = torch.optim.AdamW(s["lrm"].parameters(), lr=1e-4)
+    train_refl.align_lrm(s["lrm"], opt, buf, s["args"], 1, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
+    assert calls and all(k["sigma"] is not None and k["sigma"].shape == (2, 2) for _, k in calls)
+    z_fed, sig = calls[0][0][2], calls[0][1]["sigma"]
+    assert set(sig.flatten().tolist()) <= set(s["sigmas"][:-1].float().tolist()) | {0.0}
+    assert not torch.equal(z_fed[sig > 0], buf.data["z"][:1].expand_as(z_fed)[sig > 0])  # re-noised
+
+
+def test_refl_zt_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    flags = ["--lrm", str(path), "--reward-on", "zt", "--steps", "2", "--save-every", "1", "--align-every", "1",
+             "--align-rounds", "1", "--buffer-size", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
+    with pytest.raises(ValueError, match="--reward-on 'zt' -> 'z0'"):
+        train_refl.main(_refl_flags(refl_cache, cut, *flags[:2], *flags[4:], "--resume", str(cut / "ckpt.pt")))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
+    for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
+        _refl_assert_same(a[key], b[key], key)
+
+
+def test_train_lrm_pairs_from_a_preference_file(tmp_path):
+    data = _lrm_shards(tmp_path / "data", [(2, 4, 4)] * 4)
+    lines = [{"a": f"s{i}_{j}", "b": f"s{(i + 1) % 4}_{j}", "p": [1.0, 0.0, 0.7, 0.5][j]} for i in range(4) for j in range(4)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    argv = ["--data", str(data), "--pairs", str(prefs), "--loss", "bt", "--members", "2", "--epochs", "1", "--batch-size", "2",
+            "--test-frac", "0.5"]
+    metrics = train_lrm.main(_data_train_argv(tmp_path / "run", *argv))
+    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, train_lrm.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
+    assert metrics["sigma"]["0"].get("pairs", 0) == len(held_out)  # only pairs with both sides held out
+    assert lrm.load_lrm(tmp_path / "run" / "lrm.safetensors").cfg.objective == "bt"
+    rows = train_lrm.ShardRows(data)
+    assert train_lrm.read_preferences(prefs, rows)[0] == (rows.sources().index("s0_0"), rows.sources().index("s1_0"), 1.0)
+    prefs.write_text('{"a": "s0_0", "b": "nowhere", "p": 1}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        train_lrm.main(_data_train_argv(tmp_path / "bad", *argv))
+    with pytest.raises(ValueError, match="--pairs"):
+        train_lrm.parse_args(["--pairs", str(prefs)])  # needs a pairwise loss and --data
+
+
+def test_toy_noise_aware_bootstrap_is_cached_and_noise_aware(tmp_path):
+    cfg = toy.ToyConfig(lrm_rollouts=4, lrm_steps=2, lrm_batch=4, lrm_members=2, sample_steps=4)
+    dit, vae, encoder, tokenizer = toy.build_models(cfg.seed)
+    model = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
+    assert model.noise_aware and model.n_members == 2
+    assert model.film.out.weight.abs().sum() > 0  # trained on re-noised rollouts
+    again = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert (tmp_path / cfg.key() / "lrm_noise_aware.safetensors").exists()
+
+
+def test_refl_noise_ensemble_scores_z0_at_fixed_levels(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    s = _refl_setup(refl_cache, "--lrm", str(path), "--noise-ensemble")
+    batch, out = _refl_loss(s)
+    context, lengths = train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu"))
+    with torch.no_grad():
+        expect = lrm_lib.noise_ensemble(s["lrm"], out["z0"], context, lengths, seed=s["args"].seed)
+    torch.testing.assert_close(out["members"], expect)
+    assert not torch.allclose(out["members"], s["lrm"](out["z0"], context, lengths))

@@ -345,9 +345,11 @@ def latent_shape(cfg: ToyConfig) -> tuple[int, int, int, int]:
     return vae_lib.latent_shape(cfg.frames, cfg.size, cfg.size)
 
 
-def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model=None):
+def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model=None, noise_aware=False):
     """Ensemble LRM (or the given `model`, e.g. a one-member ensemble or a Dollar LRM) fitted to the
-    pixel reward of the generator's own decoded rollouts."""
+    pixel reward of the generator's own decoded rollouts. noise_aware=True: a timestep-conditioned
+    ensemble fitted on the rollouts re-noised at levels of the toy sampler's schedule (0 with
+    probability NOISE_AWARE_CLEAN_PROB), the label the clean rollout's reward (train_lrm.py --noise-aware)."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     reward_fn = rewards.load_reward(cfg.reward)
     prompts = toy_prompts(cfg.lrm_rollouts, g)
@@ -358,20 +360,50 @@ def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model
             for i in range(0, len(prompts), 64)
         ])
         target = reward_fn(vae.decode(z), prompts).float()
-    model = model or lrm_lib.EnsembleLRM(toy_lrm_config(cfg), n_members=cfg.lrm_members, seed=cfg.seed)
+    model = model or lrm_lib.EnsembleLRM(toy_lrm_config(cfg, noise_aware), n_members=cfg.lrm_members, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lrm_lr)
+    grid = sample.get_sigmas(cfg.sample_steps, cfg.shift, "euler")[:-1]
     for step in range(cfg.lrm_steps):
         idx = torch.randint(len(prompts), (cfg.lrm_batch,), generator=g)
-        out = lrm_lib.lrm_update(model, opt, z[idx], context[idx], lengths[idx], target[idx], generator=g)
+        zb, sigma = z[idx], None
+        if noise_aware:
+            sigma = lrm_lib.draw_sigmas((len(idx),), grid, NOISE_AWARE_CLEAN_PROB, g)
+            zb = lrm_lib.noise_latents(zb, sigma, torch.randn(zb.shape, generator=g))
+        out = lrm_lib.lrm_update(model, opt, zb, context[idx], lengths[idx], target[idx], generator=g, sigma=sigma)
         if step % 100 == 0 or step == cfg.lrm_steps - 1:
             log(f"toy LRM bootstrap step {step:4d} | huber {out['loss']:.4f} | mse {out['mse']:.4f}")
     return model
 
 
-def toy_lrm_config(cfg: ToyConfig) -> lrm_lib.LRMConfig:
-    """The "tiny" LRM with position embeddings sized to the toy latent."""
+def toy_lrm_config(cfg: ToyConfig, noise_aware: bool = False) -> lrm_lib.LRMConfig:
+    """The "tiny" LRM with position embeddings sized to the toy latent (timestep-conditioned if noise_aware)."""
     _, t, h, w = latent_shape(cfg)
-    return lrm_lib.LRMConfig(**{**asdict(lrm_lib.LRM_CONFIGS["tiny"]), "max_frames": t, "max_height": h, "max_width": w})
+    return lrm_lib.LRMConfig(**{**asdict(lrm_lib.LRM_CONFIGS["tiny"]), "max_frames": t, "max_height": h, "max_width": w,
+                                "timestep_cond": noise_aware})
+
+
+NOISE_AWARE_CLEAN_PROB = 0.1  # share of clean latents in the noise-aware bootstrap (train_lrm.py's --clean-prob default)
+
+
+def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, cache_dir=None, log=print):
+    """The toy world's noise-aware ensemble LRM (bootstrap_lrm(noise_aware=True)) for
+    `train_refl.py --reward-on zt`: built once from the world's models and cached next to the world's
+    files as lrm_noise_aware.safetensors."""
+    cfg = cfg or ToyConfig()
+    path = Path(cache_dir or default_cache_dir()) / cfg.key() / "lrm_noise_aware.safetensors"
+    if path.exists():
+        try:
+            return lrm_lib.load_lrm(path)
+        except Exception as err:
+            raise ValueError(f"toy cache file {path} is unreadable ({type(err).__name__}: {err}); delete it and rerun") from err
+    log(f"toy world: bootstrapping a noise-aware LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True)
+    model.zero_grad(set_to_none=True)
+    tmp = path.with_suffix(".tmp")
+    lrm_lib.save_lrm(model, tmp)
+    os.replace(tmp, path)
+    return model
 
 
 # ----------------------------------------------------------------------------- cache

@@ -17,6 +17,24 @@ correlation on train and test for every member and for the ensemble mean, printe
 of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
 baseline instead (same loss, same data).
 
+Options beside the paper (its defaults are unchanged):
+  --noise-aware   a timestep-conditioned LRM (lrm.py) trained on re-noised latents
+                  z_sigma = (1 - sigma) z0 + sigma eps, sigma uniform over the sampler's shifted schedule
+                  (--sample-steps/--shift/--solver, sample.get_sigmas) and 0 with --clean-prob; the label
+                  is the clean latent's reward (PRFL, arXiv 2511.21541; LPO, arXiv 2502.01051). Levels and
+                  noise are a function of (seed, step, rank), so --resume stays exact.
+  --loss bt|thurstone   pairwise training on pairs of training samples with the same prompt whose
+                  rewards differ by at least --pair-margin (near-ties dropped), target p = 1 for the
+                  higher reward; each member walks its own shuffled order of the pairs. bt: Bradley-Terry
+                  -log sigmoid(s_a - s_b); thurstone: DiNa-LRM's (arXiv 2602.11146) noise-calibrated
+                  P = Phi((s_a - s_b) / sqrt(2 v(sigma))), v = 2 sigma^2 + 0.05, fidelity loss.
+  With either, every epoch also reports per noise level (--eval-sigmas, each held-out latent with
+  its own fixed noise; PRFL's per-timestep table): held-out MSE / Pearson of the ensemble mean,
+  pairwise accuracy on held-out same-prompt pairs and the expected calibration error of P(a > b)
+  ("sigma" in metrics.jsonl). `--pairs FILE` takes the pairs from a preference file instead: jsonl
+  of {"a": source, "b": source, "p": P(a preferred)}, the two videos (or latents) put through
+  prepare_data.py into --data; pairs across the train/test split are used by neither.
+
 Multi-GPU: plain DDP, each rank its own slice of every batch order, gradients all-reduced; at
 the end the ranks' weights are compared (they must be identical). bf16 autocast on GPU.
 `ckpt.pt` (model, optimiser, step, RNG; the data order is a function of seed and epoch) is
@@ -42,6 +60,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -77,6 +96,27 @@ class ShardRows:
 
     def __len__(self):
         return len(self.rows)
+
+    def sources(self) -> list[str]:
+        """Every row's source (the video or latent file prepare_data.py read it from)."""
+        out, seen = [], {}
+        for path, r in self.rows:
+            if path not in seen:
+                with safe_open(path, "pt") as f:
+                    seen[path] = json.loads(f.metadata()["sources"])
+            out.append(seen[path][r])
+        return out
+
+    def prompts_and_rewards(self) -> tuple[list[str], list[float]]:
+        """Every row's prompt and reward from the shards' metadata and reward tensors (no latents read)."""
+        prompts, labels, seen = [], [], {}
+        for path, r in self.rows:
+            if path not in seen:
+                with safe_open(path, "pt") as f:
+                    seen[path] = (json.loads(f.metadata()["prompts"]), f.get_tensor("rewards").tolist())
+            prompts.append(seen[path][0][r])
+            labels.append(seen[path][1][r])
+        return prompts, labels
 
     def __getitem__(self, i):
         path, r = self.rows[i]
@@ -131,8 +171,16 @@ def synthetic_data(n, seed, reward="color", batch=32):
         z = vae.encode(videos)
         target = reward_fn(vae.decode(z), prompts).float()
         context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder)
-        rows += [{"latent": z[j], "context": context[j, : lengths[j]], "reward": target[j].item()} for j in range(len(z))]
+        rows += [{"latent": z[j], "context": context[j, : lengths[j]], "reward": target[j].item(), "prompt": prompts[j]}
+                 for j in range(len(z))]
     return rows
+
+
+def prompts_and_rewards(data) -> tuple[list[str], list[float]]:
+    """Every sample's prompt (the group its pairs are formed in) and reward."""
+    if hasattr(data, "prompts_and_rewards"):
+        return data.prompts_and_rewards()
+    return [r["prompt"] for r in data], [r["reward"] for r in data]
 
 
 def collate(rows, device, longest=None):
@@ -172,6 +220,160 @@ def epoch_order(train, epoch, seed):
 
 
 MEMBER_SEED_STRIDE = 7919  # member m shuffles each epoch with seed + 7919 m
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise-aware and pairwise training (options; PRFL / LPO / DiNa-LRM, see the README)
+
+
+def sigma_grid(args) -> torch.Tensor:
+    """The sampler's shifted schedule (sample.get_sigmas) without its final 0: the levels a
+    noise-aware LRM is trained on, one per sampling step."""
+    return sample.get_sigmas(args.sample_steps, args.shift, args.solver)[:-1].float()
+
+
+def step_noise(args, step: int, rank: int, shape, sides: int = 1) -> tuple[torch.Tensor, list]:
+    """This step's noise levels (shape[:2], e.g. (N, B)) and `sides` noise draws of `shape` (a pair's
+    two sides share the level, not the noise): a function of (seed, step, rank), so --resume redraws
+    exactly what the lost steps drew."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank + 17)
+    sigma = lrm.draw_sigmas(shape[:2], sigma_grid(args), args.clean_prob, g)
+    return sigma, [torch.randn(tuple(shape), generator=g) for _ in range(sides)]
+
+
+def renoise(z, sigma, noise):
+    """z (N, B, 16, T, H, W) -> z_sigma = (1 - sigma) z + sigma eps with sigma (N, B)."""
+    return lrm.noise_latents(z, sigma.to(z.device), noise.to(z.device))
+
+
+def fixed_noise(index: int, shape, seed: int) -> torch.Tensor:
+    """The evaluation noise of sample `index`: the same at every epoch, rank and batch size."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + index))
+
+
+def pair_batches(data, pairs_per_member, device):
+    """One list of (a, b, p) per member -> z_a, z_b (N, P, 16, T, H, W), context (N, P, L, C), lengths
+    (N, P), p (N, P): `lrm.lrm_pair_update`'s layout. Both sides of a pair share the prompt."""
+    rows = {i: data[i] for pairs in pairs_per_member for a, b, _ in pairs for i in (a, b)}
+    longest = max(r["context"].shape[0] for r in rows.values())
+    za, zb, ctx, lens, ps = [], [], [], [], []
+    for pairs in pairs_per_member:
+        z, c, n, _ = collate([rows[a] for a, _, _ in pairs], device, longest)
+        za.append(z), ctx.append(c), lens.append(n)
+        zb.append(collate([rows[b] for _, b, _ in pairs], device, longest)[0])
+        ps.append(torch.tensor([p for _, _, p in pairs], dtype=torch.float32, device=device))
+    return torch.stack(za), torch.stack(zb), torch.stack(ctx), torch.stack(lens), torch.stack(ps)
+
+
+def form_pairs(data, indices, margin, seed) -> list[tuple[int, int, float]]:
+    """Preference pairs among `indices`: same prompt, rewards at least `margin` apart (lrm.make_pairs),
+    each in a seeded random order -> [(a, b, p)] with data indices."""
+    prompts, labels = prompts_and_rewards(data)
+    a, b, p = lrm.make_pairs([prompts[i] for i in indices], [labels[i] for i in indices], margin,
+                             torch.Generator().manual_seed(seed + 31337))
+    return [(indices[i], indices[j], q) for i, j, q in zip(a.tolist(), b.tolist(), p.tolist())]
+
+
+def read_preferences(path, data) -> list[tuple[int, int, float]]:
+    """A preference file: jsonl, one {"a": SOURCE, "b": SOURCE, "p": P(a preferred)} per line, SOURCE a
+    video or latent file as prepare_data.py recorded it in the shards of --data (their "sources").
+    -> [(row a, row b, p)]; an unknown source, a p outside [0, 1] or a malformed line is an error
+    naming the line."""
+    if not hasattr(data, "sources"):
+        raise ValueError("--pairs needs --data (prepare_data.py shards whose sources the file names)")
+    row_of = {src: i for i, src in enumerate(data.sources())}
+    pairs = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            a, b, p = row_of[item["a"]], row_of[item["b"]], float(item["p"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} line {n}: expected {{\"a\": source, \"b\": source, \"p\": number}} with sources "
+                             f"of the --data shards, got {line.strip()[:120]!r} ({type(err).__name__}: {err})") from None
+        if not 0 <= p <= 1:
+            raise ValueError(f"{path} line {n}: p must be in [0, 1], got {p}")
+        pairs.append((a, b, p))
+    return pairs
+
+
+def split_pairs(pairs, indices) -> list[tuple[int, int, float]]:
+    """The pairs whose both sides are among `indices` (a pair across the train/test split is used by neither)."""
+    keep = set(indices)
+    return [q for q in pairs if q[0] in keep and q[1] in keep]
+
+
+def pair_prob(d, sigma, objective, resid_var=None):
+    """P(a > b) an LRM gives for score differences d: sigmoid(d) (Bradley-Terry), DiNa-LRM's
+    Phi(d / sqrt(2 v(sigma))) (Thurstone), and for a Huber regressor Phi(d / sqrt(2 m)) with m its
+    residual variance (its training MSE at that sigma): each side read as the label plus Gaussian noise."""
+    if objective == "bt":
+        return lrm.bt_prob(d, torch.zeros_like(d))
+    if objective == "thurstone":
+        return lrm.thurstone_prob(d, torch.zeros_like(d), sigma)
+    return torch.special.ndtr(d / (2 * max(resid_var, 1e-8)) ** 0.5)
+
+
+def calibration_error(prob, outcome, bins: int = 10) -> float:
+    """Expected calibration error: sum over equal-width bins of P of (share of pairs) x |mean P -
+    observed frequency of a > b|."""
+    idx = (prob * bins).long().clamp(0, bins - 1)
+    err = 0.0
+    for k in range(bins):
+        m = idx == k
+        if m.any():
+            err += m.float().mean().item() * abs(prob[m].mean().item() - outcome[m].mean().item())
+    return err
+
+
+@torch.no_grad()
+def scores_at(model, data, indices, sigma, batch_size, device, amp, seed):
+    """Ensemble-mean scores (n,) and labels (n,) of `indices`, each latent re-noised at `sigma` with
+    its fixed evaluation noise (sigma 0: the clean latent)."""
+    model.eval()
+    out = []
+    for i in range(0, len(indices), batch_size):
+        chunk = indices[i : i + batch_size]
+        z, context, lengths, target = collate([data[j] for j in chunk], device)
+        if sigma:
+            noise = torch.stack([fixed_noise(j, z.shape[1:], seed) for j in chunk]).to(device)
+            z = lrm.noise_latents(z, sigma, noise)
+        with amp:
+            r = model(z, context, lengths, sigma=sigma or None) if sigma else model(z, context, lengths)
+        out.append(torch.stack([r.float().mean(0), target]))
+    model.train()
+    return torch.cat(out, 1) if out else torch.zeros(2, 0)
+
+
+def sigma_metrics(model, data, train, test, args, device, amp) -> dict:
+    """Per evaluation sigma (PRFL's per-timestep table): held-out MSE and Pearson correlation of the
+    ensemble mean against the clean latent's reward, pairwise accuracy on the held-out pairs (same
+    prompt, at least --pair-margin apart) and the expected calibration error of P(a > b)
+    (`pair_prob`). Every rank computes all of it (the same numbers)."""
+    test_pairs = split_pairs(args.preferences, test) if args.pairs else form_pairs(data, test, args.pair_margin, args.seed + 1)
+    pos = {j: k for k, j in enumerate(test)}
+    objective = args.loss
+    out = {}
+    for sigma in (args.eval_sigmas if args.noise_aware else [0.0]):
+        pred, target = scores_at(model, data, test, sigma, args.batch_size, device, amp, args.seed)
+        keep = torch.isfinite(target)
+        mse, pcc = mse_pcc(sums(pred[keep][None], target[keep]))
+        res = {"test_mse": mse.item(), "test_pcc": pcc.item()}
+        if test_pairs:
+            a = torch.tensor([pos[x] for x, _, _ in test_pairs])
+            b = torch.tensor([pos[y] for _, y, _ in test_pairs])
+            p = torch.tensor([q for _, _, q in test_pairs])
+            d = (pred[a] - pred[b]).float()
+            resid = None
+            if objective == "huber":  # the regressor's residual variance at this sigma, on the training set
+                tr, tt = scores_at(model, data, train, sigma, args.batch_size, device, amp, args.seed)
+                ok = torch.isfinite(tt)
+                resid = (tr[ok] - tt[ok]).pow(2).mean().item()
+            res.update(pair_acc=((d > 0).float() == (p > 0.5).float())[p != 0.5].float().mean().item(),
+                       ece=calibration_error(pair_prob(d, sigma, objective, resid), p), pairs=len(test_pairs))
+        out[f"{sigma:g}"] = res
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +481,9 @@ def parse_args(argv):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="folder of prepare_data.py shards (index.json); default: --synthetic")
     g.add_argument("--synthetic", type=int, default=128, help="samples of the in-process synthetic set (default 128)")
+    g.add_argument("--synthetic-reward", default="color",
+                   help="pixel reward of the synthetic set (default color; toy:calibrated_color spreads the rewards "
+                        "of one prompt, which pairs need)")
     g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples (default 0.2)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble", help="default ensemble")
@@ -291,6 +496,26 @@ def parse_args(argv):
     g.add_argument("--lr", type=float, default=2e-5, help="default 2e-5")
     g.add_argument("--huber-delta", type=float, default=1.0, help="default 1.0")
     g.add_argument("--seed", type=int, default=0, help="default 0")
+    g = p.add_argument_group("noise awareness and pairs (options; the paper's LRM: neither)")
+    g.add_argument("--loss", choices=("huber",) + tuple(o for o in lrm.OBJECTIVES if o != "huber"), default="huber",
+                   help="huber: regress the reward (paper Eq. 6); bt: Bradley-Terry on pairs; thurstone: DiNa-LRM's "
+                        "noise-calibrated Thurstone fidelity loss on pairs (default huber)")
+    g.add_argument("--pair-margin", type=float, default=0.02,
+                   help="pairs (same prompt) whose rewards differ by less are near-ties and dropped (default 0.02)")
+    g.add_argument("--pairs", metavar="FILE",
+                   help="preference file for --loss bt|thurstone: jsonl of {\"a\": source, \"b\": source, \"p\": P(a "
+                        "preferred)}, sources as prepare_data.py recorded them in --data; default: pairs formed from "
+                        "the labels")
+    g.add_argument("--noise-aware", action="store_true",
+                   help="timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps, s from the "
+                        "sampler's schedule; the label stays the clean latent's reward")
+    g.add_argument("--clean-prob", type=float, default=0.1, help="--noise-aware: share of clean (s = 0) latents (default 0.1)")
+    g.add_argument("--sample-steps", type=int, default=50, help="--noise-aware: the sampler's steps (default 50; toy world 20)")
+    g.add_argument("--shift", type=float, default=5.0, help="--noise-aware: the sampler's shift (default 5.0)")
+    g.add_argument("--solver", choices=("unipc", "euler"), default="unipc",
+                   help="--noise-aware: the sampler (its sigma grid; default unipc; toy world euler)")
+    g.add_argument("--eval-sigmas", default="0,0.3,0.6,0.9",
+                   help="--noise-aware: noise levels of the per-sigma metrics (default 0,0.3,0.6,0.9)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/lrm", help="run folder (default runs/lrm)")
     g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, also at every epoch end (default 100)")
@@ -312,6 +537,14 @@ def parse_args(argv):
     for k in ("lr", "huber_delta"):
         if not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number > 0, got {getattr(args, k)}")
+    args.eval_sigmas = [float(x) for x in args.eval_sigmas.split(",")]
+    if not 0 <= args.clean_prob <= 1 or not all(0 <= x < 1 for x in args.eval_sigmas) or args.pair_margin < 0:
+        raise ValueError(f"need 0 <= --clean-prob <= 1, --eval-sigmas in [0, 1), --pair-margin >= 0; got "
+                         f"{args.clean_prob}, {args.eval_sigmas}, {args.pair_margin}")
+    if args.pairs and (args.loss == "huber" or not args.data or not Path(args.pairs).is_file()):
+        raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
+    if args.noise_aware and args.model == "dollar":
+        raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
     return args
 
 
@@ -335,9 +568,9 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
 
-    data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed)
+    data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
-    cfg = lrm.LRM_CONFIGS[args.config]
+    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss)
     if data[0]["context"].shape[1] != cfg.text_dim:
         raise ValueError(f"prompt embeddings have width {data[0]['context'].shape[1]}, config {args.config!r} expects {cfg.text_dim}")
     members = 1 if args.model == "dollar" else args.members
@@ -347,9 +580,16 @@ def main(argv=None):
     ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients
     amp_dtype, amp = sample.dtypes(device)["amp"], sample.autocast(device)
 
-    per_epoch = len(train) // (args.batch_size * world)  # the last partial batch is dropped
+    # what an epoch walks: the training samples (Huber) or the preference pairs formed among them
+    args.preferences = read_preferences(args.pairs, data) if args.pairs else None
+    if args.loss == "huber":
+        units = train
+    else:
+        units = split_pairs(args.preferences, train) if args.pairs else form_pairs(data, train, args.pair_margin, args.seed)
+    per_epoch = len(units) // (args.batch_size * world)  # the last partial batch is dropped
     if per_epoch == 0:
-        raise ValueError(f"{len(train)} training samples make no batch of {args.batch_size} x {world} ranks")
+        what = "samples" if args.loss == "huber" else f"pairs (same prompt, --pair-margin {args.pair_margin})"
+        raise ValueError(f"{len(units)} training {what} make no batch of {args.batch_size} x {world} ranks")
     total = args.epochs * per_epoch
     stop = min(total, args.stop_after or total)
     metrics, t0 = None, time.time()
@@ -359,16 +599,32 @@ def main(argv=None):
         epoch, b = divmod(step, per_epoch)
         # every member its own shuffled order of the epoch (member 0: the single model's order);
         # each rank takes its own slice of every member's order
-        orders = [epoch_order(train, epoch, args.seed + MEMBER_SEED_STRIDE * m) for m in range(members)]
+        orders = [epoch_order(units, epoch, args.seed + MEMBER_SEED_STRIDE * m) for m in range(members)]
         start = (b * world + rank) * args.batch_size
         picks = [o[start : start + args.batch_size] for o in orders]
-        rows = {i: data[i] for i in set().union(*picks)}  # a sample several members drew is read once
-        batch = member_batches([[rows[i] for i in p] for p in picks], device)
-        stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype)
+        if args.loss == "huber":
+            rows = {i: data[i] for i in set().union(*picks)}  # a sample several members drew is read once
+            batch = member_batches([[rows[i] for i in p] for p in picks], device)
+            sigma = None
+            if args.noise_aware:  # each member's latents re-noised at their own levels; label: the clean reward
+                sigma, (noise,) = step_noise(args, step, rank, batch[0].shape)
+                batch = (renoise(batch[0], sigma, noise), *batch[1:])
+                sigma = sigma.to(device)
+            stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype, sigma=sigma)
+        else:
+            za, zb, ctx, lens, p = batch = pair_batches(data, picks, device)
+            sigma = None
+            if args.noise_aware:  # both sides of a pair at the pair's level, each its own noise
+                sigma, (na, nb) = step_noise(args, step, rank, za.shape, sides=2)
+                za, zb, sigma = renoise(za, sigma, na), renoise(zb, sigma, nb), sigma.to(device)
+            stats = lrm.lrm_pair_update(ddp, optimizer, za, zb, ctx, lens, p, objective=args.loss, sigma=sigma,
+                                        amp_dtype=amp_dtype)
+            stats["mse"] = stats["acc"]
+        labels = batch[-1].numel()
         step += 1
         dropped += stats["dropped"]
         if stats["skipped"]:
-            skipped["labels" if stats["dropped"] == batch[3].numel() else "numerics"] += 1
+            skipped["labels" if stats["dropped"] == labels else "numerics"] += 1
             if sum(skipped.values()) > args.max_bad_steps:
                 raise TooManyBadSteps(
                     f"{sum(skipped.values())} LRM steps skipped (more than --max-bad-steps {args.max_bad_steps}) by step {step}: "
@@ -377,12 +633,18 @@ def main(argv=None):
         if rank == 0 and (step % args.log_every == 0 or step == stop):
             loss = "skipped" if stats["skipped"] else f"{stats['loss']:.5f}"
             mse = "skipped" if stats["skipped"] else f"{stats['mse']:.5f}"
-            print(f"step {step:6d} | epoch {epoch} | huber {loss} | mse {mse} | lr {args.lr:.1e} | "
+            print(f"step {step:6d} | epoch {epoch} | {args.loss} {loss} | {'mse' if args.loss == 'huber' else 'pair acc'} "
+                  f"{mse} | lr {args.lr:.1e} | "
                   f"skipped {sum(skipped.values())} | dropped {dropped} | {(time.time() - t0) / step:.3f} s/step")
         if step % per_epoch == 0:
             metrics = epoch_metrics(model, data, train, test, args, rank, world, device, amp)
+            if args.noise_aware or args.loss != "huber":
+                metrics["sigma"] = sigma_metrics(model, data, train, test, args, device, amp)
             if rank == 0:
                 print(f"epoch {epoch}\n{table(metrics)}")
+                for sig, m in metrics.get("sigma", {}).items():
+                    print(f"  sigma {sig:>4}: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in m.items()))
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
         if rank == 0 and (args.save_every and step % args.save_every == 0 or step % per_epoch == 0):

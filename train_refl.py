@@ -8,7 +8,10 @@ with its own prompts and noise:
      [--mid-min, --mid-max] (paper: 15..25 of 50);
   2. keep the graph for --window K steps (paper: 10), and predict z0 = z_t - sigma_t v from the
      velocity of the last of those K steps, t_end = step mid + K - 1 (sample.denoise, stop = mid + K);
-  3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb;
+  3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb
+     (options: --reward-on zt scores the window's last latent x_t at its own sigma with a
+     noise-aware LRM, PRFL's process reward; --noise-ensemble scores z0 by DiNa-LRM's noise
+     ensembling; for a Thurstone-trained LRM lcb = mean - k sqrt(Var_members + v(sigma)));
   4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
      the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
 The gradient never passes the VAE decoder or the pixel reward model. Online LRM alignment
@@ -145,7 +148,15 @@ def parse_args(argv=None):
     r.add_argument("--window", type=int, help=_default("window", "K, the steps with gradient"))
     r.add_argument("--beta", type=float, help=_default("beta", "KL weight, 0 = no KL"))
     r.add_argument("--agg", default="mean", choices=("mean", "min", "max", "lcb"), help="ensemble aggregation (default mean)")
-    r.add_argument("--lcb-k", type=float, default=1.0, help="lcb = mean - k std over members (default 1.0)")
+    r.add_argument("--lcb-k", type=float, default=1.0,
+                   help="lcb = mean - k sqrt(Var_members + v(sigma)); v only for a Thurstone-trained LRM, else "
+                        "mean - k std over members (default 1.0)")
+    r.add_argument("--reward-on", default="z0", choices=("z0", "zt"),
+                   help="z0: the LRM scores the z0 predicted from the window's last velocity (VELR); zt: a "
+                        "noise-aware LRM scores the window's last latent x_t at its own sigma, no x0 prediction "
+                        "(PRFL) (default z0)")
+    r.add_argument("--noise-ensemble", action="store_true",
+                   help="score z0 with DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)")
     r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
     r.add_argument("--batch-size", type=int, default=4, help="prompts per rank and step (default 4)")
     r.add_argument("--gradient-checkpointing", action="store_true", help="recompute each DiT block in backward")
@@ -215,8 +226,21 @@ def validate(args):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
     if args.shift <= 0:
         raise ValueError(f"--shift must be > 0, got {args.shift}")
+    if args.mode == "pixel" and (args.reward_on != "z0" or args.noise_ensemble):
+        raise ValueError("--mode pixel decodes z0: --reward-on zt and --noise-ensemble need an LRM")
+    if args.reward_on == "zt" and args.noise_ensemble:
+        raise ValueError("--noise-ensemble re-noises a clean z0; it does not combine with --reward-on zt")
+    if args.lrm and (args.reward_on == "zt" or args.noise_ensemble) and Path(args.lrm).is_file():
+        check_noise_aware(lrm_lib.read_config(args.lrm)[2], args, args.lrm)
     if not args.toy and (args.lrm is None and args.mode != "pixel" or args.reward is None):
         raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={args.reward!r}, lrm={args.lrm!r}")
+
+
+def check_noise_aware(cfg, args, name):
+    """--reward-on zt and --noise-ensemble score noisy latents: refuse an LRM trained on clean ones."""
+    if not cfg.timestep_cond:
+        flag = "--reward-on zt" if args.reward_on == "zt" else "--noise-ensemble"
+        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware); {name} scores clean latents only")
 
 
 def latent_shape(args) -> tuple[int, int, int, int]:
@@ -240,8 +264,11 @@ def load_models(args, device, rank, world):
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
-        dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(toy.WORLDS[args.toy_world], cache_dir=args.cache_dir,
-                                                                log=print if rank == 0 else lambda s: None)
+        log = print if rank == 0 else lambda s: None
+        world_cfg = toy.WORLDS[args.toy_world]
+        dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(world_cfg, cache_dir=args.cache_dir, log=log)
+        if lrm is None and (args.reward_on == "zt" or args.noise_ensemble) and args.mode != "dollar":
+            toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=args.cache_dir, log=log)
         if rank == 0:
             distributed.barrier()
         lrm = toy_lrm if lrm is None else lrm
@@ -251,6 +278,8 @@ def load_models(args, device, rank, world):
         dit = load_dit(paths["dit"], dtype=torch.float32 if args.full_finetune else dt["dit"])
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
+    if lrm is not None and (args.reward_on == "zt" or args.noise_ensemble):
+        check_noise_aware(lrm.cfg, args, args.lrm or "the toy world's LRM")
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
 
@@ -327,8 +356,8 @@ def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigma
         return model(x, t, context)
 
     uncond = (lambda x, t: model(x, t, neg_context)) if neg_context is not None else None
-    _, z0, records = sample.denoise(vel, noise, sigmas, solver=args.solver, uncond_fn=uncond, guidance=args.guidance,
-                                    stop=batch["stop"], grad_start=batch["grad_start"], trace=True)
+    xt, z0, records = sample.denoise(vel, noise, sigmas, solver=args.solver, uncond_fn=uncond, guidance=args.guidance,
+                                     stop=batch["stop"], grad_start=batch["grad_start"], trace=True)
     last = records[-1]
     t = torch.full((noise.shape[0],), last["t"], dtype=torch.int64, device=noise.device)
     v_ref = reference_velocity(model, ref, last["x"], t, context, neg_context, args.guidance)
@@ -337,8 +366,19 @@ def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigma
         reward = reward_fn(vae.decode(z0, checkpoint=True), batch["prompts"]).float()
         members = reward[None].detach()
     else:
-        members = lrm(z0, context, lengths)  # (N, B)
-        reward = lrm_lib.aggregate(members, args.agg, args.lcb_k)
+        scored_sigma = 0.0
+        if args.reward_on == "zt":  # PRFL: the window's last latent at its own noise level, no x0 prediction
+            scored_sigma = float(sigmas[batch["stop"]])
+            members = lrm(xt, context, lengths, sigma=scored_sigma)  # (N, B)
+        elif args.noise_ensemble:
+            members = lrm_lib.noise_ensemble(lrm, z0, context, lengths, seed=args.seed)
+        else:
+            members = lrm(z0, context, lengths)  # (N, B)
+        if args.agg == "lcb" and getattr(getattr(lrm, "cfg", None), "objective", "huber") == "thurstone":
+            # both uncertainties: lcb = mean - k sqrt(Var_members + v(sigma)), v(sigma) = 2 sigma^2 + 0.05
+            reward = lrm_lib.aggregate_lcb(members, args.lcb_k, lrm_lib.thurstone_var(scored_sigma).to(members.device))
+        else:
+            reward = lrm_lib.aggregate(members, args.agg, args.lcb_k)
     finite = torch.isfinite(reward.detach())  # a non-finite reward is left out (no finite one: a NaN loss, skipped)
     used = reward[finite].mean() if finite.any() else reward.sum() * float("nan")
     loss = -used + (args.beta * kl if args.beta > 0 else 0.0)
@@ -407,11 +447,15 @@ def refresh_variance(lrm, buffer, args, device, world, step, log):
         log(f"step {step}: {removed} buffer entries got a non-finite variance from the LRM; removed")
 
 
+ALIGN_CLEAN_PROB = 0.1  # share of clean latents when a noise-aware LRM is aligned (train_lrm.py's --clean-prob default)
+
+
 def align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log) -> dict:
     """Re-fit the LRM on the shared buffer (App. C.2): --align-rounds passes, each
     ceil(entries / --batch-size) Huber updates; every member draws its own minibatch (variance-
-    weighted, or uniform in a FIFO buffer). The generator is seeded the same on every rank: same
-    batches, same update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
+    weighted, or uniform in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of the
+    sampler's schedule (0 with ALIGN_CLEAN_PROB), labels the clean rewards. The generator is seeded
+    the same on every rank: same batches, same update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
     if args.refresh_variance and len(buffer):
         refresh_variance(lrm, buffer, args, device, world, step, log)
     if not len(buffer):
@@ -421,9 +465,16 @@ def align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log) -> dict
     updates = args.align_rounds * math.ceil(len(buffer) / bs)
     amp = sample.dtypes(device)["amp"]
     lrm.requires_grad_(True)
+    grid = sample.get_sigmas(args.sample_steps, args.shift, args.solver)[:-1]
     for _ in range(updates):
         b = {k: v.unflatten(0, (n, bs)).to(device) for k, v in buffer.sample(n * bs, generator=g).items()}  # (N, B, ...)
-        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], generator=g, amp_dtype=amp)
+        sigma = None
+        if getattr(lrm, "noise_aware", False):  # the buffer holds clean z0: re-noise as pretraining does (train_lrm.py --noise-aware)
+            sigma = lrm_lib.draw_sigmas((n, bs), grid, ALIGN_CLEAN_PROB, g)
+            b["z"] = lrm_lib.noise_latents(b["z"], sigma.to(device), torch.randn(b["z"].shape, generator=g).to(device))
+            sigma = sigma.to(device)
+        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], generator=g, amp_dtype=amp,
+                                 sigma=sigma)
         if res["skipped"]:
             bad["lrm_skipped"] += 1
             log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
@@ -616,7 +667,8 @@ def nonfinite_tensors(state: dict) -> list[str]:
 
 # The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
-            "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world")
+            "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world",
+            "reward_on", "noise_ensemble")
 
 
 def run_settings(args) -> dict:

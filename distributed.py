@@ -35,6 +35,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def global_rank() -> int:
+    """This process's rank in the world (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -48,12 +53,13 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's x (the same shape on all ranks) concatenated along dim 0 in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's x (the same shape on all ranks of `group`, default the world) concatenated along
+    dim 0 in rank order."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 

@@ -295,6 +295,10 @@ def parse_args(argv=None):
     g.add_argument("--fps", type=int, default=16, help="default 16")
     g.add_argument("--save-latents", help="folder for the final latents + prompts (reward-model data)")
     g.add_argument("--device", help="default: this rank's GPU, else the CPU")
+    g = p.add_argument_group("speed")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (numerics unchanged)")
+    g.add_argument("--sp-size", type=int, default=1, help="Ulysses sequence parallelism under torchrun: each prompt's "
+                   "tokens split over this many ranks (default 1: off); must divide the world size and the heads")
     args = p.parse_args(argv)
 
     args.tiny = not (args.ckpt_dir or args.dit or args.vae or args.text_encoder or args.tokenizer)
@@ -400,9 +404,15 @@ def settings(args):
     return {"random_weights": args.tiny, **{k: getattr(args, k) for k in keys}}
 
 
-def sample_prompts(args, prompts, mine, rank, device):
-    """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents)."""
+def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True):
+    """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents).
+    With sp_group every rank of the group samples the same prompts, their tokens split; the rank
+    given write=True writes."""
     dit, vae, tokenizer, encoder = load_models(args, device)
+    if sp_group is not None:
+        dit.set_sequence_parallel(sp_group)
+    if args.compile:
+        dit.compile_blocks()
     # encode every prompt up front (one at a time, kept on the CPU), then free the text encoder
     embeddings = [text_encoder_lib.encode_prompts([prompts[k]], tokenizer, encoder) for k in mine]
     embeddings = [(context.cpu(), length.cpu()) for context, length in embeddings]
@@ -413,6 +423,8 @@ def sample_prompts(args, prompts, mine, rank, device):
         seed = args.seed + k
         print(f"[rank {rank}] prompt {k + 1}/{len(prompts)} seed {seed}: {prompts[k]}", flush=True)
         z = generate(dit, context.to(device), neg_context, args, seed, device)
+        if not write:
+            continue
         with torch.no_grad():
             video = vae.decode(z)[0]  # (3, T, H, W)
         video_path, json_path = output_paths(args, k, len(prompts))
@@ -431,16 +443,26 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     model_paths(args)  # a missing model file is refused before anything loads
-    rank, world, device = distributed.rank_and_device()  # the ranks never communicate: no process group
+    if args.sp_size < 1:
+        raise ValueError(f"--sp-size must be >= 1, got {args.sp_size}")
+    sp_group, data_rank, data_world = None, *distributed.rank_and_device()[:2]
+    if args.sp_size > 1:  # the ranks of a sequence-parallel group talk; different groups never do
+        rank, world, device = distributed.setup_distributed()
+        sp_group, _ = distributed.sequence_parallel_groups(args.sp_size)
+        data_rank, data_world = rank // args.sp_size, world // args.sp_size
+    else:
+        rank, world, device = distributed.rank_and_device()  # the ranks never communicate: no process group
     if args.device:
         device = torch.device(args.device)
-    mine = list(range(len(prompts)))[rank::world]
+    mine = list(range(len(prompts)))[data_rank::data_world]
     for k in mine:  # fail on a bad --out before loading anything
         output_paths(args, k, len(prompts))
     if mine:
-        sample_prompts(args, prompts, mine, rank, device)
+        sample_prompts(args, prompts, mine, rank, device, sp_group, write=rank % args.sp_size == 0)
     else:
         print(f"[rank {rank}] no prompts left for this rank ({len(prompts)} prompts, {world} ranks)")
+    if sp_group is not None:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -189,6 +189,10 @@ def parse_args(argv=None):
     o.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop with an error once more ReFL steps + LRM updates than this were skipped for non-finite "
                         "loss or gradients (default 10)")
+    o.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (numerics unchanged)")
+    o.add_argument("--sp-size", type=int, default=1,
+                   help="Ulysses sequence parallelism: split each sample's tokens over this many ranks (default 1: "
+                        "off); must divide the world size and the DiT's heads")
     o.add_argument("--seed", type=int, default=0, help="default 0")
     o.add_argument("--stop-after", type=int, metavar="STEP",
                    help="exit right after this step as a crash would (no final evaluation, checkpoint or export), "
@@ -206,7 +210,7 @@ def parse_args(argv=None):
 
 def validate(args):
     positive = ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
-                "align_rounds")
+                "align_rounds", "sp_size")
     for k in positive:
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
@@ -394,17 +398,19 @@ def buffer_policy(lrm) -> str:
     return "fifo" if lrm is not None and lrm.n_members == 1 else "variance"
 
 
-def offer_to_buffer(buffer, out, context, lengths, prompts, vae, reward_fn, step, rank, world, bad, log) -> dict:
+def offer_to_buffer(buffer, out, context, lengths, prompts, vae, reward_fn, step, rank, world, bad, log, group=None) -> dict:
     """Algorithm 1's buffer update, every ReFL step: offer every z0 of the global batch with the
     LRM's ensemble variance on it; label (decode without gradient + pixel reward) only the ones the
     buffer admits, each rank its own; insert them. The decision is taken on the all-gathered
     variances, so every rank admits and inserts the same entries in the same (rank) order.
     Non-finite pixel rewards never enter the buffer (counted in bad["rewards_dropped"]).
     Returns {"labelled": how many were labelled over all ranks} and, when any were, the mean true
-    reward of the labelled samples and the LRM's mean absolute error on them."""
+    reward of the labelled samples and the LRM's mean absolute error on them. rank / world / group
+    are the data-parallel ones (under sequence parallelism the ranks of one group hold the same
+    samples, so only one of them counts)."""
     z0 = out["z0"]
     variance = out["members"].float().var(0, correction=0)  # (B,), 0 for a one-member LRM
-    admitted = buffer.admit(distributed.all_gather_cat(variance).cpu())  # (world B,), identical on every rank
+    admitted = buffer.admit(distributed.all_gather_cat(variance, group).cpu())  # (world B,), identical on every rank
     b = z0.shape[0]
     mine = admitted[rank * b : (rank + 1) * b].to(z0.device)
     true = torch.full((b,), float("nan"), device=z0.device)
@@ -416,13 +422,13 @@ def offer_to_buffer(buffer, out, context, lengths, prompts, vae, reward_fn, step
             log(f"step {step}: the pixel reward returned a non-finite value for {p!r}; dropped")
     if admitted.any():  # the same on every rank, so the collectives stay matched
         keep = admitted.to(z0.device)
-        entries = [distributed.all_gather_cat(x)[keep] for x in (z0, context, lengths, true, variance)]
+        entries = [distributed.all_gather_cat(x, group)[keep] for x in (z0, context, lengths, true, variance)]
         bad["rewards_dropped"] += buffer.insert(*entries)
     finite = mine & torch.isfinite(true)
     err = (out["members"].mean(0).float() - true).abs()
     stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
     if world > 1:
-        dist.all_reduce(stats)
+        dist.all_reduce(stats, group=group)
     rec = {"labelled": int(admitted.sum())}
     if stats[2] > 0:
         rec.update(true_reward=(stats[0] / stats[2]).item(), lrm_error=(stats[1] / stats[2]).item())
@@ -528,12 +534,12 @@ def picture(model, ref, vae, pairs, table, neg_context, args, sigmas, device, ra
 
 
 def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, device, rank, world, out_dir, step,
-             bad=None, lrm=None) -> dict:
+             bad=None, lrm=None, group=None) -> dict:
     """Mean pixel reward of full rollouts on the fixed pairs (sharded over ranks; under FSDP every
     rank runs the same number of batches); non-finite rewards are left out of the mean and counted
     in bad["eval_dropped"]. Saves the first two videos of rank 0 as mp4. Returns {"true_reward"} and,
     with an `lrm`, the LRM (member mean) on the same final latents: "lrm_err" = mean |LRM - true|,
-    "latent_minus_true" = mean (LRM - true)."""
+    "latent_minus_true" = mean (LRM - true). rank / world / group are the data-parallel ones."""
     per_rank = math.ceil(len(pairs) / world)
     mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
     total = torch.zeros(5, device=device)  # reward sum, finite count, non-finite count, |LRM - true| sum, (LRM - true) sum
@@ -554,10 +560,10 @@ def evaluate(model, vae, reward_fn, pairs, table, neg_context, args, sigmas, dev
         ok = weight * finite
         total += torch.stack([torch.where(finite, r * weight, 0).sum(), ok.sum(), (weight * ~finite).sum(),
                               torch.where(finite, gap.abs() * ok, 0).sum(), torch.where(finite, gap * ok, 0).sum()])
-        if rank == 0 and i == 0:
+        if rank == 0 and i == 0 and distributed.global_rank() == 0:
             save_videos(video[:2], Path(out_dir) / "samples", step)
     if world > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
     if bad is not None:
         bad["eval_dropped"] += int(total[2].item())
     if total[1] == 0:
@@ -668,7 +674,7 @@ def nonfinite_tensors(state: dict) -> list[str]:
 # The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
             "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world",
-            "reward_on", "noise_ensemble")
+            "reward_on", "noise_ensemble", "sp_size")
 
 
 def run_settings(args) -> dict:
@@ -858,6 +864,15 @@ def main(argv=None):
     rank, world, device = distributed.setup_distributed()
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
+    # Data parallelism over world / sp_size groups of ranks; the sp_size ranks of one group hold the
+    # same samples, their tokens split (Ulysses): data_rank / data_world / dp_group are the data's.
+    sp_group = dp_group = None
+    data_rank, data_world = rank, world
+    if args.sp_size > 1:
+        if world % args.sp_size:
+            raise ValueError(f"--sp-size {args.sp_size} must divide the number of ranks {world}")
+        sp_group, dp_group = distributed.sequence_parallel_groups(args.sp_size)
+        data_rank, data_world = rank // args.sp_size, world // args.sp_size
     out_dir = Path(args.out)
     check_out_dir(out_dir, args)
     resume_state = None
@@ -881,6 +896,11 @@ def main(argv=None):
     dit = dit.to(device)
     dit.gradient_checkpointing = args.gradient_checkpointing
     model, ref = wrap(dit, args, device, world)
+    for m in (dit, ref):  # after wrap: the frozen copy of full fine-tuning is a deepcopy
+        if m is not None and sp_group is not None:
+            m.set_sequence_parallel(sp_group)
+        if m is not None and args.compile:
+            m.compile_blocks()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     lrm_opt = None
     if lrm is not None:
@@ -892,8 +912,9 @@ def main(argv=None):
 
     def eval_entry(step: int) -> dict:
         """One evaluation: the true reward and, with an LRM, its error on the same final latents."""
-        return {"step": step, **evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, rank, world,
-                                         out_dir, step, bad, lrm=lrm if args.mode != "pixel" else None)}
+        return {"step": step, **evaluate(model, vae, reward_fn, pairs, table, neg, args, sigmas, device, data_rank,
+                                         data_world, out_dir, step, bad, lrm=lrm if args.mode != "pixel" else None,
+                                         group=dp_group)}
 
     if args.resume:
         start, history, bad = load_checkpoint(resume_state, model, opt, lrm, lrm_opt, buffer)
@@ -907,12 +928,14 @@ def main(argv=None):
     t_run = time.time()
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
-        batch = step_batch(args, step, rank, prompts)
+        batch = step_batch(args, step, data_rank, prompts)
         context, lengths = text_batch(table, batch["prompts"], device)
         with sample.autocast(device):
             out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        # DDP / FSDP average over all ranks; under SP each rank holds its tokens' share of the
+        # gradient, so x sp_size makes that average the data-parallel mean of whole gradients
+        (out["loss"] * args.sp_size).backward()
         bad["rewards_dropped"] += out["dropped"]
         if gradients_finite(model, out["loss"], world):
             opt.step()
@@ -923,8 +946,8 @@ def main(argv=None):
         rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
         if args.align_every and args.mode != "pixel":  # online alignment (Algorithm 1)
-            rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, rank, world,
-                                       bad, log))
+            rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, data_rank,
+                                       data_world, bad, log, group=dp_group))
             if step % args.align_every == 0:
                 rec.update(align_lrm(lrm, lrm_opt, buffer, args, step, device, world, bad, log))
         check_bad(bad, args, step)

@@ -828,21 +828,60 @@ def run_sp(args, nproc=2, timeout=600):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def refl_sp_vs_one(cache, out, flags):
+    """|SP 2 - one process| / |one process's change| of the trained DiT weights after a 2-step toy
+    ReFL run (LoRA: the B matrices, zero at the start; full fine-tuning: every weight)."""
+    import toy
+    import train_refl
+
+    common = ["--cache-dir", str(cache), "--steps", "2", "--batch-size", "2", "--eval-samples", "2", "--eval-every", "0",
+              "--save-every", "0", "--picture-rows", "0", "--align-every", "1", "--align-rounds", "1", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_refl.py"), *common, "--sp-size", "2",
+           "--out", str(Path(out) / "sp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"SP ReFL run failed:\n{proc.stderr[-3000:]}")
+    with open(Path(out).with_suffix(".log"), "w") as log, redirect_stdout(log):
+        train_refl.main([*common, "--out", str(Path(out) / "one")])
+    sp, one = (torch.load(Path(out) / d / "ckpt.pt", weights_only=True)["model"] for d in ("sp", "one"))
+    full = "--full-finetune" in flags
+    init = toy.load_world(cache_dir=cache, log=lambda *a: None)[0].state_dict() if full else {}
+    keys = [k for k in one if full or ".lora_B." in k]
+    diff = torch.stack([(sp[k] - one[k]).norm() for k in keys]).norm()
+    change = torch.stack([(one[k] - init.get(k, torch.zeros_like(one[k]))).norm() for k in keys]).norm()
+    return (diff / change).item()
+
+
 def bench_sp(device, scale):
-    """2-rank Ulysses against one process: outputs and LoRA gradients, with and without gradient
-    checkpointing (fp32, CPU gloo unless the machine has 2 GPUs)."""
-    res = {"machine": "cpu" if device.type == "cpu" else device.type}
+    """Ulysses on 2 ranks against one process (fp32, CPU gloo unless the machine has 2 GPUs): the
+    DiT's outputs and LoRA gradients, with and without gradient checkpointing; and the weights a
+    2-step toy ReFL run trains, LoRA under DDP and full fine-tuning under FSDP2 ("weights_equal":
+    within 1e-4 of the change; the difference is float summation order, see the README)."""
+    import toy
+
+    res = {}
     for name, flags in (("plain", {}), ("checkpointing", {"checkpointing": True})):
         res[name] = run_sp(flags)
         print(f"sp {name}: {json.dumps(res[name])}", flush=True)
     res["max_rel_diff"] = max(res[k][d] for k in ("plain", "checkpointing") for d in ("out_rel_diff", "grad_rel_diff"))
-    return res
+    with tempfile.TemporaryDirectory() as tmp:
+        toy.load_world(cache_dir=tmp, log=lambda *a: None)
+        res["refl_rel_diff"] = {"lora_ddp": refl_sp_vs_one(tmp, Path(tmp) / "lora", []),
+                                "full_fsdp2": refl_sp_vs_one(tmp, Path(tmp) / "full", ["--full-finetune", "--lr", "1e-4"])}
+    print(f"sp refl: {json.dumps(res['refl_rel_diff'])}", flush=True)
+    res["weights_equal"] = all(v <= 1e-4 for v in res["refl_rel_diff"].values())
+    return {"cpu" if device.type == "cpu" else device.type: res}
 
 
 def table_sp(res):
-    rows = [[k, res[k]["out_rel_diff"], res[k]["grad_rel_diff"]] for k in ("plain", "checkpointing")]
-    return "### sp (python bench.py sp: 2 ranks vs 1 process, fp32)\n\n" + markdown(
-        ["run", "output max rel. diff", "LoRA grad max rel. diff"], rows)
+    (machine, r), = res.items()
+    rows = [[f"DiT {k}: output / LoRA grad max rel. diff", f"{r[k]['out_rel_diff']:.3g} / {r[k]['grad_rel_diff']:.3g}"]
+            for k in ("plain", "checkpointing")]
+    rows += [[f"2-step toy ReFL, {k}: weight diff / change", f"{v:.3g}"] for k, v in r["refl_rel_diff"].items()]
+    rows.append(["weights_equal (<= 1e-4 of the change)", r["weights_equal"]])
+    return f"### sp ({machine}, python bench.py sp: 2 ranks vs 1 process, fp32)\n\n" + markdown(["measure", "value"], rows)
 
 
 CHILD_IMPORTS = {"refl": ["train_refl"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}

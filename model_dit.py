@@ -160,26 +160,17 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out.permute(1, 2, 0, 3, 4).reshape(b, l // s, s * ns, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """The all-to-all, sequence -> heads (to_heads) or back; the adjoint of each is the other."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -243,9 +234,9 @@ class WanSelfAttention(nn.Module):
         q, k = rope_apply(q, freqs), rope_apply(k, freqs)
         if self.sp_group is None:
             return self.o(attention(q, k, v))
-        q, k, v = (_SeqToHeads.apply(t, self.sp_group) for t in (q, k, v))  # all tokens, 1/S of the heads
+        q, k, v = (_Exchange.apply(t, self.sp_group, True) for t in (q, k, v))  # all tokens, 1/S of the heads
         out = attention(q, k, v).unflatten(2, (n // dist.get_world_size(self.sp_group), -1))
-        return self.o(_HeadsToSeq.apply(out, self.sp_group).flatten(2))
+        return self.o(_Exchange.apply(out, self.sp_group, False).flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):

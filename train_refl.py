@@ -189,7 +189,7 @@ def parse_args(argv=None):
     o.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop with an error once more ReFL steps + LRM updates than this were skipped for non-finite "
                         "loss or gradients (default 10)")
-    o.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (numerics unchanged)")
+    o.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks and the LRM (numerics unchanged)")
     o.add_argument("--sp-size", type=int, default=1,
                    help="Ulysses sequence parallelism: split each sample's tokens over this many ranks (default 1: "
                         "off); must divide the world size and the DiT's heads")
@@ -905,6 +905,8 @@ def main(argv=None):
     lrm_opt = None
     if lrm is not None:
         lrm = lrm.to(device).requires_grad_(False)
+        if args.compile:
+            lrm.compile()  # in place: its state_dict keys, saves and broadcasts stay the same
         lrm_opt = torch.optim.AdamW(lrm.parameters(), lr=args.align_lr, weight_decay=0.0)
     buffer = replay.ReplayBuffer(args.buffer_size, policy=buffer_policy(lrm))
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)

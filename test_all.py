@@ -3352,6 +3352,10 @@ def test_train_assets_command(tmp_path):
 
 def test_refl_in_the_watchable_world(tmp_path, monkeypatch):
     monkeypatch.setitem(toy.WORLDS, "watchable", _small_watchable())
+    with pytest.raises(ValueError, match="train-assets"):  # hours of CPU training are never started silently
+        train_refl.main(_refl_flags(tmp_path / "cache", tmp_path / "run", "--toy-world", "watchable"))
+    toy.load_world(_small_watchable(), cache_dir=tmp_path / "cache", log=lambda *a: None)  # as train-assets would
+    assert toy.untrained_parts(_small_watchable(), tmp_path / "cache") == []
     train_refl.main(_refl_flags(tmp_path / "cache", tmp_path / "run", "--toy-world", "watchable", "--picture-rows", "0"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert json.loads((tmp_path / "run" / "args.json").read_text())["reward"] == "toy:square_color"

@@ -460,6 +460,25 @@ def read_toy_vae(path: Path, cfg: ToyConfig):
     return vae.eval().requires_grad_(False)
 
 
+def untrained_parts(cfg: ToyConfig, cache_dir=None) -> list[str]:
+    """The trained models of world cfg (VAE, DiT) that load_world would have to train: neither in
+    the cache nor shipped in assets/ with cfg's recipe. [] for the random-VAE world, whose DiT
+    pretraining is a minute."""
+    if not cfg.vae_steps:
+        return []
+    root = Path(cache_dir or default_cache_dir()) / cfg.key()
+
+    def shipped(name, fields):
+        path = ASSETS / name
+        if not path.exists():
+            return False
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("recipe") == recipe(cfg, fields)
+
+    return [name for name, fields in (("toy_vae.safetensors", VAE_RECIPE), ("toy_dit.safetensors", DIT_RECIPE))
+            if not (root / name.removeprefix("toy_")).exists() and not shipped(name, fields)]
+
+
 def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     """The toy world: (dit pretrained, vae, text encoder, tokenizer, bootstrapped LRM).
 

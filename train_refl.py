@@ -265,6 +265,10 @@ def load_models(args, device, rank, world):
     if args.mode == "dollar" and args.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     lrm = lrm_lib.load_lrm(args.lrm) if args.lrm else None  # the small files first: a bad one is found in seconds
+    if args.toy and toy.untrained_parts(toy.WORLDS[args.toy_world], args.cache_dir):
+        raise ValueError(f"--toy-world {args.toy_world} needs its trained {' and '.join(toy.untrained_parts(toy.WORLDS[args.toy_world], args.cache_dir))} "
+                         f"in assets/, which this checkout does not have: train them with `python toy.py train-assets "
+                         f"--device cuda` (minutes on a GPU, hours on a CPU), or use --toy-world random")
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first

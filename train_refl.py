@@ -244,7 +244,7 @@ def check_noise_aware(cfg, args, name):
     """--reward-on zt and --noise-ensemble score noisy latents: refuse an LRM trained on clean ones."""
     if not cfg.timestep_cond:
         flag = "--reward-on zt" if args.reward_on == "zt" else "--noise-ensemble"
-        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware); {name} scores clean latents only")
+        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware or --model dit); {name} scores clean latents only")
 
 
 def latent_shape(args) -> tuple[int, int, int, int]:

@@ -62,6 +62,7 @@ VELR/T and VELR/C ablation variants.
 """
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -649,21 +650,38 @@ class DiTLRMConfig:
 
 
 class PoolHeads(nn.Module):
-    """N members' heads on shared tokens: a learned query attends over the tokens (pre-LN, multi-head),
-    then an MLP (GELU) to a scalar. tokens (N, B, L, D) -> scores (N, B)."""
+    """N members' heads: a learned query attends over the tokens (pre-LN, multi-head; key projection
+    without bias, value and output projections), then an MLP (GELU) to a scalar.
+    tokens (N or 1, B, L, D) -> scores (N, B).
+
+    Computed without projecting every token for every member (the same function as the plain
+    attention): head h's logit of token l is q_h . W_k,h (g * xhat_l + b) = xhat_l . (g * W_k,h^T q_h)
+    + a constant that cancels in the softmax (xhat: the LayerNorm before its affine g, b, shared by
+    all members), and its output is W_v,h (g * sum_l a_l xhat_l + b) + b_v,h since the weights a_l
+    sum to 1. So every member and head reads the tokens twice (O(N H L D)) instead of N key and value
+    projections of all tokens (O(N L D^2)), and only the shared xhat (B, L, D) is stored."""
 
     def __init__(self, n: int, cfg: DiTLRMConfig):
         super().__init__()
-        dim, self.n_members = cfg.dit.dim, n
+        dim, self.n_members, self.num_heads, self.eps = cfg.dit.dim, n, cfg.heads, cfg.dit.eps
         self.query = nn.Parameter(torch.empty(n, 1, dim))
         self.norm = EnsembleLayerNorm(n, dim, cfg.dit.eps)
-        self.attn = Attention(n, dim, cfg.heads, dim)
+        self.key = nn.Parameter(torch.empty(n, dim, dim))  # W_k (out, in); a key bias would cancel in the softmax
+        self.value = EnsembleLinear(n, dim, dim)
+        self.out = EnsembleLinear(n, dim, dim)
         widths = (dim,) + cfg.mlp_dims + (1,)
         self.mlp = nn.ModuleList(EnsembleLinear(n, a, b) for a, b in zip(widths, widths[1:]))
 
     def forward(self, tokens):
-        n, b = tokens.shape[:2]
-        x = self.attn(self.query[:, None].expand(n, b, 1, -1).to(tokens.dtype), self.norm(tokens))[:, :, 0]  # (N, B, D)
+        n, h, d = self.n_members, self.num_heads, tokens.shape[-1]
+        e = d // h
+        xhat = F.layer_norm(tokens, (d,), eps=self.eps)  # (N|1, B, L, D)
+        g, b = self.norm.weight, self.norm.bias  # (N, D)
+        u = torch.einsum("nhe,nhed->nhd", self.query.view(n, h, e), self.key.view(n, h, e, d)) * g[:, None] / math.sqrt(e)
+        a = (xhat @ u.transpose(1, 2)[:, None].to(xhat.dtype)).softmax(2)  # (N, B, L, H): weights over the tokens
+        pooled = a.transpose(2, 3).to(xhat.dtype) @ xhat * g[:, None, None] + b[:, None, None]  # (N, B, H, D) = sum a LN(x)
+        v = torch.einsum("nbhd,nhed->nbhe", pooled, self.value.weight.view(n, h, e, d)) + self.value.bias.view(n, 1, h, e)
+        x = self.out(v.flatten(2))  # (N, B, D)
         for i, layer in enumerate(self.mlp):
             x = layer(x if i == 0 else F.gelu(x, approximate="tanh"))
         return x.squeeze(-1)
@@ -773,8 +791,7 @@ class DiTRewardModel(nn.Module):
         context, lengths = _split_inputs(z, context, lengths, n, self.cfg)  # (N, B, L, C), (N, B)
         sigma = self.member_sigmas(sigma, z)  # (N, B)
         if z.dim() == 5 and bool((sigma == sigma[:1]).all()):  # one trunk pass serves every member
-            tokens = self.trunk_tokens(z, 1000 * sigma[0], self.text(context[0], lengths[0]))
-            tokens = tokens.expand(n, *tokens.shape)  # (N, B, L, D)
+            tokens = self.trunk_tokens(z, 1000 * sigma[0], self.text(context[0], lengths[0]))[None]  # (1, B, L, D)
         else:  # each member's own samples (or noise levels): the trunk runs on all N*B
             z = z.expand(n, *z.shape) if z.dim() == 5 else z
             tokens = self.trunk_tokens(z.flatten(0, 1), 1000 * sigma.flatten(),

@@ -3867,3 +3867,27 @@ def test_train_lrm_dit_model_resume_is_bit_identical(tmp_path):
     a, b = (load_file(tmp_path / d / "lrm.safetensors") for d in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".lora_B" in k and a[k].abs().sum() > 0 for k in a)  # the adapters trained
+
+
+def test_dit_lrm_pooling_equals_plain_attention():
+    """PoolHeads' folded computation is the plain learned-query attention: per member, LayerNorm,
+    keys and values of every token, softmax(q k / sqrt(d_head)) v, output projection, MLP."""
+    _, model, *_ = _dit_lrm_setup(1, members=2)
+    heads = model.heads
+    with torch.no_grad():
+        for p in (heads.norm.weight, heads.norm.bias, heads.value.bias):
+            p.normal_(0.5, 0.3, generator=torch.Generator().manual_seed(1))
+        tokens = torch.randn(2, 3, 8, 64, generator=torch.Generator().manual_seed(2))
+        expect = []
+        for i in range(2):
+            x = F.layer_norm(tokens[i], (64,), heads.norm.weight[i], heads.norm.bias[i], heads.eps)  # (B, L, D)
+            k, v = x @ heads.key[i].T, x @ heads.value.weight[i].T + heads.value.bias[i]
+            split = lambda t: t.unflatten(-1, (heads.num_heads, -1)).transpose(1, 2)  # noqa: E731
+            q = split(heads.query[i].expand(3, 1, 64))
+            y = F.scaled_dot_product_attention(q, split(k), split(v)).transpose(1, 2).flatten(2)[:, 0]
+            y = y @ heads.out.weight[i].T + heads.out.bias[i]
+            for j, layer in enumerate(heads.mlp):
+                y = (y if j == 0 else F.gelu(y, approximate="tanh")) @ layer.weight[i].T + layer.bias[i]
+            expect.append(y[:, 0])
+        torch.testing.assert_close(heads(tokens), torch.stack(expect))
+        torch.testing.assert_close(heads(tokens[:1]), heads(tokens[:1].expand(2, 3, 8, 64)))  # shared tokens

@@ -72,6 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 import lora
 from model_dit import DiTConfig, WanDiT, load_dit, rope_freqs, sinusoidal_embedding
@@ -698,7 +699,8 @@ class DiTRewardModel(nn.Module):
     `dit_reward_model_from`; `DiTRewardModel(cfg)` alone draws Wan's random init from `seed`.
     cfg.trunk: "frozen" (never trained; `requires_grad_` leaves it off) or "lora" (lora.add_lora on
     every block Linear, rank cfg.lora_rank; the adapters start at zero, so the trunk starts as the
-    generator's and trains with the heads). Gradients always flow to z (ReFL needs them).
+    generator's and trains with the heads). Gradients always flow to z (ReFL needs them);
+    `model.trunk.gradient_checkpointing = True` recomputes each trunk block in the backward.
 
     Members: N heads (PoolHeads) on the one trunk, so N members cost one trunk forward plus N small
     heads. Shared inputs (z (B, ...) with one sigma per sample) run the trunk once; per-member batches
@@ -783,7 +785,10 @@ class DiTRewardModel(nn.Module):
             e0 = trunk.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D) fp32
         context = trunk.text_embedding(context.to(dtype))
         for block in trunk.blocks:
-            x = block(x, e0, context, freqs)
+            if trunk.gradient_checkpointing and torch.is_grad_enabled():  # recompute each block in the backward
+                x = checkpoint(block, x, e0, context, freqs, use_reentrant=False)
+            else:
+                x = block(x, e0, context, freqs)
         return x.float()
 
     def forward(self, z, context, lengths, sigma=None):

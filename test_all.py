@@ -3781,6 +3781,15 @@ def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
     assert all(g is None for n, g in grads.items() if ".lora_" not in n)
     model.requires_grad_(False)
     assert not any(p.requires_grad for p in model.parameters())
+    # gradient checkpointing of the trunk blocks: the same scores and gradients
+    z.requires_grad_(True)
+    grads = []
+    for ckpt in (False, True):
+        model.trunk.gradient_checkpointing = ckpt
+        z.grad = None
+        model(z, context, lengths, sigma=0.4).sum().backward()
+        grads.append(z.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_dit_lrm_save_load_and_sigma(tmp_path):
@@ -3849,9 +3858,10 @@ def test_refl_accepts_a_dit_lrm_with_reward_on_zt(refl_cache, tmp_path):
     model = lrm.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))
     lrm.save_lrm(model, tmp_path / "dit.safetensors")
     flags = ["--lrm", str(tmp_path / "dit.safetensors"), "--reward-on", "zt", "--align-every", "1", "--align-rounds", "1",
-             "--buffer-size", "3"]
+             "--buffer-size", "3", "--gradient-checkpointing"]
     assert train_refl.parse_args(flags).reward_on == "zt"  # noise-aware by construction
     _, aligned, _ = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+    assert aligned.trunk.gradient_checkpointing  # --gradient-checkpointing reaches the LRM's trunk
     before = dict(model.named_parameters())
     for name, p in aligned.named_parameters():  # the alignment fitted the heads, the frozen trunk stayed
         assert torch.equal(p, before[name]) == name.startswith("trunk."), name

@@ -159,7 +159,8 @@ def parse_args(argv=None):
                    help="score z0 with DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)")
     r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
     r.add_argument("--batch-size", type=int, default=4, help="prompts per rank and step (default 4)")
-    r.add_argument("--gradient-checkpointing", action="store_true", help="recompute each DiT block in backward")
+    r.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each DiT block in backward (also a DiT-backbone LRM's trunk blocks)")
     t = p.add_argument_group("trainable weights")
     t.add_argument("--full-finetune", action="store_true", help="train every DiT weight (FSDP2 under torchrun)")
     t.add_argument("--lora-rank", type=int, help=_default("lora_rank", "LoRA rank (VELR App. C.3: 256)"))
@@ -905,6 +906,8 @@ def main(argv=None):
     lrm_opt = None
     if lrm is not None:
         lrm = lrm.to(device).requires_grad_(False)
+        if args.gradient_checkpointing and getattr(lrm, "kind", None) == "dit":  # the DiT-backbone LRM's trunk too
+            lrm.trunk.gradient_checkpointing = True
         lrm_opt = torch.optim.AdamW(lrm.parameters(), lr=args.align_lr, weight_decay=0.0)
     buffer = replay.ReplayBuffer(args.buffer_size, policy=buffer_policy(lrm))
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)

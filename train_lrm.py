@@ -490,7 +490,9 @@ def parse_args(argv):
                         "of one prompt, which pairs need)")
     g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples (default 0.2)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble", help="default ensemble")
+    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble",
+                   help="ensemble (VELR), dollar (baseline) or dit (the generator's first blocks + N heads; --dit-*) "
+                        "(default ensemble)")
     g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny",
                    help="LRM size: default for real latents (text width 4096), tiny for the toy world (default tiny)")
     g.add_argument("--members", type=int, default=10, help="ensemble size; the Dollar baseline has 1 (default 10)")

@@ -11,7 +11,8 @@ with its own prompts and noise:
   3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb
      (options: --reward-on zt scores the window's last latent x_t at its own sigma with a
      noise-aware LRM, PRFL's process reward; --noise-ensemble scores z0 by DiNa-LRM's noise
-     ensembling; for a Thurstone-trained LRM lcb = mean - k sqrt(Var_members + v(sigma)));
+     ensembling; for a Thurstone-trained LRM lcb = mean - k sqrt(Var_members + v(sigma)); --lrm may
+     be a DiT-backbone LRM, train_lrm.py --model dit, noise-aware by construction);
   4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
      the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
 The gradient never passes the VAE decoder or the pixel reward model. Online LRM alignment

@@ -3745,3 +3745,181 @@ def test_refl_noise_ensemble_scores_z0_at_fixed_levels(refl_cache, tmp_path):
         expect = lrm_lib.noise_ensemble(s["lrm"], out["z0"], context, lengths, seed=s["args"].seed)
     torch.testing.assert_close(out["members"], expect)
     assert not torch.allclose(out["members"], s["lrm"](out["z0"], context, lengths))
+
+
+# ----------------------------------------------------------------------------- DiT-backbone LRM (the generator's blocks)
+
+def _dit_lrm_setup(n_blocks=1, members=3, **options):
+    """A tiny random generator (3 blocks) and a DiT-backbone LRM on its first n_blocks blocks."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        dit = WanDiT(replace(DIT_CONFIGS["tiny"], num_layers=3))
+        for name, p in dit.named_parameters():  # Wan zero-inits the output head only; vary the rest a little
+            if "modulation" in name:
+                p.data.normal_(0, 0.5)
+    model = lrm.dit_reward_model_from(dit, n_blocks, members, seed=5, mlp_dims=(32, 16), **options)
+    z, context, lengths = _lrm_inputs(b=2, cfg=model.cfg)
+    return dit, model, z, context, lengths
+
+
+def test_dit_lrm_trunk_is_the_generators_first_blocks():
+    for trunk in ("frozen", "lora"):
+        for n in (1, 2):
+            dit, model, z, context, lengths = _dit_lrm_setup(n, trunk=trunk)
+            t = torch.tensor([0.0, 700.0])
+            padded = F.pad(context, (0, 0, 0, 512 - context.shape[1]))  # Wan's zero-padded 512 rows
+            seen = {}
+            hook = dit.blocks[n - 1].register_forward_hook(lambda m, a, out: seen.update(x=out))
+            with torch.no_grad():
+                dit(z, t, padded)
+                hook.remove()
+                assert torch.equal(model.trunk_tokens(z, t, padded), seen["x"])  # bit-identical activations
+                assert torch.equal(model.text(context, lengths), padded)
+                mine = model(z, context, lengths, sigma=t / 1000)
+                assert torch.equal(mine, model.heads(seen["x"].expand(3, *seen["x"].shape)))
+            assert len(model.trunk.blocks) == n and model.trunk.head is None
+    with pytest.raises(ValueError, match="n_blocks"):
+        lrm.dit_reward_model_from(dit, 4, 2)
+
+
+def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
+    _, model, z, context, lengths = _dit_lrm_setup(2)
+    q = model.heads.query
+    assert not torch.equal(q[0], q[1]) and not torch.equal(q[1], q[2])  # every head its own seeded init
+    model.requires_grad_(True)  # as train_refl.py's alignment does: a frozen trunk stays frozen
+    r = model(z.requires_grad_(True), context, lengths, sigma=0.4)
+    assert r.shape == (3, 2) and not torch.allclose(r[0], r[1])
+    r.sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.trunk.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads.parameters())
+    assert z.grad.abs().sum() > 0  # ReFL's gradient reaches the latent through the frozen trunk
+    # LoRA trunk: the adapters train with the heads, the generator's weights do not
+    _, model, z, context, lengths = _dit_lrm_setup(2, trunk="lora", lora_rank=4)
+    model.requires_grad_(True)
+    model(z, context, lengths, sigma=0.4).sum().backward()
+    grads = {n: p.grad for n, p in model.trunk.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if ".lora_" in n)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert all(g is None for n, g in grads.items() if ".lora_" not in n)
+    model.requires_grad_(False)
+    assert not any(p.requires_grad for p in model.parameters())
+    # gradient checkpointing of the trunk blocks: the same scores and gradients
+    z.requires_grad_(True)
+    grads = []
+    for ckpt in (False, True):
+        model.trunk.gradient_checkpointing = ckpt
+        z.grad = None
+        model(z, context, lengths, sigma=0.4).sum().backward()
+        grads.append(z.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_dit_lrm_save_load_and_sigma(tmp_path):
+    for trunk in ("frozen", "lora"):
+        _, model, z, context, lengths = _dit_lrm_setup(2, trunk=trunk, lora_rank=4, objective="thurstone")
+        if trunk == "lora":
+            with torch.no_grad():
+                for name, p in model.trunk.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.1)
+        path = tmp_path / f"{trunk}.safetensors"
+        lrm.save_lrm(model, path)
+        kind, n, cfg = lrm.read_config(path)
+        assert (kind, n, cfg) == ("dit", 3, model.cfg) and cfg.timestep_cond and cfg.objective == "thurstone"
+        loaded = lrm.load_lrm(path)
+        assert not any(p.requires_grad for p in loaded.trunk.parameters() if trunk == "frozen")
+        with torch.no_grad():
+            for sigma in (None, 0.3, torch.tensor([0.0, 0.9])):
+                assert torch.equal(loaded(z, context, lengths, sigma=sigma), model(z, context, lengths, sigma=sigma))
+            r0, r5 = model(z, context, lengths), model(z, context, lengths, sigma=0.5)
+            assert torch.equal(model(z, context, lengths, sigma=0.0), r0)  # None = clean = t 0
+            assert not torch.allclose(r0, r5)  # the trunk reads the noise level
+            per_member = model(z, context, lengths, sigma=torch.tensor([[0.0, 0.5]] * 3))  # the trunk on N*B samples
+            torch.testing.assert_close(per_member[:, 0], r0[:, 0])
+            torch.testing.assert_close(per_member[:, 1], r5[:, 1])
+        with pytest.raises(ValueError, match="sigma must be"):
+            model(z, context, lengths, sigma=torch.zeros(3))
+    old = lrm.load_lrm(_DATA_REPO / "testdata/lrm_clean_v1.safetensors")  # files of the other kinds still load
+    assert old.kind == "ensemble" and not old.cfg.timestep_cond
+
+
+def _dit_train_objective(model, data, units, loss):
+    """The training objective on clean latents: mean Huber over samples, or the pair loss over pairs."""
+    with torch.no_grad():
+        if loss == "huber":
+            z, c, n, t = train_lrm.collate([data[i] for i in units], "cpu")
+            return lrm.huber_loss(model(z, c, n), t).mean().item()
+        za, c, n, _ = train_lrm.collate([data[a] for a, _, _ in units], "cpu")
+        zb = train_lrm.collate([data[b] for _, b, _ in units], "cpu", c.shape[1])[0]
+        return lrm.pair_loss(model(za, c, n), model(zb, c, n), torch.tensor([p for *_, p in units]), loss).mean().item()
+
+
+@pytest.mark.parametrize("loss,extra", [("huber", ["--epochs", "2", "--lr", "1e-3"]),
+                                        ("huber", ["--epochs", "2", "--lr", "1e-3", "--noise-aware"]),
+                                        ("thurstone", ["--epochs", "3", "--lr", "3e-3", "--dit-trunk", "lora",
+                                                       "--dit-lora-rank", "4"])])
+def test_train_lrm_dit_model_lowers_its_loss(tmp_path, loss, extra):
+    argv = ["--model", "dit", "--loss", loss, "--synthetic", "96", "--synthetic-reward", "toy:calibrated_color",
+            "--pair-margin", "0.005", "--members", "2", "--batch-size", "8", "--out", str(tmp_path), "--log-every", "1000",
+            "--sample-steps", "20", "--solver", "euler", "--eval-sigmas", "0", *extra]
+    args = train_lrm.parse_args(argv)
+    data = train_lrm.synthetic_data(96, 0, "toy:calibrated_color")
+    train, _ = train_lrm.split(len(data), 0.2, 0)
+    units = train if loss == "huber" else train_lrm.form_pairs(data, train, 0.005, 0)
+    before = _dit_train_objective(train_lrm.dit_lrm(args, 2), data, units, loss)  # the run's initial model
+    train_lrm.main(argv)
+    model = lrm.load_lrm(tmp_path / "lrm.safetensors")
+    after = _dit_train_objective(model, data, units, loss)
+    assert model.kind == "dit" and model.cfg.objective == loss and after < 0.7 * before, (before, after)
+    with pytest.raises(ValueError, match="need --model dit"):
+        train_lrm.parse_args(["--dit-blocks", "2"])
+
+
+def test_refl_accepts_a_dit_lrm_with_reward_on_zt(refl_cache, tmp_path):
+    dit = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0]
+    model = lrm.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))
+    lrm.save_lrm(model, tmp_path / "dit.safetensors")
+    flags = ["--lrm", str(tmp_path / "dit.safetensors"), "--reward-on", "zt", "--align-every", "1", "--align-rounds", "1",
+             "--buffer-size", "3", "--gradient-checkpointing"]
+    assert train_refl.parse_args(flags).reward_on == "zt"  # noise-aware by construction
+    _, aligned, _ = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+    assert aligned.trunk.gradient_checkpointing  # --gradient-checkpointing reaches the LRM's trunk
+    before = dict(model.named_parameters())
+    for name, p in aligned.named_parameters():  # the alignment fitted the heads, the frozen trunk stayed
+        assert torch.equal(p, before[name]) == name.startswith("trunk."), name
+
+
+def test_train_lrm_dit_model_resume_is_bit_identical(tmp_path):
+    common = ["--model", "dit", "--dit-trunk", "lora", "--dit-lora-rank", "2", "--synthetic", "48", "--members", "2",
+              "--epochs", "2", "--batch-size", "8", "--save-every", "2", "--noise-aware", "--sample-steps", "20",
+              "--solver", "euler", "--eval-sigmas", "0"]
+    train_lrm.main(_data_train_argv(tmp_path / "full", *common))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--stop-after", "3"))
+    train_lrm.main(_data_train_argv(tmp_path / "cut", *common, "--resume", str(tmp_path / "cut" / "ckpt.pt")))
+    a, b = (load_file(tmp_path / d / "lrm.safetensors") for d in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".lora_B" in k and a[k].abs().sum() > 0 for k in a)  # the adapters trained
+
+
+def test_dit_lrm_pooling_equals_plain_attention():
+    """PoolHeads' folded computation is the plain learned-query attention: per member, LayerNorm,
+    keys and values of every token, softmax(q k / sqrt(d_head)) v, output projection, MLP."""
+    _, model, *_ = _dit_lrm_setup(1, members=2)
+    heads = model.heads
+    with torch.no_grad():
+        for p in (heads.norm.weight, heads.norm.bias, heads.value.bias):
+            p.normal_(0.5, 0.3, generator=torch.Generator().manual_seed(1))
+        tokens = torch.randn(2, 3, 8, 64, generator=torch.Generator().manual_seed(2))
+        expect = []
+        for i in range(2):
+            x = F.layer_norm(tokens[i], (64,), heads.norm.weight[i], heads.norm.bias[i], heads.eps)  # (B, L, D)
+            k, v = x @ heads.key[i].T, x @ heads.value.weight[i].T + heads.value.bias[i]
+            split = lambda t: t.unflatten(-1, (heads.num_heads, -1)).transpose(1, 2)  # noqa: E731
+            q = split(heads.query[i].expand(3, 1, 64))
+            y = F.scaled_dot_product_attention(q, split(k), split(v)).transpose(1, 2).flatten(2)[:, 0]
+            y = y @ heads.out.weight[i].T + heads.out.bias[i]
+            for j, layer in enumerate(heads.mlp):
+                y = (y if j == 0 else F.gelu(y, approximate="tanh")) @ layer.weight[i].T + layer.bias[i]
+            expect.append(y[:, 0])
+        torch.testing.assert_close(heads(tokens), torch.stack(expect))
+        torch.testing.assert_close(heads(tokens[:1]), heads(tokens[:1].expand(2, 3, 8, 64)))  # shared tokens

@@ -15,7 +15,10 @@ latent. It runs offline with no files, which is what the tests and the default r
 A seeded share `--test-frac` of the samples is held out. After every epoch: MSE and Pearson
 correlation on train and test for every member and for the ensemble mean, printed in the layout
 of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
-baseline instead (same loss, same data).
+baseline instead (same loss, same data). `--model dit` trains a DiT-backbone LRM (lrm.DiTRewardModel,
+PRFL's design, arXiv 2511.21541): the first --dit-blocks blocks of the generator --dit-ckpt (none:
+the toy world's tiny DiT with its seeded random weights) as a frozen or LoRA-trained trunk
+(--dit-trunk), --members pooling + MLP heads on it; noise-aware by construction, every loss applies.
 
 Options beside the paper (its defaults are unchanged):
   --noise-aware   a timestep-conditioned LRM (lrm.py) trained on re-noised latents
@@ -74,6 +77,7 @@ import distributed
 import sample
 import text_encoder
 import toy
+from model_dit import load_dit
 
 # ---------------------------------------------------------------------------------------------
 # Data: rows {"latent", "context" (L, C) without padding, "reward"}
@@ -486,10 +490,21 @@ def parse_args(argv):
                         "of one prompt, which pairs need)")
     g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples (default 0.2)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble", help="default ensemble")
+    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble",
+                   help="ensemble (VELR), dollar (baseline) or dit (the generator's first blocks + N heads; --dit-*) "
+                        "(default ensemble)")
     g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny",
                    help="LRM size: default for real latents (text width 4096), tiny for the toy world (default tiny)")
     g.add_argument("--members", type=int, default=10, help="ensemble size; the Dollar baseline has 1 (default 10)")
+    g.add_argument("--dit-ckpt", metavar="PATH",
+                   help="--model dit: the generator whose first blocks are the trunk (anything model_dit.load_dit "
+                        "reads); default: the toy world's tiny DiT, random weights")
+    g.add_argument("--dit-blocks", type=int, help="--model dit: blocks of the generator kept (default 8 as PRFL, at most all)")
+    g.add_argument("--dit-trunk", choices=lrm.TRUNKS, default="frozen",
+                   help="--model dit: frozen trunk, or LoRA adapters on its blocks trained with the heads (default frozen)")
+    g.add_argument("--dit-lora-rank", type=int, default=16, help="--model dit --dit-trunk lora: rank, alpha = rank (default 16)")
+    g.add_argument("--dit-mlp", help="--model dit: hidden widths of each head's MLP, comma-separated (default 1024,512 "
+                                     "as PRFL with --dit-ckpt, 64,32 for the toy DiT)")
     g = p.add_argument_group("training (paper App. C.1)")
     g.add_argument("--epochs", type=int, default=3, help="default 3")
     g.add_argument("--batch-size", type=int, default=4, help="per rank and member (default 4)")
@@ -545,7 +560,24 @@ def parse_args(argv):
         raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
+    if args.model != "dit" and (args.dit_ckpt or args.dit_blocks or args.dit_mlp or args.dit_trunk != "frozen"):
+        raise ValueError("--dit-ckpt/--dit-blocks/--dit-trunk/--dit-mlp need --model dit")
+    if args.dit_ckpt and not Path(args.dit_ckpt).exists():
+        raise FileNotFoundError(f"--dit-ckpt {args.dit_ckpt} does not exist")
+    if (args.dit_blocks is not None and args.dit_blocks < 1) or args.dit_lora_rank < 1:
+        raise ValueError(f"--dit-blocks and --dit-lora-rank must be >= 1, got {args.dit_blocks}, {args.dit_lora_rank}")
+    args.dit_mlp = tuple(int(x) for x in args.dit_mlp.split(",")) if args.dit_mlp else None
     return args
+
+
+def dit_lrm(args, members: int):
+    """--model dit: the generator's first --dit-blocks blocks (--dit-ckpt, or the toy world's tiny
+    DiT with the seed's random weights) as the trunk, `members` heads on it."""
+    dit = load_dit(args.dit_ckpt) if args.dit_ckpt else toy.build_models(args.seed)[0]
+    blocks = args.dit_blocks or min(8, dit.cfg.num_layers)
+    mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt else (64, 32))
+    return lrm.dit_reward_model_from(dit, blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
+                                     lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss)
 
 
 def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
@@ -571,10 +603,15 @@ def main(argv=None):
     data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
     cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss)
-    if data[0]["context"].shape[1] != cfg.text_dim:
-        raise ValueError(f"prompt embeddings have width {data[0]['context'].shape[1]}, config {args.config!r} expects {cfg.text_dim}")
     members = 1 if args.model == "dollar" else args.members
-    model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed).to(device)
+    if args.model == "dit":
+        cfg = (model := dit_lrm(args, members)).cfg
+    if data[0]["context"].shape[1] != cfg.text_dim:
+        what = f"the DiT {args.dit_ckpt or '(toy)'}" if args.model == "dit" else f"config {args.config!r}"
+        raise ValueError(f"prompt embeddings have width {data[0]['context'].shape[1]}, {what} expects {cfg.text_dim}")
+    if args.model != "dit":
+        model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = load_checkpoint(args.resume, model, optimizer) if args.resume else 0
     ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients

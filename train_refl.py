@@ -11,7 +11,8 @@ with its own prompts and noise:
   3. reward = the ensemble LRM on z0, aggregated over members by --agg mean|min|max|lcb
      (options: --reward-on zt scores the window's last latent x_t at its own sigma with a
      noise-aware LRM, PRFL's process reward; --noise-ensemble scores z0 by DiNa-LRM's noise
-     ensembling; for a Thurstone-trained LRM lcb = mean - k sqrt(Var_members + v(sigma)));
+     ensembling; for a Thurstone-trained LRM lcb = mean - k sqrt(Var_members + v(sigma)); --lrm may
+     be a DiT-backbone LRM, train_lrm.py --model dit, noise-aware by construction);
   4. loss = -reward + beta KL, KL = mean((v_theta - v_ref)^2) at t_end, v_ref = the initial model:
      the same DiT with LoRA disabled, or a frozen copy under full fine-tuning (beta = 0: no KL).
 The gradient never passes the VAE decoder or the pixel reward model. Online LRM alignment
@@ -159,7 +160,8 @@ def parse_args(argv=None):
                    help="score z0 with DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)")
     r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
     r.add_argument("--batch-size", type=int, default=4, help="prompts per rank and step (default 4)")
-    r.add_argument("--gradient-checkpointing", action="store_true", help="recompute each DiT block in backward")
+    r.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each DiT block in backward (also a DiT-backbone LRM's trunk blocks)")
     t = p.add_argument_group("trainable weights")
     t.add_argument("--full-finetune", action="store_true", help="train every DiT weight (FSDP2 under torchrun)")
     t.add_argument("--lora-rank", type=int, help=_default("lora_rank", "LoRA rank (VELR App. C.3: 256)"))
@@ -244,7 +246,7 @@ def check_noise_aware(cfg, args, name):
     """--reward-on zt and --noise-ensemble score noisy latents: refuse an LRM trained on clean ones."""
     if not cfg.timestep_cond:
         flag = "--reward-on zt" if args.reward_on == "zt" else "--noise-ensemble"
-        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware); {name} scores clean latents only")
+        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware or --model dit); {name} scores clean latents only")
 
 
 def latent_shape(args) -> tuple[int, int, int, int]:
@@ -909,6 +911,8 @@ def main(argv=None):
     lrm_opt = None
     if lrm is not None:
         lrm = lrm.to(device).requires_grad_(False)
+        if args.gradient_checkpointing and getattr(lrm, "kind", None) == "dit":  # the DiT-backbone LRM's trunk too
+            lrm.trunk.gradient_checkpointing = True
         if args.compile:
             lrm.compile()  # in place: its state_dict keys, saves and broadcasts stay the same
         lrm_opt = torch.optim.AdamW(lrm.parameters(), lr=args.align_lr, weight_decay=0.0)

@@ -2721,7 +2721,7 @@ for name in {_ROBUST_BLOCKED!r}:
 import torch, safetensors.torch, numpy
 project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "toy", "sample",
             "prepare_data", "train_lrm", "train_refl", "bench"}}
-allowed = {{"lrm": {{"model_dit"}}}}
+allowed = {{"lrm": {{"model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
 for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:

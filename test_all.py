@@ -3362,6 +3362,28 @@ def test_refl_in_the_watchable_world(tmp_path, monkeypatch):
     assert math.isfinite(summary["true_reward_after"])
 
 
+# ---- PRFL's ReFL recipe
+
+def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
+    args = train_refl.parse_args(["--preset", "prfl"])
+    assert (args.reward_on, args.reward_loss, args.window, args.mid_min, args.mid_max) == ("zt", "prfl", 1, 0, 18)
+    assert train_refl.parse_args(["--preset", "prfl", "--window", "2", "--mid-max", "10"]).window == 2  # explicit wins
+    assert train_refl.parse_args([]).reward_on == "z0" and train_refl.parse_args([]).reward_loss == "neg"
+    s = _refl_setup(refl_cache, "--preset", "prfl")
+    _, out = _refl_loss(s)
+    expect = (0.1 * torch.relu(2 - torch.sigmoid(out["reward"]))).mean() + s["args"].beta * out["kl"]
+    assert torch.allclose(out["loss"].detach(), expect, atol=1e-6)  # PRFL's reward loss, plus the KL
+    data = tmp_path / "real"
+    prepare_data.main(_data_prepare_argv(data, "--videos", str(_data_video_folder(tmp_path / "videos"))))
+    run = tmp_path / "run"
+    train_refl.main(_refl_flags(refl_cache, run, "--preset", "prfl", "--sft-data", str(data), "--sft-weight", "0.5",
+                                "--picture-rows", "0"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["sft"]) and r["sft"] > 0 for r in metrics)
+    with pytest.raises(FileNotFoundError, match="sft-data"):
+        train_refl.main(_refl_flags(refl_cache, tmp_path / "bad", "--sft-data", str(tmp_path / "none")))
+
+
 # ---- Ulysses sequence parallelism
 
 def test_sequence_parallel_two_ranks_equal_one_process():

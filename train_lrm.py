@@ -87,10 +87,10 @@ class ShardRows:
     """The samples of prepare_data.py's shards, read one row at a time: a 480p x 81-frame latent
     is 8 MB, so thousands of them are not loaded into memory."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, flag="--data"):
         path = Path(folder) / "index.json"
         if not path.is_file():
-            raise FileNotFoundError(f"--data {folder}: no {path.name}; expected a prepare_data.py dataset folder")
+            raise FileNotFoundError(f"{flag} {folder}: no {path.name}; expected a prepare_data.py dataset folder")
         try:
             shards = [(Path(folder) / s["file"], int(s["samples"])) for s in json.loads(path.read_text())["shards"]]
         except (ValueError, KeyError, TypeError) as err:

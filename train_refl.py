@@ -83,6 +83,7 @@ import rewards
 import sample
 import text_encoder
 import toy
+import train_lrm
 from model_dit import load_dit
 import vae as vae_lib
 from vae import load_vae
@@ -152,10 +153,21 @@ def parse_args(argv=None):
     r.add_argument("--lcb-k", type=float, default=1.0,
                    help="lcb = mean - k sqrt(Var_members + v(sigma)); v only for a Thurstone-trained LRM, else "
                         "mean - k std over members (default 1.0)")
-    r.add_argument("--reward-on", default="z0", choices=("z0", "zt"),
+    r.add_argument("--reward-on", choices=("z0", "zt"),
                    help="z0: the LRM scores the z0 predicted from the window's last velocity (VELR); zt: a "
                         "noise-aware LRM scores the window's last latent x_t at its own sigma, no x0 prediction "
-                        "(PRFL) (default z0)")
+                        "(PRFL) (default z0; --preset prfl: zt)")
+    r.add_argument("--reward-loss", choices=("neg", "prfl"),
+                   help="neg: minimise -reward (VELR); prfl: 0.1 * relu(2 - sigmoid(reward)), PRFL's public code "
+                        "(default neg; --preset prfl: prfl)")
+    r.add_argument("--preset", choices=("prfl",),
+                   help="prfl: PRFL's ReFL recipe (\"Video Generation Models Are Good Latent Reward Models\", arXiv "
+                        "2511.21541): a no-grad rollout to a random step of the whole schedule, one DiT step with "
+                        "gradient, the reward on that noisy latent, PRFL's reward loss; flags given explicitly win")
+    r.add_argument("--sft-data", metavar="DIR",
+                   help="real latents (a prepare_data.py dataset) for PRFL's supervised flow-matching regulariser")
+    r.add_argument("--sft-weight", type=float, default=1.0,
+                   help="weight of that loss beside the ReFL loss and the KL (default 1.0, ours: PRFL's is not stated)")
     r.add_argument("--noise-ensemble", action="store_true",
                    help="score z0 with DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)")
     r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
@@ -201,6 +213,11 @@ def parse_args(argv=None):
                         "to test --resume")
     args = p.parse_args(argv)
     args.toy = not (args.ckpt_dir or args.dit)
+    steps = args.sample_steps or (TOY_DEFAULTS if args.toy else REAL_DEFAULTS)["sample_steps"]
+    preset = {"prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=steps - 2)}.get(args.preset, {})
+    for k, v in {**preset, **{k: v for k, v in dict(reward_on="z0", reward_loss="neg").items() if k not in preset}}.items():
+        if getattr(args, k) is None:  # explicit flags win over the preset, the preset over the defaults
+            setattr(args, k, v)
     if args.toy and args.reward is None:
         args.reward = toy.WORLDS[args.toy_world].reward
     for k, v in (TOY_DEFAULTS if args.toy else REAL_DEFAULTS).items():
@@ -227,6 +244,10 @@ def validate(args):
     vae_lib.check_size(args.frames, args.height, args.width)
     if args.frames < 5:
         raise ValueError(f"--frames {args.frames} is a still image, not a video: video ReFL needs at least 5 frames")
+    if not (math.isfinite(args.sft_weight) and args.sft_weight >= 0):
+        raise ValueError(f"--sft-weight must be a finite number >= 0, got {args.sft_weight}")
+    if not (math.isfinite(args.sft_weight) and args.sft_weight >= 0):
+        raise ValueError(f"--sft-weight must be a finite number >= 0, got {args.sft_weight}")
     for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
         if not math.isfinite(getattr(args, k)):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
@@ -391,9 +412,32 @@ def refl_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigma
             reward = lrm_lib.aggregate(members, args.agg, args.lcb_k)
     finite = torch.isfinite(reward.detach())  # a non-finite reward is left out (no finite one: a NaN loss, skipped)
     used = reward[finite].mean() if finite.any() else reward.sum() * float("nan")
+    if args.reward_loss == "prfl":  # PRFL's public code: 0.1 * relu(2 - sigmoid(r)), per sample, then the mean
+        finite_r = reward[finite] if finite.any() else reward * float("nan")
+        used = -(0.1 * torch.relu(2 - torch.sigmoid(finite_r))).mean()
     loss = -used + (args.beta * kl if args.beta > 0 else 0.0)
     return {"loss": loss, "reward": reward.detach(), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach(),
             "dropped": int((~finite).sum())}
+
+
+def sft_loss(model, rows, args, step: int, data_rank: int, device) -> torch.Tensor:
+    """PRFL's supervised flow-matching regulariser: --batch-size real latents of the --sft-data set
+    (drawn by (seed, step, data rank), so a resumed run draws the same), re-noised as Wan was
+    trained, x_s = (1 - s) z0 + s eps with s through the sampler's shift, and the squared error of
+    the model's velocity against eps - z0."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 4099 + data_rank + 104_729)
+    items = [rows[i] for i in torch.randint(len(rows), (args.batch_size,), generator=g).tolist()]
+    z0 = torch.stack([it["latent"] for it in items]).float()
+    text_len = model.module.cfg.text_len if hasattr(model, "module") else model.cfg.text_len
+    context = torch.zeros(len(items), text_len, items[0]["context"].shape[-1])
+    for i, it in enumerate(items):
+        context[i, : it["context"].shape[0]] = it["context"]
+    eps = torch.randn(z0.shape, generator=g)
+    sigma = sample.shift_sigmas(torch.rand(len(items), generator=g), args.shift)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x = ((1 - s) * z0 + s * eps).to(device)
+    v = model(x, (sigma * 1000).long().to(device), context.to(device))
+    return (v.float() - (eps - z0).to(device)).pow(2).mean()
 
 
 # ----------------------------------------------------------------------------- online alignment
@@ -680,7 +724,7 @@ def nonfinite_tensors(state: dict) -> list[str]:
 # The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
             "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world",
-            "reward_on", "noise_ensemble", "sp_size")
+            "reward_on", "noise_ensemble", "sp_size", "reward_loss", "sft_weight")
 
 
 def run_settings(args) -> dict:
@@ -886,6 +930,9 @@ def main(argv=None):
         resume_state = read_checkpoint(args.resume)
         check_resume(resume_state, args, args.resume)
     reward_fn = rewards.load_reward(args.reward)
+    sft_rows = train_lrm.ShardRows(args.sft_data, "--sft-data") if args.sft_data else None  # read (and checked) before any model
+    if sft_rows is not None and not len(sft_rows):
+        raise ValueError(f"--sft-data {args.sft_data} holds no samples")
     dit, vae, encoder, tokenizer, lrm, prompts = load_models(args, device, rank, world)
     distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
     if rank == 0:
@@ -942,6 +989,9 @@ def main(argv=None):
         context, lengths = text_batch(table, batch["prompts"], device)
         with sample.autocast(device):
             out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
+            if sft_rows is not None:  # PRFL's regulariser on real latents, beside (or with --beta 0 instead of) the KL
+                out["sft"] = sft_loss(model, sft_rows, args, step, data_rank, device)
+                out["loss"] = out["loss"] + args.sft_weight * out["sft"]
         opt.zero_grad(set_to_none=True)
         # DDP / FSDP average over all ranks; under SP each rank holds its tokens' share of the
         # gradient, so x sp_size makes that average the data-parallel mean of whole gradients
@@ -955,6 +1005,8 @@ def main(argv=None):
             log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
         rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
+        if "sft" in out:
+            rec["sft"] = out["sft"].item()
         if args.align_every and args.mode != "pixel":  # online alignment (Algorithm 1)
             rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, data_rank,
                                        data_world, bad, log, group=dp_group))

@@ -328,11 +328,13 @@ def child_dit(args, device, base_mb):
     x = torch.randn(1, *args["shape"], generator=g).to(device)
     t = torch.tensor([700.0], device=device)
     context = torch.randn(1, 512, args["text_dim"], generator=g).to(device)  # zero-padded length 512
-    if args["impl"] == "ours":
+    if args["impl"] in ("ours", "ours_compiled"):
         from model_dit import load_dit
 
         model = load_dit(args["path"], device=device, dtype=sample.dtypes(device)["dit"]).train()
         model.gradient_checkpointing = gpu
+        if args["impl"] == "ours_compiled":  # --compile; the warm-up call of measure() compiles
+            model.compile_blocks()
         forward = lambda: model(x, t, context)  # noqa: E731
     else:
         from diffusers import WanTransformer3DModel
@@ -374,7 +376,15 @@ def bench_dit(device, scale, timeout=1800):
         model.save_pretrained(tmp)
         del model
         res["fwd_bwd"] = {impl: run_child("dit", {**args, "impl": impl, "path": tmp}, timeout) for impl in IMPLS}
+        try:  # compilation takes minutes at the real size: its own, longer limit, and a failure costs only this row
+            compiled = run_child("dit", {**args, "impl": "ours_compiled", "path": tmp}, 3 * timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            compiled = {"error": f"{type(err).__name__}: {str(err)[-500:]}"}
     res.update(ratios(res["fwd_bwd"]))
+    diffusers = res["fwd_bwd"]["diffusers"]  # `train_refl.py --compile`'s DiT against diffusers' eager one
+    res["compile"] = {"ours_compiled": compiled}
+    if "error" not in compiled:  # on a GPU the peak is the allocator's; on the CPU RSS, which compilation inflates
+        res["compile"].update(ratio_time=compiled["time_s"] / diffusers["time_s"], ratio_peak=compiled["peak_mb"] / diffusers["peak_mb"])
     return res
 
 
@@ -759,6 +769,10 @@ def table_vs_diffusers(name, res, ops):
         for op in ops
     ]
     rows.append(["ratio ours/diffusers", res["ratio_time"], "", res["ratio_peak"], ""])
+    if "ratio_time" in res.get("compile", {}):  # dit: ours with --compile
+        c = res["compile"]
+        rows.append(["ours --compile", c["ours_compiled"]["time_s"], "", c["ours_compiled"]["peak_mb"], ""])
+        rows.append(["ratio ours --compile/diffusers", c["ratio_time"], "", c["ratio_peak"], ""])
     return f"### {name} {res['shape']}\n\n" + markdown(["op", "ours s", "diffusers s", "ours MiB", "diffusers MiB"], rows)
 
 

@@ -445,13 +445,13 @@ def main(argv=None):
     model_paths(args)  # a missing model file is refused before anything loads
     if args.sp_size < 1:
         raise ValueError(f"--sp-size must be >= 1, got {args.sp_size}")
-    sp_group, data_rank, data_world = None, *distributed.rank_and_device()[:2]
+    sp_group = None
     if args.sp_size > 1:  # the ranks of a sequence-parallel group talk; different groups never do
         rank, world, device = distributed.setup_distributed()
         sp_group, _ = distributed.sequence_parallel_groups(args.sp_size)
-        data_rank, data_world = rank // args.sp_size, world // args.sp_size
     else:
         rank, world, device = distributed.rank_and_device()  # the ranks never communicate: no process group
+    data_rank, data_world = rank // args.sp_size, world // args.sp_size
     if args.device:
         device = torch.device(args.device)
     mine = list(range(len(prompts)))[data_rank::data_world]

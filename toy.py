@@ -120,7 +120,7 @@ def procedural_videos(n: int, frames: int, size: int, generator: torch.Generator
     return bg[:, :, None, None, None] * (1 - mask) + fg[:, :, None, None, None] * mask
 
 
-def world_videos(n: int, cfg: "ToyConfig", generator: torch.Generator) -> torch.Tensor:
+def world_videos(n: int, cfg: ToyConfig, generator: torch.Generator) -> torch.Tensor:
     """The procedural videos of the world cfg describes."""
     return procedural_videos(n, cfg.frames, cfg.size, generator, cfg.min_contrast, cfg.edge)
 

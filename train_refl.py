@@ -246,8 +246,6 @@ def validate(args):
         raise ValueError(f"--frames {args.frames} is a still image, not a video: video ReFL needs at least 5 frames")
     if not (math.isfinite(args.sft_weight) and args.sft_weight >= 0):
         raise ValueError(f"--sft-weight must be a finite number >= 0, got {args.sft_weight}")
-    if not (math.isfinite(args.sft_weight) and args.sft_weight >= 0):
-        raise ValueError(f"--sft-weight must be a finite number >= 0, got {args.sft_weight}")
     for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
         if not math.isfinite(getattr(args, k)):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
@@ -288,8 +286,9 @@ def load_models(args, device, rank, world):
     if args.mode == "dollar" and args.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     lrm = lrm_lib.load_lrm(args.lrm) if args.lrm else None  # the small files first: a bad one is found in seconds
-    if args.toy and toy.untrained_parts(toy.WORLDS[args.toy_world], args.cache_dir):
-        raise ValueError(f"--toy-world {args.toy_world} needs its trained {' and '.join(toy.untrained_parts(toy.WORLDS[args.toy_world], args.cache_dir))} "
+    missing = toy.untrained_parts(toy.WORLDS[args.toy_world], args.cache_dir) if args.toy else []
+    if missing:
+        raise ValueError(f"--toy-world {args.toy_world} needs its trained {' and '.join(missing)} "
                          f"in assets/, which this checkout does not have: train them with `python toy.py train-assets "
                          f"--device cuda` (minutes on a GPU, hours on a CPU), or use --toy-world random")
     if args.toy:
@@ -918,9 +917,7 @@ def main(argv=None):
     # same samples, their tokens split (Ulysses): data_rank / data_world / dp_group are the data's.
     sp_group = dp_group = None
     data_rank, data_world = rank, world
-    if args.sp_size > 1:
-        if world % args.sp_size:
-            raise ValueError(f"--sp-size {args.sp_size} must divide the number of ranks {world}")
+    if args.sp_size > 1:  # sequence_parallel_groups refuses a size that does not divide the world
         sp_group, dp_group = distributed.sequence_parallel_groups(args.sp_size)
         data_rank, data_world = rank // args.sp_size, world // args.sp_size
     out_dir = Path(args.out)

@@ -667,18 +667,20 @@ REFL_METHODS = {  # name -> train_refl flags on top of the toy defaults ("@1memb
     "velr_1member": ["--lrm", "@1member"],
     "dollar": ["--mode", "dollar", "--lrm", "@dollar"],
     "velr_zt": ["--reward-on", "zt"],  # a noise-aware LRM scores the window's last x_t (the toy world bootstraps it)
+    "prfl": ["--preset", "prfl"],  # PRFL's recipe (one step with gradient anywhere in the schedule, reward on x_t)
+    "lpo": ["--mode", "lpo"],  # LPO: step-level DPO on pairs the noise-aware LRM picks
     "pixel": ["--mode", "pixel"],
     "lastk": ["--mode", "lastk"],
     "latestep": ["--mode", "latestep"],
 }
 
 
-def bench_refl(device, scale, seeds=REFL_SEEDS):
+def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None):
     """Every method of REFL_METHODS for seeds 0..seeds-1 in the toy world with its defaults (same
     steps, batch, window, lr): true-reward gain, the LRM's error against the true reward at every
     evaluation (|LRM - true| on the final latents of the 48 eval pairs), the LRM-minus-true gap at
     the end, peak memory and time per step. The one-member and Dollar LRMs are bootstrapped like
-    the world's ensemble (same rollouts, steps and lr)."""
+    the world's ensemble (same rollouts, steps and lr). methods: a subset of REFL_METHODS' names."""
     import lrm as lrm_lib
     import toy
     import train_refl
@@ -694,6 +696,8 @@ def bench_refl(device, scale, seeds=REFL_SEEDS):
                 toy.bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, model=model)
             lrm_lib.save_lrm(model.requires_grad_(False), Path(tmp) / f"{key[1:]}.safetensors")
         for name, flags in REFL_METHODS.items():
+            if methods and name not in methods:
+                continue
             flags = [str(Path(tmp) / f"{f[1:]}.safetensors") if f.startswith("@") else f for f in flags]
             runs = []
             for seed in range(seeds):
@@ -919,6 +923,8 @@ def main(argv=None):
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
     p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
+    p.add_argument("--methods", help=f"refl: comma-separated subset of {','.join(REFL_METHODS)}, merged into "
+                   "the file's refl results (same --seeds)")
     p.add_argument("--toy-world", default="random", choices=["random", "watchable"], help="toy: which world (default random)")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -931,11 +937,19 @@ def main(argv=None):
     scale = "tiny" if args.tiny else device.type
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    methods = args.methods.split(",") if args.methods else None
+    if methods and (args.section != "refl" or set(methods) - set(REFL_METHODS)):
+        raise ValueError(f"--methods needs section refl and names from {', '.join(REFL_METHODS)}, got {args.methods}")
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
         key = "toy_watchable" if name == "toy" and args.toy_world == "watchable" else name  # one entry per world
         if name == "toy":
             results[key] = bench(device, scale, args.seeds or TOY_SEEDS, args.toy_world)
+        elif methods:  # a few methods rerun, the others' rows kept
+            new, old = bench(device, scale, args.seeds or REFL_SEEDS, methods), results.get("refl", {})
+            if old and old.get("seeds") != new["seeds"]:
+                raise ValueError(f"--methods: {out} holds refl rows of {old.get('seeds')} seeds, not {new['seeds']}")
+            results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}}
         else:
             results[key] = bench(device, scale, args.seeds or REFL_SEEDS) if name == "refl" else bench(device, scale)
         if name == "refl":

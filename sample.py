@@ -97,6 +97,33 @@ def euler_step(x, v, sigma, sigma_next):
     return x + (sigma_next - sigma) * v
 
 
+def ddim_transition(x, v, sigma, sigma_next, eta=1.0):
+    """The Gaussian step sigma -> sigma_next < sigma of a stochastic flow sampler: DDIM with eta
+    (Song et al. 2021, Eq. 12) written for the flow path x_s = (1 - s) x0 + s eps. From the
+    velocity's predictions x0 = x - sigma v and eps = x + (1 - sigma) v:
+
+        x_next ~ N(mean, std^2 I),  mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - std^2) eps,
+        std = eta sigma_next sqrt(1 - r^2),  r = sigma_next (1 - sigma) / (sigma (1 - sigma_next)).
+
+    eta = 0 is the deterministic step, equal to Euler's; eta = 1 draws from the exact posterior
+    q(x_next | x, x0) of the path (DDPM's ancestral step): x = a x_next + b n with
+    a = (1 - sigma) / (1 - sigma_next) gives Var = sigma_next^2 b^2 / sigma^2 = sigma_next^2 (1 - r^2).
+    Returns (mean, std) with std a float (0 at sigma_next = 0)."""
+    if not 0 <= sigma_next < sigma <= 1:
+        raise ValueError(f"need 0 <= sigma_next < sigma <= 1, got {sigma_next}, {sigma}")
+    r = sigma_next * (1 - sigma) / (sigma * (1 - sigma_next))
+    std = eta * sigma_next * math.sqrt(max(1 - r * r, 0.0))
+    x0, eps = x - sigma * v, x + (1 - sigma) * v
+    return (1 - sigma_next) * x0 + math.sqrt(max(sigma_next**2 - std**2, 0.0)) * eps, std
+
+
+def gaussian_log_prob(y, mean, std: float):
+    """Per-sample log-density of y under N(mean, std^2 I), averaged over the elements (B,) in fp32:
+    the mean keeps a likelihood-ratio weight such as DPO's beta independent of the latent size."""
+    d = (y.float() - mean.float()).flatten(1)
+    return -(d.pow(2).mean(1) / (2 * std**2)) - math.log(std) - 0.5 * math.log(2 * math.pi)
+
+
 def guided_velocity(v_cond, v_uncond, guidance):
     """Classifier-free guidance in fp32: v_u + g (v_c - v_u)."""
     v_cond, v_uncond = v_cond.float(), v_uncond.float()

@@ -3945,3 +3945,98 @@ def test_dit_lrm_pooling_equals_plain_attention():
             expect.append(y[:, 0])
         torch.testing.assert_close(heads(tokens), torch.stack(expect))
         torch.testing.assert_close(heads(tokens[:1]), heads(tokens[:1].expand(2, 3, 8, 64)))  # shared tokens
+
+
+# ---- LPO: step-level preference optimisation
+
+def test_ddim_transition_is_the_hand_computed_gaussian():
+    x, v = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    sigma, nxt = 0.8, 0.5
+    mean, std = sample.ddim_transition(x, v, sigma, nxt, eta=1.0)
+    r = (0.5 * 0.2) / (0.8 * 0.5)  # sigma_next (1 - sigma) / (sigma (1 - sigma_next)) = 0.25
+    assert std == pytest.approx(0.5 * math.sqrt(1 - r * r), rel=1e-12)
+    x0, eps = x - 0.8 * v, x + 0.2 * v
+    torch.testing.assert_close(mean, 0.5 * x0 + math.sqrt(0.25 - std**2) * eps)
+    # the path's posterior: x_sigma = a x_next + b n, a = (1 - sigma) / (1 - sigma_next) -> Var = sigma_next^2 b^2 / sigma^2
+    a = 0.2 / 0.5
+    assert std**2 == pytest.approx(nxt**2 * (sigma**2 - a**2 * nxt**2) / sigma**2, rel=1e-12)
+    m0, s0 = sample.ddim_transition(x, v, sigma, nxt, eta=0.0)  # deterministic: Euler's step
+    assert s0 == 0.0
+    torch.testing.assert_close(m0, sample.euler_step(x, v, sigma, nxt))
+    _, s_half = sample.ddim_transition(x, v, sigma, nxt, eta=0.5)
+    assert s_half == pytest.approx(0.5 * std)
+    _, s_first = sample.ddim_transition(x, v, 1.0, 0.9)  # the Euler grid's first step: fresh noise at sigma_next
+    assert s_first == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        sample.ddim_transition(x, v, 0.5, 0.5)
+    y = mean + std * torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    expect = torch.distributions.Normal(mean, std).log_prob(y).mean(1)  # per-element mean of the log-density
+    torch.testing.assert_close(sample.gaussian_log_prob(y, mean, std), expect)
+
+
+def test_lpo_pair_selection_respects_the_threshold():
+    args = train_refl.parse_args(["--mode", "lpo"])
+    assert args.lpo_threshold == [0.35, 0.5] and args.lpo_k == 4 and args.dpo_beta == 500 and args.beta == 0.0
+    assert train_refl.lpo_threshold(args, 0.0) == 0.35 and train_refl.lpo_threshold(args, 1.0) == pytest.approx(0.5)
+    assert train_refl.lpo_threshold(args, 0.6) == pytest.approx(0.44)
+    # softmax([a, 0, 0, 0]) gap = (e^a - 1) / (e^a + 3): pick a on either side of 0.44
+    just = math.log((3 * 0.44 + 1) / (1 - 0.44))  # gap exactly 0.44
+    scores = torch.tensor([[just + 0.01, 0, 0, 0], [just - 0.01, 0, 0, 0], [0, 0, 5, -5.0]])
+    best, worst, kept = train_refl.select_pairs(scores, train_refl.lpo_threshold(args, 0.6))
+    assert kept.tolist() == [True, False, True] and best.tolist() == [0, 0, 2] and worst.tolist()[2] == 3
+    _, _, kept_t = train_refl.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
+    assert kept_t.tolist() == [True, False, True]
+    assert train_refl.parse_args(["--mode", "lpo", "--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
+    for bad in (["--lpo-k", "1"], ["--lpo-threshold", "0.3", "1.2"], ["--dpo-beta", "0"], ["--reward-on", "zt"],
+                ["--preset", "prfl"]):
+        with pytest.raises(ValueError, match="lpo"):
+            train_refl.parse_args(["--mode", "lpo", *bad])
+
+
+def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal():
+    w = torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    v_ref = (x * w).detach()
+    mean, std = sample.ddim_transition(x, x * w, 0.7, 0.6)
+    mean_ref, _ = sample.ddim_transition(x, v_ref, 0.7, 0.6)
+    y = mean.detach() + std * torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+
+    def loss(y_w, y_l):
+        lp = lambda y, m: sample.gaussian_log_prob(y, m, std)  # noqa: E731
+        return train_refl.dpo_loss(lp(y_w, mean), lp(y_l, mean), lp(y_w, mean_ref), lp(y_l, mean_ref), 500.0).sum()
+
+    same = loss(y, y)
+    (g,) = torch.autograd.grad(same, w, retain_graph=True)
+    assert torch.allclose(same, torch.tensor(4 * math.log(2))) and torch.equal(g, torch.zeros(3))
+    (g2,) = torch.autograd.grad(loss(y, y.flip(0)), w)  # a real pair: the policy is pushed
+    assert g2.abs().sum() > 0
+
+
+def test_refl_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    flags = ["--mode", "lpo", "--lrm", str(path), "--steps", "2", "--save-every", "1", "--align-every", "1",
+             "--align-rounds", "1", "--buffer-size", "3", "--window", "2", "--lpo-temp", "0.001", "--picture-rows", "0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pair_offers"] for r in metrics] == [4, 4] and sum(r["pairs"] for r in metrics) > 0
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: every kept pair costs log 2
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
+    for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
+        _refl_assert_same(a[key], b[key], key)
+    assert any(v.abs().max() > 0 for k, v in a["model"].items() if ".lora_B." in k)  # DPO moved the policy
+    clean = lrm.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
+    lrm.save_lrm(clean, tmp_path / "clean.safetensors")
+    with pytest.raises(ValueError, match="--mode lpo needs a noise-aware LRM"):
+        train_refl.parse_args(["--mode", "lpo", "--lrm", str(tmp_path / "clean.safetensors")])
+
+
+def test_refl_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    sync = _refl_torchrun(refl_cache, tmp_path / "run", "--mode", "lpo", "--lrm", str(path), "--window", "2",
+                          "--lpo-temp", "0.001", "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0")
+    assert sync == {"world": 2, "max_diff": 0.0}
+    trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)

@@ -88,14 +88,19 @@ from model_dit import load_dit
 import vae as vae_lib
 from vae import load_vae
 
-MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
+MODES = ("velr", "pixel", "lastk", "latestep", "dollar", "lpo")
+# --mode lpo's softmax temperature in the toy world: its LRM regresses a 0-1 reward (not LPO's
+# logit-scale scores), and the 4 candidates of one x_t differ there by 0.018 (median of max - min
+# over 120 draws, 0.010 / 0.030 at the 10th / 90th percentile); at 0.01 about a third of the pairs
+# pass the 0.35-0.5 gap (measured: 32%), at LPO's 1 none would.
+LPO_TOY_TEMP = 0.01
 # Flags left at None take these: the VELR paper's for real checkpoints (§4.3, App. C.2, C.3), the
 # toy world's for the offline default. The toy sampler is the one the toy generator was pretrained
 # and its LRM bootstrapped with (toy.ToyConfig), so ReFL cannot drift from it.
 REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid_max=25, window=10, beta=10.0,
                      lr=1e-5, align_every=10, align_rounds=2, align_lr=1e-5, steps=1000, eval_every=100,
                      eval_samples=8, guidance=5.0, size="832x480", frames=81, reward=None, lora_rank=256, lora_alpha=256.0,
-                     picture_rows=2)
+                     picture_rows=2, lpo_temp=1.0)
 # Toy window 5: the five DiT calls with gradient the toy default made while --window 4 still meant
 # K + 1 calls. Toy lr: 5e-4 rather than 1e-3 (with the earlier alignment, seeds 0-3, 300 steps: lr
 # 1e-3 +0.044/+0.051/+0.022/+0.039, 5e-4 +0.061/+0.046/+0.029/+0.048, 2.5e-4 +0.042/+0.048/+0.032/+0.032).
@@ -108,7 +113,8 @@ TOY_DEFAULTS = dict(sample_steps=toy.ToyConfig.sample_steps, shift=toy.ToyConfig
                     mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4, align_every=10, align_rounds=2, align_lr=1e-4,
                     steps=100, eval_every=50, eval_samples=48, guidance=1.0,
                     size=f"{toy.ToyConfig.size}x{toy.ToyConfig.size}", frames=toy.ToyConfig.frames,
-                    reward="toy:calibrated_color", lora_rank=16, lora_alpha=16.0, picture_rows=6)
+                    reward="toy:calibrated_color", lora_rank=16, lora_alpha=16.0, picture_rows=6,
+                    lpo_temp=LPO_TOY_TEMP)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -170,6 +176,18 @@ def parse_args(argv=None):
                    help="weight of that loss beside the ReFL loss and the KL (default 1.0, ours: PRFL's is not stated)")
     r.add_argument("--noise-ensemble", action="store_true",
                    help="score z0 with DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)")
+    lp = p.add_argument_group("--mode lpo (LPO: step-level preference optimisation, arXiv 2502.01051)")
+    lp.add_argument("--lpo-k", type=int, default=4, help="candidates x_{t-1} drawn from each x_t (default 4, LPO's)")
+    lp.add_argument("--lpo-eta", type=float, default=1.0,
+                    help="stochasticity of the DDIM-for-flow transition (sample.ddim_transition): 1 = the path's "
+                         "exact posterior, 0 = deterministic (Euler) (default 1.0)")
+    lp.add_argument("--dpo-beta", type=float, default=500.0, help="DPO's beta on the transition log-likelihoods (default 500, LPO's)")
+    lp.add_argument("--lpo-threshold", type=float, nargs=2, default=[0.35, 0.5], metavar=("AT_0", "AT_1"),
+                    help="a pair is kept when the softmax-normalised score gap of best and worst candidate exceeds "
+                         "AT_0 + (AT_1 - AT_0) sigma_{t-1} (default 0.35 0.5, LPO's range; linear in sigma is ours)")
+    lp.add_argument("--lpo-temp", type=float,
+                    help=_default("lpo_temp", "temperature of that softmax over the candidates' LRM scores (LPO: "
+                                  "none, i.e. 1, on logit-scale scores)"))
     r.add_argument("--lr", type=float, help=_default("lr", "learning rate"))
     r.add_argument("--batch-size", type=int, default=4, help="prompts per rank and step (default 4)")
     r.add_argument("--gradient-checkpointing", action="store_true",
@@ -218,11 +236,14 @@ def parse_args(argv=None):
     for k, v in {**preset, **{k: v for k, v in dict(reward_on="z0", reward_loss="neg").items() if k not in preset}}.items():
         if getattr(args, k) is None:  # explicit flags win over the preset, the preset over the defaults
             setattr(args, k, v)
+    if args.mode == "lpo" and args.beta is None:
+        args.beta = 0.0  # LPO has no KL term: DPO against the reference is its anchor (an explicit --beta adds one)
     if args.toy and args.reward is None:
         args.reward = toy.WORLDS[args.toy_world].reward
     for k, v in (TOY_DEFAULTS if args.toy else REAL_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.lpo_threshold = [float(x) for x in args.lpo_threshold]
     validate(args)
     return args
 
@@ -253,18 +274,32 @@ def validate(args):
         raise ValueError(f"--shift must be > 0, got {args.shift}")
     if args.mode == "pixel" and (args.reward_on != "z0" or args.noise_ensemble):
         raise ValueError("--mode pixel decodes z0: --reward-on zt and --noise-ensemble need an LRM")
+    if args.mode == "lpo":
+        if args.noise_ensemble or args.reward_on == "zt" or args.reward_loss != "neg" or args.preset:
+            raise ValueError("--mode lpo scores its candidates x_{t-1} at their own sigma with a noise-aware LRM and "
+                             "trains by DPO: --reward-on, --noise-ensemble, --reward-loss and --preset do not apply")
+        if args.lpo_k < 2:
+            raise ValueError(f"--lpo-k must be >= 2 (a best and a worst candidate), got {args.lpo_k}")
+        lo, hi = args.lpo_threshold
+        if not (0 <= lo < 1 and 0 <= hi < 1 and args.lpo_eta > 0 and args.dpo_beta > 0 and args.lpo_temp > 0):
+            raise ValueError(f"--mode lpo needs thresholds in [0, 1), --lpo-eta, --dpo-beta and --lpo-temp > 0, got "
+                             f"{args.lpo_threshold}, {args.lpo_eta}, {args.dpo_beta}, {args.lpo_temp}")
     if args.reward_on == "zt" and args.noise_ensemble:
         raise ValueError("--noise-ensemble re-noises a clean z0; it does not combine with --reward-on zt")
-    if args.lrm and (args.reward_on == "zt" or args.noise_ensemble) and Path(args.lrm).is_file():
+    if args.lrm and noise_aware_needed(args) and Path(args.lrm).is_file():
         check_noise_aware(lrm_lib.read_config(args.lrm)[2], args, args.lrm)
     if not args.toy and (args.lrm is None and args.mode != "pixel" or args.reward is None):
         raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={args.reward!r}, lrm={args.lrm!r}")
 
 
+def noise_aware_needed(args) -> bool:
+    return args.reward_on == "zt" or args.noise_ensemble or args.mode == "lpo"
+
+
 def check_noise_aware(cfg, args, name):
-    """--reward-on zt and --noise-ensemble score noisy latents: refuse an LRM trained on clean ones."""
+    """--reward-on zt, --noise-ensemble and --mode lpo score noisy latents: refuse an LRM trained on clean ones."""
     if not cfg.timestep_cond:
-        flag = "--reward-on zt" if args.reward_on == "zt" else "--noise-ensemble"
+        flag = "--reward-on zt" if args.reward_on == "zt" else "--noise-ensemble" if args.noise_ensemble else "--mode lpo"
         raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware or --model dit); {name} scores clean latents only")
 
 
@@ -297,7 +332,7 @@ def load_models(args, device, rank, world):
         log = print if rank == 0 else lambda s: None
         world_cfg = toy.WORLDS[args.toy_world]
         dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(world_cfg, cache_dir=args.cache_dir, log=log)
-        if lrm is None and (args.reward_on == "zt" or args.noise_ensemble) and args.mode != "dollar":
+        if lrm is None and noise_aware_needed(args) and args.mode != "dollar":
             toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=args.cache_dir, log=log)
         if rank == 0:
             distributed.barrier()
@@ -308,7 +343,7 @@ def load_models(args, device, rank, world):
         dit = load_dit(paths["dit"], dtype=torch.float32 if args.full_finetune else dt["dit"])
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
-    if lrm is not None and (args.reward_on == "zt" or args.noise_ensemble):
+    if lrm is not None and noise_aware_needed(args):
         check_noise_aware(lrm.cfg, args, args.lrm or "the toy world's LRM")
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
@@ -437,6 +472,97 @@ def sft_loss(model, rows, args, step: int, data_rank: int, device) -> torch.Tens
     x = ((1 - s) * z0 + s * eps).to(device)
     v = model(x, (sigma * 1000).long().to(device), context.to(device))
     return (v.float() - (eps - z0).to(device)).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------- LPO
+
+def lpo_threshold(args, sigma: float) -> float:
+    """The score gap a pair needs at noise level sigma: linear from AT_0 (sigma 0) to AT_1 (sigma 1)."""
+    lo, hi = args.lpo_threshold
+    return lo + (hi - lo) * sigma
+
+
+def select_pairs(scores: torch.Tensor, threshold: float, temp: float = 1.0):
+    """LPO's pair selection over k candidates per sample, scores (B, k): softmax(scores / temp) over
+    the candidates, best = argmax, worst = argmin, kept where p_best - p_worst > threshold.
+    Returns (best (B,), worst (B,), kept (B,) bool)."""
+    p = torch.softmax(scores.float() / temp, dim=1)
+    best, worst = p.argmax(1), p.argmin(1)
+    gap = p.gather(1, best[:, None])[:, 0] - p.gather(1, worst[:, None])[:, 0]
+    return best, worst, gap > threshold
+
+
+def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss -log sigmoid(beta ((log pi(w) - log ref(w)) - (log pi(l) - log ref(l)))) (B,)."""
+    return -torch.nn.functional.logsigmoid(beta * ((logp_w - ref_logp_w) - (logp_l - ref_logp_l)))
+
+
+def lpo_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigmas, step: int, data_rank: int) -> dict:
+    """LPO ("Diffusion Model as a Noise-Aware Latent Reward Model for Step-Level Preference
+    Optimization", arXiv 2502.01051) on the window machinery: the policy's stochastic sampler
+    (sample.ddim_transition, --lpo-eta) runs without gradient to grad_start; at each of the K
+    window steps t it draws --lpo-k candidates x_{t-1} from the policy's Gaussian transition, the
+    noise-aware LRM scores them at sigma_{t-1} (aggregated over members by --agg), the best and worst
+    form a pair when their softmax gap exceeds the threshold of sigma_{t-1} (select_pairs), and the
+    DPO loss compares the policy's transition log-likelihoods (with gradient) against the
+    reference's (adapters off / the frozen copy; same std, so the normalisers cancel). The
+    trajectory continues from one candidate drawn uniformly (as SPO does). Candidates, the choice
+    and the rollout noise are drawn from (seed, step, data rank): a resumed run redraws them.
+    loss = mean DPO over the kept pairs of all K steps (0, with the graph intact, when none is
+    kept) + beta KL at the last window step (--beta, default 0 in this mode)."""
+    x = batch["noise"].to(context.device)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 4099 + data_rank + 15_485_863)
+    sig = sigmas.tolist()
+    ts = sample.timesteps_from_sigmas(sigmas).tolist()
+    b, k = x.shape[0], args.lpo_k
+
+    def draw(shape):
+        return torch.randn(shape, generator=g).to(x.device)
+
+    def vel(x_in, t):
+        if args.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(velocity, model, x_in, t, context, neg_context, args.guidance,
+                                                     use_reentrant=False)
+        return velocity(model, x_in, t, context, neg_context, args.guidance)
+
+    for i in range(batch["grad_start"]):  # the policy's own stochastic rollout, no gradient
+        t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
+        with torch.no_grad():
+            mean, std = sample.ddim_transition(x, velocity(model, x, t, context, neg_context, args.guidance),
+                                               sig[i], sig[i + 1], args.lpo_eta)
+        x = mean + std * draw(x.shape)
+    losses, kept_total, scores_last = [], 0, None
+    for i in range(batch["grad_start"], batch["stop"]):
+        t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
+        v = vel(x, t)
+        v_ref = reference_velocity(model, ref, x, t, context, neg_context, args.guidance)
+        mean, std = sample.ddim_transition(x, v.float(), sig[i], sig[i + 1], args.lpo_eta)
+        mean_ref, _ = sample.ddim_transition(x, v_ref.float(), sig[i], sig[i + 1], args.lpo_eta)
+        cands = mean.detach()[:, None] + std * draw((b, k, *x.shape[1:]))  # (B, k, C, F, H, W)
+        with torch.no_grad():
+            members = lrm(cands.flatten(0, 1), context.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0),
+                          sigma=sig[i + 1])
+            scores = lrm_lib.aggregate(members.float(), args.agg, args.lcb_k).view(b, k)
+        best, worst, kept = select_pairs(scores, lpo_threshold(args, sig[i + 1]), args.lpo_temp)
+        rows = torch.arange(b, device=x.device)
+        y_w, y_l = cands[rows, best], cands[rows, worst]
+        per_pair = dpo_loss(sample.gaussian_log_prob(y_w, mean, std), sample.gaussian_log_prob(y_l, mean, std),
+                            sample.gaussian_log_prob(y_w, mean_ref, std), sample.gaussian_log_prob(y_l, mean_ref, std),
+                            args.dpo_beta)
+        losses.append((per_pair * kept.to(per_pair.dtype)).sum())
+        kept_total += int(kept.sum())
+        scores_last, last = scores, (x, v, v_ref, sig[i])
+        x = cands[rows, torch.randint(k, (b,), generator=g).to(x.device)]
+    x_last, v_last, v_ref_last, sigma_last = last
+    kl = (v_last.float() - v_ref_last.float()).pow(2).mean()
+    loss = torch.stack(losses).sum() / max(kept_total, 1)
+    if args.beta > 0:
+        loss = loss + args.beta * kl
+    z0 = sample.x0_from_velocity(x_last, sigma_last, v_last.detach())  # for the log and the alignment buffer
+    with torch.no_grad():
+        members = lrm(z0, context, lengths)
+    return {"loss": loss, "reward": scores_last.mean(1), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach(),
+            "dropped": 0, "pairs": kept_total, "pair_offers": b * (batch["stop"] - batch["grad_start"])}
 
 
 # ----------------------------------------------------------------------------- online alignment
@@ -723,7 +849,8 @@ def nonfinite_tensors(state: dict) -> list[str]:
 # The flags that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("mode", "full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift",
             "solver", "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world",
-            "reward_on", "noise_ensemble", "sp_size", "reward_loss", "sft_weight")
+            "reward_on", "noise_ensemble", "sp_size", "reward_loss", "sft_weight", "lpo_k", "lpo_eta", "dpo_beta",
+            "lpo_threshold", "lpo_temp")
 
 
 def run_settings(args) -> dict:
@@ -903,8 +1030,9 @@ def format_line(r: dict) -> str:
     lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
     true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
     err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
+    pairs = f"pairs {r['pairs']}/{r['pair_offers']} | " if "pairs" in r else ""
     return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
-            f"kl {r['kl']:.2e} | labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
+            f"kl {r['kl']:.2e} | {pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
             f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB")
 
 
@@ -985,7 +1113,10 @@ def main(argv=None):
         batch = step_batch(args, step, data_rank, prompts)
         context, lengths = text_batch(table, batch["prompts"], device)
         with sample.autocast(device):
-            out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
+            if args.mode == "lpo":
+                out = lpo_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, step, data_rank)
+            else:
+                out = refl_loss(model, ref, lrm, batch, context, lengths, neg, args, sigmas, vae, reward_fn)
             if sft_rows is not None:  # PRFL's regulariser on real latents, beside (or with --beta 0 instead of) the KL
                 out["sft"] = sft_loss(model, sft_rows, args, step, data_rank, device)
                 out["loss"] = out["loss"] + args.sft_weight * out["sft"]
@@ -1004,6 +1135,8 @@ def main(argv=None):
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
         if "sft" in out:
             rec["sft"] = out["sft"].item()
+        if "pairs" in out:  # --mode lpo: preference pairs kept / offered this step
+            rec.update(pairs=out["pairs"], pair_offers=out["pair_offers"])
         if args.align_every and args.mode != "pixel":  # online alignment (Algorithm 1)
             rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, data_rank,
                                        data_world, bad, log, group=dp_group))

@@ -229,7 +229,8 @@ def child_refl(args, device, base_mb):
     from vae import VAE_CONFIGS, WanVAE
 
     cfg = args["config"]
-    targs = train_refl.parse_args(["--mode", args["mode"], *cfg["flags"]])
+    dit_lrm = args.get("lrm") == "dit"  # VELR with the DiT-backbone LRM, scoring x_t (--reward-on zt)
+    targs = train_refl.parse_args(["--mode", args["mode"], *cfg["flags"], *(["--reward-on", "zt"] if dit_lrm else [])])
     with device:  # random init of 1.3B parameters is slow on CPU
         dit = WanDiT(DiTConfig(**cfg["dit"]))
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
@@ -242,6 +243,16 @@ def child_refl(args, device, base_mb):
         vae = WanVAE(VAE_CONFIGS["wan2.1"]).to(device).eval().requires_grad_(False)
         rm = PixelRewardStandIn().to(device).eval().requires_grad_(False)
         modules.update(decoder=[vae.conv2, vae.decoder], pixel_rm=[rm])
+    elif dit_lrm:  # the generator's first blocks (8 on a GPU) as a frozen fp32 trunk, 10 heads
+        from dataclasses import replace
+
+        from lrm import DiTLRMConfig, DiTRewardModel
+
+        trunk = replace(dit.cfg, num_layers=min(DIT_LRM_BLOCKS["cuda"], dit.cfg.num_layers))
+        with device:
+            lrm = DiTRewardModel(DiTLRMConfig(dit=trunk), 10).requires_grad_(False)
+        lrm.trunk.gradient_checkpointing = targs.gradient_checkpointing
+        modules.update(lrm=[lrm])
     else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable)
         lrm = EnsembleLRM(LRM_CONFIGS["default"], 10).to(device).requires_grad_(False)
         modules.update(lrm=[lrm])
@@ -281,10 +292,12 @@ def bench_memory(device, scale):
     for mode in MEMORY_MODES:
         res[mode] = run_child("refl", {"mode": mode, "config": cfg, "repeats": 1})
     res.update(memory_ratios(res["velr"], res["pixel"]))
+    res["velr_dit_lrm"] = run_child("refl", {"mode": "velr", "lrm": "dit", "config": cfg, "repeats": 1})
     return res
 
 
-def table_memory(res, modes=MEMORY_MODES):
+def table_memory(res, modes=None):
+    modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm") if m in res]
     parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
     rows = [
         [mode, res[mode]["time_s"], res[mode]["peak_mb"], res[mode]["resident_mb"], res[mode]["step_mb"]]
@@ -453,16 +466,40 @@ def lrm_shape(scale):
     return {"cuda": latent_shape(81, 480, 832), "cpu": latent_shape(17, 240, 416), "tiny": latent_shape(1, 32, 32)}[scale]
 
 
+# DiT-backbone LRM (lrm.DiTRewardModel): Wan 1.3B's block width, PRFL's 8 blocks on a GPU (2 on the
+# CPU, where 8 blocks of 1.3B take minutes: fewer trunk blocks make the heads' share larger, so the
+# CPU ratio is an upper bound), the tiny DiT for smoke tests; frozen trunk, PRFL's head MLP.
+DIT_LRM_BLOCKS = {"cuda": 8, "cpu": 2, "tiny": 2}
+
+
+def dit_lrm_config(scale):
+    from dataclasses import replace
+
+    from lrm import DiTLRMConfig
+    from model_dit import DIT_CONFIGS
+
+    base = DIT_CONFIGS["tiny" if scale == "tiny" else "1.3B"]
+    return DiTLRMConfig(dit=replace(base, num_layers=DIT_LRM_BLOCKS[scale]), mlp_dims=(64, 32) if scale == "tiny" else (1024, 512))
+
+
 def child_lrm(args, device, base_mb):
     """Forward + backward (to the weights and to the latent, as in LRM training and ReFL)."""
-    from lrm import LRM_CONFIGS, EnsembleLRM
+    from lrm import LRM_CONFIGS, DiTRewardModel, EnsembleLRM
 
-    cfg = LRM_CONFIGS[args["config"]]
+    if args["variant"].startswith("dit_heads"):  # the DiT-backbone LRM: N heads on one frozen trunk
+        cfg = dit_lrm_config(args["scale"])
+        models = [DiTRewardModel(cfg, int(args["variant"][len("dit_heads"):]), seed=0).to(device).requires_grad_(True)]
+        if device.type == "cuda":
+            models[0].trunk.gradient_checkpointing = True  # as train_refl --gradient-checkpointing at 480x832x81
+    else:
+        cfg = LRM_CONFIGS[args["config"]]
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, *args["shape"], generator=g).to(device).requires_grad_(True)
     context = torch.randn(1, 32, cfg.text_dim, generator=g).to(device)
     lengths = torch.tensor([20], device=device)
-    if args["variant"] == "ensemble10":
+    if args["variant"].startswith("dit_heads"):
+        pass
+    elif args["variant"] == "ensemble10":
         models = [EnsembleLRM(cfg, 10, seed=0)]
     else:  # member i of the ensemble is EnsembleLRM(cfg, 1, seed=i)
         models = [EnsembleLRM(cfg, 1, seed=i) for i in range(10 if args["variant"] == "loop10" else 1)]
@@ -486,13 +523,22 @@ def bench_lrm(device, scale):
     res["ratio_10_vs_1"] = t["ensemble10"] / t["member1"]
     res["ratio_10_vs_loop"] = t["ensemble10"] / t["loop10"]
     res["ratio_peak_10_vs_loop"] = res["ensemble10"]["peak_mb"] / res["loop10"]["peak_mb"]
+    res["dit_blocks"] = DIT_LRM_BLOCKS[scale]
+    for v in ("dit_heads10", "dit_heads1"):
+        res[v] = run_child("lrm", {"variant": v, "scale": scale, "shape": shape})
+    res["ratio_heads_vs_1"] = res["dit_heads10"]["time_s"] / res["dit_heads1"]["time_s"]
+    res["ratio_peak_heads_vs_1"] = res["dit_heads10"]["peak_mb"] / res["dit_heads1"]["peak_mb"]
     return res
 
 
 def table_lrm(res):
-    rows = [[v, res[v]["time_s"], res[v]["peak_mb"]] for v in LRM_VARIANTS]
+    dit = [v for v in ("dit_heads10", "dit_heads1") if v in res]
+    rows = [[v, res[v]["time_s"], res[v]["peak_mb"]] for v in (*LRM_VARIANTS, *dit)]
     ratios = [["ensemble10 / member1 time", res["ratio_10_vs_1"]], ["ensemble10 / loop10 time", res["ratio_10_vs_loop"]],
               ["ensemble10 / loop10 peak", res["ratio_peak_10_vs_loop"]]]
+    if dit:
+        ratios += [[f"DiT LRM ({res['dit_blocks']} trunk blocks) 10 heads / 1 head time", res["ratio_heads_vs_1"]],
+                   ["DiT LRM 10 heads / 1 head peak", res["ratio_peak_heads_vs_1"]]]
     return (f"### lrm forward+backward, latent {res['shape']}\n\n" + markdown(["variant", "s", "peak MiB"], rows)
             + "\n\n" + markdown(["ratio", "value"], ratios))
 
@@ -527,7 +573,11 @@ QUALITY_NA_ARGS = ["--synthetic", "512", "--synthetic-reward", "toy:calibrated_c
                    "--epochs", "8", "--lr", "1e-3", "--batch-size", "8", "--config", "tiny", "--members", "5",
                    "--sample-steps", "20", "--solver", "euler", "--eval-sigmas", "0,0.3,0.6,0.9"]
 QUALITY_NA_MODELS = {"clean": [], "huber": ["--noise-aware"], "bt": ["--noise-aware", "--loss", "bt", "--epochs", "3"],
-                     "thurstone": ["--noise-aware", "--loss", "thurstone", "--epochs", "3"]}
+                     "thurstone": ["--noise-aware", "--loss", "thurstone", "--epochs", "3"],
+                     # DiT-backbone LRMs (PRFL's design): the toy generator's blocks as a frozen trunk, 5 heads;
+                     # pretrained (the world's generator) and with the same blocks at their random init
+                     "dit": ["--noise-aware", "--model", "dit", "--dit-ckpt", "toy"],
+                     "dit_random": ["--noise-aware", "--model", "dit"]}
 
 
 def bench_quality_noise(tmp):
@@ -545,10 +595,13 @@ def bench_quality_noise(tmp):
     pairwise = {name: {"pair_acc": sum(runs[name]["sigma"][k]["pair_acc"] for k in noisy) / len(noisy),
                        "ece": sum(runs[name]["sigma"][k]["ece"] for k in noisy) / len(noisy),
                        "per_sigma": runs[name]["sigma"]} for name in ("huber", "bt", "thurstone")}
+    def per_sigma(name):
+        return {k: {m: v[m] for m in ("test_mse", "test_pcc", "pair_acc")} for k, v in runs[name]["sigma"].items()}
+
+    dit_rows = {key: per_sigma(name) for name, key in (("dit", "dit_lrm"), ("dit_random", "dit_lrm_random_trunk"))
+                if name in runs}
     return {"args_noise": QUALITY_NA_ARGS, "clean_ensemble_test_mse": runs["clean"]["test"]["mse"][-1],
-            "noise_aware": {k: {m: v[m] for m in ("test_mse", "test_pcc", "pair_acc")}
-                            for k, v in runs["huber"]["sigma"].items()},
-            "pairwise": pairwise}
+            "noise_aware": per_sigma("huber"), **dit_rows, "pairwise": pairwise}
 
 
 def table_quality(res):
@@ -560,6 +613,11 @@ def table_quality(res):
         text += (f"\n\n### noise-aware ensemble (train_lrm.py {' '.join(res['args_noise'])} --noise-aware; clean "
                  f"ensemble test MSE {res['clean_ensemble_test_mse']:.4g})\n\n"
                  + markdown(["sigma", "test MSE", "test PCC", "pair acc"], rows))
+        for key, what in (("dit_lrm", "the toy generator's blocks"), ("dit_lrm_random_trunk", "the same blocks, random init")):
+            if key in res:  # DiT-backbone LRM, frozen trunk, 5 heads
+                rows = [[sig, m["test_mse"], m["test_pcc"], m["pair_acc"]] for sig, m in res[key].items()]
+                text += (f"\n\n### DiT-backbone LRM ({what}; --model dit --noise-aware)\n\n"
+                         + markdown(["sigma", "test MSE", "test PCC", "pair acc"], rows))
         rows = [[n, m["pair_acc"], m["ece"]] for n, m in res["pairwise"].items()]
         text += "\n\n### pairwise (noise-aware, mean over sigma > 0)\n\n" + markdown(["loss", "pair acc", "ECE"], rows)
     return text

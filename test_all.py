@@ -2348,7 +2348,11 @@ def test_bench_quality_trains_every_model_identically(monkeypatch):
     monkeypatch.setattr(bench, "QUALITY_MODELS", {"dollar": ["--model", "dollar"], "ensemble3": ["--members", "3"]})
     monkeypatch.setattr(bench, "QUALITY_NA_ARGS", [*_NA_TRAIN, "--epochs", "1", "--batch-size", "8",
                                                    "--eval-sigmas", "0,0.3,0.6,0.9"])
+    models = {k: v for k, v in bench.QUALITY_NA_MODELS.items() if k != "dit"}  # the pretrained trunk needs the toy world
+    monkeypatch.setattr(bench, "QUALITY_NA_MODELS", models)
     res = bench.bench_quality(CPU, "tiny")
+    assert "dit_lrm" not in res and set(res["dit_lrm_random_trunk"]) == {"0", "0.3", "0.6", "0.9"}
+    assert all(set(m) == {"test_mse", "test_pcc", "pair_acc"} for m in res["dit_lrm_random_trunk"].values())
     for name in ("dollar", "ensemble3"):
         assert set(res[name]) == {"train_mse", "train_pcc", "test_mse", "test_pcc"}
         assert res[name]["test_mse"] >= 0 and -1 <= res[name]["test_pcc"] <= 1
@@ -2357,7 +2361,40 @@ def test_bench_quality_trains_every_model_identically(monkeypatch):
     assert set(res["pairwise"]) == {"huber", "bt", "thurstone"}
     assert all(0 <= m["pair_acc"] <= 1 and 0 <= m["ece"] <= 1 for m in res["pairwise"].values())
     table = bench.table_quality(res)
-    assert "ensemble3 MSE" in table and "thurstone" in table and "pair acc" in table
+    assert "ensemble3 MSE" in table and "thurstone" in table and "pair acc" in table and "DiT-backbone LRM" in table
+
+
+def test_bench_lrm_dit_heads_share_one_trunk():
+    """The DiT-backbone LRM rows of `bench.py lrm`: 10 heads and 1 head on the same trunk, both timed."""
+    shape = list(bench.lrm_shape("tiny"))
+    r10, r1 = (bench.run_child("lrm", {"variant": v, "scale": "tiny", "shape": shape, "repeats": 1})
+               for v in ("dit_heads10", "dit_heads1"))
+    assert r10["time_s"] > 0 and r1["time_s"] > 0 and r10["peak_mb"] > 0
+
+
+def test_bench_refl_methods_merge_into_the_earlier_rows(tmp_path, monkeypatch):
+    def row(gain):
+        return {"gain_mean": gain, "steps": [0], "true_curve": [0.5], "gains": [gain], "lrm_err_curve": [None],
+                "lrm_err_final": None, "latent_minus_true": None, "peak_mb": 1.0, "sec_per_step": 1.0, "gain_std": 0.0}
+
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"refl": {"seeds": 3, "methods": {"velr": row(0.1), "lpo": row(0.0)}}}))
+    ran = []
+
+    def fake_refl(device, scale, seeds, methods=None):
+        ran.append(methods)
+        return {"seeds": seeds, "methods": {m: row(0.5) for m in methods}}
+
+    monkeypatch.setitem(bench.QUICK, "refl", (fake_refl, bench.QUICK["refl"][1]))
+    monkeypatch.setattr(bench, "plot_refl", lambda res, path: path)
+    bench.main(["refl", "--methods", "lpo,prfl", "--out", str(out)])
+    data = json.loads(out.read_text())["refl"]
+    assert ran == [["lpo", "prfl"]] and data["methods"]["velr"] == row(0.1)  # the other rows are kept
+    assert data["methods"]["lpo"]["gain_mean"] == 0.5 and data["methods"]["prfl"]["gain_mean"] == 0.5
+    with pytest.raises(ValueError, match="same --seeds|not 2"):
+        bench.main(["refl", "--methods", "lpo", "--seeds", "2", "--out", str(out)])
+    with pytest.raises(ValueError, match="--methods"):
+        bench.main(["refl", "--methods", "nope", "--out", str(out)])
 
 
 def _bench_fake_step(step_mb, resident_mb=1000.0):
@@ -4040,3 +4077,17 @@ def test_refl_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path):
     assert sync == {"world": 2, "max_diff": 0.0}
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)
+
+
+def test_train_lrm_dit_trunk_from_the_toy_worlds_generator(refl_cache, tmp_path, monkeypatch):
+    """--dit-ckpt toy: the trunk is the toy world's pretrained generator, not a random init."""
+    real = toy.load_world
+    monkeypatch.setattr(toy, "load_world", lambda *a, **k: real(cache_dir=refl_cache, log=lambda *x: None))
+    train_lrm.main(_data_train_argv(tmp_path / "run", "--model", "dit", "--dit-ckpt", "toy", "--members", "2",
+                                    "--synthetic", "16", "--epochs", "1", "--noise-aware"))
+    model = lrm.load_lrm(tmp_path / "run" / "lrm.safetensors")
+    world_dit = real(cache_dir=refl_cache, log=lambda *x: None)[0].state_dict()
+    trunk = {k[len("trunk."):]: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
+    shared = [k for k in trunk if k in world_dit]
+    assert len(shared) > 10 and all(torch.equal(trunk[k], world_dit[k]) for k in shared), shared[:3]
+    assert model.cfg.mlp_dims == (64, 32)  # the toy DiT's head widths, not PRFL's 1024, 512

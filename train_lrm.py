@@ -16,8 +16,8 @@ A seeded share `--test-frac` of the samples is held out. After every epoch: MSE 
 correlation on train and test for every member and for the ensemble mean, printed in the layout
 of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
 baseline instead (same loss, same data). `--model dit` trains a DiT-backbone LRM (lrm.DiTRewardModel,
-PRFL's design, arXiv 2511.21541): the first --dit-blocks blocks of the generator --dit-ckpt (none:
-the toy world's tiny DiT with its seeded random weights) as a frozen or LoRA-trained trunk
+PRFL's design, arXiv 2511.21541): the first --dit-blocks blocks of the generator --dit-ckpt (`toy`:
+the toy world's pretrained generator; none: its tiny DiT with seeded random weights) as a frozen or LoRA-trained trunk
 (--dit-trunk), --members pooling + MLP heads on it; noise-aware by construction, every loss applies.
 
 Options beside the paper (its defaults are unchanged):
@@ -498,7 +498,8 @@ def parse_args(argv):
     g.add_argument("--members", type=int, default=10, help="ensemble size; the Dollar baseline has 1 (default 10)")
     g.add_argument("--dit-ckpt", metavar="PATH",
                    help="--model dit: the generator whose first blocks are the trunk (anything model_dit.load_dit "
-                        "reads); default: the toy world's tiny DiT, random weights")
+                        "reads, or `toy`: the toy world's pretrained generator, built once and cached in "
+                        "$VELR_CACHE/toy); default: the toy world's tiny DiT with random weights")
     g.add_argument("--dit-blocks", type=int, help="--model dit: blocks of the generator kept (default 8 as PRFL, at most all)")
     g.add_argument("--dit-trunk", choices=lrm.TRUNKS, default="frozen",
                    help="--model dit: frozen trunk, or LoRA adapters on its blocks trained with the heads (default frozen)")
@@ -562,7 +563,7 @@ def parse_args(argv):
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
     if args.model != "dit" and (args.dit_ckpt or args.dit_blocks or args.dit_mlp or args.dit_trunk != "frozen"):
         raise ValueError("--dit-ckpt/--dit-blocks/--dit-trunk/--dit-mlp need --model dit")
-    if args.dit_ckpt and not Path(args.dit_ckpt).exists():
+    if args.dit_ckpt and args.dit_ckpt != "toy" and not Path(args.dit_ckpt).exists():
         raise FileNotFoundError(f"--dit-ckpt {args.dit_ckpt} does not exist")
     if (args.dit_blocks is not None and args.dit_blocks < 1) or args.dit_lora_rank < 1:
         raise ValueError(f"--dit-blocks and --dit-lora-rank must be >= 1, got {args.dit_blocks}, {args.dit_lora_rank}")
@@ -573,9 +574,12 @@ def parse_args(argv):
 def dit_lrm(args, members: int):
     """--model dit: the generator's first --dit-blocks blocks (--dit-ckpt, or the toy world's tiny
     DiT with the seed's random weights) as the trunk, `members` heads on it."""
-    dit = load_dit(args.dit_ckpt) if args.dit_ckpt else toy.build_models(args.seed)[0]
+    if args.dit_ckpt == "toy":  # the generator the toy world pretrained (and whose samples the synthetic set mimics)
+        dit = toy.load_world(log=lambda *a: None)[0]
+    else:
+        dit = load_dit(args.dit_ckpt) if args.dit_ckpt else toy.build_models(args.seed)[0]
     blocks = args.dit_blocks or min(8, dit.cfg.num_layers)
-    mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt else (64, 32))
+    mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt not in (None, "toy") else (64, 32))
     return lrm.dit_reward_model_from(dit, blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
                                      lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss)
 

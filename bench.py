@@ -716,6 +716,63 @@ def table_toy(res):
 
 
 # ---------------------------------------------------------------------------------------------
+# lpo-probe: does --mode lpo optimise what its scorer prefers? (a known scorer in place of the LRM)
+
+class ChannelMeanScorer(nn.Module):
+    """A stand-in noise-aware "LRM" with a known preference: the mean of latent channel 0, (1, B)."""
+
+    n_members, noise_aware = 1, True
+
+    def forward(self, z, context, lengths, sigma=None):
+        return z[:, 0].flatten(1).mean(1)[None].float()
+
+
+def bench_lpo_probe(device, scale, steps=100, eval_every=25, eval_samples=48, cache_dir=None):
+    """train_refl.lpo_loss in the toy world with ChannelMeanScorer as the ranker (toy defaults,
+    batch 4, temperature 0.01, no alignment): the scorer's value on full samples of the fixed
+    evaluation pairs at every `eval_every` steps, with the kept-pair share. Separates the method
+    (does DPO on the chosen pairs move the policy towards what the ranker prefers?) from the
+    ranker's quality, which the refl rows measure."""
+    import train_refl
+
+    args = train_refl.parse_args(["--mode", "lpo", "--batch-size", "4", "--lpo-temp", "0.01", "--align-every", "0",
+                                  "--eval-samples", str(eval_samples), *(["--cache-dir", str(cache_dir)] if cache_dir else [])])
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, redirect_stdout(null):
+        args.cache_dir = args.cache_dir or tmp
+        dit, vae, encoder, tokenizer, _, prompts = train_refl.load_models(args, device, 0, 1)
+    table = train_refl.embed_prompts(prompts, tokenizer, encoder, device)
+    model, ref = train_refl.wrap(dit.to(device), args, device, 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    sigmas, scorer, pairs = sample.get_sigmas(args.sample_steps, args.shift, args.solver), ChannelMeanScorer(), \
+        train_refl.eval_pairs(args, prompts)
+
+    def evaluate():
+        z = torch.cat([train_refl.sample_pairs(model, vae, pairs[i : i + 16], table, None, args, sigmas, device, latents=True)[0]
+                       for i in range(0, len(pairs), 16)])
+        return z[:, 0].mean().item()
+
+    curve, kept, offered = [{"step": 0, "score": evaluate()}], 0, 0
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        batch = train_refl.step_batch(args, step, 0, prompts)
+        context, lengths = train_refl.text_batch(table, batch["prompts"], device)
+        out = train_refl.lpo_loss(model, ref, scorer, batch, context, lengths, None, args, sigmas, step, 0)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        kept, offered = kept + out["pairs"], offered + out["pair_offers"]
+        if step % eval_every == 0 or step == steps:
+            curve.append({"step": step, "score": evaluate(), "kl": out["kl"].item(), "loss": out["loss"].item()})
+    return {"steps": steps, "curve": curve, "pair_share": kept / max(offered, 1), "sec": time.time() - t0}
+
+
+def table_lpo_probe(res):
+    rows = [[c["step"], c["score"], c.get("kl", "-"), c.get("loss", "-")] for c in res["curve"]]
+    return (f"### lpo-probe (python bench.py lpo-probe): LPO ranked by the mean of latent channel 0; kept pairs "
+            f"{res['pair_share']:.0%}\n\n" + markdown(["step", "channel-0 mean of samples", "KL", "DPO loss"], rows))
+
+
+# ---------------------------------------------------------------------------------------------
 # refl: VELR and its baselines side by side in the toy world, same ReFL budget (VELR §5)
 
 REFL_SEEDS = 3
@@ -970,7 +1027,7 @@ SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "quality": (bench_quality, table_quality),
 }
 QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy), "refl": (bench_refl, table_refl),
-         "sp": (bench_sp, table_sp)}
+         "sp": (bench_sp, table_sp), "lpo-probe": (bench_lpo_probe, table_lpo_probe)}
 
 
 def main(argv=None):

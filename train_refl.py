@@ -27,7 +27,10 @@ current LRM. A one-member LRM (variance always 0) gets a FIFO buffer sampled uni
 Baselines on identical settings (--mode): pixel ReFL
 (decode z0 with checkpointing + differentiable pixel reward through the same window), lastk
 (VADER-style: gradients through the last K steps), latestep (ImageReward-style: one gradient
-step at a random step of the last K), dollar (the Dollar LRM in place of the ensemble).
+step at a random step of the last K), dollar (the Dollar LRM in place of the ensemble). Beside
+them, lpo: LPO's step-level preference optimisation (arXiv 2502.01051; `lpo_loss`): at each of the
+K window steps, k candidates of the policy's stochastic transition scored by a noise-aware LRM at
+their own sigma, DPO on the best / worst pair against the reference.
 
 With no checkpoints it trains in the offline toy world (toy.py: a tiny Wan DiT pretrained by flow
 matching on procedural videos, the toy pixel reward, a bootstrapped LRM) with the toy defaults

@@ -4070,13 +4070,18 @@ def test_refl_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cach
         train_refl.parse_args(["--mode", "lpo", "--lrm", str(tmp_path / "clean.safetensors")])
 
 
-def test_refl_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["ddp-lora", "fsdp2-full"])
+def test_refl_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
     sync = _refl_torchrun(refl_cache, tmp_path / "run", "--mode", "lpo", "--lrm", str(path), "--window", "2",
-                          "--lpo-temp", "0.001", "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0")
+                          "--lpo-temp", "0.001", "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0", *flags)
     assert sync == {"world": 2, "max_diff": 0.0}
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
-    assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)
+    if flags:
+        initial = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].state_dict()
+        assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    else:
+        assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)
 
 
 def test_train_lrm_dit_trunk_from_the_toy_worlds_generator(refl_cache, tmp_path, monkeypatch):

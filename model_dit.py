@@ -32,15 +32,14 @@ import json
 import math
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch.utils.checkpoint import checkpoint
 
 
@@ -498,10 +497,11 @@ def _state_dict_of(obj, file: Path) -> dict:
     return obj
 
 
-def _read(file: Path):
-    """The one reader of this file: a .json -> its parsed contents; a .safetensors (memory-mapped, nothing
-    is read until used) or .pth/.pt (weights only, never pickled code) -> name -> tensor. Every way a file
-    can be missing, empty, truncated or of the wrong kind ends here in an error that names the file."""
+def _read(file: Path, skip=None):
+    """The one reader of this file: a .json -> its parsed contents; a .safetensors or .pth/.pt (weights
+    only, never pickled code; memory-mapped when it is a zip) -> name -> tensor, without the names
+    for which skip(name) is true (never read from a .safetensors). Every way a file can be missing,
+    empty, truncated or of the wrong kind ends here in an error that names the file."""
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist")
     if not file.is_file():
@@ -515,7 +515,8 @@ def _read(file: Path):
             raise ValueError(f"{file}: not valid JSON: {err}") from err
     if file.suffix == ".safetensors":
         try:
-            return load_file(file)
+            with safe_open(str(file), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if skip is None or not skip(k)}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
     try:  # mmap needs the zip format of torch.save; older pickles are read whole
@@ -523,7 +524,8 @@ def _read(file: Path):
     except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
         raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
                          f"tensors?): {type(err).__name__}: {err}") from err
-    return _state_dict_of(obj, file)
+    sd = _state_dict_of(obj, file)
+    return sd if skip is None else {k: v for k, v in sd.items() if not skip(k)}
 
 
 def _config_from_json(d: dict) -> dict:
@@ -585,18 +587,27 @@ def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
     return model
 
 
-def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
+def load_dit(path, config=None, device="cpu", dtype=torch.float32, num_layers=None) -> WanDiT:
     """Load a Wan 2.1 DiT from any official layout (see the module docstring); returns it in eval mode.
 
     config: a DiTConfig, a DIT_CONFIGS name, or None to infer it from the weights (and a folder's
     config.json). Without a config.json, num_heads = dim // 128, Wan's fixed head_dim.
     dtype applies to all weights except those of the fp32 islands (keeps_fp32), which stay fp32.
+    num_layers: keep at most the first num_layers blocks (and the embeddings and head); the later
+    blocks' weights are never read from a .safetensors file, nor converted or kept (a reward model's
+    trunk from 8 of the 14B's 40 blocks reads a fifth of the file).
     """
     path = Path(path)
     files, config_json, source = _checkpoint_files(path)
+    skip = None
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        later = re.compile(r"(?:^|\.)blocks\.(\d+)\.")  # the same in every layout ("model.diffusion_model.blocks.3.")
+        skip = lambda key: (m := later.search(key)) is not None and int(m.group(1)) >= num_layers  # noqa: E731
     sd = {}
     for file in files:
-        sd.update(_read(file))
+        sd.update(_read(file, skip))
     sd, layout = _to_original_keys(sd)
     layout = f"{layout}, {source}"
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -606,6 +617,8 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32) -> WanDiT:
             _raise_load_error(path, layout, absent, [k for k in shapes if not k.startswith(_DIT_MODULES)], [])
         config = _infer_config(shapes, config_json)
     cfg = DIT_CONFIGS[config] if isinstance(config, str) else config
+    if num_layers is not None:  # the blocks read: the first num_layers, or all when there are fewer
+        cfg = replace(cfg, num_layers=min(cfg.num_layers, num_layers))
     with torch.device("meta"):
         model = WanDiT(cfg)
     _check_keys(path, f"{layout}; {cfg}", {k: v.shape for k, v in model.state_dict().items()}, shapes)

@@ -2236,12 +2236,12 @@ def test_refl_baseline_modes_run(refl_cache, tmp_path, mode):
         cfg = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[4].cfg
         lrm_lib.save_lrm(lrm_lib.DollarLRM(cfg), tmp_path / "dollar.safetensors")
         flags += ["--lrm", str(tmp_path / "dollar.safetensors")]
-    _, lrm, buffer = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
+    _, trained_lrm, buffer = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in metrics)
     assert (mode == "pixel") == (len(buffer) == 0)  # pixel ReFL needs no LRM alignment
     if mode == "dollar":
-        assert isinstance(lrm, lrm_lib.DollarLRM)
+        assert isinstance(trained_lrm, lrm_lib.DollarLRM)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["mode"] == mode and math.isfinite(summary["true_reward_after"])
 
@@ -4104,3 +4104,74 @@ def test_lpo_moves_the_policy_towards_what_its_ranker_prefers(refl_cache):
     res = bench.bench_lpo_probe(CPU, "tiny", steps=20, eval_every=20, eval_samples=8, cache_dir=refl_cache)
     before, after = res["curve"][0]["score"], res["curve"][-1]["score"]
     assert res["pair_share"] > 0.5 and after > before + 0.04, res  # measured: +0.08
+
+
+def test_load_dit_reads_only_the_kept_blocks_and_a_bf16_trunk(tmp_path, monkeypatch):
+    """load_dit(num_layers=n) keeps blocks 0..n-1 (and never reads the later ones from a
+    .safetensors); a DiT LRM built from a file with trunk_dtype bfloat16 keeps Wan's fp32 islands,
+    saves and loads in bf16 (a smaller file) and scores close to the fp32 trunk."""
+    dit, _, z, context, lengths = _dit_lrm_setup(1)
+    path = tmp_path / "dit"  # a folder as Wan's repos ship it: the weights and a config.json
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(asdict(dit.cfg)))
+    torch.save(dit.state_dict(), tmp_path / "dit.pth")
+    read = []
+    real_get = safe_open
+
+    class Spy:  # records which tensors are read from the file
+        def __init__(self, *a, **k):
+            self.f = real_get(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.inner.get_tensor(k)
+
+    import model_dit
+    monkeypatch.setattr(model_dit, "safe_open", Spy)
+    two = load_dit(path, num_layers=2)
+    assert len(two.blocks) == 2 and read and not any(k.startswith("blocks.2.") for k in read)
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in two.state_dict().items())
+    assert len(load_dit(tmp_path / "dit.pth", config=dit.cfg, num_layers=2).blocks) == 2
+    assert len(load_dit(path, num_layers=8).blocks) == 3  # at most: all three when there are fewer
+    monkeypatch.undo()
+
+    fp32 = lrm.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16))
+    bf16 = lrm.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16), trunk_dtype="bfloat16")
+    dtypes = {k: v.dtype for k, v in bf16.trunk.state_dict().items()}
+    assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16 and dtypes["blocks.0.modulation"] == torch.float32
+    assert dtypes["time_embedding.0.weight"] == torch.float32 and bf16.heads.query.dtype == torch.float32
+    with torch.no_grad():
+        a, b = fp32(z, context, lengths, sigma=0.3), bf16(z, context, lengths, sigma=0.3)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05 * a.abs().max().item())
+    lrm.save_lrm(fp32, tmp_path / "fp32.safetensors")
+    lrm.save_lrm(bf16, tmp_path / "bf16.safetensors")
+    saved = (tmp_path / "fp32.safetensors").stat().st_size - (tmp_path / "bf16.safetensors").stat().st_size
+    halved = sum(2 * v.numel() for v in bf16.trunk.state_dict().values() if v.dtype == torch.bfloat16)
+    assert halved > 0 and abs(saved - halved) < 2000  # 2 bytes fewer per cast weight, up to the JSON header
+    again = lrm.load_lrm(tmp_path / "bf16.safetensors")
+    assert again.cfg.trunk_dtype == "bfloat16" and again.trunk.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(again(z, context, lengths, sigma=0.3), b)
+    with pytest.raises(ValueError, match="trunk_dtype"):
+        lrm.dit_reward_model_from(dit, 1, 2, trunk_dtype="float16")
+
+
+def test_train_lrm_dit_bf16_trunk(tmp_path):
+    train_lrm.main(_data_train_argv(tmp_path / "run", "--model", "dit", "--dit-dtype", "bf16", "--members", "2",
+                                    "--synthetic", "16", "--epochs", "1"))
+    model = lrm.load_lrm(tmp_path / "run" / "lrm.safetensors")
+    assert model.cfg.trunk_dtype == "bfloat16" and model.trunk.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="--dit-dtype need --model dit"):
+        train_lrm.parse_args(["--dit-dtype", "bf16"])

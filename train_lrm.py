@@ -77,7 +77,6 @@ import distributed
 import sample
 import text_encoder
 import toy
-from model_dit import load_dit
 
 # ---------------------------------------------------------------------------------------------
 # Data: rows {"latent", "context" (L, C) without padding, "reward"}
@@ -503,6 +502,9 @@ def parse_args(argv):
     g.add_argument("--dit-blocks", type=int, help="--model dit: blocks of the generator kept (default 8 as PRFL, at most all)")
     g.add_argument("--dit-trunk", choices=lrm.TRUNKS, default="frozen",
                    help="--model dit: frozen trunk, or LoRA adapters on its blocks trained with the heads (default frozen)")
+    g.add_argument("--dit-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="--model dit: the trunk's weights; bf16 halves its memory and file (Wan's fp32 islands kept, "
+                        "run under bf16 autocast as the generator is) (default fp32)")
     g.add_argument("--dit-lora-rank", type=int, default=16, help="--model dit --dit-trunk lora: rank, alpha = rank (default 16)")
     g.add_argument("--dit-mlp", help="--model dit: hidden widths of each head's MLP, comma-separated (default 1024,512 "
                                      "as PRFL with --dit-ckpt, 64,32 for the toy DiT)")
@@ -561,8 +563,9 @@ def parse_args(argv):
         raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
-    if args.model != "dit" and (args.dit_ckpt or args.dit_blocks or args.dit_mlp or args.dit_trunk != "frozen"):
-        raise ValueError("--dit-ckpt/--dit-blocks/--dit-trunk/--dit-mlp need --model dit")
+    if args.model != "dit" and (args.dit_ckpt or args.dit_blocks or args.dit_mlp or args.dit_trunk != "frozen"
+                                or args.dit_dtype != "fp32"):
+        raise ValueError("--dit-ckpt/--dit-blocks/--dit-trunk/--dit-mlp/--dit-dtype need --model dit")
     if args.dit_ckpt and args.dit_ckpt != "toy" and not Path(args.dit_ckpt).exists():
         raise FileNotFoundError(f"--dit-ckpt {args.dit_ckpt} does not exist")
     if (args.dit_blocks is not None and args.dit_blocks < 1) or args.dit_lora_rank < 1:
@@ -576,12 +579,14 @@ def dit_lrm(args, members: int):
     DiT with the seed's random weights) as the trunk, `members` heads on it."""
     if args.dit_ckpt == "toy":  # the generator the toy world pretrained (and whose samples the synthetic set mimics)
         dit = toy.load_world(log=lambda *a: None)[0]
+    elif args.dit_ckpt:  # only the kept blocks are read (a path goes straight to dit_reward_model_from)
+        dit = args.dit_ckpt
     else:
-        dit = load_dit(args.dit_ckpt) if args.dit_ckpt else toy.build_models(args.seed)[0]
-    blocks = args.dit_blocks or min(8, dit.cfg.num_layers)
+        dit = toy.build_models(args.seed)[0]
     mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt not in (None, "toy") else (64, 32))
-    return lrm.dit_reward_model_from(dit, blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
-                                     lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss)
+    return lrm.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
+                                     lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss,
+                                     trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
 
 
 def epoch_metrics(model, data, train, test, args, rank, world, device, amp):

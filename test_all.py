@@ -4175,3 +4175,14 @@ def test_train_lrm_dit_bf16_trunk(tmp_path):
     assert model.cfg.trunk_dtype == "bfloat16" and model.trunk.blocks[0].ffn[0].weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="--dit-dtype need --model dit"):
         train_lrm.parse_args(["--dit-dtype", "bf16"])
+
+
+def test_refl_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
+    path = _na_toy_lrm(tmp_path / "na.safetensors")
+    train_refl.main(_refl_flags(refl_cache, tmp_path / "run", "--mode", "lpo", "--lrm", str(path), "--lpo-temp", "1",
+                                "--window", "1", "--steps", str(train_refl.LPO_WARN_STEPS), "--align-every", "0",
+                                "--picture-rows", "0"))
+    printed = capsys.readouterr().out
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["pairs"] for r in metrics) == 0 and all(r["score_range"] > 0 for r in metrics)
+    assert "kept no preference pair in 10 steps" in printed and "(range " in printed

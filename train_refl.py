@@ -97,6 +97,7 @@ MODES = ("velr", "pixel", "lastk", "latestep", "dollar", "lpo")
 # over 120 draws, 0.010 / 0.030 at the 10th / 90th percentile); at 0.01 about a third of the pairs
 # pass the 0.35-0.5 gap (measured: 32%), at LPO's 1 none would.
 LPO_TOY_TEMP = 0.01
+LPO_WARN_STEPS = 10  # --mode lpo warns when no pair was kept in a run's first this many steps
 # Flags left at None take these: the VELR paper's for real checkpoints (§4.3, App. C.2, C.3), the
 # toy world's for the offline default. The toy sampler is the one the toy generator was pretrained
 # and its LRM bootstrapped with (toy.ToyConfig), so ReFL cannot drift from it.
@@ -534,7 +535,7 @@ def lpo_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigmas
             mean, std = sample.ddim_transition(x, velocity(model, x, t, context, neg_context, args.guidance),
                                                sig[i], sig[i + 1], args.lpo_eta)
         x = mean + std * draw(x.shape)
-    losses, kept_total, scores_last = [], 0, None
+    losses, kept_total, scores_last, ranges = [], 0, None, []
     for i in range(batch["grad_start"], batch["stop"]):
         t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
         v = vel(x, t)
@@ -547,6 +548,7 @@ def lpo_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigmas
                           sigma=sig[i + 1])
             scores = lrm_lib.aggregate(members.float(), args.agg, args.lcb_k).view(b, k)
         best, worst, kept = select_pairs(scores, lpo_threshold(args, sig[i + 1]), args.lpo_temp)
+        ranges.append(scores.max(1).values - scores.min(1).values)
         rows = torch.arange(b, device=x.device)
         y_w, y_l = cands[rows, best], cands[rows, worst]
         per_pair = dpo_loss(sample.gaussian_log_prob(y_w, mean, std), sample.gaussian_log_prob(y_l, mean, std),
@@ -565,7 +567,8 @@ def lpo_loss(model, ref, lrm, batch, context, lengths, neg_context, args, sigmas
     with torch.no_grad():
         members = lrm(z0, context, lengths)
     return {"loss": loss, "reward": scores_last.mean(1), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach(),
-            "dropped": 0, "pairs": kept_total, "pair_offers": b * (batch["stop"] - batch["grad_start"])}
+            "dropped": 0, "pairs": kept_total, "pair_offers": b * (batch["stop"] - batch["grad_start"]),
+            "score_range": torch.cat(ranges).median().item()}
 
 
 # ----------------------------------------------------------------------------- online alignment
@@ -1033,7 +1036,7 @@ def format_line(r: dict) -> str:
     lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
     true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
     err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
-    pairs = f"pairs {r['pairs']}/{r['pair_offers']} | " if "pairs" in r else ""
+    pairs = f"pairs {r['pairs']}/{r['pair_offers']} (range {r['score_range']:.3g}) | " if "pairs" in r else ""
     return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
             f"kl {r['kl']:.2e} | {pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
             f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB")
@@ -1110,7 +1113,7 @@ def main(argv=None):
     before = history[0]["true_reward"]
     log(f"eval step 0 | true reward {before:.4f} ({len(pairs)} fixed prompt/seed pairs)")
     metrics = open_metrics(out_dir / "metrics.jsonl", start) if rank == 0 else None
-    t_run = time.time()
+    t_run, lpo_kept = time.time(), 0
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         batch = step_batch(args, step, data_rank, prompts)
@@ -1138,8 +1141,14 @@ def main(argv=None):
                "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": args.lr}
         if "sft" in out:
             rec["sft"] = out["sft"].item()
-        if "pairs" in out:  # --mode lpo: preference pairs kept / offered this step
-            rec.update(pairs=out["pairs"], pair_offers=out["pair_offers"])
+        if "pairs" in out:  # --mode lpo: preference pairs kept / offered this step, the candidates' score range
+            rec.update(pairs=out["pairs"], pair_offers=out["pair_offers"], score_range=out["score_range"])
+            lpo_kept += out["pairs"]
+            if step - start == LPO_WARN_STEPS and lpo_kept == 0:
+                log(f"warning: --mode lpo kept no preference pair in {LPO_WARN_STEPS} steps, so nothing trains: the "
+                    f"{args.lpo_k} candidates' LRM scores differ by {out['score_range']:.3g} (median max - min), too "
+                    f"little for a softmax gap of {args.lpo_threshold[0]}-{args.lpo_threshold[1]} at --lpo-temp "
+                    f"{args.lpo_temp}; a temperature near that difference keeps some (LPO's 1 suits logit-scale scores)")
         if args.align_every and args.mode != "pixel":  # online alignment (Algorithm 1)
             rec.update(offer_to_buffer(buffer, out, context, lengths, batch["prompts"], vae, reward_fn, step, data_rank,
                                        data_world, bad, log, group=dp_group))

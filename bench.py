@@ -253,8 +253,11 @@ def child_refl(args, device, base_mb):
             lrm = DiTRewardModel(DiTLRMConfig(dit=trunk), 10).requires_grad_(False)
         lrm.trunk.gradient_checkpointing = targs.gradient_checkpointing
         modules.update(lrm=[lrm])
-    else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable)
-        lrm = EnsembleLRM(LRM_CONFIGS["default"], 10).to(device).requires_grad_(False)
+    else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable); LPO's is noise-aware
+        from dataclasses import replace
+
+        lrm_cfg = replace(LRM_CONFIGS["default"], timestep_cond=args["mode"] == "lpo")
+        lrm = EnsembleLRM(lrm_cfg, 10).to(device).requires_grad_(False)
         modules.update(lrm=[lrm])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr)
     sigmas = sample.get_sigmas(targs.sample_steps, targs.shift, targs.solver)
@@ -266,7 +269,10 @@ def child_refl(args, device, base_mb):
         step_index[0] += 1  # steps 1, 2, ...: the same mid steps and noise for every mode
         batch = train_refl.step_batch(targs, step_index[0], 0, prompts)
         with sample.autocast(device):
-            out = train_refl.refl_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, vae, rm)
+            if args["mode"] == "lpo":
+                out = train_refl.lpo_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, step_index[0], 0)
+            else:
+                out = train_refl.refl_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, vae, rm)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -293,11 +299,12 @@ def bench_memory(device, scale):
         res[mode] = run_child("refl", {"mode": mode, "config": cfg, "repeats": 1})
     res.update(memory_ratios(res["velr"], res["pixel"]))
     res["velr_dit_lrm"] = run_child("refl", {"mode": "velr", "lrm": "dit", "config": cfg, "repeats": 1})
+    res["lpo"] = run_child("refl", {"mode": "lpo", "config": cfg, "repeats": 1})  # k = 4 candidates per window step
     return res
 
 
 def table_memory(res, modes=None):
-    modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm") if m in res]
+    modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm", "lpo") if m in res]
     parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
     rows = [
         [mode, res[mode]["time_s"], res[mode]["peak_mb"], res[mode]["resident_mb"], res[mode]["step_mb"]]

@@ -2324,7 +2324,7 @@ def test_bench_saved_tensor_bytes_labels_modules_and_keeps_outputs():
     assert saved["other"] == 32 * 1 * 4  # tanh (outside both) saves its output
 
 
-@pytest.mark.parametrize("mode", ["velr", "pixel"])
+@pytest.mark.parametrize("mode", ["velr", "pixel", "lpo"])
 def test_bench_refl_step_breakdown(mode):
     config = bench.memory_config("tiny")
     r = bench.run_child("refl", {"mode": mode, "config": config, "repeats": 1})  # a fresh process: RSS is its own
@@ -2338,6 +2338,8 @@ def test_bench_refl_step_breakdown(mode):
     if mode == "pixel":
         assert r["saved_mb"]["decoder"] > 0 and r["saved_mb"]["pixel_rm"] > 0 and "lrm" not in r["params_mb"]
         assert r["params_mb"]["pixel_rm"] > 300  # the ViT-B-sized stand-in, fp32
+    elif mode == "lpo":  # the LRM only ranks candidates, without gradient: nothing of it is kept for the backward
+        assert r["saved_mb"].get("lrm", 0) == 0 and r["params_mb"]["lrm"] > 700
     else:
         assert r["saved_mb"]["lrm"] > 0 and "decoder" not in r["params_mb"]
         assert r["params_mb"]["lrm"] > 700  # 10 default members of ~20M parameters, fp32
@@ -2403,7 +2405,7 @@ def _bench_fake_step(step_mb, resident_mb=1000.0):
 
 
 def test_bench_memory_ratios_are_velr_over_pixel(monkeypatch):
-    fake = {"velr": 100.0, "pixel": 400.0, "lastk": 150.0, "latestep": 120.0}
+    fake = {"velr": 100.0, "pixel": 400.0, "lastk": 150.0, "latestep": 120.0, "lpo": 130.0}
     monkeypatch.setattr(bench, "run_child", lambda task, args: _bench_fake_step(fake[args["mode"]]))
     res = bench.bench_memory(CPU, "tiny")
     assert res["ratio_peak"] == pytest.approx(0.25) and res["ratio_time"] == pytest.approx(0.25)

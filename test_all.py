@@ -4026,7 +4026,7 @@ def test_lpo_pair_selection_respects_the_threshold():
     _, _, kept_t = train_refl.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
     assert kept_t.tolist() == [True, False, True]
     assert train_refl.parse_args(["--mode", "lpo", "--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
-    for bad in (["--lpo-k", "1"], ["--lpo-threshold", "0.3", "1.2"], ["--dpo-beta", "0"], ["--reward-on", "zt"],
+    for bad in (["--lpo-k", "1"], ["--lpo-threshold", "0.3", "1.2"], ["--dpo-beta", "0"], ["--lpo-eta", "inf"], ["--reward-on", "zt"],
                 ["--preset", "prfl"]):
         with pytest.raises(ValueError, match="lpo"):
             train_refl.parse_args(["--mode", "lpo", *bad])

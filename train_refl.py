@@ -285,7 +285,8 @@ def validate(args):
         if args.lpo_k < 2:
             raise ValueError(f"--lpo-k must be >= 2 (a best and a worst candidate), got {args.lpo_k}")
         lo, hi = args.lpo_threshold
-        if not (0 <= lo < 1 and 0 <= hi < 1 and args.lpo_eta > 0 and args.dpo_beta > 0 and args.lpo_temp > 0):
+        positive = (args.lpo_eta, args.dpo_beta, args.lpo_temp)
+        if not (0 <= lo < 1 and 0 <= hi < 1 and all(math.isfinite(x) and x > 0 for x in positive)):
             raise ValueError(f"--mode lpo needs thresholds in [0, 1), --lpo-eta, --dpo-beta and --lpo-temp > 0, got "
                              f"{args.lpo_threshold}, {args.lpo_eta}, {args.dpo_beta}, {args.lpo_temp}")
     if args.reward_on == "zt" and args.noise_ensemble:

@@ -3382,8 +3382,8 @@ def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch):
 
 def test_train_assets_command(tmp_path):
     res = toy.train_assets(["--vae-steps", "2", "--pretrain-steps", "2", "--vae-videos", "8", "--videos", "8",
-                            "--out", str(tmp_path)])
-    assert {p.name for p in tmp_path.iterdir()} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json"}
+                            "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt")])
+    assert {p.name for p in tmp_path.iterdir()} - {"ckpt"} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json"}
     saved = json.loads((tmp_path / "toy_assets.json").read_text())
     assert saved["recipe"]["vae_steps"] == 2 and 0 <= saved["square_every_frame"] <= 1 and saved["vae_psnr_db"] > 0
     assert saved == json.loads(json.dumps(res))
@@ -4188,3 +4188,38 @@ def test_refl_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["pairs"] for r in metrics) == 0 and all(r["score_range"] > 0 for r in metrics)
     assert "kept no preference pair in 10 steps" in printed and "(range " in printed
+
+
+def test_toy_training_resumes_bit_identically(tmp_path, monkeypatch):
+    """train-assets' VAE and DiT training, killed after a checkpoint, resume to exactly the weights of
+    an uninterrupted run; a checkpoint of another recipe is not used."""
+    cfg = replace(_small_watchable(), vae_steps=4, pretrain_steps=4)
+    real_save = toy.TrainingCheckpoint.save
+
+    def crash_after_two(self, done, *a):
+        real_save(self, done, *a)
+        if done == 2:
+            raise KeyboardInterrupt  # the kill
+
+    for name in ("vae", "dit"):
+        def train(ckpt):
+            if name == "vae":
+                return toy.train_vae(cfg, log=lambda *a: None, ckpt=ckpt, save_every=2)
+            dit, vae, encoder, tokenizer = toy.build_models(cfg.seed, cfg.dit)
+            return toy.pretrain_dit(dit, vae, encoder, tokenizer, cfg, log=lambda *a: None, ckpt=ckpt, save_every=2)
+
+        whole = train(None).state_dict()
+        ckpt = tmp_path / f"{name}.pt"
+        with monkeypatch.context() as m:
+            m.setattr(toy.TrainingCheckpoint, "save", crash_after_two)
+            with pytest.raises(KeyboardInterrupt):
+                train(ckpt)
+        assert torch.load(ckpt, weights_only=True)["step"] == 2
+        logged = []
+        resumed = train(ckpt).state_dict() if name == "dit" else toy.train_vae(cfg, log=logged.append, ckpt=ckpt, save_every=2).state_dict()
+        assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole), name
+        assert name == "dit" or any("resumed" in m and "at step 2" in m for m in logged)
+    other = replace(cfg, vae_lr=cfg.vae_lr / 2)  # another recipe: the checkpoint is not used
+    logged = []
+    toy.train_vae(other, log=logged.append, ckpt=tmp_path / "vae.pt", save_every=2)
+    assert any("another recipe" in m for m in logged)

@@ -273,12 +273,51 @@ def toy_vae_config(mean=None, std=None) -> VAEConfig:
     return replace(VAE_CONFIGS["tiny"], latents_mean=tuple(mean or [0.0] * z), latents_std=tuple(std or [1.0] * z))
 
 
-def train_vae(cfg: ToyConfig, device="cpu", log=print) -> WanVAE:
+class TrainingCheckpoint:
+    """Resumable training of a toy model: every `every` steps the model, optimiser, scheduler, step
+    and data generator go to `path` (tmp + fsync + rename), with the recipe they belong to; `resume`
+    restores them when the recipe is the same (else starts over) and returns the step to go on from.
+    A run resumed this way on the CPU equals the uninterrupted one bit for bit. path None: off."""
+
+    def __init__(self, path, recipe_json: str, every: int = 500, log=print):
+        self.path, self.recipe, self.every, self.log = Path(path) if path else None, recipe_json, every, log
+
+    def resume(self, model, opt, sched, g) -> int:
+        if self.path is None or not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("recipe") != self.recipe:
+            self.log(f"{self.path} holds another recipe's training; starting over")
+            return 0
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        g.set_state(state["rng"])
+        self.log(f"resumed {self.path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, done: int, model, opt, sched, g):
+        """After `done` steps: written on every `every`-th."""
+        if self.path is None or done % self.every:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": done, "recipe": self.recipe, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict() if sched is not None else None, "rng": g.get_state()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def train_vae(cfg: ToyConfig, device="cpu", log=print, ckpt=None, save_every=500) -> WanVAE:
     """The "tiny" Wan VAE (vae.py, the real model's code) trained as a plain autoencoder, MSE of
     decode(encode(x)) through the posterior mean, on cfg.vae_videos procedural videos (AdamW,
     one-cycle learning rate); then its per-channel latent mean/std measured on them, as Wan's VAE
     comes with its own, and returned in a VAE that normalises with them (eval, no grad, on the CPU).
-    Deterministic per seed on one device. On 2 CPU cores a step of batch 32 takes about 2 s."""
+    Deterministic per seed on one device. On 2 CPU cores a step of batch 32 takes about 2 s.
+    ckpt: a file to checkpoint the training to every save_every steps and resume from."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     data = world_videos(cfg.vae_videos, cfg, g)
     with torch.random.fork_rng():  # the weights come from cfg.seed alone
@@ -286,7 +325,8 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print) -> WanVAE:
         vae = WanVAE(toy_vae_config()).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
-    for step in range(cfg.vae_steps):
+    saver = TrainingCheckpoint(ckpt, recipe(cfg, VAE_RECIPE), save_every, log)
+    for step in range(saver.resume(vae, opt, sched, g), cfg.vae_steps):
         x = data[torch.randint(len(data), (cfg.vae_batch,), generator=g)].to(device)
         loss = (vae.decode(vae.encode(x)) - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -295,6 +335,7 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print) -> WanVAE:
         sched.step()
         if step % 500 == 0 or step == cfg.vae_steps - 1:
             log(f"toy VAE step {step:5d} | mse {loss.item():.5f}")
+        saver.save(step + 1, vae, opt, sched, g)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         mu = torch.cat([vae.encode(v.to(device)).cpu() for v in data.split(64)])  # raw latents (identity normalisation)
@@ -303,9 +344,10 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print) -> WanVAE:
     return trained.eval().requires_grad_(False)
 
 
-def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device="cpu"):
+def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device="cpu", ckpt=None, save_every=500):
     """Flow matching on the VAE latents of the procedural videos; updates dit in place (on `device`,
-    returned there). The watchable world (cfg.vae_steps > 0) decays the learning rate to 0 (cosine)."""
+    returned there). The watchable world (cfg.vae_steps > 0) decays the learning rate to 0 (cosine).
+    ckpt: a file to checkpoint the training to every save_every steps and resume from."""
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         videos = world_videos(cfg.num_videos, cfg, g)
@@ -315,7 +357,8 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device
     dit.to(device)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps) if cfg.vae_steps else None
-    for step in range(cfg.pretrain_steps):
+    saver = TrainingCheckpoint(ckpt, recipe(cfg, DIT_RECIPE), save_every, log)
+    for step in range(saver.resume(dit, opt, sched, g), cfg.pretrain_steps):
         idx = torch.randint(cfg.num_videos, (cfg.pretrain_batch,), generator=g)
         x0, noise = z[idx], torch.randn(z[idx].shape, generator=g)
         sigma = sample.shift_sigmas(torch.rand(len(idx), generator=g), cfg.shift)  # the sampler's shift
@@ -330,6 +373,7 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device
             sched.step()
         if step % 100 == 0 or step == cfg.pretrain_steps - 1:
             log(f"toy pretrain step {step:4d} | flow-matching loss {loss.item():.4f}")
+        saver.save(step + 1, dit, opt, sched, g)
     return dit
 
 
@@ -578,6 +622,8 @@ def train_assets(argv=None):
     p.add_argument("--vae-videos", type=int, default=WATCHABLE.vae_videos, help=f"default {WATCHABLE.vae_videos}")
     p.add_argument("--videos", type=int, default=WATCHABLE.num_videos, help=f"the DiT's (default {WATCHABLE.num_videos})")
     p.add_argument("--out", default=str(ASSETS), help="output folder (default assets/ of the repository)")
+    p.add_argument("--ckpt-dir", default=str(default_cache_dir() / "train_assets"),
+                   help="training checkpoints, every 500 steps; a rerun resumes from them (default <cache>/toy/train_assets)")
     args = p.parse_args(argv)
     cfg = replace(WATCHABLE, vae_steps=args.vae_steps, pretrain_steps=args.pretrain_steps, vae_videos=args.vae_videos,
                   num_videos=args.videos)
@@ -586,12 +632,13 @@ def train_assets(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    vae = train_vae(cfg, device=args.device)
+    ckpt = Path(args.ckpt_dir)
+    vae = train_vae(cfg, device=args.device, ckpt=ckpt / "vae.pt")
     save_toy_vae(vae, out / "toy_vae.safetensors", cfg, torch.float16)
     vae = read_toy_vae(out / "toy_vae.safetensors", cfg)  # what users get: the fp16 file
     t_vae = time.time() - t0
     dit, _, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
-    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device)
+    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt")
     save_toy_dit(dit, out / "toy_dit.safetensors", cfg, torch.float16)
     dit.load_state_dict(_read_trained(out / "toy_dit.safetensors", cfg, DIT_RECIPE)[0])
     res = measure_world(dit.cpu(), vae.cpu(), encoder, tokenizer, cfg)

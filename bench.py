@@ -493,19 +493,15 @@ def child_lrm(args, device, base_mb):
     """Forward + backward (to the weights and to the latent, as in LRM training and ReFL)."""
     from lrm import LRM_CONFIGS, DiTRewardModel, EnsembleLRM
 
-    if args["variant"].startswith("dit_heads"):  # the DiT-backbone LRM: N heads on one frozen trunk
-        cfg = dit_lrm_config(args["scale"])
-        models = [DiTRewardModel(cfg, int(args["variant"][len("dit_heads"):]), seed=0).to(device).requires_grad_(True)]
-        if device.type == "cuda":
-            models[0].trunk.gradient_checkpointing = True  # as train_refl --gradient-checkpointing at 480x832x81
-    else:
-        cfg = LRM_CONFIGS[args["config"]]
+    dit_heads = args["variant"].startswith("dit_heads")  # the DiT-backbone LRM: N heads on one frozen trunk
+    cfg = dit_lrm_config(args["scale"]) if dit_heads else LRM_CONFIGS[args["config"]]
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, *args["shape"], generator=g).to(device).requires_grad_(True)
     context = torch.randn(1, 32, cfg.text_dim, generator=g).to(device)
     lengths = torch.tensor([20], device=device)
-    if args["variant"].startswith("dit_heads"):
-        pass
+    if dit_heads:
+        models = [DiTRewardModel(cfg, int(args["variant"][len("dit_heads"):]), seed=0).requires_grad_(True)]
+        models[0].trunk.gradient_checkpointing = device.type == "cuda"  # as train_refl --gradient-checkpointing at 480x832x81
     elif args["variant"] == "ensemble10":
         models = [EnsembleLRM(cfg, 10, seed=0)]
     else:  # member i of the ensemble is EnsembleLRM(cfg, 1, seed=i)
@@ -750,8 +746,8 @@ def bench_lpo_probe(device, scale, steps=100, eval_every=25, eval_samples=48, ca
     table = train_refl.embed_prompts(prompts, tokenizer, encoder, device)
     model, ref = train_refl.wrap(dit.to(device), args, device, 1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    sigmas, scorer, pairs = sample.get_sigmas(args.sample_steps, args.shift, args.solver), ChannelMeanScorer(), \
-        train_refl.eval_pairs(args, prompts)
+    sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
+    scorer, pairs = ChannelMeanScorer(), train_refl.eval_pairs(args, prompts)
 
     def evaluate():
         z = torch.cat([train_refl.sample_pairs(model, vae, pairs[i : i + 16], table, None, args, sigmas, device, latents=True)[0]

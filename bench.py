@@ -743,7 +743,7 @@ def bench_lpo_probe(device, scale, steps=100, eval_every=25, eval_samples=48, ca
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, redirect_stdout(null):
         args.cache_dir = args.cache_dir or tmp
         dit, vae, encoder, tokenizer, _, prompts = train_refl.load_models(args, device, 0, 1)
-    table = train_refl.embed_prompts(prompts, tokenizer, encoder, device)
+    table = train_refl.embed_prompts(prompts, tokenizer, encoder, device, dit.cfg.text_len)
     model, ref = train_refl.wrap(dit.to(device), args, device, 1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)

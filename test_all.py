@@ -3341,6 +3341,25 @@ def test_watchable_world_videos_show_their_square():
     assert all(len(v.flatten(1).unique(dim=1).T) == 2 for v in hard)
 
 
+def test_toy_dit_reads_a_short_context():
+    """The watchable world's DiT reads 32 context rows: every toy caption fits, and the rows are
+    those of Wan's 512-row encoding (padded keys are masked in the encoder)."""
+    cfg = toy.TOY_DITS["toy"]
+    _, _, encoder, tok = toy.build_models(0)
+    prompts = toy.prompt_list()
+    ids, mask = tok(prompts, max_length=512)
+    assert cfg.text_len == 32 and int(mask.sum(1).max()) <= cfg.text_len
+    table = train_refl.embed_prompts(prompts[:5], tok, encoder, torch.device("cpu"), cfg.text_len)
+    full, lengths = text_encoder.encode_prompts(prompts[:5], tok, encoder)
+    for i, p in enumerate(prompts[:5]):
+        assert table[p][0].shape == (32, encoder.cfg.dim) and table[p][1] == lengths[i]
+        torch.testing.assert_close(table[p][0], full[i, :32], atol=1e-5, rtol=1e-5)
+        assert full[i, 32:].abs().max() == 0  # nothing past 32 rows was dropped
+    dit = WanDiT(cfg)
+    with pytest.raises(ValueError, match="zero-padded"):
+        dit(torch.randn(1, 16, 2, 4, 4), torch.tensor([500]), full[:1])  # Wan's 512 rows are refused
+
+
 def test_square_color_reward():
     g = torch.Generator().manual_seed(1)
     video = toy.procedural_videos(1, 5, 32, g, min_contrast=0.5)
@@ -3378,6 +3397,9 @@ def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch):
     logged.clear()
     toy.load_world(replace(cfg, pretrain_steps=3), cache_dir=tmp_path / "cache", log=logged.append)
     assert any("pretraining" in m for m in logged)  # a DiT recipe the assets do not hold is trained
+    shorter = replace(toy.TOY_DITS[cfg.dit], text_len=16)  # same weight shapes, another architecture
+    monkeypatch.setitem(toy.TOY_DITS, cfg.dit, shorter)
+    assert toy._read_trained(tmp_path / "toy_dit.safetensors", cfg, toy.DIT_RECIPE) is None
 
 
 def test_train_assets_command(tmp_path):

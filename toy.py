@@ -81,7 +81,7 @@ class ToyConfig:
 # The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy" DiT
 # pretrained on its latents (both shipped in assets/ once trained: `python toy.py train-assets`),
 # and a reward on the square's colour. WORLDS names the worlds `train_refl.py --toy-world` offers.
-WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=8000, pretrain_batch=64, vae_steps=20000, dit="toy",
+WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, vae_steps=14000, vae_batch=16, dit="toy",
                       min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color")
 WORLDS = {"random": ToyConfig(), "watchable": WATCHABLE}
 
@@ -245,7 +245,10 @@ def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
 # The toy DiTs: "tiny" (the random-VAE world's: 8 tokens for the 16x2x4x4 latent) and "toy" (the
 # watchable world's: patch 1x1x1, so 32 tokens, one per latent pixel; dim 128, 4 layers).
 TOY_DITS = {"tiny": DIT_CONFIGS["tiny"],
-            "toy": DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, patch_size=(1, 1, 1))}
+            # text_len 32, not Wan's 512: the toy captions are at most 18 tokens, and with 32 video tokens
+            # the 512 padded context rows took most of a training step
+            "toy": DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, patch_size=(1, 1, 1),
+                             text_len=32)}
 
 
 def build_models(seed: int = 0, dit: str = "tiny"):
@@ -323,11 +326,15 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print, ckpt=None, save_every=500
     with torch.random.fork_rng():  # the weights come from cfg.seed alone
         torch.manual_seed(cfg.seed)
         vae = WanVAE(toy_vae_config()).to(device).train()
+    for m in vae.modules():  # channels-last convs: ~1.4x faster steps on the CPU (same values up to rounding)
+        if isinstance(m, torch.nn.Conv3d):
+            m.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
     saver = TrainingCheckpoint(ckpt, recipe(cfg, VAE_RECIPE), save_every, log)
     for step in range(saver.resume(vae, opt, sched, g), cfg.vae_steps):
         x = data[torch.randint(len(data), (cfg.vae_batch,), generator=g)].to(device)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         loss = (vae.decode(vae.encode(x)) - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -353,7 +360,7 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device
         videos = world_videos(cfg.num_videos, cfg, g)
         device_vae = next(vae.parameters()).device
         z = torch.cat([vae.encode(v.to(device_vae)).cpu() for v in videos.split(512)])  # the default world: one call
-        context, lengths = text_encoder.encode_prompts(toy_prompts(cfg.num_videos, g), tokenizer, encoder)
+        context, lengths = text_encoder.encode_prompts(toy_prompts(cfg.num_videos, g), tokenizer, encoder, dit.cfg.text_len)
     dit.to(device)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps) if cfg.vae_steps else None
@@ -398,7 +405,7 @@ def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model
     reward_fn = rewards.load_reward(cfg.reward)
     prompts = toy_prompts(cfg.lrm_rollouts, g)
     with torch.no_grad():
-        context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+        context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder, dit.cfg.text_len)
         z = torch.cat([
             rollout(dit, context[i : i + 64], torch.randn(len(prompts[i : i + 64]), *latent_shape(cfg), generator=g), cfg)
             for i in range(0, len(prompts), 64)
@@ -468,8 +475,12 @@ DIT_RECIPE = VAE_RECIPE + ("num_videos", "pretrain_steps", "pretrain_batch", "pr
 
 
 def recipe(cfg: ToyConfig, fields) -> str:
-    """The settings a trained model depends on, as the JSON stored with its weights."""
-    return json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
+    """The settings a trained model depends on, as the JSON stored with its weights (a DiT's with
+    its architecture, text_len included, which the weights' shapes do not show)."""
+    settings = {k: getattr(cfg, k) for k in fields}
+    if "dit" in fields:
+        settings["dit_config"] = asdict(TOY_DITS[cfg.dit])
+    return json.dumps(settings, sort_keys=True)
 
 
 def save_toy_vae(vae: WanVAE, path: Path, cfg: ToyConfig, dtype=torch.float32):
@@ -602,7 +613,7 @@ def measure_world(dit, vae, encoder, tokenizer, cfg: ToyConfig, n: int = 48) -> 
     g = torch.Generator().manual_seed(4321)
     prompts = toy_prompts(n, g)
     with torch.no_grad():
-        context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder)
+        context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder, dit.cfg.text_len)
         video = vae.decode(rollout(dit.eval(), context, torch.randn(n, *latent_shape(cfg), generator=g), cfg))
     found = parse_squares(video)
     res.update(square_every_frame=sum(f == cfg.frames for f in found) / n, square_frames_mean=sum(found) / n)

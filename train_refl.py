@@ -353,13 +353,14 @@ def load_models(args, device, rank, world):
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
 
 
-def embed_prompts(prompts: list[str], tokenizer, encoder, device) -> dict:
-    """prompt -> (context (512, C) on the CPU, length); the encoder is not needed afterwards."""
+def embed_prompts(prompts: list[str], tokenizer, encoder, device, text_len: int = 512) -> dict:
+    """prompt -> (context (text_len, C) on the CPU, length); the encoder is not needed afterwards.
+    text_len: the DiT's (Wan's 512; the watchable toy world's DiT reads 32)."""
     table = {}
     unique = sorted(set(prompts))
     with torch.no_grad():
         for i in range(0, len(unique), 16):
-            context, lengths = text_encoder.encode_prompts(unique[i : i + 16], tokenizer, encoder.to(device))
+            context, lengths = text_encoder.encode_prompts(unique[i : i + 16], tokenizer, encoder.to(device), text_len)
             for p, c, n in zip(unique[i : i + 16], context.cpu(), lengths.cpu()):
                 table[p] = (c, n)
     return table
@@ -1075,7 +1076,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
 
     pairs = eval_pairs(args, prompts)
-    table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device)
+    table = embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, device, dit.cfg.text_len)
     del encoder  # prompts are embedded once; the encoder is not needed again
     neg = text_batch(table, [sample.WAN_NEGATIVE_PROMPT] * args.batch_size, device)[0] if args.guidance != 1.0 else None
     dit = dit.to(device)

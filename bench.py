@@ -7,8 +7,9 @@
     python bench.py all --threads 1     # on a CPU shared with other jobs
     python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
     python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
-    python bench.py toy [--seeds 4] [--toy-world watchable]  # a toy world: VAE PSNR, build, squares, default runs (~15 min)
+    python bench.py toy [--seeds 4] [--toy-world watchable]  # a toy world: VAE PSNR, build, squares, default runs (~5-15 min)
     python bench.py refl [--seeds 3]    # VELR vs its baselines in the toy world, same budget (~25 min)
+    # --toy-world watchable: every section in that world (results under "<section>_watchable")
 
 Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
 is the peak of that one workload. Three memory numbers per workload: `resident_mb`, what is held
@@ -1043,8 +1044,10 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
     p.add_argument("--methods", help=f"refl: comma-separated subset of {','.join(REFL_METHODS)}, merged into "
                    "the file's refl results (same --seeds)")
-    p.add_argument("--toy-world", default="random", choices=["random", "watchable"], help="toy: which world (default random)")
+    p.add_argument("--toy-world", default="random", choices=["random", "watchable"], help="the toy world of every section's train_refl runs (default random, the world "
+                   "BENCH.md's rows were measured in)")
     args = p.parse_args(argv)
+    os.environ["VELR_TOY_WORLD"] = args.toy_world  # every section's train_refl runs, children included
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -1060,18 +1063,18 @@ def main(argv=None):
         raise ValueError(f"--methods needs section refl and names from {', '.join(REFL_METHODS)}, got {args.methods}")
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
-        key = "toy_watchable" if name == "toy" and args.toy_world == "watchable" else name  # one entry per world
+        key = name if args.toy_world == "random" else f"{name}_{args.toy_world}"  # one entry per world
         if name == "toy":
             results[key] = bench(device, scale, args.seeds or TOY_SEEDS, args.toy_world)
         elif methods:  # a few methods rerun, the others' rows kept
-            new, old = bench(device, scale, args.seeds or REFL_SEEDS, methods), results.get("refl", {})
+            new, old = bench(device, scale, args.seeds or REFL_SEEDS, methods), results.get(key, {})
             if old and old.get("seeds") != new["seeds"]:
                 raise ValueError(f"--methods: {out} holds refl rows of {old.get('seeds')} seeds, not {new['seeds']}")
             results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}}
         else:
             results[key] = bench(device, scale, args.seeds or REFL_SEEDS) if name == "refl" else bench(device, scale)
         if name == "refl":
-            print(f"plot: {plot_refl(results[key], out.with_name('bench_refl.png'))}")
+            print(f"plot: {plot_refl(results[key], out.with_name(f'bench_{key}.png'))}")
         print(table(results[key]) + "\n", flush=True)
         out.write_text(json.dumps(results, indent=2))
     return results

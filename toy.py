@@ -2,24 +2,31 @@
 
 ReFL needs a generator whose mid-step x0 prediction says something about where its own sampler
 ends; a randomly initialised DiT does not, and ReFL on it raises no true reward at any learning
-rate (measured on a 2-layer DiT: lr 1e-4 and 1e-3, beta 0 and 1). So the offline default is a small world of its own:
+rate (measured on a 2-layer DiT: lr 1e-4 and 1e-3, beta 0 and 1). So the offline runs use small
+worlds of their own (WORLDS; train_refl.py --toy-world):
 
   - procedural videos: 5 frames of 32x32, a random background colour and a square of another
     random colour moving in a straight line; captions name a colour from the pixel reward's
     palette that is UNRELATED to the video, so the pretrained generator ignores the colour word
-    and does not already satisfy the prompt-dependent "color" reward;
-  - the tiny Wan-architecture models, all seeded: DiT ("tiny": dim 64, 2 layers), VAE ("tiny",
-    random weights: latents 16x2x4x4), UMT5 ("tiny") with the offline byte tokenizer;
-  - the tiny DiT pretrained by flow matching (x_sigma = (1 - sigma) x0 + sigma eps, target
-    v = eps - x0, sigma drawn through the sampler's shift) on the VAE latents of the videos, about
-    a minute on 2 CPU cores; the weights are cached on first use under `cache_dir`
-    (default `<repo>/.cache/toy`, or $VELR_CACHE), keyed by a hash of the settings, written
-    atomically;
+    and does not already satisfy the prompt-dependent reward;
+  - "watchable" (WATCHABLE, the README's default): squares at least 0.5 RGB distance from their
+    background with anti-aliased edges; the "tiny" Wan VAE trained as an autoencoder on them, with
+    its own latent mean/std (train_vae); the "toy" DiT (dim 128, 4 layers, 32 context rows)
+    pretrained on its latents (pretrain_dit); both shipped in assets/ (`python toy.py
+    train-assets`, 1.7 h on 2 CPU cores); reward `toy:square_color`, the segmented square's colour
+    against the named one (square_color), from decoded pixels only;
+  - "random" (the tests' world): hard-edged squares, the tiny VAE with random weights (a fixed,
+    smooth decoder whose decodes show no scene), the "tiny" DiT (dim 64, 2 layers) pretrained at
+    first use (about a minute on 2 CPU cores), reward `toy:calibrated_color`, calibrated to that
+    decoder's statistics;
+  - flow-matching pretraining: x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma
+    drawn through the sampler's shift; the UMT5 ("tiny", seeded) with the offline byte tokenizer;
   - an ensemble LRM bootstrapped from the generator's own labelled rollouts: sample, decode,
-    score with the pixel reward, `lrm.lrm_update` (also cached).
+    score with the pixel reward, `lrm.lrm_update`.
+  Everything built is cached under `cache_dir` (default `<repo>/.cache/toy`, or $VELR_CACHE),
+  keyed by a hash of the settings, written atomically.
 
-The world's sampler: 20 Euler steps, shift 5; train_refl.py's toy defaults read it from ToyConfig.
-Left out: a trained toy VAE (a random VAE is a fixed, smooth decoder, which is all ReFL needs here).
+The worlds' sampler: 20 Euler steps, shift 5; train_refl.py's toy defaults read it from ToyConfig.
 """
 
 import functools

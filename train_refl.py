@@ -113,6 +113,10 @@ REAL_DEFAULTS = dict(sample_steps=50, shift=5.0, solver="unipc", mid_min=15, mid
 # alignment settings (eval at steps 100 / 200 / 300 from 0.744, 2-core CPU, one run each):
 # every 25 steps at lr 1e-4 0.769 / 0.768 / 0.750; lr 1e-5 0.778 / 0.776 / 0.664; every 100 steps
 # 0.796 / 0.764 / 0.760; every 10 steps 0.795 / 0.742 / 0.763. README "Over-optimisation".
+# The toy world without --toy-world: $VELR_TOY_WORLD, else this one (the README's main command).
+# The tests and bench.py set the variable (to "random" unless told otherwise), so their worlds,
+# subprocesses included, stay the ones their numbers were measured in.
+DEFAULT_TOY_WORLD = "watchable"
 TOY_DEFAULTS = dict(sample_steps=toy.ToyConfig.sample_steps, shift=toy.ToyConfig.shift, solver="euler",
                     mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4, align_every=10, align_rounds=2, align_lr=1e-4,
                     steps=100, eval_every=50, eval_samples=48, guidance=1.0,
@@ -145,10 +149,10 @@ def parse_args(argv=None):
     m.add_argument("--size", help=_default("size", "WxH, multiples of 16"))
     m.add_argument("--frames", type=int, help=_default("frames", "4k+1"))
     m.add_argument("--cache-dir", help="toy world cache (default <repo>/.cache/toy or $VELR_CACHE/toy)")
-    m.add_argument("--toy-world", default="random", choices=sorted(toy.WORLDS),
-                   help="which toy world (default random: the random tiny VAE, reward toy:calibrated_color; "
-                        "watchable: a trained VAE and a larger DiT whose samples show the square, reward "
-                        "toy:square_color; see toy.py)")
+    m.add_argument("--toy-world", choices=sorted(toy.WORLDS),
+                   help=f"which toy world (default $VELR_TOY_WORLD, else {DEFAULT_TOY_WORLD}; watchable: the trained tiny VAE and a DiT "
+                        "whose samples show the square, reward toy:square_color; random: the random tiny VAE, "
+                        "reward toy:calibrated_color, the tests' world; see toy.py)")
     r = p.add_argument_group("ReFL")
     r.add_argument("--mode", default="velr", choices=MODES, help="velr, or a baseline (default velr)")
     r.add_argument("--sample-steps", type=int, help=_default("sample_steps", "sampler steps"))
@@ -235,6 +239,7 @@ def parse_args(argv=None):
                         "to test --resume")
     args = p.parse_args(argv)
     args.toy = not (args.ckpt_dir or args.dit)
+    args.toy_world = args.toy_world or os.environ.get("VELR_TOY_WORLD") or DEFAULT_TOY_WORLD
     steps = args.sample_steps or (TOY_DEFAULTS if args.toy else REAL_DEFAULTS)["sample_steps"]
     preset = {"prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=steps - 2)}.get(args.preset, {})
     for k, v in {**preset, **{k: v for k, v in dict(reward_on="z0", reward_loss="neg").items() if k not in preset}}.items():
@@ -330,7 +335,7 @@ def load_models(args, device, rank, world):
     if missing:
         raise ValueError(f"--toy-world {args.toy_world} needs its trained {' and '.join(missing)} "
                          f"in assets/, which this checkout does not have: train them with `python toy.py train-assets "
-                         f"--device cuda` (minutes on a GPU, hours on a CPU), or use --toy-world random")
+                         f"[--device cuda]` (minutes on a GPU, ~1.7 h on 2 CPU cores), or use --toy-world random")
     if args.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
@@ -1039,9 +1044,10 @@ def format_line(r: dict) -> str:
     true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
     err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
     pairs = f"pairs {r['pairs']}/{r['pair_offers']} (range {r['score_range']:.3g}) | " if "pairs" in r else ""
+    evaluation = f" | eval true reward {r['eval_true_reward']:.4f}" if "eval_true_reward" in r else ""
     return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
             f"kl {r['kl']:.2e} | {pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
-            f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB")
+            f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB{evaluation}")
 
 
 def main(argv=None):

@@ -3425,14 +3425,11 @@ def test_shipped_watchable_assets_show_the_scene():
     parser finds (2.6 of 5 frames on average over 48 samples; the random world's: 0.02)."""
     assert toy.untrained_parts(toy.WATCHABLE, Path("/nonexistent-cache")) == []
     vae = toy.read_toy_vae(toy.ASSETS / "toy_vae.safetensors", toy.WATCHABLE)
-    assert toy.vae_psnr(vae, toy.world_videos(16, toy.WATCHABLE, torch.Generator().manual_seed(777))) >= 25
     dit, _, encoder, tokenizer = toy.build_models(0, toy.WATCHABLE.dit)
     dit.load_state_dict(toy._read_trained(toy.ASSETS / "toy_dit.safetensors", toy.WATCHABLE, toy.DIT_RECIPE)[0])
-    g = torch.Generator().manual_seed(778)
-    prompts = toy.toy_prompts(8, g)
-    context, _ = text_encoder.encode_prompts(prompts, tokenizer, encoder, dit.cfg.text_len)
-    video = vae.decode(toy.rollout(dit.eval(), context, torch.randn(8, *toy.latent_shape(toy.WATCHABLE), generator=g), toy.WATCHABLE))
-    assert sum(toy.parse_squares(video)) / 8 >= 1.5  # frames with one square, per sample
+    res = toy.measure_world(dit, vae, encoder, tokenizer, toy.WATCHABLE, n=8)
+    assert res["vae_psnr_db"] >= 25
+    assert res["square_frames_mean"] >= 1.5  # frames with one square, per sample
 
 
 def test_default_toy_world(monkeypatch):

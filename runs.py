@@ -1,0 +1,223 @@
+"""Run plumbing that every script shares: a config dataclass as the command line, the run folder,
+atomic files, checkpoints and resume checks, metrics.jsonl and non-finite bookkeeping.
+
+A training script declares one dataclass whose fields are its flags: `name: type = default  # help`.
+`parse_config` derives the argparse parser from it (the trailing comment is the flag's --help, a
+`Literal[...]` annotation its choices, a standalone comment line the title of the following
+group), applies a named preset (a dict of field values) and lets every flag given on the command
+line win over it. Files are written to a temporary name, fsync'ed and renamed, so a kill never
+leaves half of one; a run folder is never replaced unless the user asks for it.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import io
+import json
+import os
+import re
+import shutil
+import tokenize
+import typing
+from pathlib import Path
+
+import torch
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary file beside `path`, fsync it and rename it over `path`;
+    on any error the temporary file goes and `path` keeps what it held."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text(path, text: str):
+    """A text file, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj, indent=2):
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def save_torch(path, state):
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def check_out_dir(out_dir, resume, overwrite):
+    """A run never silently replaces another: a non-empty --out needs --resume or --overwrite."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise ValueError(f"--out {out_dir} already holds a run; continue it with --resume {out_dir / 'ckpt.pt'}, "
+                         f"replace it with --overwrite, or choose another --out")
+
+
+def clear_run(out_dir, names):
+    """--overwrite: the named files and folders of the previous run go before the new one writes
+    any, so a new run that stops early never sits next to the old run's results. Others stay."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def open_metrics(path, start: int, key: str = "step"):
+    """metrics.jsonl for appending: emptied for a new run (start 0); on resume the lines after the
+    checkpoint's `start` (which are redone) are dropped, and so is a line a kill tore in half."""
+    path = Path(path)
+    kept = []
+    for line in path.read_text().splitlines() if start and path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{path}: dropped a torn line ({len(line)} characters)")
+            continue
+        if record[key] <= start:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+    return open(path, "a")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path, keys, what: str) -> dict:
+    """A checkpoint file -> its state dict, or an error that names the file and what is wrong:
+    missing, empty, torn, or not a `what` checkpoint (one of `keys` absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file); expected a {what} ckpt.pt")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); expected a {what} ckpt.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises several types for truncated and foreign files
+        raise ValueError(f"{path}: not a readable {what} checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        raise ValueError(f"{path}: not a {what} checkpoint (expected the keys {', '.join(keys)})")
+    return state
+
+
+def write_checkpoint(path, state: dict, weights: dict, step: int):
+    """torch.save(state) atomically, refusing when any tensor of `weights` is non-finite (a good
+    checkpoint is never replaced by a poisoned one). A failed write keeps the previous file."""
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise RuntimeError(f"step {step}: refusing to write {path}: {len(bad)} weight tensors hold NaN or inf "
+                           f"(first: {bad[0]})")
+    try:
+        save_torch(path, state)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as "unexpected pos ..." from torch.save
+        raise RuntimeError(f"step {step}: could not write the checkpoint {path} (disk full?): {e}; "
+                           f"{path} still holds the previous one") from None
+
+
+def check_resume(saved: dict, current: dict, path):
+    """Refuse a checkpoint written under other run-defining settings, naming each difference."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in current
+               if k in saved and saved[k] != current[k]]
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings: {', '.join(changed)}; "
+                         f"resume with the same flags, or start a new run in another --out")
+
+
+# ----------------------------------------------------------------------------- config -> command line
+
+def _field_comments(cls) -> tuple[dict, dict]:
+    """From the class source: {field: its trailing comment (continued on the comment lines below
+    it that are indented past the field)} and {field: the standalone comment line heading its group}."""
+    lines = inspect.getsource(cls).splitlines()
+    comments = {tok.start[0] - 1: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline)
+                if tok.type == tokenize.COMMENT}
+    helps, groups, title, last = {}, {}, None, None
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        field = re.match(r"    (\w+)\s*:", line)
+        if field and indent == 4:
+            last = field.group(1)
+            groups[last] = title
+            helps[last] = comments.get(i, "")
+        elif line.strip().startswith("#") and i in comments:
+            if last is not None and indent > 4:
+                helps[last] = (helps[last] + " " + comments[i]).strip()
+            else:
+                title, last = comments[i], None
+        elif line.strip():
+            last = None
+    return helps, groups
+
+
+def _flag_type(annotation):
+    """(argparse type, choices, nargs) of a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices, None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(inner[0])
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], None, "+"
+    return annotation, None, None
+
+
+def build_parser(cls, description: str, presets: dict | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the dataclass `cls`. Every flag defaults to
+    "not given" (so a preset can fill it); the help shows the field default and each preset's value."""
+    helps, groups = _field_comments(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    parser = argparse.ArgumentParser(description=description)
+    sections = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        title = groups.get(f.name)
+        group = sections.setdefault(title, parser.add_argument_group(title) if title else parser)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = helps.get(f.name, "")
+        shown = [f"default {default}"] + [f"{name} {p[f.name]}" for name, p in (presets or {}).items()
+                                            if f.name in p and not callable(p[f.name]) and p[f.name] != default]
+        flag = "--" + f.name.replace("_", "-")
+        kind, choices, nargs = _flag_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(flag, type=kind, choices=choices, nargs=nargs, default=argparse.SUPPRESS,
+                               help=f"{text} ({'; '.join(shown)})")
+    return parser
+
+
+def parse_config(cls, argv, description: str, presets: dict, choose):
+    """argv -> (config, preset names applied). choose(given) names the presets to apply, in order,
+    from the flags given; a preset value may be a function of the config built so far. Flags given
+    on the command line win over every preset."""
+    given = vars(build_parser(cls, description, presets).parse_args(argv))
+    names = choose(given)
+    values = {}
+    for name in names:
+        for k, v in presets[name].items():
+            values[k] = v(cls(**{**values, **given})) if callable(v) else v
+    return cls(**{**values, **given}), names

@@ -1,43 +1,22 @@
-"""Side-by-side benchmark: memory, speed and quality of VELR and its baselines.
+"""Side-by-side benchmark: memory, speed and quality of VELR, its baselines and the related methods.
 
-    python bench.py all                 # every section, ~11 min on a 2-core CPU
-    python bench.py memory              # VELR vs pixel ReFL vs last-K vs random-late-step
-    python bench.py dit | vae | lrm     # our modules vs diffusers' / the member loop
-    python bench.py quality             # the paper's Table 3 on the built-in synthetic data
-    python bench.py all --threads 1     # on a CPU shared with other jobs
-    python bench.py gpu-quick           # one GPU, ~10 min: VELR + pixel ReFL at 480x832x81, dit, vae
-    python bench.py gpu-quick --tiny    # the same at smoke-test sizes, any device
-    python bench.py toy [--seeds 4] [--toy-world watchable]  # a toy world: VAE PSNR, build, squares, default runs (~5-15 min)
-    python bench.py refl [--seeds 3]    # VELR vs its baselines in the toy world, same budget (~25 min)
-    # --toy-world watchable: every section in that world (results under "<section>_watchable")
+    python bench.py all [--threads 1]   # every CPU section (~11 min on 2 cores)
+    python bench.py memory              # one training step per paradigm: VELR, pixel ReFL, last-K, late step, LPO
+    python bench.py dit | vae | lrm     # our modules against diffusers' / one ensemble member
+    python bench.py quality             # the paper's Table 3 (and the noise-aware / pairwise LRMs) on synthetic data
+    python bench.py gpu-quick [--tiny]  # one GPU, ~10 min: the real 1.3B step, dit, vae
+    python bench.py toy | refl | lpo-probe | sp  [--toy-world watchable]   # the toy worlds' rows
 
-Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak
-is the peak of that one workload. Three memory numbers per workload: `resident_mb`, what is held
-when the timed steps start (weights, optimiser state: the post-build baseline); `peak_mb`, the
-peak over the timed steps, resident memory included; `step_mb` = peak - resident, what a step
-adds (activations, gradients, temporaries). On a GPU they come from `torch.cuda.memory_allocated`
-/ `max_memory_allocated`; on CPU from the child's resident set above its resident set right after
-its imports (`VmRSS`, and `VmHWM` reset through `/proc/self/clear_refs` when the timed steps
-start). Children run with `MALLOC_MMAP_THRESHOLD_` fixed so freed tensors go back to the OS
-instead of staying in glibc's heap. Times are the fastest wall-clock seconds of the measured
-steps (three; one for `memory`), models already built, after one warm-up step (none for the ReFL
-step on a GPU, where one step at 480x832x81 takes minutes).
-
-`memory` runs `train_refl.refl_loss` + backward + AdamW step per mode, with only the models
-that mode needs; its pixel reward model is a ViT-B-sized stand-in (`PixelRewardStandIn`), not
-the paper's 7B-32B VLMs, so it under-states pixel ReFL. Its CPU config shrinks the DiT but not
-the LRM, VAE or stand-in, so resident weights there do not reflect the real proportions: the
-VELR / pixel ratio `ratio_peak` is of step memory, `ratio_peak_total` of the whole peak. `dit` /
-`vae` need diffusers (the reference implementation); nothing else does. `quality` trains
-through `train_lrm.main`; besides the paper's Table 3 it trains a clean and a noise-aware ensemble
-on a synthetic set whose same-prompt rewards spread, and noise-aware BT / Thurstone ensembles
-(`quality.noise_aware[sigma]`, `quality.pairwise[loss]`). `refl`'s `velr_zt` row is VELR
-rewarded on the noisy window latent (`--reward-on zt`) through the toy world's noise-aware LRM.
-
-Prints markdown tables and merges the results into `bench.json` (`--out`). The CPU configs are
-small on purpose; the GPU configs (taken when CUDA is present) are the real Wan 2.1 sizes.
+Each measurement runs in its own child process (`python bench.py _child TASK JSON`), so a peak is
+that workload's alone: `resident_mb` (weights and optimiser state when the timed steps start),
+`peak_mb`, and `step_mb` = peak - resident. GPU: `torch.cuda` allocator counters; CPU: the
+child's `VmRSS` / `VmHWM` above its post-import baseline. Times are the fastest of the measured
+steps after a warm-up. `memory`'s pixel reward is a ViT-B-sized stand-in (`PixelRewardStandIn`),
+so it under-states pixel ReFL against the paper's 7B-32B VLMs. Results print as markdown tables
+and merge into `bench.json` (`--out`); BENCH.md records them with their commands and machines.
 Left out: multi-GPU runs and the paper's VLM reward models.
 """
+
 
 import argparse
 import importlib
@@ -138,7 +117,7 @@ def child_main(task, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# memory: one ReFL training step per paradigm (train_refl.refl_loss), each in its own process
+# memory: one ReFL training step per paradigm (train_refl.velr_step, train_lpo.lpo_step), each in its own process
 
 MEMORY_MODES = ("velr", "pixel", "lastk", "latestep")
 
@@ -217,27 +196,35 @@ def saved_tensor_bytes(modules):
 
 
 def child_refl(args, device, base_mb):
-    """Optimiser steps of train_refl.py's loss (`refl_loss`) in `args["mode"]`, the models built
+    """Training steps of train_refl.py (`velr_step`) or train_lpo.py (`lpo_step`) in `args["mode"]`, the models built
     here with random weights, the LRM (fp32, frozen) as train_refl.main holds it between
     alignments. Also the activation bytes held for backward by module (`saved_tensor_bytes`,
     counted on the first step) and the weight bytes by module. On a GPU the first step is the
     measured one (`warmup` False: a step at 480x832x81 takes minutes), on CPU a warm-up step
     comes first so the resident baseline holds the optimiser state and torch's lazily built
     kernels."""
+    from types import SimpleNamespace
+
+    import refl
+    import train_lpo
     import train_refl
     from lrm import LRM_CONFIGS, EnsembleLRM
     from model_dit import DiTConfig, WanDiT, cast_dit
+    import vae as vae_lib
     from vae import VAE_CONFIGS, WanVAE
 
     cfg = args["config"]
     dit_lrm = args.get("lrm") == "dit"  # VELR with the DiT-backbone LRM, scoring x_t (--reward-on zt)
-    targs = train_refl.parse_args(["--mode", args["mode"], *cfg["flags"], *(["--reward-on", "zt"] if dit_lrm else [])])
+    lpo = args["mode"] == "lpo"
+    flags = [*cfg["flags"], "--align-every", "0", *(["--reward-on", "zt"] if dit_lrm else [])]
+    targs = train_lpo.parse_args(flags) if lpo else train_refl.parse_args(["--mode", args["mode"], *flags])
     with device:  # random init of 1.3B parameters is slow on CPU
         dit = WanDiT(DiTConfig(**cfg["dit"]))
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
         cast_dit(dit, sample.dtypes(device)["dit"])
     dit.gradient_checkpointing = targs.gradient_checkpointing
-    model, ref = train_refl.wrap(dit, targs, device, 1)
+    model, ref = refl.wrap(dit, device, 1, full_finetune=False, lora_rank=targs.lora_rank, lora_alpha=targs.lora_alpha,
+                           lora_targets=targs.lora_targets, seed=targs.seed)
     modules = {"dit": [dit]}
     vae = rm = lrm = None
     if args["mode"] == "pixel":  # only what the step uses is built: the decoder and the pixel RM ...
@@ -265,18 +252,19 @@ def child_refl(args, device, base_mb):
     context = torch.randn(1, 512, dit.cfg.text_dim, device=device)  # precomputed prompt embedding
     lengths = torch.tensor([20], device=device)
     prompts, step_index = ["a red video"], [0]
+    # what train_refl's / train_lpo's step reads of a refl.Run (no alignment: --align-every 0)
+    run = SimpleNamespace(model=model, ref=ref, lrm=lrm, vae=vae, neg=None, sigmas=sigmas, device=device, data_rank=0,
+                          prompts=prompts, table={prompts[0]: (context[0], lengths[0])}, opt=opt, world=1,
+                          shape=vae_lib.latent_shape(targs.frames, targs.height, targs.width), bad=refl.new_bad_counts(),
+                          log=print)
+    score = None if lpo else train_refl.make_reward(targs.mode, lrm, vae, rm, reward_on=targs.reward_on)
 
     def step():
         step_index[0] += 1  # steps 1, 2, ...: the same mid steps and noise for every mode
-        batch = train_refl.step_batch(targs, step_index[0], 0, prompts)
-        with sample.autocast(device):
-            if args["mode"] == "lpo":
-                out = train_refl.lpo_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, step_index[0], 0)
-            else:
-                out = train_refl.refl_loss(model, ref, lrm, batch, context, lengths, None, targs, sigmas, vae, rm)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        if lpo:
+            train_lpo.lpo_step(run, targs, step_index[0])
+        else:
+            train_refl.velr_step(run, targs, score, step_index[0])
 
     with saved_tensor_bytes(modules) as saved:  # counted on the first step
         first = measure(step, device, base_mb, 1, warmup=False)
@@ -732,41 +720,45 @@ class ChannelMeanScorer(nn.Module):
 
 
 def bench_lpo_probe(device, scale, steps=100, eval_every=25, eval_samples=48, cache_dir=None):
-    """train_refl.lpo_loss in the toy world with ChannelMeanScorer as the ranker (toy defaults,
+    """train_lpo.lpo_step in the toy world with ChannelMeanScorer as the ranker (toy defaults,
     batch 4, temperature 0.01, no alignment): the scorer's value on full samples of the fixed
     evaluation pairs at every `eval_every` steps, with the kept-pair share. Separates the method
     (does DPO on the chosen pairs move the policy towards what the ranker prefers?) from the
     ranker's quality, which the refl rows measure."""
-    import train_refl
+    from types import SimpleNamespace
 
-    args = train_refl.parse_args(["--mode", "lpo", "--batch-size", "4", "--lpo-temp", "0.01", "--align-every", "0",
-                                  "--eval-samples", str(eval_samples), *(["--cache-dir", str(cache_dir)] if cache_dir else [])])
+    import refl
+    import train_lpo
+    import vae as vae_lib
+
+    c = train_lpo.parse_args(["--batch-size", "4", "--lpo-temp", "0.01", "--align-every", "0",
+                              "--eval-samples", str(eval_samples), *(["--cache-dir", str(cache_dir)] if cache_dir else [])])
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, redirect_stdout(null):
-        args.cache_dir = args.cache_dir or tmp
-        dit, vae, encoder, tokenizer, _, prompts = train_refl.load_models(args, device, 0, 1)
-    table = train_refl.embed_prompts(prompts, tokenizer, encoder, device, dit.cfg.text_len)
-    model, ref = train_refl.wrap(dit.to(device), args, device, 1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    sigmas = sample.get_sigmas(args.sample_steps, args.shift, args.solver)
-    scorer, pairs = ChannelMeanScorer(), train_refl.eval_pairs(args, prompts)
+        c.cache_dir = c.cache_dir or tmp
+        dit, vae, encoder, tokenizer, _, prompts = refl.load_models(c, device, 0)
+    table = refl.embed_prompts(prompts, tokenizer, encoder, device, dit.cfg.text_len)
+    model, ref = refl.wrap(dit.to(device), device, 1, full_finetune=False, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                           lora_targets=c.lora_targets, seed=c.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=0.0)
+    sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
+    scorer, pairs = ChannelMeanScorer(), refl.eval_pairs(c.eval_samples, prompts)
+    shape = vae_lib.latent_shape(c.frames, c.height, c.width)
+    run = SimpleNamespace(model=model, ref=ref, lrm=scorer, vae=vae, neg=None, sigmas=sigmas, device=device, data_rank=0,
+                          prompts=prompts, table=table, opt=opt, world=1, shape=shape, bad=refl.new_bad_counts(), log=print)
 
     def evaluate():
-        z = torch.cat([train_refl.sample_pairs(model, vae, pairs[i : i + 16], table, None, args, sigmas, device, latents=True)[0]
+        z = torch.cat([refl.sample_pairs(model, vae, pairs[i : i + 16], table, None, shape=shape, sigmas=sigmas,
+                                         solver=c.solver, guidance=c.guidance, device=device, latents=True)[0]
                        for i in range(0, len(pairs), 16)])
         return z[:, 0].mean().item()
 
     curve, kept, offered = [{"step": 0, "score": evaluate()}], 0, 0
     t0 = time.time()
     for step in range(1, steps + 1):
-        batch = train_refl.step_batch(args, step, 0, prompts)
-        context, lengths = train_refl.text_batch(table, batch["prompts"], device)
-        out = train_refl.lpo_loss(model, ref, scorer, batch, context, lengths, None, args, sigmas, step, 0)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        kept, offered = kept + out["pairs"], offered + out["pair_offers"]
+        rec = train_lpo.lpo_step(run, c, step)
+        kept, offered = kept + rec["pairs"], offered + rec["pair_offers"]
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, "score": evaluate(), "kl": out["kl"].item(), "loss": out["loss"].item()})
+            curve.append({"step": step, "score": evaluate(), "kl": rec["kl"], "loss": rec["loss"]})
     return {"steps": steps, "curve": curve, "pair_share": kept / max(offered, 1), "sec": time.time() - t0}
 
 
@@ -780,14 +772,14 @@ def table_lpo_probe(res):
 # refl: VELR and its baselines side by side in the toy world, same ReFL budget (VELR §5)
 
 REFL_SEEDS = 3
-REFL_METHODS = {  # name -> train_refl flags on top of the toy defaults ("@1member" / "@dollar": that LRM)
+REFL_METHODS = {  # name -> train_refl (lpo: train_lpo) flags on top of the toy defaults ("@1member" / "@dollar": that LRM)
     "velr": [],
     "velr_noalign": ["--align-every", "0"],
     "velr_1member": ["--lrm", "@1member"],
     "dollar": ["--mode", "dollar", "--lrm", "@dollar"],
     "velr_zt": ["--reward-on", "zt"],  # a noise-aware LRM scores the window's last x_t (the toy world bootstraps it)
     "prfl": ["--preset", "prfl"],  # PRFL's recipe (one step with gradient anywhere in the schedule, reward on x_t)
-    "lpo": ["--mode", "lpo"],  # LPO: step-level DPO on pairs the noise-aware LRM picks
+    "lpo": [],  # LPO (train_lpo.py): step-level DPO on pairs the noise-aware LRM picks
     "pixel": ["--mode", "pixel"],
     "lastk": ["--mode", "lastk"],
     "latestep": ["--mode", "latestep"],
@@ -802,6 +794,7 @@ def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None):
     the world's ensemble (same rollouts, steps and lr). methods: a subset of REFL_METHODS' names."""
     import lrm as lrm_lib
     import toy
+    import train_lpo
     import train_refl
 
     cfg = toy.ToyConfig()
@@ -822,7 +815,8 @@ def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None):
             for seed in range(seeds):
                 out = Path(tmp) / f"{name}{seed}"
                 with open(Path(tmp) / f"{name}{seed}.log", "w") as log, redirect_stdout(log):
-                    train_refl.main(["--cache-dir", tmp, "--out", str(out), "--seed", str(seed), "--picture-rows", "0", *flags])
+                    (train_lpo if name == "lpo" else train_refl).main(["--cache-dir", tmp, "--out", str(out), "--seed",
+                                                                       str(seed), "--picture-rows", "0", *flags])
                 runs.append(json.loads((out / "summary.json").read_text()))
             gains = torch.tensor([r["true_reward_after"] - r["true_reward_before"] for r in runs])
             steps = [e["step"] for e in runs[0]["eval_history"]]
@@ -1021,7 +1015,7 @@ def table_sp(res):
     return f"### sp ({machine}, python bench.py sp: 2 ranks vs 1 process, fp32)\n\n" + markdown(["measure", "value"], rows)
 
 
-CHILD_IMPORTS = {"refl": ["train_refl"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}
+CHILD_IMPORTS = {"refl": ["train_refl", "train_lpo"], "dit": ["model_dit"], "vae": ["vae"], "lrm": ["lrm"]}
 CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": child_lrm}
 SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "memory": (bench_memory, table_memory),

@@ -180,14 +180,20 @@ def _flag_type(annotation):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _flag_type(inner[0])
     if origin in (list, tuple):
-        return typing.get_args(annotation)[0], None, "+"
+        args = typing.get_args(annotation)
+        fixed = origin is tuple and Ellipsis not in args
+        return args[0], None, len(args) if fixed else "+"
     return annotation, None, None
 
 
 def build_parser(cls, description: str, presets: dict | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass `cls`. Every flag defaults to
     "not given" (so a preset can fill it); the help shows the field default and each preset's value."""
-    helps, groups = _field_comments(cls)
+    helps, groups = {}, {}
+    for base in reversed([b for b in cls.__mro__ if dataclasses.is_dataclass(b)]):  # a subclass's comments win
+        h, g = _field_comments(base)
+        helps.update(h)
+        groups.update(g)
     hints = typing.get_type_hints(cls, include_extras=True)
     parser = argparse.ArgumentParser(description=description)
     sections = {}

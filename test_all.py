@@ -43,7 +43,12 @@ import train_lrm
 from diffusers.loaders import WanLoraLoaderMixin
 import lrm as lrm_lib
 import replay
+import picture
+import refl
+import train_lpo
 import train_refl
+import types
+from unittest import mock
 import argparse
 import copy
 import distributed
@@ -54,7 +59,7 @@ from model_dit import DIT_CONFIGS, load_dit
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 import bench
 
-# train_refl's toy world when a test names none, subprocesses included: the random world (cheap to
+# the trainers' toy world when a test names none, subprocesses included: the random world (cheap to
 # build, no assets), which the tests' numbers were measured in; the README's default is tested below.
 os.environ["VELR_TOY_WORLD"] = "random"
 
@@ -1798,9 +1803,9 @@ def test_replay_admit_says_which_candidates_the_insert_keeps():
 
 def test_replay_one_member_buffer_is_fifo():
     """A one-member LRM has variance 0 everywhere: a variance-ranked full buffer would admit nothing
-    more, so train_refl gives it a FIFO buffer (the oldest entry leaves) sampled uniformly."""
-    assert train_refl.buffer_policy(lrm_lib.DollarLRM(lrm_lib.LRM_CONFIGS["tiny"])) == "fifo"
-    assert train_refl.buffer_policy(lrm_lib.EnsembleLRM(lrm_lib.LRM_CONFIGS["tiny"], 2)) == "variance"
+    more, so the ReFL run (refl.Run) gives it a FIFO buffer (the oldest entry leaves) sampled uniformly."""
+    assert refl.buffer_policy(lrm_lib.DollarLRM(lrm_lib.LRM_CONFIGS["tiny"])) == "fifo"
+    assert refl.buffer_policy(lrm_lib.EnsembleLRM(lrm_lib.LRM_CONFIGS["tiny"], 2)) == "variance"
     ranked = replay.ReplayBuffer(capacity=3)
     ranked.insert(*_refl_entries([0.0] * 3))
     assert not ranked.admit(torch.zeros(2)).any()  # the failure FIFO avoids
@@ -1830,6 +1835,14 @@ def _refl_tiny_lrm_entries(n, start=0):
             ids, torch.linspace(0.1, 1.0, n))
 
 
+def _refl_align(model, opt, buf, c, step):
+    """refl.align_lrm with what velr_step passes it from config c (the sampler's grid without its 0)."""
+    return refl.align_lrm(model, opt, buf, rounds=c.align_rounds, batch_size=c.batch_size,
+                          sigma_grid=sample.get_sigmas(c.sample_steps, c.shift, c.solver)[:-1], seed=c.seed, step=step,
+                          device=torch.device("cpu"), world=1, bad=refl.new_bad_counts(), log=print,
+                          refresh=c.refresh_variance)
+
+
 def test_refl_alignment_rounds_and_per_member_batches(monkeypatch):
     """One alignment = --align-rounds passes of ceil(entries / batch size) LRM updates, and each
     member trains on its own variance-weighted minibatch (shape (N, B, ...) for lrm_update)."""
@@ -1847,7 +1860,7 @@ def test_refl_alignment_rounds_and_per_member_batches(monkeypatch):
 
     monkeypatch.setattr(lrm_lib, "lrm_update", spy)
     before = [p.clone() for p in model.parameters()]
-    rec = train_refl.align_lrm(model, opt, buf, args, 7, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
+    rec = _refl_align(model, opt, buf, args, 7)
     assert rec == {"lrm_updates": 6} and len(seen) == 6  # 2 rounds x ceil(5 / 2)
     assert all(t.shape == (3, 2) for t in seen)
     assert any(len({tuple(row.tolist()) for row in t}) > 1 for t in seen)  # the members' batches differ
@@ -1857,8 +1870,7 @@ def test_refl_alignment_rounds_and_per_member_batches(monkeypatch):
     again = lrm_lib.EnsembleLRM(lrm_lib.LRM_CONFIGS["tiny"], 3).requires_grad_(False)  # seeded by step: repeatable
     seen_first = list(seen)
     seen.clear()
-    train_refl.align_lrm(again, torch.optim.AdamW(again.parameters(), lr=1e-3), buf, args, 7, torch.device("cpu"), 1,
-                         train_refl.new_bad_counts(), print)
+    _refl_align(again, torch.optim.AdamW(again.parameters(), lr=1e-3), buf, args, 7)
     assert all(torch.equal(a, b) for a, b in zip(seen_first, seen))
 
 
@@ -1884,7 +1896,7 @@ def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
     buf.insert(*_refl_entries([0.3, 0.2, 0.1]))  # ids 0, 1, 2 (latent mean = id); entry 2 leaves first
     model = _ShiftLRM(0.0)  # the LRM has changed: variance id^2 / 4, entry 0 is now the least certain
     monkeypatch.setattr(lrm_lib, "lrm_update", lambda *a, **k: {"skipped": False})
-    train_refl.align_lrm(model, None, buf, args, 1, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
+    _refl_align(model, None, buf, args, 1)
     by_id = dict(zip(buf.data["reward"].tolist(), buf.data["variance"].tolist()))
     assert by_id == pytest.approx({0.0: 0.0, 1.0: 0.25, 2.0: 1.0})
     buf.insert(*_refl_entries([0.1], start=10))  # now entry 0 (variance 0) is the one replaced
@@ -1892,7 +1904,7 @@ def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
     stale = replay.ReplayBuffer(capacity=3)  # without the refresh the same insert evicts entry 2
     stale.insert(*_refl_entries([0.3, 0.2, 0.1]))
     args.refresh_variance = False
-    train_refl.align_lrm(model, None, stale, args, 1, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
+    _refl_align(model, None, stale, args, 1)
     stale.insert(*_refl_entries([0.15], start=10))
     assert sorted(stale.data["reward"].tolist()) == [0.0, 1.0, 10.0]
 
@@ -1911,49 +1923,80 @@ def _refl_flags(cache, out, *extra):
             "--eval-every", "0", "--save-every", "0", *extra]
 
 
-def _refl_setup(cache, *flags):
-    """What train_refl.main holds before its loop: models, prompt table, wrapped model, optimiser."""
-    args = train_refl.parse_args(["--cache-dir", str(cache), "--batch-size", "2", *flags])
-    cpu = torch.device("cpu")
-    dit, vae, encoder, tokenizer, lrm, prompts = train_refl.load_models(args, cpu, 0, 1)
-    for m in (dit, lrm):  # a world built in this process keeps the .grad of its pretraining
-        m.zero_grad(set_to_none=True)
-    table = train_refl.embed_prompts(prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, cpu)
-    neg = train_refl.text_batch(table, [sample.WAN_NEGATIVE_PROMPT] * args.batch_size, cpu)[0] if args.guidance != 1 else None
-    model, ref = train_refl.wrap(dit, args, cpu, 1)
-    lrm.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    return {"args": args, "model": model, "ref": ref, "lrm": lrm, "vae": vae, "encoder": encoder, "table": table,
-            "neg": neg, "prompts": prompts, "opt": opt, "sigmas": sample.get_sigmas(args.sample_steps, args.shift, args.solver)}
+def _refl_setup(out, cache, *flags):
+    """What train_refl.main holds before its loop: the run (refl.Run: models, prompt table, wrapped
+    model, optimisers, replay buffer) and its config. The text encoder, which the run drops once
+    the prompts are embedded, is kept here so that the tests can check it stays frozen. The steps
+    of these tests only train the policy (--align-every 0) unless their flags say otherwise."""
+    c = train_refl.parse_args(["--cache-dir", str(cache), "--out", str(out), "--batch-size", "2", "--align-every", "0",
+                               *flags])
+    real_load, loaded = refl.load_models, []
+
+    def load_models(*a, **k):
+        loaded.append(real_load(*a, **k))
+        return loaded[-1]
+
+    with mock.patch.object(refl, "load_models", load_models):
+        r = refl.Run(c, train_refl.RUN_KEYS, train_refl.noise_aware_flag(c))
+    r.bad = refl.new_bad_counts()  # as Run.start sets it for a new run (which would also evaluate)
+    for m in (r.model, r.ref, r.lrm):  # a world built in this process keeps the .grad of its pretraining
+        if m is not None:
+            m.zero_grad(set_to_none=True)
+    return types.SimpleNamespace(c=c, r=r, encoder=loaded[0][2])
 
 
-def _refl_loss(s, step=1, reward_fn=None):
-    batch = train_refl.step_batch(s["args"], step, 0, s["prompts"])
-    context, lengths = train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu"))
-    out = train_refl.refl_loss(s["model"], s["ref"], s["lrm"], batch, context, lengths, s["neg"], s["args"], s["sigmas"],
-                               s["vae"], reward_fn)
-    return batch, out
+def _refl_loss(s, step=1, reward_fn=None, update=False):
+    """One train_refl.velr_step of run s at `step`, its reward built by make_reward from s.c as main
+    builds it (reward_fn: another pixel reward). What the step computes is captured on its way: the
+    arguments and results of its `score`, and the loss it hands to refl.optimizer_step, which runs
+    (backward and update) only with update=True; otherwise the loss keeps its graph for the test.
+    Returns ({prompts, grad_start, stop}, {loss, reward, members, z0, xt, sigma, context, lengths,
+    kl, rec: the step's record})."""
+    c, r = s.c, s.r
+    score = train_refl.make_reward(c.mode, r.lrm, r.vae, reward_fn or r.reward_fn, reward_on=c.reward_on,
+                                   noise_ensemble=c.noise_ensemble, agg=c.agg, lcb_k=c.lcb_k, seed=c.seed)
+    out = {}
+
+    def spy_score(z0, xt, sigma, context, lengths, prompts):
+        reward, members = score(z0, xt, sigma, context, lengths, prompts)
+        out.update(z0=z0.detach(), xt=xt.detach(), sigma=sigma, context=context, lengths=lengths, prompts=prompts,
+                   reward=reward.detach(), members=members.detach())
+        return reward, members
+
+    real_step = refl.optimizer_step
+
+    def optimizer_step(model, opt, loss, *a, **k):
+        out["loss"] = loss
+        if update:
+            real_step(model, opt, loss, *a, **k)
+
+    with mock.patch.object(refl, "optimizer_step", optimizer_step):
+        rec = train_refl.velr_step(r, c, spy_score, step)
+    grad_start, stop = train_refl.window(c.mode, refl.shared_generator(c.seed, step), c.sample_steps, c.window,
+                                         c.mid_min, c.mid_max)
+    assert out["sigma"] == float(r.sigmas[stop])  # the step scored the end of this window
+    assert rec["loss"] == out["loss"].item()
+    out.update(kl=rec["kl"], rec=rec)
+    return {"prompts": out["prompts"], "grad_start": grad_start, "stop": stop}, out
 
 
 def _refl_snapshot(s) -> dict:
-    modules = {"dit": s["model"], "ref": s["ref"], "lrm": s["lrm"], "vae": s["vae"], "encoder": s["encoder"]}
+    modules = {"dit": s.r.model, "ref": s.r.ref, "lrm": s.r.lrm, "vae": s.r.vae, "encoder": s.encoder}
     return {f"{m}:{n}": p.detach().clone() for m, module in modules.items() if module is not None
             for n, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize("flags", [["--guidance", "3"], ["--full-finetune", "--lr", "1e-4"], ["--mode", "lastk"],
                                    ["--mode", "latestep"]], ids=["velr-lora-cfg", "velr-full", "lastk", "latestep"])
-def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, flags):
-    s = _refl_setup(refl_cache, *flags)
-    args, dit, ref = s["args"], s["model"], s["ref"]
+def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, tmp_path, flags):
+    s = _refl_setup(tmp_path, refl_cache, *flags)
+    args, dit, ref = s.c, s.r.model, s.r.ref
     calls, ref_calls = [], []
     dit.register_forward_hook(lambda m, inp, out: calls.append((torch.is_grad_enabled(), int(inp[1][0]))))
     if ref is not None:
         ref.register_forward_hook(lambda m, inp, out: ref_calls.append((torch.is_grad_enabled(), int(inp[1][0]))))
     before = _refl_snapshot(s)
-    batch, out = _refl_loss(s)
-    out["loss"].backward()
-    s["opt"].step()
+    batch, out = _refl_loss(s, update=True)  # the whole step: rollout, reward, KL, backward, the optimiser's update
 
     # the window each mode asks for: velr exactly K calls from a mid step, lastk the last K, latestep one late step
     n, k, start, stop = args.sample_steps, args.window, batch["grad_start"], batch["stop"]
@@ -1964,7 +2007,7 @@ def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, f
         assert (start, stop) == (n - k, n)
     else:
         assert n - k <= start < n and stop == start + 1
-    ts = sample.timesteps_from_sigmas(s["sigmas"]).tolist()
+    ts = sample.timesteps_from_sigmas(s.r.sigmas).tolist()
     assert [t for grad, t in calls if grad] == ts[start:stop]  # graph only inside the window
     per_step = 2 if args.guidance != 1 else 1  # the unconditional branch, never with gradient
     reference = [(False, ts[stop - 1])] * per_step  # v_ref at t_end, no gradient
@@ -1983,21 +2026,20 @@ def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, f
         assert trainable == {f"dit:{n}" for n, _ in dit.named_parameters() if ".lora_" in n}
         assert {n for n in trainable if ".lora_B." in n} <= changed  # B starts at 0, so A's first gradient is 0
     assert changed <= trainable
-    frozen = [p for m in ("lrm", "vae", "encoder", "ref") if s[m] is not None for p in s[m].parameters()]
+    frozen = [p for m in (s.r.lrm, s.r.vae, s.encoder, ref) if m is not None for p in m.parameters()]
     frozen += [p for p in dit.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
 
 
-def test_refl_checkpointing_gives_the_same_gradients(refl_cache):
+def test_refl_checkpointing_gives_the_same_gradients(refl_cache, tmp_path):
     """--gradient-checkpointing (whole window steps, and blocks inside them) changes memory, not
     the loss or a single gradient."""
     grads = {}
     for ckpt in (False, True):
-        s = _refl_setup(refl_cache, "--guidance", "3", *(["--gradient-checkpointing"] if ckpt else []))
-        train_refl.unwrap(s["model"]).gradient_checkpointing = ckpt
-        _, out = _refl_loss(s, step=1)
-        out["loss"].backward()
-        grads[ckpt] = {n: p.grad.clone() for n, p in s["model"].named_parameters() if p.grad is not None}
+        s = _refl_setup(tmp_path / str(ckpt), refl_cache, "--guidance", "3", *(["--gradient-checkpointing"] if ckpt else []))
+        assert refl.unwrap(s.r.model).gradient_checkpointing == ckpt  # the run checkpoints the DiT's blocks too
+        _, out = _refl_loss(s, step=1, update=True)  # the step's own backward
+        grads[ckpt] = {n: p.grad.clone() for n, p in s.r.model.named_parameters() if p.grad is not None}
         grads[ckpt]["loss"] = out["loss"].detach()
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 1
     for k in grads[False]:
@@ -2005,21 +2047,19 @@ def test_refl_checkpointing_gives_the_same_gradients(refl_cache):
 
 
 @pytest.mark.parametrize("flags", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["lora", "full"])
-def test_refl_kl_zero_at_start_positive_after_updates(refl_cache, flags):
-    s = _refl_setup(refl_cache, "--beta", "0.5", *flags)
+def test_refl_kl_zero_at_start_positive_after_updates(refl_cache, tmp_path, flags):
+    s = _refl_setup(tmp_path, refl_cache, "--beta", "0.5", *flags)
     _, out = _refl_loss(s, step=1)
-    assert out["kl"].item() == 0.0  # the initial model is the reference: identical velocities
+    assert out["kl"] == 0.0  # the initial model is the reference: identical velocities
     assert torch.allclose(out["loss"], -out["reward"].mean())
     for step in (1, 2):
-        s["opt"].zero_grad(set_to_none=True)
-        _refl_loss(s, step=step)[1]["loss"].backward()
-        s["opt"].step()
+        _refl_loss(s, step=step, update=True)
     _, out = _refl_loss(s, step=3)
-    assert out["kl"].item() > 0
+    assert out["kl"] > 0
     assert torch.allclose(out["loss"], -out["reward"].mean() + 0.5 * out["kl"])
-    s["args"].beta = 0.0  # --beta 0: the KL is still logged but leaves the loss
+    s.c.beta = 0.0  # --beta 0: the KL is still logged but leaves the loss
     _, out0 = _refl_loss(s, step=3)
-    assert torch.equal(out0["kl"], out["kl"]) and torch.equal(out0["loss"], -out0["reward"].mean())
+    assert out0["kl"] == out["kl"] and torch.equal(out0["loss"], -out0["reward"].mean())
 
 
 def test_refl_main_logs_kl_from_zero(refl_cache, tmp_path, capsys):
@@ -2106,7 +2146,7 @@ def test_refl_buffer_is_offered_every_sample_and_labels_only_the_admitted(refl_c
 
     monkeypatch.setattr(replay.ReplayBuffer, "admit", admit)
     monkeypatch.setattr(rewards, "load_reward", lambda spec: counting_reward)
-    monkeypatch.setattr(train_refl, "evaluate", lambda *a, **k: {"true_reward": 0.5})  # every reward call below is a label
+    monkeypatch.setattr(refl, "evaluate", lambda *a, **k: {"true_reward": 0.5})  # every reward call below is a label
     _, _, buffer = train_refl.main(_refl_flags(refl_cache, tmp_path, "--steps", "3", "--align-every", "2",
                                                "--buffer-size", "1"))
     offers = [e for e in events if e[0] == "offered"]
@@ -2124,10 +2164,10 @@ def test_refl_buffer_is_offered_every_sample_and_labels_only_the_admitted(refl_c
     assert len(buffer) == 1
 
 
-def _refl_torchrun(cache, out, *flags):
+def _refl_torchrun(cache, out, *flags, script="train_refl.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(_REFL_REPO / "train_refl.py"), *_refl_flags(cache, out, *flags)]
+           str(_REFL_REPO / script), *_refl_flags(cache, out, *flags)]
     proc = subprocess.run(cmd, cwd=_REFL_REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "sync.json").read_text())
@@ -2135,12 +2175,15 @@ def _refl_torchrun(cache, out, *flags):
 
 def test_refl_ranks_draw_their_own_data_and_share_the_window():
     args = train_refl.parse_args(["--batch-size", "2"])
-    prompts = toy.prompt_list()
-    b0, b1 = (train_refl.step_batch(args, 5, r, prompts) for r in (0, 1))
-    assert not torch.equal(b0["noise"], b1["noise"])
-    assert (b0["grad_start"], b0["stop"]) == (b1["grad_start"], b1["stop"])  # every rank runs the same steps
-    again = train_refl.step_batch(args, 5, 0, prompts)  # a pure function of (seed, step, rank): resumable
-    assert torch.equal(again["noise"], b0["noise"]) and again["prompts"] == b0["prompts"]
+    prompts, shape = toy.prompt_list(), vae_lib.latent_shape(args.frames, args.height, args.width)
+    (p0, n0), (p1, n1) = (refl.draw_batch(args.seed, 5, r, prompts, args.batch_size, shape) for r in (0, 1))
+    assert n0.shape == (2, *shape) and len(p0) == 2 and not torch.equal(n0, n1)
+    # the window comes from a generator of (seed, step) alone, so every rank runs the same steps
+    windows = {mode: [train_refl.window(mode, refl.shared_generator(args.seed, 5), args.sample_steps, args.window,
+                                        args.mid_min, args.mid_max) for _ in range(2)] for mode in ("velr", "latestep")}
+    assert all(a == b for a, b in windows.values())
+    again = refl.draw_batch(args.seed, 5, 0, prompts, args.batch_size, shape)  # a pure function of (seed, step, rank)
+    assert torch.equal(again[1], n0) and again[0] == p0
 
 
 @pytest.mark.parametrize("flags", [[], ["--gradient-checkpointing"], ["--full-finetune", "--lr", "1e-4"]],
@@ -2215,9 +2258,9 @@ def test_refl_lora_export_reloads_in_ours_and_diffusers(refl_cache, tmp_path):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_refl_pixel_mode_backpropagates_through_the_decoder(refl_cache):
-    s = _refl_setup(refl_cache, "--mode", "pixel", "--beta", "0.5")
-    reward_fn = rewards.load_reward(s["args"].reward)
+def test_refl_pixel_mode_backpropagates_through_the_decoder(refl_cache, tmp_path):
+    s = _refl_setup(tmp_path, refl_cache, "--mode", "pixel", "--beta", "0.5")
+    reward_fn = rewards.load_reward(s.c.reward)
     videos = []
 
     def spy(video, prompts):
@@ -2227,12 +2270,12 @@ def test_refl_pixel_mode_backpropagates_through_the_decoder(refl_cache):
     batch, out = _refl_loss(s, reward_fn=spy)
     assert len(videos) == 1 and videos[0].grad_fn is not None  # the decoded video carries the graph
     with torch.no_grad():
-        true = reward_fn(s["vae"].decode(out["z0"]), batch["prompts"]).float()
+        true = reward_fn(s.r.vae.decode(out["z0"]), batch["prompts"]).float()
     assert torch.allclose(out["loss"], -true.mean() + 0.5 * out["kl"], atol=1e-5)
     out["loss"].backward()
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in s["model"].named_parameters() if ".lora_B." in n)
-    assert all(p.grad is None for p in s["vae"].parameters())
-    s["args"].mode = "velr"  # the same step scored by the LRM: a different loss
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in s.r.model.named_parameters() if ".lora_B." in n)
+    assert all(p.grad is None for p in s.r.vae.parameters())
+    s.c.mode = "velr"  # the same step scored by the LRM: a different loss
     _, velr = _refl_loss(s)
     assert not torch.allclose(velr["loss"], out["loss"])
 
@@ -2259,7 +2302,7 @@ def test_refl_real_checkpoints_resolve_through_sample(tmp_path):
     args = train_refl.parse_args(["--ckpt-dir", str(tmp_path), "--reward", "color", "--lrm", "lrm.safetensors"])
     assert not args.toy and args.sample_steps == 50 and args.window == 10  # the paper's defaults
     with pytest.raises(FileNotFoundError, match=r"vae=.*text_encoder=.*tokenizer="):
-        train_refl.load_models(args, torch.device("cpu"), 0, 1)
+        refl.load_models(args, torch.device("cpu"), 0)
 
 
 def test_refl_offline_default_raises_true_reward(refl_cache, tmp_path):
@@ -2767,7 +2810,7 @@ for name in {_ROBUST_BLOCKED!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 import torch, safetensors.torch, numpy
 project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "toy", "sample",
-            "prepare_data", "train_lrm", "train_refl", "bench"}}
+            "prepare_data", "train_lrm", "train_refl", "train_lpo", "refl", "runs", "picture", "shards", "bench"}}
 allowed = {{"lrm": {{"model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
 for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed"):
@@ -2938,18 +2981,18 @@ def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
         with pytest.raises(ValueError, match=msg):
             train_refl.parse_args(flags)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="ckpt.pt: not a readable train_refl checkpoint"):
-        train_refl.read_checkpoint(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt: not a readable ReFL checkpoint"):
+        refl.read_checkpoint(tmp_path / "ckpt.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a train_refl checkpoint"):
-        train_refl.read_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train_refl.read_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"not a ReFL checkpoint \(expected the keys step, model, optimizer"):
+        refl.read_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        refl.read_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\); expected a train_refl ckpt.pt"):
-        train_refl.read_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\); expected a ReFL ckpt.pt"):
+        refl.read_checkpoint(tmp_path / "empty.pt")
     with pytest.raises(FileNotFoundError, match="is not a file"):
-        train_refl.read_checkpoint(tmp_path)
+        refl.read_checkpoint(tmp_path)
     proc = subprocess.run([sys.executable, "train_refl.py", "--frames", "80", "--out", str(tmp_path / "x")],
                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == "train_refl.py: error: frames must be 4k+1, got 80"
@@ -3265,18 +3308,23 @@ def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     args = train_refl.parse_args(["--out", str(tmp_path)])
+    # what Run.save_checkpoint reads of its run (the rest of a refl.Run is not needed to write one)
+    run = types.SimpleNamespace(model=model, opt=opt, rank=0, lrm=None, lrm_opt=None, buffer=replay.ReplayBuffer(4),
+                                history=[], bad=refl.new_bad_counts(), out=tmp_path,
+                                run_settings=lambda: {k: getattr(args, k) for k in train_refl.RUN_KEYS})
     path = tmp_path / "ckpt.pt"
-    train_refl.save_checkpoint(path, model, opt, None, None, replay.ReplayBuffer(4), 1, [], 0, args, train_refl.new_bad_counts())
+    refl.Run.save_checkpoint(run, 1)
     good = path.read_bytes()
+    assert refl.read_checkpoint(path)["run"]["mode"] == "velr"
 
     def full_disk(obj, f, *a, **k):
         Path(f).write_bytes(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(RuntimeError, match=r"step 2: could not write the checkpoint .*ckpt\.pt\.tmp \(disk full\?\)"):
-        train_refl.save_checkpoint(path, model, opt, None, None, replay.ReplayBuffer(4), 2, [], 0, args,
-                                   train_refl.new_bad_counts())
+    with pytest.raises(RuntimeError, match=r"step 2: could not write the checkpoint .*ckpt\.pt \(disk full\?\).*unexpected "
+                                           r"pos.*ckpt\.pt still holds the previous one"):
+        refl.Run.save_checkpoint(run, 2)
     assert path.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
@@ -3306,7 +3354,7 @@ def test_before_after_picture(refl_cache, tmp_path):
     g = torch.Generator().manual_seed(0)
     before = toy.procedural_videos(2, 5, 32, g)
     after = -before
-    img = train_refl.before_after_image(before, after, ["a red square", "no colour named"])
+    img = picture.before_after_image(before, after, ["a red square", "no colour named"])
     assert img.dtype == np.uint8 and (img[16:28, 2:14] == [255, 0, 0]).all()  # the named colour's swatch
     frame = ((before[0, :, 0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1)
     assert (img[16 : 16 + 96, 60 : 60 + 96] == frame).all()  # first frame of the first row, before, scaled 3x
@@ -3357,7 +3405,7 @@ def test_toy_dit_reads_a_short_context():
     prompts = toy.prompt_list()
     ids, mask = tok(prompts, max_length=512)
     assert cfg.text_len == 32 and int(mask.sum(1).max()) <= cfg.text_len
-    table = train_refl.embed_prompts(prompts[:5], tok, encoder, torch.device("cpu"), cfg.text_len)
+    table = refl.embed_prompts(prompts[:5], tok, encoder, torch.device("cpu"), cfg.text_len)
     full, lengths = text_encoder.encode_prompts(prompts[:5], tok, encoder)
     for i, p in enumerate(prompts[:5]):
         assert table[p][0].shape == (32, encoder.cfg.dim) and table[p][1] == lengths[i]
@@ -3435,7 +3483,7 @@ def test_shipped_watchable_assets_show_the_scene():
 def test_default_toy_world(monkeypatch):
     monkeypatch.delenv("VELR_TOY_WORLD")
     args = train_refl.parse_args([])
-    assert args.toy_world == train_refl.DEFAULT_TOY_WORLD == "watchable" and args.reward == "toy:square_color"
+    assert args.toy_world == refl.DEFAULT_TOY_WORLD == "watchable" and args.reward == "toy:square_color"
     monkeypatch.setenv("VELR_TOY_WORLD", "random")
     assert train_refl.parse_args([]).reward == "toy:calibrated_color"
     assert train_refl.parse_args(["--toy-world", "watchable"]).toy_world == "watchable"  # the flag wins
@@ -3460,9 +3508,9 @@ def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
     assert (args.reward_on, args.reward_loss, args.window, args.mid_min, args.mid_max) == ("zt", "prfl", 1, 0, 18)
     assert train_refl.parse_args(["--preset", "prfl", "--window", "2", "--mid-max", "10"]).window == 2  # explicit wins
     assert train_refl.parse_args([]).reward_on == "z0" and train_refl.parse_args([]).reward_loss == "neg"
-    s = _refl_setup(refl_cache, "--preset", "prfl")
+    s = _refl_setup(tmp_path / "setup", refl_cache, "--preset", "prfl")
     _, out = _refl_loss(s)
-    expect = (0.1 * torch.relu(2 - torch.sigmoid(out["reward"]))).mean() + s["args"].beta * out["kl"]
+    expect = (0.1 * torch.relu(2 - torch.sigmoid(out["reward"]))).mean() + s.c.beta * out["kl"]
     assert torch.allclose(out["loss"].detach(), expect, atol=1e-6)  # PRFL's reward loss, plus the KL
     data = tmp_path / "real"
     prepare_data.main(_data_prepare_argv(data, "--videos", str(_data_video_folder(tmp_path / "videos"))))
@@ -3766,12 +3814,12 @@ def test_refl_zt_refused_for_a_clean_lrm(tmp_path):
 
 def test_refl_zt_scores_the_noisy_latent_and_aligns_on_renoised_z0(refl_cache, tmp_path, monkeypatch):
     path = _na_toy_lrm(tmp_path / "na.safetensors", objective="thurstone")
-    s = _refl_setup(refl_cache, "--lrm", str(path), "--reward-on", "zt", "--agg", "lcb", "--lcb-k", "2")
+    s = _refl_setup(tmp_path / "run", refl_cache, "--lrm", str(path), "--reward-on", "zt", "--agg", "lcb", "--lcb-k", "2")
     batch, out = _refl_loss(s)
-    sigma = float(s["sigmas"][batch["stop"]])
+    sigma = float(s.r.sigmas[batch["stop"]])
     assert 0 < sigma < 1
     out["loss"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s["model"].parameters() if p.requires_grad)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.r.model.parameters() if p.requires_grad)
     assert out["members"].shape == (2, 2)
     # lcb with both uncertainties: mean - k sqrt(Var_members + v(sigma))
     m = out["members"]
@@ -3779,28 +3827,32 @@ def test_refl_zt_scores_the_noisy_latent_and_aligns_on_renoised_z0(refl_cache, t
     torch.testing.assert_close(out["reward"], expect)
     # the LRM saw the window's last latent at its own sigma: recompute it with the same step
     seen = {}
-    real = s["lrm"].forward
+    real = s.r.lrm.forward
 
     def spy(z, context, lengths, sigma=None):
         seen.update(z=z.detach().clone(), sigma=sigma)
         return real(z, context, lengths, sigma=sigma)
 
-    monkeypatch.setattr(s["lrm"], "forward", spy)
-    _refl_loss(s)
-    assert seen["sigma"] == sigma and not torch.equal(seen["z"], out["z0"])
-    # alignment: the buffer keeps the clean z0; the noise-aware LRM is fitted on it re-noised
-    buf = replay.ReplayBuffer(8)
-    buf.insert(out["z0"], *train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu")),
-               torch.tensor([0.5, 0.7]), torch.tensor([0.1, 0.2]))
-    assert torch.equal(buf.data["z"], out["z0"])
+    monkeypatch.setattr(s.r.lrm, "forward", spy)
+    _, again = _refl_loss(s)
+    assert seen["sigma"] == sigma and torch.equal(seen["z"], again["xt"]) and not torch.equal(seen["z"], out["z0"])
+    assert torch.equal(again["z0"], out["z0"])  # the same step (no update was applied)
+    # alignment (the step's own, --align-every 1): the buffer keeps the clean z0; the noise-aware
+    # LRM is fitted on it re-noised at levels of the sampler's grid
     calls = []
     monkeypatch.setattr(lrm_lib, "lrm_update", lambda *a, **k: calls.append((a, k)) or {"skipped": False})
-    opt = torch.optim.AdamW(s["lrm"].parameters(), lr=1e-4)
-    train_refl.align_lrm(s["lrm"], opt, buf, s["args"], 1, torch.device("cpu"), 1, train_refl.new_bad_counts(), print)
-    assert calls and all(k["sigma"] is not None and k["sigma"].shape == (2, 2) for _, k in calls)
+    s.c.align_every = 1
+    _, aligned = _refl_loss(s)
+    buf = s.r.buffer
+    assert aligned["rec"]["labelled"] == 2 and aligned["rec"]["lrm_updates"] == len(calls) > 0
+    assert torch.equal(buf.data["z"], aligned["z0"]) and torch.equal(aligned["z0"], out["z0"])
+    assert all(k["sigma"] is not None and k["sigma"].shape == (2, 2) for _, k in calls)
     z_fed, sig = calls[0][0][2], calls[0][1]["sigma"]
-    assert set(sig.flatten().tolist()) <= set(s["sigmas"][:-1].float().tolist()) | {0.0}
-    assert not torch.equal(z_fed[sig > 0], buf.data["z"][:1].expand_as(z_fed)[sig > 0])  # re-noised
+    assert set(sig.flatten().tolist()) <= set(s.r.sigmas[:-1].float().tolist()) | {0.0}
+    for i, j in (sig > 0).nonzero().tolist():  # re-noised: no clean buffer entry
+        assert not any(torch.equal(z_fed[i, j], z) for z in buf.data["z"])
+    for i, j in (sig == 0).nonzero().tolist():  # clean (ALIGN_CLEAN_PROB): a buffer entry as it is
+        assert any(torch.equal(z_fed[i, j], z) for z in buf.data["z"])
 
 
 def test_refl_zt_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
@@ -3851,13 +3903,15 @@ def test_toy_noise_aware_bootstrap_is_cached_and_noise_aware(tmp_path):
 
 def test_refl_noise_ensemble_scores_z0_at_fixed_levels(refl_cache, tmp_path):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
-    s = _refl_setup(refl_cache, "--lrm", str(path), "--noise-ensemble")
+    s = _refl_setup(tmp_path / "run", refl_cache, "--lrm", str(path), "--noise-ensemble")
     batch, out = _refl_loss(s)
-    context, lengths = train_refl.text_batch(s["table"], batch["prompts"], torch.device("cpu"))
+    context, lengths = refl.text_batch(s.r.table, batch["prompts"], torch.device("cpu"))
+    assert torch.equal(context, out["context"]) and torch.equal(lengths, out["lengths"])
     with torch.no_grad():
-        expect = lrm_lib.noise_ensemble(s["lrm"], out["z0"], context, lengths, seed=s["args"].seed)
+        expect = lrm_lib.noise_ensemble(s.r.lrm, out["z0"], context, lengths, seed=s.c.seed)
+        plain = s.r.lrm(out["z0"], context, lengths)
     torch.testing.assert_close(out["members"], expect)
-    assert not torch.allclose(out["members"], s["lrm"](out["z0"], context, lengths))
+    assert not torch.allclose(out["members"], plain)
 
 
 # ----------------------------------------------------------------------------- DiT-backbone LRM (the generator's blocks)
@@ -3899,7 +3953,7 @@ def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
     _, model, z, context, lengths = _dit_lrm_setup(2)
     q = model.heads.query
     assert not torch.equal(q[0], q[1]) and not torch.equal(q[1], q[2])  # every head its own seeded init
-    model.requires_grad_(True)  # as train_refl.py's alignment does: a frozen trunk stays frozen
+    model.requires_grad_(True)  # as the online alignment (refl.align_lrm) does: a frozen trunk stays frozen
     r = model(z.requires_grad_(True), context, lengths, sigma=0.4)
     assert r.shape == (3, 2) and not torch.allclose(r[0], r[1])
     r.sum().backward()
@@ -4066,22 +4120,29 @@ def test_ddim_transition_is_the_hand_computed_gaussian():
 
 
 def test_lpo_pair_selection_respects_the_threshold():
-    args = train_refl.parse_args(["--mode", "lpo"])
+    args = train_lpo.parse_args([])
     assert args.lpo_threshold == [0.35, 0.5] and args.lpo_k == 4 and args.dpo_beta == 500 and args.beta == 0.0
-    assert train_refl.lpo_threshold(args, 0.0) == 0.35 and train_refl.lpo_threshold(args, 1.0) == pytest.approx(0.5)
-    assert train_refl.lpo_threshold(args, 0.6) == pytest.approx(0.44)
+    at = args.lpo_threshold
+    assert train_lpo.lpo_threshold(at, 0.0) == 0.35 and train_lpo.lpo_threshold(at, 1.0) == pytest.approx(0.5)
+    assert train_lpo.lpo_threshold(at, 0.6) == pytest.approx(0.44)
     # softmax([a, 0, 0, 0]) gap = (e^a - 1) / (e^a + 3): pick a on either side of 0.44
     just = math.log((3 * 0.44 + 1) / (1 - 0.44))  # gap exactly 0.44
     scores = torch.tensor([[just + 0.01, 0, 0, 0], [just - 0.01, 0, 0, 0], [0, 0, 5, -5.0]])
-    best, worst, kept = train_refl.select_pairs(scores, train_refl.lpo_threshold(args, 0.6))
+    best, worst, kept = train_lpo.select_pairs(scores, train_lpo.lpo_threshold(at, 0.6))
     assert kept.tolist() == [True, False, True] and best.tolist() == [0, 0, 2] and worst.tolist()[2] == 3
-    _, _, kept_t = train_refl.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
+    _, _, kept_t = train_lpo.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
     assert kept_t.tolist() == [True, False, True]
-    assert train_refl.parse_args(["--mode", "lpo", "--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
-    for bad in (["--lpo-k", "1"], ["--lpo-threshold", "0.3", "1.2"], ["--dpo-beta", "0"], ["--lpo-eta", "inf"], ["--reward-on", "zt"],
-                ["--preset", "prfl"]):
-        with pytest.raises(ValueError, match="lpo"):
-            train_refl.parse_args(["--mode", "lpo", *bad])
+    assert train_lpo.parse_args(["--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
+    assert train_lpo.parse_args(["--lpo-threshold", "0.2", "0.3"]).lpo_threshold == [0.2, 0.3]
+    for bad, msg in ((["--lpo-k", "1"], "--lpo-k must be >= 2"), (["--lpo-threshold", "0.3", "1.2"], "LPO needs thresholds"),
+                     (["--dpo-beta", "0"], "LPO needs thresholds"), (["--lpo-eta", "inf"], "LPO needs thresholds")):
+        with pytest.raises(ValueError, match=msg):
+            train_lpo.parse_args(bad)
+    # VELR's reward flags do not exist in LPO's script (it scores its candidates at their own sigma by DPO)
+    for bad in (["--reward-on", "zt"], ["--noise-ensemble"], ["--reward-loss", "prfl"], ["--preset", "prfl"],
+                ["--mode", "lpo"], ["--lpo-threshold", "0.3"]):
+        with pytest.raises(SystemExit):
+            train_lpo.parse_args(bad)
 
 
 def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal():
@@ -4094,7 +4155,7 @@ def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal()
 
     def loss(y_w, y_l):
         lp = lambda y, m: sample.gaussian_log_prob(y, m, std)  # noqa: E731
-        return train_refl.dpo_loss(lp(y_w, mean), lp(y_l, mean), lp(y_w, mean_ref), lp(y_l, mean_ref), 500.0).sum()
+        return train_lpo.dpo_loss(lp(y_w, mean), lp(y_l, mean), lp(y_w, mean_ref), lp(y_l, mean_ref), 500.0).sum()
 
     same = loss(y, y)
     (g,) = torch.autograd.grad(same, w, retain_graph=True)
@@ -4103,32 +4164,39 @@ def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal()
     assert g2.abs().sum() > 0
 
 
-def test_refl_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tmp_path):
+def test_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tmp_path):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
-    flags = ["--mode", "lpo", "--lrm", str(path), "--steps", "2", "--save-every", "1", "--align-every", "1",
+    flags = ["--lrm", str(path), "--steps", "2", "--save-every", "1", "--align-every", "1",
              "--align-rounds", "1", "--buffer-size", "3", "--window", "2", "--lpo-temp", "0.001", "--picture-rows", "0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    train_lpo.main(_refl_flags(refl_cache, full, *flags))
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["pair_offers"] for r in metrics] == [4, 4] and sum(r["pairs"] for r in metrics) > 0
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: every kept pair costs log 2
-    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
-    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
+    assert json.loads((full / "summary.json").read_text())["mode"] == "lpo"
+    train_lpo.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
+    with pytest.raises(ValueError, match="--lpo-k 4 -> 3"):  # LPO's own settings define its run too
+        train_lpo.main(_refl_flags(refl_cache, cut, *flags, "--lpo-k", "3", "--resume", str(cut / "ckpt.pt")))
+    train_lpo.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
     for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
         _refl_assert_same(a[key], b[key], key)
     assert any(v.abs().max() > 0 for k, v in a["model"].items() if ".lora_B." in k)  # DPO moved the policy
     clean = lrm.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
     lrm.save_lrm(clean, tmp_path / "clean.safetensors")
-    with pytest.raises(ValueError, match="--mode lpo needs a noise-aware LRM"):
-        train_refl.parse_args(["--mode", "lpo", "--lrm", str(tmp_path / "clean.safetensors")])
+    with pytest.raises(ValueError, match="LPO needs a noise-aware LRM .*scores clean latents only"):
+        train_lpo.parse_args(["--lrm", str(tmp_path / "clean.safetensors")])
+    proc = subprocess.run([sys.executable, "train_lpo.py", "--lrm", str(tmp_path / "clean.safetensors"), "--out",
+                           str(tmp_path / "o")], cwd=_REFL_REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("train_lpo.py: error: LPO needs a noise-aware LRM")
+    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "o").exists()  # one line, nothing written
 
 
 @pytest.mark.parametrize("flags", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["ddp-lora", "fsdp2-full"])
-def test_refl_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
+def test_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
-    sync = _refl_torchrun(refl_cache, tmp_path / "run", "--mode", "lpo", "--lrm", str(path), "--window", "2",
-                          "--lpo-temp", "0.001", "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0", *flags)
+    sync = _refl_torchrun(refl_cache, tmp_path / "run", "--lrm", str(path), "--window", "2", "--lpo-temp", "0.001",
+                          "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0", *flags, script="train_lpo.py")
     assert sync == {"world": 2, "max_diff": 0.0}
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     if flags:
@@ -4231,11 +4299,11 @@ def test_train_lrm_dit_bf16_trunk(tmp_path):
         train_lrm.parse_args(["--dit-dtype", "bf16"])
 
 
-def test_refl_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
+def test_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
-    train_refl.main(_refl_flags(refl_cache, tmp_path / "run", "--mode", "lpo", "--lrm", str(path), "--lpo-temp", "1",
-                                "--window", "1", "--steps", str(train_refl.LPO_WARN_STEPS), "--align-every", "0",
-                                "--picture-rows", "0"))
+    train_lpo.main(_refl_flags(refl_cache, tmp_path / "run", "--lrm", str(path), "--lpo-temp", "1",
+                               "--window", "1", "--steps", str(train_lpo.LPO_WARN_STEPS), "--align-every", "0",
+                               "--picture-rows", "0"))
     printed = capsys.readouterr().out
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["pairs"] for r in metrics) == 0 and all(r["score_range"] > 0 for r in metrics)

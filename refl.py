@@ -1,0 +1,733 @@
+"""The parts of reward feedback learning on Wan that VELR's trainer (train_refl.py) and LPO's
+(train_lpo.py) share: loading the models (or the offline toy world), prompt embeddings, the
+guided velocity and the initial model's, VELR's online LRM alignment (the replay buffer's offers
+and the Huber re-fit, Algorithm 1 and App. C.2 of "VELR: Efficient Video Reward Feedback via
+Ensemble Latent Reward Models"), the evaluation on fixed prompts and seeds, and `Run`: the run
+folder, checkpoints, resume, metrics.jsonl and the end of a run under torchrun.
+
+Distributed: LoRA under DDP (the fp32 adapters replicated), full fine-tuning under FSDP2 with a
+frozen sharded copy as the reference; Ulysses sequence parallelism splits each sample's tokens
+over --sp-size ranks (distributed.py). The buffer and the LRM stay identical on every rank.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distributed
+import lora
+import lrm as lrm_lib
+import picture as picture_lib
+import replay
+import rewards
+import runs
+import sample
+import text_encoder
+import toy
+import vae as vae_lib
+from model_dit import load_dit
+from vae import load_vae
+
+# The toy world without --toy-world: $VELR_TOY_WORLD, else this one (the README's main command).
+# The tests and bench.py set the variable, so their worlds, subprocesses included, stay fixed.
+DEFAULT_TOY_WORLD = "watchable"
+ALIGN_CLEAN_PROB = 0.1  # share of clean latents when a noise-aware LRM is aligned (train_lrm.py's --clean-prob default)
+RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", "summary.json", "sync.json", "samples")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class RunConfig:
+    """The settings VELR's trainer (train_refl.ReFLConfig) and LPO's (train_lpo.LPOConfig) share;
+    their defaults are the VELR paper's (§4.3, App. C.2, C.3). Each field is a flag, its comment the help."""
+    # models and data (none given: the offline toy world)
+    ckpt_dir: str | None = None  # Wan2.1-T2V repo folder (original or Diffusers layout)
+    dit: str | None = None  # DiT file or folder (overrides --ckpt-dir)
+    vae: str | None = None  # VAE file or folder (overrides --ckpt-dir)
+    text_encoder: str | None = None  # UMT5 file or folder (overrides --ckpt-dir)
+    tokenizer: str | None = None  # tokenizer folder or file (overrides --ckpt-dir)
+    lrm: str | None = None  # a pretrained LRM (train_lrm.py); the toy world bootstraps its own
+    reward: str | None = None  # pixel reward: a rewards.py built-in or module:attr (the toy world: its own)
+    prompts: str | None = None  # text file, one prompt per line (toy world: its own captions)
+    size: str = "832x480"  # WxH, multiples of 16
+    frames: int = 81  # 4k+1
+    cache_dir: str | None = None  # toy world cache (default <repo>/.cache/toy or $VELR_CACHE/toy)
+    toy_world: Literal["random", "watchable"] | None = None  # which toy world (toy.py; default $VELR_TOY_WORLD,
+    #                                                          else watchable; random is the tests' world)
+    # sampler and window
+    sample_steps: int = 50  # sampler steps
+    shift: float = 5.0  # timestep shift
+    solver: Literal["unipc", "euler"] = "unipc"  # sampler
+    guidance: float = 5.0  # CFG scale, 1 = none
+    mid_min: int = 15  # first step the window may start at
+    mid_max: int = 25  # last step the window may start at
+    window: int = 10  # K, the steps with gradient
+    beta: float = 10.0  # KL weight, 0 = no KL
+    agg: Literal["mean", "min", "max", "lcb"] = "mean"  # ensemble aggregation
+    lcb_k: float = 1.0  # lcb = mean - k std over members; mean - k sqrt(Var_members + v(sigma)) for a Thurstone LRM
+    lr: float = 1e-5  # learning rate
+    batch_size: int = 4  # prompts per rank and step
+    gradient_checkpointing: bool = False  # recompute each window step and DiT block in backward
+    # trainable weights
+    full_finetune: bool = False  # train every DiT weight (FSDP2 under torchrun)
+    lora_rank: int = 256  # LoRA rank (VELR App. C.3)
+    lora_alpha: float = 256.0  # LoRA alpha; scale = alpha / rank
+    lora_targets: str = ",".join(lora.WAN_TARGETS)  # comma-separated Linear names inside each block
+    # online LRM alignment
+    align_every: int = 10  # ReFL steps between alignments, 0 = never
+    align_rounds: int = 2  # passes over the buffer per alignment, each ceil(entries / batch) updates (App. C.2)
+    align_lr: float = 1e-5  # LRM learning rate
+    buffer_size: int = 256  # replay buffer entries
+    refresh_variance: bool = False  # before each alignment, rescore the buffer's variances with the current LRM
+    # run
+    steps: int = 1000  # training steps
+    eval_every: int = 100  # steps between evaluations, 0 = before and after only
+    eval_samples: int = 8  # fixed prompt/seed pairs evaluated
+    picture_rows: int = 2  # pairs in samples/before_after.png (initial vs trained model); 0 = no picture
+    save_every: int = 100  # steps between checkpoints, 0 = only at the end
+    out: str = "runs/refl"  # run folder
+    resume: str | None = None  # ckpt.pt to continue from
+    overwrite: bool = False  # start a new run in a non-empty --out, replacing it
+    max_bad_steps: int = 10  # stop once more steps + LRM updates than this were skipped for non-finite values
+    compile: bool = False  # torch.compile the DiT's blocks and the LRM (numerics unchanged)
+    sp_size: int = 1  # Ulysses sequence parallelism: ranks that split each sample's tokens (1: off)
+    seed: int = 0  # seed
+    stop_after: int | None = None  # exit right after this step as a crash would (to test --resume)
+
+    @property
+    def toy(self) -> bool:
+        return not (self.ckpt_dir or self.dit)
+
+    @property
+    def width(self) -> int:
+        return vae_lib.parse_size(self.size)[0]
+
+    @property
+    def height(self) -> int:
+        return vae_lib.parse_size(self.size)[1]
+
+    def record(self) -> dict:
+        """What args.json holds: every resolved field, the presets applied."""
+        return {**asdict(self), "toy": self.toy, "presets": getattr(self, "presets", [])}
+
+
+# The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
+RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
+            "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size")
+
+# The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
+# generator was trained and its LRM bootstrapped with).
+TOY_PRESET = dict(toy_world=lambda c: os.environ.get("VELR_TOY_WORLD") or DEFAULT_TOY_WORLD,
+                  reward=lambda c: toy.WORLDS[c.toy_world].reward, sample_steps=toy.ToyConfig.sample_steps,
+                  shift=toy.ToyConfig.shift, solver="euler", mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4,
+                  align_lr=1e-4, steps=100, eval_every=50, eval_samples=48, guidance=1.0,
+                  size=f"{toy.ToyConfig.size}x{toy.ToyConfig.size}", frames=toy.ToyConfig.frames, lora_rank=16,
+                  lora_alpha=16.0, picture_rows=6)
+
+
+def base_preset(given: dict) -> str:
+    """paper with checkpoints, toy without."""
+    return "paper" if given.get("ckpt_dir") or given.get("dit") else "toy"
+
+
+def validate(c: RunConfig):
+    """The checks of the shared settings: a one-line error naming the flag."""
+    for k in ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
+              "align_rounds", "sp_size"):
+        if getattr(c, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(c, k)}")
+    for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows"):
+        if getattr(c, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(c, k)}")
+    if not 0 <= c.mid_min <= c.mid_max:
+        raise ValueError(f"need 0 <= --mid-min <= --mid-max, got {c.mid_min}, {c.mid_max}")
+    if c.mid_max + c.window >= c.sample_steps:
+        raise ValueError(f"--mid-max + --window must stay below --sample-steps {c.sample_steps}, got {c.mid_max} + {c.window}")
+    vae_lib.check_size(c.frames, c.height, c.width)
+    if c.frames < 5:
+        raise ValueError(f"--frames {c.frames} is a still image, not a video: video ReFL needs at least 5 frames")
+    for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
+        if not math.isfinite(getattr(c, k)):
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(c, k)}")
+    if c.shift <= 0:
+        raise ValueError(f"--shift must be > 0, got {c.shift}")
+
+
+def check_noise_aware(cfg, flag: str, name):
+    """A reward on noisy latents (flag) needs an LRM trained on them: refuse one trained on clean latents."""
+    if not cfg.timestep_cond:
+        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware or --model dit); {name} "
+                         f"scores clean latents only")
+
+
+# ----------------------------------------------------------------------------- models and prompts
+
+def load_models(c, device, rank, noise_aware_flag=None):
+    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts) for config `c`. Every file
+    named on the command line is checked before the first model loads (a 14B DiT takes minutes).
+    noise_aware_flag: the flag that needs a noise-aware LRM (None: any LRM will do)."""
+    paths = sample.model_paths(c)
+    prompts = sample.read_prompts(c.prompts) if c.prompts else (toy.prompt_list() if c.toy else None)
+    if not prompts:
+        raise ValueError("real checkpoints need --prompts FILE (one prompt per line)")
+    if c.lrm and not Path(c.lrm).is_file():
+        raise FileNotFoundError(f"--lrm {c.lrm} does not exist")
+    dollar = getattr(c, "mode", None) == "dollar"
+    if dollar and c.lrm is None:
+        raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
+    lrm = lrm_lib.load_lrm(c.lrm) if c.lrm else None  # the small files first: a bad one is found in seconds
+    missing = toy.untrained_parts(toy.WORLDS[c.toy_world], c.cache_dir) if c.toy else []
+    if missing:
+        raise ValueError(f"--toy-world {c.toy_world} needs its trained {' and '.join(missing)} "
+                         f"in assets/, which this checkout does not have: train them with `python toy.py train-assets "
+                         f"[--device cuda]` (minutes on a GPU, ~1.7 h on 2 CPU cores), or use --toy-world random")
+    if c.toy:
+        if rank != 0:
+            distributed.barrier()  # rank 0 builds the cache first
+        log = print if rank == 0 else lambda s: None
+        world_cfg = toy.WORLDS[c.toy_world]
+        dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(world_cfg, cache_dir=c.cache_dir, log=log)
+        if lrm is None and noise_aware_flag and not dollar:
+            toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=c.cache_dir, log=log)
+        if rank == 0:
+            distributed.barrier()
+        lrm = toy_lrm if lrm is None else lrm
+    else:
+        tokenizer, dt = text_encoder.load_tokenizer(paths["tokenizer"]), sample.dtypes(device)
+        # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
+        dit = load_dit(paths["dit"], dtype=torch.float32 if c.full_finetune else dt["dit"])
+        vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
+        encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
+    if lrm is not None and noise_aware_flag:
+        check_noise_aware(lrm.cfg, noise_aware_flag, c.lrm or "the toy world's LRM")
+    return dit, vae.to(device), encoder, tokenizer, lrm, prompts
+
+
+def embed_prompts(prompts: list[str], tokenizer, encoder, device, text_len: int = 512) -> dict:
+    """prompt -> (context (text_len, C) on the CPU, length); the encoder is not needed afterwards.
+    text_len: the DiT's (Wan's 512; the watchable toy world's DiT reads 32)."""
+    table = {}
+    unique = sorted(set(prompts))
+    with torch.no_grad():
+        for i in range(0, len(unique), 16):
+            context, lengths = text_encoder.encode_prompts(unique[i : i + 16], tokenizer, encoder.to(device), text_len)
+            for p, c, n in zip(unique[i : i + 16], context.cpu(), lengths.cpu()):
+                table[p] = (c, n)
+    return table
+
+
+def text_batch(table: dict, prompts: list[str], device):
+    context = torch.stack([table[p][0] for p in prompts]).to(device)
+    lengths = torch.stack([table[p][1] for p in prompts]).to(device)
+    return context, lengths
+
+
+def draw_batch(seed: int, step: int, rank: int, prompts: list[str], batch_size: int, shape) -> tuple[list[str], torch.Tensor]:
+    """The step's prompts and starting noise, a pure function of (seed, step, rank): a resumed run
+    replays the same data, and every rank draws its own."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + rank)
+    idx = torch.randint(len(prompts), (batch_size,), generator=g).tolist()
+    return [prompts[i] for i in idx], torch.randn(batch_size, *shape, generator=g)
+
+
+def shared_generator(seed: int, step: int) -> torch.Generator:
+    """Seeded by (seed, step) alone: the same draw on every rank (the window's position)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 - 1)
+
+
+# ----------------------------------------------------------------------------- velocities
+
+def velocity(model, x, t, context, neg_context, guidance):
+    """Guided velocity of `model`, the unconditional branch without gradient (as in sample.denoise)."""
+    v = model(x, t, context)
+    if neg_context is None or guidance == 1.0:
+        return v
+    with torch.no_grad():
+        v_uncond = model(x, t, neg_context)
+    return sample.guided_velocity(v, v_uncond, guidance)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def initial_model(model, ref):
+    """A context giving the initial model: `ref` (the frozen copy) or, under LoRA, `model` with its adapters off."""
+    return nullcontext(ref) if ref is not None else lora.lora_disabled(unwrap(model))
+
+
+def reference_velocity(model, ref, x, t, context, neg_context, guidance):
+    """v_ref of the initial model at x (no gradient)."""
+    with torch.no_grad(), initial_model(model, ref) as m:
+        return velocity(m, x.detach(), t, context, neg_context, guidance)
+
+
+def wrap(dit, device, world, *, full_finetune: bool, lora_rank: int, lora_alpha: float, lora_targets: str, seed: int):
+    """(trainable model, frozen reference or None). LoRA: DDP, reference = adapters off.
+    Full fine-tuning: FSDP2 per block + root, reference = a frozen copy sharded the same way."""
+    if full_finetune:
+        ref = copy.deepcopy(dit).requires_grad_(False)
+        dit.requires_grad_(True)
+        if world > 1:
+            from torch.distributed.fsdp import fully_shard
+            for m in (dit, ref):
+                for block in m.blocks:
+                    fully_shard(block)
+                fully_shard(m)
+        return dit, ref
+    # seeded by --seed alone: every rank starts from the same adapters, and --seed changes them
+    lora.add_lora(dit, lora_rank, lora_alpha, lora_targets, generator=torch.Generator().manual_seed(seed))
+    dit.to(device)
+    if world > 1:
+        return DDP(dit, device_ids=[device.index] if device.type == "cuda" else None), None
+    return dit, None
+
+
+# ----------------------------------------------------------------------------- online alignment
+
+def buffer_policy(lrm) -> str:
+    """The replay buffer's policy for this LRM: an ensemble ranks entries by its variance, a
+    one-member LRM (variance always 0) gets a FIFO buffer (replay.py)."""
+    return "fifo" if lrm is not None and lrm.n_members == 1 else "variance"
+
+
+def offer_to_buffer(buffer, z0, members, context, lengths, prompts, vae, reward_fn, step, rank, world, bad, log,
+                    group=None) -> dict:
+    """Algorithm 1's buffer update, every ReFL step: offer every z0 of the global batch with the
+    LRM's ensemble variance on it (members (N, B)); label (decode without gradient + pixel reward)
+    only the ones the buffer admits, each rank its own; insert them. The decision is taken on the
+    all-gathered variances, so every rank admits and inserts the same entries in the same order.
+    Non-finite pixel rewards never enter the buffer (bad["rewards_dropped"]). Returns the number
+    labelled over all ranks and, when any were, their mean true reward and the LRM's mean absolute
+    error on them. rank / world / group are the data-parallel ones."""
+    variance = members.float().var(0, correction=0)  # (B,), 0 for a one-member LRM
+    admitted = buffer.admit(distributed.all_gather_cat(variance, group).cpu())  # (world B,), identical on every rank
+    b = z0.shape[0]
+    mine = admitted[rank * b : (rank + 1) * b].to(z0.device)
+    true = torch.full((b,), float("nan"), device=z0.device)
+    if mine.any():
+        chosen = [p for p, m in zip(prompts, mine.tolist()) if m]
+        with torch.no_grad():
+            true[mine] = reward_fn(vae.decode(z0[mine]), chosen).float().to(true.device)
+        for p in [p for p, r in zip(chosen, true[mine].tolist()) if not math.isfinite(r)]:
+            log(f"step {step}: the pixel reward returned a non-finite value for {p!r}; dropped")
+    if admitted.any():  # the same on every rank, so the collectives stay matched
+        keep = admitted.to(z0.device)
+        entries = [distributed.all_gather_cat(x, group)[keep] for x in (z0, context, lengths, true, variance)]
+        bad["rewards_dropped"] += buffer.insert(*entries)
+    finite = mine & torch.isfinite(true)
+    err = (members.mean(0).float() - true).abs()
+    stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
+    if world > 1:
+        dist.all_reduce(stats, group=group)
+    rec = {"labelled": int(admitted.sum())}
+    if stats[2] > 0:
+        rec.update(true_reward=(stats[0] / stats[2]).item(), lrm_error=(stats[1] / stats[2]).item())
+    return rec
+
+
+def refresh_variance(lrm, buffer, batch_size, device, world, step, log):
+    """Rescore every buffer entry's ensemble variance with the current LRM (no gradient) and store
+    it; rank 0's values on every rank, so the buffers stay identical."""
+    parts = []
+    with torch.no_grad(), sample.autocast(device):
+        for i in range(0, len(buffer), batch_size):
+            rows = slice(i, i + batch_size)
+            members = lrm(buffer.data["z"][rows].to(device), buffer.data["context"][rows].to(device),
+                          buffer.data["lengths"][rows].to(device))
+            parts.append(members.float().var(0, correction=0))
+    variance = torch.cat(parts)
+    if world > 1:
+        dist.broadcast(variance, 0)
+    removed = buffer.set_variance(variance)
+    if removed:
+        log(f"step {step}: {removed} buffer entries got a non-finite variance from the LRM; removed")
+
+
+def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid, seed: int, step: int, device,
+              world: int, bad, log, refresh: bool = False) -> dict:
+    """Re-fit the LRM on the shared buffer (App. C.2): `rounds` passes, each ceil(entries /
+    batch_size) Huber updates; every member draws its own minibatch (variance-weighted, or uniform
+    in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of `sigma_grid` (0 with
+    ALIGN_CLEAN_PROB), labels the clean rewards. Seeded the same on every rank: same batches, same
+    update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
+    if refresh and len(buffer):
+        refresh_variance(lrm, buffer, batch_size, device, world, step, log)
+    if not len(buffer):
+        return {}
+    g = torch.Generator().manual_seed(seed * 7919 + step)  # same on every rank: same batches, same update
+    n, bs = lrm.n_members, batch_size
+    updates = rounds * math.ceil(len(buffer) / bs)
+    amp = sample.dtypes(device)["amp"]
+    lrm.requires_grad_(True)
+    for _ in range(updates):
+        b = {k: v.unflatten(0, (n, bs)).to(device) for k, v in buffer.sample(n * bs, generator=g).items()}  # (N, B, ...)
+        sigma = None
+        if getattr(lrm, "noise_aware", False):  # the buffer holds clean z0: re-noise as pretraining does
+            sigma = lrm_lib.draw_sigmas((n, bs), sigma_grid, ALIGN_CLEAN_PROB, g)
+            b["z"] = lrm_lib.noise_latents(b["z"], sigma.to(device), torch.randn(b["z"].shape, generator=g).to(device))
+            sigma = sigma.to(device)
+        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], generator=g, amp_dtype=amp,
+                                 sigma=sigma)
+        if res["skipped"]:
+            bad["lrm_skipped"] += 1
+            log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
+    lrm.requires_grad_(False)
+    if world > 1:
+        for p in lrm.parameters():  # float nondeterminism must not let the ranks' LRMs drift apart
+            dist.broadcast(p.data, 0)
+    return {"lrm_updates": updates}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_pairs(n: int, prompts: list[str]) -> list[tuple[str, int]]:
+    """n fixed (prompt, seed) pairs: prompt i mod len(prompts), seed 10_000 + i."""
+    return [(prompts[i % len(prompts)], 10_000 + i) for i in range(n)]
+
+
+def sample_pairs(model, vae, pairs, table, neg_context, *, shape, sigmas, solver, guidance, device, latents=False):
+    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on (prompt, seed) pairs;
+    latents=True returns (final latents, videos)."""
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for _, seed in pairs]).to(device)
+    context, _ = text_batch(table, [p for p, _ in pairs], device)
+    neg = None if neg_context is None else neg_context[:1].expand(len(pairs), -1, -1)
+    with torch.no_grad(), sample.autocast(device):
+        z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=solver,
+                              uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=guidance)
+        video = vae.decode(z)
+    return (z, video) if latents else video
+
+
+def evaluate(rollout, reward_fn, pairs, table, batch_size, device, rank, world, out_dir, step, bad=None, lrm=None,
+             group=None) -> dict:
+    """Mean pixel reward of full rollouts (rollout(pairs, latents=True) -> (z, videos)) on the fixed
+    pairs, sharded over ranks (under FSDP every rank runs the same number of batches); non-finite
+    rewards are left out and counted in bad["eval_dropped"]. Saves the first two videos of rank 0.
+    Returns {"true_reward"} and, with an `lrm`, the LRM (member mean) on the same final latents:
+    "lrm_err" = mean |LRM - true|, "latent_minus_true" = mean (LRM - true)."""
+    per_rank = math.ceil(len(pairs) / world)
+    mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
+    total = torch.zeros(5, device=device)  # reward sum, finite count, non-finite count, |LRM - true| sum, (LRM - true) sum
+    for i in range(0, per_rank, batch_size):
+        chunk = mine[i : i + batch_size]
+        ps = [pairs[j % len(pairs)][0] for j in chunk]
+        z, video = rollout([pairs[j % len(pairs)] for j in chunk], latents=True)
+        with torch.no_grad():
+            r = reward_fn(video, ps).float()
+        weight = torch.tensor([float(j < len(pairs)) for j in chunk], device=device)
+        finite = torch.isfinite(r)
+        gap = torch.zeros_like(r)
+        if lrm is not None:
+            context, lengths = text_batch(table, ps, device)
+            with torch.no_grad(), sample.autocast(device):
+                gap = lrm(z, context, lengths).float().mean(0) - r
+        ok = weight * finite
+        total += torch.stack([torch.where(finite, r * weight, 0).sum(), ok.sum(), (weight * ~finite).sum(),
+                              torch.where(finite, gap.abs() * ok, 0).sum(), torch.where(finite, gap * ok, 0).sum()])
+        if rank == 0 and i == 0 and distributed.global_rank() == 0:
+            picture_lib.save_videos(video[:2], Path(out_dir) / "samples", step)
+    if world > 1:
+        dist.all_reduce(total, group=group)
+    if bad is not None:
+        bad["eval_dropped"] += int(total[2].item())
+    if total[1] == 0:
+        return {"true_reward": float("nan")}
+    res = {"true_reward": (total[0] / total[1]).item()}
+    if lrm is not None:
+        res.update(lrm_err=(total[3] / total[1]).item(), latent_minus_true=(total[4] / total[1]).item())
+    return res
+
+
+# ----------------------------------------------------------------------------- the run
+
+def new_bad_counts() -> dict:
+    """What non-finite values cost the run: rewards left out (training / evaluation), steps not applied."""
+    return {"rewards_dropped": 0, "eval_dropped": 0, "refl_skipped": 0, "lrm_skipped": 0}
+
+
+def gradients_finite(model, loss, world: int) -> bool:
+    """True when the loss and every trainable gradient are finite on every rank (one all-reduce, so
+    the ranks skip a step together)."""
+    ok = bool(torch.isfinite(loss.detach()).all())
+    for p in model.parameters():
+        if ok and p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+            ok = bool(torch.isfinite(g).all())
+    if world > 1:
+        flag = torch.tensor(float(ok), device=loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
+
+
+def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0):
+    """Backward (loss x scale), then apply the update only when loss and gradients are finite on
+    every rank; otherwise nothing of this step is applied (bad["refl_skipped"])."""
+    opt.zero_grad(set_to_none=True)
+    (loss * scale).backward()
+    if gradients_finite(model, loss, world):
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+        bad["refl_skipped"] += 1
+        log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
+
+
+def read_checkpoint(path) -> dict:
+    """A train_refl / train_lpo ckpt.pt -> its state, or an error that names the file and the problem."""
+    return runs.read_checkpoint(path, ("step", "model", "optimizer", "buffer", "rng", "history"), "ReFL")
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rank_difference(model, lrm, buffer) -> float:
+    """Largest difference of the full trainable weights, the LRM and the replay buffer between the
+    ranks (0.0: in sync). A collective: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # gathered on every rank
+    tensors = list(get_model_state_dict(model, options=options).values())
+    tensors += list(lrm.parameters()) if lrm is not None else []
+    tensors += list(buffer.data.values()) + [buffer.arrival] if buffer.data is not None else []
+    return distributed.max_rank_difference(tensors)
+
+
+def format_line(r: dict) -> str:
+    """One step's log line. labelled: samples decoded and scored for the buffer this step; r_true and
+    lrm_err: their mean pixel reward and the LRM's mean absolute error on them ("-" when none)."""
+    true = f"{r['true_reward']:.4f}" if "true_reward" in r else "  -   "
+    err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
+    pairs = f"pairs {r['pairs']}/{r['pair_offers']} (range {r['score_range']:.3g}) | " if "pairs" in r else ""
+    evaluation = f" | eval true reward {r['eval_true_reward']:.4f}" if "eval_true_reward" in r else ""
+    return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
+            f"kl {r['kl']:.2e} | {pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
+            f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB{evaluation}")
+
+
+class Run:
+    """One ReFL run of config `c`: ranks, models, optimisers, LRM, buffer, prompt table, and the run
+    folder's files. `settings` are the config fields that define the run (a checkpoint resumes only
+    under the same ones); `noise_aware_flag` names the flag that needs a noise-aware LRM, if any."""
+
+    def __init__(self, c, settings: tuple, noise_aware_flag=None, before_load=None):
+        self.c, self.settings = c, settings
+        self.rank, self.world, self.device = distributed.setup_distributed()
+        torch.manual_seed(c.seed + self.rank)
+        random.seed(c.seed + self.rank)
+        # Data parallelism over world / sp_size groups of ranks; the sp_size ranks of one group hold
+        # the same samples, their tokens split (Ulysses): data_rank / data_world / dp_group are the data's.
+        self.sp_group = self.dp_group = None
+        self.data_rank, self.data_world = self.rank, self.world
+        if c.sp_size > 1:  # sequence_parallel_groups refuses a size that does not divide the world
+            self.sp_group, self.dp_group = distributed.sequence_parallel_groups(c.sp_size)
+            self.data_rank, self.data_world = self.rank // c.sp_size, self.world // c.sp_size
+        self.out = Path(c.out)
+        runs.check_out_dir(self.out, c.resume, c.overwrite)
+        self.resume_state = None
+        if c.resume:
+            self.resume_state = read_checkpoint(c.resume)
+            runs.check_resume(self.resume_state.get("run") or {}, self.run_settings(), c.resume)
+            if self.resume_state["step"] > c.steps:
+                raise ValueError(f"{c.resume} is at step {self.resume_state['step']}, past --steps {c.steps}; "
+                                 f"give --steps >= {self.resume_state['step']}")
+        self.reward_fn = rewards.load_reward(c.reward)
+        self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
+        dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag)
+        distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
+        if self.rank == 0:
+            if c.overwrite and not c.resume:
+                runs.clear_run(self.out, RUN_FILES)
+            self.out.mkdir(parents=True, exist_ok=True)
+            runs.write_json(self.out / "args.json", {**c.record(), "world_size": self.world})
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        self.pairs = eval_pairs(c.eval_samples, self.prompts)
+        self.table = embed_prompts(self.prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, self.device,
+                                   dit.cfg.text_len)
+        del encoder  # prompts are embedded once; the encoder is not needed again
+        self.neg = (text_batch(self.table, [sample.WAN_NEGATIVE_PROMPT] * c.batch_size, self.device)[0]
+                    if c.guidance != 1.0 else None)
+        dit = dit.to(self.device)
+        dit.gradient_checkpointing = c.gradient_checkpointing
+        self.model, self.ref = wrap(dit, self.device, self.world, full_finetune=c.full_finetune, lora_rank=c.lora_rank,
+                                    lora_alpha=c.lora_alpha, lora_targets=c.lora_targets, seed=c.seed)
+        for m in (dit, self.ref):  # after wrap: the frozen copy of full fine-tuning is a deepcopy
+            if m is not None and self.sp_group is not None:
+                m.set_sequence_parallel(self.sp_group)
+            if m is not None and c.compile:
+                m.compile_blocks()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=0.0)
+        self.lrm_opt = None
+        if self.lrm is not None:
+            self.lrm = self.lrm.to(self.device).requires_grad_(False)
+            if c.gradient_checkpointing and getattr(self.lrm, "kind", None) == "dit":  # the DiT-backbone LRM's trunk too
+                self.lrm.trunk.gradient_checkpointing = True
+            if c.compile:
+                self.lrm.compile()  # in place: its state_dict keys, saves and broadcasts stay the same
+            self.lrm_opt = torch.optim.AdamW(self.lrm.parameters(), lr=c.align_lr, weight_decay=0.0)
+        self.buffer = replay.ReplayBuffer(c.buffer_size, policy=buffer_policy(self.lrm))
+        self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
+        self.shape = vae_lib.latent_shape(c.frames, c.height, c.width)
+        self.eval_lrm = self.lrm
+        self.metrics = None
+
+    def run_settings(self) -> dict:
+        return {k: getattr(self.c, k) for k in self.settings}
+
+    # -------------------------------------------------------------- evaluation and the loop's bookkeeping
+
+    def rollout(self, model):
+        c = self.c
+        return lambda pairs, latents=False: sample_pairs(model, self.vae, pairs, self.table, self.neg, shape=self.shape,
+                                                         sigmas=self.sigmas, solver=c.solver, guidance=c.guidance,
+                                                         device=self.device, latents=latents)
+
+    def evaluate(self, step: int) -> dict:
+        """One evaluation: the true reward and, with an LRM, its error on the same final latents."""
+        return {"step": step, **evaluate(self.rollout(self.model), self.reward_fn, self.pairs, self.table,
+                                         self.c.batch_size, self.device, self.data_rank, self.data_world, self.out, step,
+                                         self.bad, lrm=self.eval_lrm, group=self.dp_group)}
+
+    def start(self) -> int:
+        """Restore the checkpoint (--resume) or evaluate the initial model; open metrics.jsonl.
+        Returns the last step done."""
+        if self.resume_state is not None:
+            start, self.history, self.bad = self.load_checkpoint(self.resume_state)
+            self.log(f"resumed {self.c.resume} at step {start}")
+        else:
+            start, self.bad = 0, new_bad_counts()
+            self.history = [self.evaluate(0)]
+        self.before = self.history[0]["true_reward"]
+        self.log(f"eval step 0 | true reward {self.before:.4f} ({len(self.pairs)} fixed prompt/seed pairs)")
+        self.metrics = runs.open_metrics(self.out / "metrics.jsonl", start) if self.rank == 0 else None
+        self.t_run, self.first = time.time(), start
+        return start
+
+    def end_step(self, step: int, rec: dict, t0: float) -> bool:
+        """After a step: stop on too many non-finite steps, evaluate, checkpoint, log. True when
+        --stop-after says to exit here, as a crash would."""
+        c, bad = self.c, self.bad
+        skipped = bad["refl_skipped"] + bad["lrm_skipped"]
+        if skipped > c.max_bad_steps:
+            raise RuntimeError(f"step {step}: {bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates were "
+                               f"skipped for non-finite loss or gradients (more than --max-bad-steps {c.max_bad_steps}); "
+                               f"{bad['rewards_dropped']} non-finite pixel rewards were dropped. Check the reward model "
+                               f"and the learning rate; the last checkpoint holds the last good state")
+        if c.eval_every and step % c.eval_every == 0 and step != c.steps:
+            self.history.append(self.evaluate(step))
+            rec["eval_true_reward"] = self.history[-1]["true_reward"]
+        if c.save_every and step % c.save_every == 0:
+            self.save_checkpoint(step)
+        rec.update(**bad, sec=time.time() - t0, peak_mem_mb=peak_memory_mb(self.device))
+        self.log(format_line(rec))
+        if self.metrics:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        if step == c.stop_after:
+            self.log(f"--stop-after {step}: exiting without the final evaluation, checkpoint and export")
+            self.close()
+            return True
+        return False
+
+    def finish(self, mode: str):
+        """The final evaluation, checkpoint, picture, LoRA export and summary.json."""
+        c, rank = self.c, self.rank
+        seconds = time.time() - self.t_run
+        self.history.append(self.evaluate(c.steps))
+        after = self.history[-1]["true_reward"]
+        self.save_checkpoint(c.steps)
+        if c.picture_rows:
+            self.log(f"before/after picture: {self.picture()}")
+        if self.world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
+            diff = rank_difference(self.model, self.lrm, self.buffer)
+            if rank == 0:
+                runs.write_json(self.out / "sync.json", {"world": self.world, "max_diff": diff}, indent=None)
+            self.log(f"largest weight / LRM / buffer difference between ranks: {diff:.3g}")
+        if rank == 0:
+            if not c.full_finetune:
+                lora.save_lora(unwrap(self.model), self.out / "lora.safetensors")
+            summary = {"true_reward_before": self.before, "true_reward_after": after, "eval_history": self.history,
+                       "steps": c.steps, "train_seconds": seconds, "sec_per_step": seconds / max(c.steps - self.first, 1),
+                       "peak_mem_mb": peak_memory_mb(self.device), "world_size": self.world, "mode": mode,
+                       "nonfinite": self.bad}
+            runs.write_json(self.out / "summary.json", summary)
+        self.log(f"true reward (eval, {len(self.pairs)} fixed prompt/seed pairs): before {self.before:.4f} -> after {after:.4f}")
+        bad = self.bad
+        if any(bad.values()):
+            self.log(f"non-finite values: {bad['rewards_dropped']} training and {bad['eval_dropped']} evaluation rewards "
+                     f"dropped, {bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates skipped")
+        self.close()
+
+    def close(self):
+        if self.metrics:
+            self.metrics.close()
+        distributed.cleanup()
+
+    def picture(self):
+        """samples/before_after.png: --picture-rows pairs spread over the evaluation pairs, sampled by
+        the initial and the trained model. Every rank samples (FSDP needs them all); rank 0 writes."""
+        c, pairs = self.c, self.pairs
+        n = min(c.picture_rows, len(pairs))
+        chosen = [pairs[i * len(pairs) // n] for i in range(n)]
+
+        def videos(m):
+            return torch.cat([self.rollout(m)(chosen[i : i + c.batch_size]) for i in range(0, n, c.batch_size)])
+
+        after = videos(self.model)
+        with initial_model(self.model, self.ref) as initial:
+            before = videos(initial)
+        if self.rank == 0:
+            path = self.out / "samples" / "before_after.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture_lib.imageio.imwrite(path, picture_lib.before_after_image(before, after, [p for p, _ in chosen]))
+            return path
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, step: int):
+        """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history, the
+        run's settings; rank 0 writes atomically. get_state_dict gathers full state dicts under FSDP2
+        (a collective: every rank calls it)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_state, opt_state = get_state_dict(self.model, self.opt, options=options)
+        if self.rank == 0:
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            lrm, lrm_opt = self.lrm, self.lrm_opt
+            state = {"step": step, "model": model_state, "optimizer": opt_state, "lrm": lrm.state_dict() if lrm else None,
+                     "lrm_optimizer": lrm_opt.state_dict() if lrm_opt else None, "buffer": self.buffer.state_dict(),
+                     "rng": rng, "history": self.history, "nonfinite": dict(self.bad), "run": self.run_settings()}
+            runs.write_checkpoint(self.out / "ckpt.pt", state, {**model_state, **(state["lrm"] or {})}, step)
+        distributed.barrier()
+
+    def load_checkpoint(self, state) -> tuple[int, list, dict]:
+        """Restore what save_checkpoint saved -> (step, evaluation history, non-finite counters)."""
+        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)
+        if self.lrm is not None:
+            self.lrm.load_state_dict(state["lrm"])
+            self.lrm_opt.load_state_dict(state["lrm_optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return state["step"], state["history"], {**new_bad_counts(), **state.get("nonfinite", {})}

@@ -33,6 +33,7 @@ import sys
 from dataclasses import asdict, replace
 import torch.nn.functional as F
 import lrm
+import lrm_dit
 import rewards
 import os
 import subprocess
@@ -2760,17 +2761,18 @@ _ROBUST_BLOCKED = ("imageio", "diffusers", "transformers", "sentencepiece", "tok
 
 def test_components_import_alone():
     """Each component imports with torch, safetensors, numpy and the standard library only, and none
-    imports another project file (except lrm -> model_dit); text_encoder's tokenizer packages load lazily."""
+    imports another project file (except lrm_dit -> lrm, model_dit, lora); text_encoder's tokenizer
+    packages load lazily."""
     script = f"""
 import importlib, sys
 for name in {_ROBUST_BLOCKED!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 import torch, safetensors.torch, numpy
-project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "toy", "sample",
-            "prepare_data", "train_lrm", "train_refl", "bench"}}
-allowed = {{"lrm": {{"model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
+project = {{"model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed", "toy",
+            "sample", "prepare_data", "train_lrm", "train_refl", "bench"}}
+allowed = {{"lrm_dit": {{"lrm", "model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
-for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed"):
+for name in ("model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]
     before = set(sys.modules)
@@ -3870,7 +3872,7 @@ def _dit_lrm_setup(n_blocks=1, members=3, **options):
         for name, p in dit.named_parameters():  # Wan zero-inits the output head only; vary the rest a little
             if "modulation" in name:
                 p.data.normal_(0, 0.5)
-    model = lrm.dit_reward_model_from(dit, n_blocks, members, seed=5, mlp_dims=(32, 16), **options)
+    model = lrm_dit.dit_reward_model_from(dit, n_blocks, members, seed=5, mlp_dims=(32, 16), **options)
     z, context, lengths = _lrm_inputs(b=2, cfg=model.cfg)
     return dit, model, z, context, lengths
 
@@ -3892,7 +3894,7 @@ def test_dit_lrm_trunk_is_the_generators_first_blocks():
                 assert torch.equal(mine, model.heads(seen["x"].expand(3, *seen["x"].shape)))
             assert len(model.trunk.blocks) == n and model.trunk.head is None
     with pytest.raises(ValueError, match="n_blocks"):
-        lrm.dit_reward_model_from(dit, 4, 2)
+        lrm_dit.dit_reward_model_from(dit, 4, 2)
 
 
 def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
@@ -3990,7 +3992,7 @@ def test_train_lrm_dit_model_lowers_its_loss(tmp_path, loss, extra):
 
 def test_refl_accepts_a_dit_lrm_with_reward_on_zt(refl_cache, tmp_path):
     dit = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0]
-    model = lrm.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))
+    model = lrm_dit.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))
     lrm.save_lrm(model, tmp_path / "dit.safetensors")
     flags = ["--lrm", str(tmp_path / "dit.safetensors"), "--reward-on", "zt", "--align-every", "1", "--align-rounds", "1",
              "--buffer-size", "3", "--gradient-checkpointing"]
@@ -4200,8 +4202,8 @@ def test_load_dit_reads_only_the_kept_blocks_and_a_bf16_trunk(tmp_path, monkeypa
     assert len(load_dit(path, num_layers=8).blocks) == 3  # at most: all three when there are fewer
     monkeypatch.undo()
 
-    fp32 = lrm.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16))
-    bf16 = lrm.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16), trunk_dtype="bfloat16")
+    fp32 = lrm_dit.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16))
+    bf16 = lrm_dit.dit_reward_model_from(path, 2, 2, seed=1, mlp_dims=(32, 16), trunk_dtype="bfloat16")
     dtypes = {k: v.dtype for k, v in bf16.trunk.state_dict().items()}
     assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16 and dtypes["blocks.0.modulation"] == torch.float32
     assert dtypes["time_embedding.0.weight"] == torch.float32 and bf16.heads.query.dtype == torch.float32
@@ -4219,7 +4221,7 @@ def test_load_dit_reads_only_the_kept_blocks_and_a_bf16_trunk(tmp_path, monkeypa
     with torch.no_grad():
         assert torch.equal(again(z, context, lengths, sigma=0.3), b)
     with pytest.raises(ValueError, match="trunk_dtype"):
-        lrm.dit_reward_model_from(dit, 1, 2, trunk_dtype="float16")
+        lrm_dit.dit_reward_model_from(dit, 1, 2, trunk_dtype="float16")
 
 
 def test_train_lrm_dit_bf16_trunk(tmp_path):

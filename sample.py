@@ -38,15 +38,11 @@ import math
 import time
 from pathlib import Path
 
-import imageio
 import torch
-from safetensors.torch import save_file
 
-import distributed
-import lora
-import model_dit
-import text_encoder as text_encoder_lib
-import vae as vae_lib
+# The sampler (sigmas, solvers, denoise, CFG, precision, paths) needs torch alone; the command line's
+# packages and project files (imageio, safetensors, distributed, lora, model_dit, text_encoder, vae)
+# are imported inside the functions that use them.
 
 NUM_TRAIN_TIMESTEPS = 1000
 UNIPC_SIGMA_MAX = 0.999  # the first sigma of Wan's 1000-step training grid, 1 - 1/1000
@@ -297,6 +293,8 @@ TINY_DEFAULTS = {"steps": 8, "size": "32x32", "frames": 5}
 
 
 def parse_args(argv=None):
+    import vae as vae_lib
+
     p = argparse.ArgumentParser(description="Wan 2.1 text-to-video sampling")
     g = p.add_argument_group("models (none given: tiny presets with random weights)")
     g.add_argument("--ckpt-dir", help="Wan2.1-T2V-{1.3B,14B} folder, original or -Diffusers layout")
@@ -349,6 +347,11 @@ def parse_args(argv=None):
 
 def load_models(args, device):
     """-> (dit, vae, tokenizer, text encoder). No checkpoint: the tiny presets, seeded random weights."""
+    import lora
+    import model_dit
+    import text_encoder as text_encoder_lib
+    import vae as vae_lib
+
     if args.tiny:
         print("no checkpoint given: tiny presets with RANDOM weights; the video is noise, this run only "
               "exercises the pipeline (give --ckpt-dir for real samples)")
@@ -383,6 +386,8 @@ def output_paths(args, index, count):
 
 def write_video(path, video, fps):
     """(3, T, H, W) in [-1, 1] -> mp4 (libx264), quantised as Wan does: uint8((x + 1) / 2 * 255)."""
+    import imageio
+
     frames = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8) as writer:
@@ -400,6 +405,8 @@ def make_velocity_fn(dit, context):
 
 def generate(dit, context, neg_context, args, seed, device):
     """One prompt -> final normalised latent (1, 16, T', H', W'), with a progress line per step."""
+    import vae as vae_lib
+
     shape = (1, *vae_lib.latent_shape(args.frames, args.height, args.width))
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
     sigmas = get_sigmas(args.steps, args.shift, args.solver)
@@ -435,6 +442,10 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
     """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents).
     With sp_group every rank of the group samples the same prompts, their tokens split; the rank
     given write=True writes."""
+    from safetensors.torch import save_file
+
+    import text_encoder as text_encoder_lib
+
     dit, vae, tokenizer, encoder = load_models(args, device)
     if sp_group is not None:
         dit.set_sequence_parallel(sp_group)
@@ -467,6 +478,8 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
 
 
 def main(argv=None):
+    import distributed
+
     args = parse_args(argv)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     model_paths(args)  # a missing model file is refused before anything loads

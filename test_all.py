@@ -2772,7 +2772,8 @@ project = {{"model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "repla
             "sample", "prepare_data", "train_lrm", "train_refl", "bench"}}
 allowed = {{"lrm_dit": {{"lrm", "model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
-for name in ("model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed"):
+for name in ("model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed",
+             "sample"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]
     before = set(sys.modules)

@@ -1,61 +1,22 @@
-"""Ensemble latent reward model (LRM) of VELR, its Dollar-style baseline, the Huber loss and the update step.
+"""Ensemble latent reward model (LRM) of VELR, its Dollar-style baseline, the losses and update steps,
+and the one writer and reader of LRM files (of every kind, lrm_dit.py's DiT-backbone LRM included).
 
-Follows the VELR paper (§4.1 Eq. 4-6, §4.2 Eq. 7, App. C.1, C.7; Table 7: ~0.02B parameters per
-member, 0.21B for ten). An LRM member reads a clean Wan latent z (16, T, H, W) and the prompt's UMT5
-embedding and predicts the scalar that a large pixel-space video reward model gives the decoded video:
+Follows "VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models" (OpenReview
+TctJWv7Suz; §4.1 Eq. 4-6, §4.2 Eq. 7, App. C.1, C.7; Table 7: ~0.02B parameters per member). A
+member reads a clean Wan latent z (16, T, H, W) and the prompt's UMT5 embedding and predicts the
+scalar a pixel-space video reward gives the decoded video: three 3D residual blocks (Eq. 4), tokens
+with learnable temporal and spatial position embeddings, cross-attention to the prompt (its last
+real token, or all real tokens), a pre-LN transformer encoder, pooling, an MLP head to a scalar.
+`EnsembleLRM` runs N independent members as one batched computation, each trained on its own
+minibatch, so their spread is an uncertainty estimate (§4.2); `lcb` = mean - k std is ours, beside
+the paper's mean/min/max. `DollarLRM` is the Dollar baseline (Ding et al., ICCV 2025), rebuilt from
+its description. Options beside the paper (off by default: older files load and score as before)
+follow DiNa-LRM ("Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", arXiv
+2602.11146): a timestep-conditioned (FiLM) LRM, inference-time noise ensembling, Bradley-Terry and
+noise-calibrated Thurstone pair losses, and an lcb with the aleatoric variance added.
 
-    three 3D residual blocks   H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)), each downsampling
-    tokens + learnable temporal and spatial position embeddings
-    cross-attention            video tokens -> prompt (the last real token, or all real tokens)
-    transformer encoder        pre-LN self-attention + MLP blocks
-    pooling over tokens, MLP head -> scalar
-
-`EnsembleLRM` holds N members and runs them as ONE batched computation. Every parameter carries a
-leading member dimension (N, ...): the convolutions are grouped convolutions with groups=N on
-member-stacked channels (B, N*C, T, H, W), the linear layers are batched matmuls over (N, B, L, D)
-tokens, attention folds (N, B) into its batch. We chose explicit batched layers over
-torch.func.vmap: the computation is plain PyTorch that reads like a single model, works with DDP,
-autocast and meta-device loading, and member i's weights are simply `p[i]` of every parameter.
-
-Members are independent models that happen to be stored together: member i is initialised from
-its own generator seeded with `seed + i` (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
-`lrm_update` gives every member its own minibatch (a bootstrap resample of a shared batch, or the
-caller's per-member batches), so the spread over members is a usable uncertainty estimate (VELR
-§4.2). Measured on the toy task of test_lrm_fit_* (batch 4, 1200 steps, lr 1e-3),
-held-out MSE of the 10-ensemble mean: 0.051 with per-member shuffled batches, 0.052 with one shared
-batch (diversity from the initialisation alone), 0.146 with bootstrap resamples of the shared batch;
-single models 0.077-0.079. Resampling a batch of 4 leaves each member ~2.7 distinct samples and
-weights the rest double, so prefer per-member batches when the data loader can supply them.
-
-`DollarLRM` is the paper's Dollar baseline (Ding et al., ICCV 2025), whose code is not public.
-We reproduce it from the descriptions as "a simpler latent reward network": a 3D-conv encoder,
-global pooling and an MLP on [video feature, text feature]; see its docstring.
-
-Decisions: the "last token" is the last *real* token (index lengths-1 of the zero-padded context),
-never a padding row (the paper's "last token" read for padded UMT5 output); std over members is the population std (0 for N = 1);
-`lcb` = mean - k*std is our conservative aggregation next to the paper's mean/min/max.
-
-Noise awareness and pairs (options beside the paper; its defaults are unchanged and every older
-LRM file loads and scores as before):
-  - `LRMConfig.timestep_cond`: each member's token stream (after the position embeddings) is
-    modulated by its own FiLM scale and shift of a sinusoidal embedding of Wan's t = 1000 sigma
-    (DiNa-LRM, "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", arXiv 2602.11146:
-    a timestep-conditioned reward head). The FiLM output layer starts at zero, so a fresh conditioned
-    LRM equals the unconditioned one of the same seed; sigma = 0 (or None) is clean scoring.
-  - `noise_ensemble`: DiNa-LRM's inference-time noise ensembling: a clean latent re-noised at fixed
-    sigma levels with fixed seeded noise, the scores averaged.
-  - pairwise losses: Bradley-Terry, and DiNa-LRM's noise-calibrated Thurstone likelihood
-    P(a > b) = Phi((s_a - s_b) / sqrt(2 v(sigma))), v(sigma) = 2 sigma^2 + 0.05, trained with the
-    fidelity loss 1 - sqrt(p P) - sqrt((1 - p)(1 - P)); `LRMConfig.objective` records which.
-  - `aggregate_lcb`: lcb = mean - k sqrt(Var_members + v), the ensemble's (epistemic) variance plus,
-    for a Thurstone-trained LRM, its (aleatoric) v(sigma).
-
-The generator as the reward model (kind "dit": the first blocks of a Wan DiT as a shared trunk, N heads
-on it; PRFL, arXiv 2511.21541) lives in lrm_dit.py; save_lrm / load_lrm / read_config handle its
-files here, importing lrm_dit only when one is read.
-
-Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel), the paper's
-VELR/T and VELR/C ablation variants.
+Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel) and the
+paper's VELR/T and VELR/C ablation variants.
 """
 
 import json
@@ -483,6 +444,24 @@ class EnsembleLRM(nn.Module):
     z: (B, 16, T, H, W) shared, or (N, B, 16, T, H, W) one batch per member (training);
     context: the zero-padded UMT5 embedding (B, L, text_dim) / (N, B, L, text_dim), L up to 512;
     lengths: the true token counts (B,) / (N, B). Gradients flow to z (ReFL needs them).
+
+    Per member (paper §4.1):
+        three 3D residual blocks   H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)), each downsampling
+        tokens + learnable temporal and spatial position embeddings
+        cross-attention            video tokens -> prompt (the last real token, or all real tokens)
+        transformer encoder        pre-LN self-attention + MLP blocks
+        pooling over tokens, MLP head -> scalar
+    The "last token" is the last *real* token (index lengths - 1 of the zero-padded context), never
+    a padding row.
+
+    Every parameter carries a leading member dimension (N, ...): the convolutions are grouped
+    convolutions with groups=N on member-stacked channels (B, N*C, T, H, W), the linear layers are
+    batched matmuls over (N, B, L, D) tokens, attention folds (N, B) into its batch. We chose explicit
+    batched layers over torch.func.vmap: the computation is plain PyTorch that reads like a single
+    model, works with DDP, autocast and meta-device loading, and member i's weights are simply `p[i]`
+    of every parameter. Members are independent models stored together: member i is initialised from
+    its own generator seeded with seed + i (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
+    `lrm_update` gives every member its own minibatch.
     """
 
     kind = "ensemble"
@@ -670,7 +649,8 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
       z (B, 16, T, H, W), context (B, L, C), lengths (B,), target (B,) - one batch for all members:
         bootstrap=False (default): the batch as is, diversity from the independent inits;
         bootstrap=True: each member its own bootstrap resample of it (indices from `generator`).
-        The default is False because resampling a small batch (the paper's 4) hurts: see the header.
+        The default is False because resampling a small batch hurts: a resample of the paper's 4
+        leaves each member ~2.7 distinct samples and weights the rest double (BENCH.md has a toy run).
       z (N, B, 16, T, H, W), context (N, B, L, C), lengths (N, B), target (N, B) - the caller's
         own minibatch per member (e.g. each member its own shuffled data order); no resampling.
 

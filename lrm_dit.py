@@ -11,8 +11,8 @@ Follows PRFL ("Video Generation Models Are Good Latent Reward Models", arXiv 251
 blocks 0-7 of the 14B as the trunk, one learnable query, MLP 5120 -> 1024 -> 512 -> 1. Ours, beside
 the paper: the ensemble of heads on one trunk, a LoRA-adapted trunk (`trunk="lora"`), a bf16 trunk.
 
-Left out: PRFL's reward-guided training of the generator itself (train_refl.py's business) and any
-trunk other than Wan's own blocks.
+Left out here: PRFL's ReFL recipe for the generator (train_refl.py --preset prfl) and any trunk other
+than a Wan DiT's own first blocks.
 """
 
 import math

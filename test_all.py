@@ -3615,13 +3615,17 @@ _NA_TINY = replace(_LRM_TINY, timestep_cond=True)
 
 def test_lrm_old_files_load_and_score_identically():
     """A file written before the noise-aware options (its config has no timestep_cond / objective)
-    loads as a clean-only Huber LRM and gives bit-identical scores to the ones its writer computed."""
+    loads as a clean-only Huber LRM and gives the scores its writer computed."""
     model = lrm.load_lrm(_DATA_REPO / "testdata/lrm_clean_v1.safetensors")
     ref = load_file(_DATA_REPO / "testdata/lrm_clean_v1_scores.safetensors")
     assert not model.cfg.timestep_cond and model.cfg.objective == "huber" and not model.noise_aware
+    # The reference scores come from another CPU: float results differ across instruction sets (AVX2
+    # and AVX-512 kernels sum in other orders), so equal to float32 rounding, not bit for bit. The
+    # absolute tolerance is the relative one at the scores' scale, for scores near zero.
+    close = dict(rtol=1e-6, atol=1e-6 * ref["rewards"].abs().max().item())
     with torch.no_grad():
-        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"]), ref["rewards"])
-        assert torch.equal(model(ref["z"], ref["context"], ref["lengths"], sigma=0.0), ref["rewards"])
+        torch.testing.assert_close(model(ref["z"], ref["context"], ref["lengths"]), ref["rewards"], **close)
+        torch.testing.assert_close(model(ref["z"], ref["context"], ref["lengths"], sigma=0.0), ref["rewards"], **close)
     with pytest.raises(ValueError, match="clean latents only"):
         model(ref["z"], ref["context"], ref["lengths"], sigma=0.5)
 

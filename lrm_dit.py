@@ -8,8 +8,8 @@ attention pooling and an MLP to a scalar. Its interface is lrm.EnsembleLRM's: fo
 lengths, sigma=None) -> rewards (N, B) fp32, trained by lrm.lrm_update / lrm.lrm_pair_update.
 
 Follows PRFL ("Video Generation Models Are Good Latent Reward Models", arXiv 2511.21541, §3):
-blocks 0-7 of the 14B as the trunk, one learnable query, MLP 5120 -> 1024 -> 512 -> 1. Ours, beside
-the paper: the ensemble of heads on one trunk, a LoRA-adapted trunk (`trunk="lora"`), a bf16 trunk.
+blocks 0-7 of the 14B as the trunk, one learnable query, MLP 5120 -> 1024 -> 512 -> 1. The ensemble
+of heads on one trunk is ours. Options: a frozen or LoRA-adapted trunk, fp32 or bf16 trunk weights.
 
 Left out here: PRFL's ReFL recipe for the generator (train_refl.py --preset prfl) and any trunk other
 than a Wan DiT's own first blocks.

@@ -234,7 +234,7 @@ def child_refl(args, device, base_mb):
     elif dit_lrm:  # the generator's first blocks (8 on a GPU) as a frozen fp32 trunk, 10 heads
         from dataclasses import replace
 
-        from lrm import DiTLRMConfig, DiTRewardModel
+        from lrm_dit import DiTLRMConfig, DiTRewardModel
 
         trunk = replace(dit.cfg, num_layers=min(DIT_LRM_BLOCKS["cuda"], dit.cfg.num_layers))
         with device:
@@ -462,7 +462,7 @@ def lrm_shape(scale):
     return {"cuda": latent_shape(81, 480, 832), "cpu": latent_shape(17, 240, 416), "tiny": latent_shape(1, 32, 32)}[scale]
 
 
-# DiT-backbone LRM (lrm.DiTRewardModel): Wan 1.3B's block width, PRFL's 8 blocks on a GPU (2 on the
+# DiT-backbone LRM (lrm_dit.DiTRewardModel): Wan 1.3B's block width, PRFL's 8 blocks on a GPU (2 on the
 # CPU, where 8 blocks of 1.3B take minutes: fewer trunk blocks make the heads' share larger, so the
 # CPU ratio is an upper bound), the tiny DiT for smoke tests; frozen trunk, PRFL's head MLP.
 DIT_LRM_BLOCKS = {"cuda": 8, "cpu": 2, "tiny": 2}
@@ -471,7 +471,7 @@ DIT_LRM_BLOCKS = {"cuda": 8, "cpu": 2, "tiny": 2}
 def dit_lrm_config(scale):
     from dataclasses import replace
 
-    from lrm import DiTLRMConfig
+    from lrm_dit import DiTLRMConfig
     from model_dit import DIT_CONFIGS
 
     base = DIT_CONFIGS["tiny" if scale == "tiny" else "1.3B"]
@@ -480,7 +480,8 @@ def dit_lrm_config(scale):
 
 def child_lrm(args, device, base_mb):
     """Forward + backward (to the weights and to the latent, as in LRM training and ReFL)."""
-    from lrm import LRM_CONFIGS, DiTRewardModel, EnsembleLRM
+    from lrm import LRM_CONFIGS, EnsembleLRM
+    from lrm_dit import DiTRewardModel
 
     dit_heads = args["variant"].startswith("dit_heads")  # the DiT-backbone LRM: N heads on one frozen trunk
     cfg = dit_lrm_config(args["scale"]) if dit_heads else LRM_CONFIGS[args["config"]]

@@ -2,9 +2,15 @@
 a barrier, an all-gather, the check that every rank ended with the same weights, and the groups
 and gradient sum of Ulysses sequence parallelism.
 
-Under torchrun (RANK in the environment) the process group is nccl on GPU and gloo on CPU, and
-each process uses the GPU of its LOCAL_RANK; a plain `python script.py` is rank 0 of 1 with no
-group, and every helper here is then a no-op. Imports only torch and the standard library.
+Follows torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and torch.distributed; the
+sequence-parallel layout is DeepSpeed-Ulysses' ("DeepSpeed Ulysses: System Optimizations for
+Enabling Training of Extreme Long Sequence Transformer Models", arXiv 2309.14509, §3), with
+world = data-parallel x sequence-parallel groups. Under torchrun the process group is nccl on GPU
+and gloo on CPU, and each process uses the GPU of its LOCAL_RANK; a plain `python script.py` is
+rank 0 of 1 with no group, and every helper here but the sequence-parallel ones (which need a
+group) is then a no-op. Imports only torch and the standard library.
+
+Left out: launchers other than torchrun, and ring attention or any other context-parallel scheme.
 """
 
 import os

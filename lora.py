@@ -1,16 +1,14 @@
 """Wan 2.1 LoRA in one file: adapters on the DiT's Linear layers, the reference model with the
 adapters switched off, and the community Wan LoRA file format (export, read, merge).
 
-LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685):
-y = W x + (alpha / r) B A x, with A (r, in) Kaiming-uniform and B (out, r) zero, so training starts
-exactly at the base model. The adapters are kept in fp32 whatever the base dtype: with a bf16
-copy, lora_A's first updates (its gradient is tiny because B starts at zero) round away and A
-never moves.
-
+Follows LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685,
+§4.1): y = W x + (alpha / r) B A x, with A (r, in) Kaiming-uniform and B (out, r) zero, so training
+starts exactly at the base model. The adapters are kept in fp32 whatever the base dtype: with a bf16
+copy, lora_A's first updates (its gradient is tiny because B starts at zero) round away.
 The file format is the one ComfyUI and diffusers' Wan LoRA loader read: the original DiT module
 names (`blocks.0.self_attn.q`, ...) prefixed with `diffusion_model.`, each with `.lora_A.weight`
-(r, in), `.lora_B.weight` (out, r) and a scalar `.alpha`; `lora_down` / `lora_up` are read as
-A / B, and a missing alpha means alpha = r (scale 1).
+(r, in), `.lora_B.weight` (out, r) and a scalar `.alpha`; `lora_down` / `lora_up` are read as A / B,
+and a missing alpha means alpha = r (scale 1). Imports only torch and safetensors.
 
     dit = model_dit.load_dit("Wan2.1-T2V-1.3B")
     add_lora(dit, rank=256, alpha=256)            # trains only the adapters
@@ -18,7 +16,8 @@ A / B, and a missing alpha means alpha = r (scale 1).
     save_lora(dit, "lora.safetensors")
     merge_lora(model_dit.load_dit(...), "lora.safetensors")   # W += scale alpha / r  B A
 
-Imports only torch and safetensors.
+Left out: adapters outside the blocks' Linears (embeddings, head, convolutions), LoRA dropout,
+and variants such as DoRA; files with Diffusers module names (`attn1.to_q`, ...) are not read.
 """
 
 import math

@@ -1,70 +1,28 @@
-"""Ensemble latent reward model (LRM) of VELR, its Dollar-style baseline, the Huber loss and the update step.
+"""Ensemble latent reward model (LRM) of VELR, its Dollar-style baseline, the losses and update steps,
+and the one writer and reader of LRM files (of every kind, lrm_dit.py's DiT-backbone LRM included).
 
-Follows the VELR paper (§4.1 Eq. 4-6, §4.2 Eq. 7, App. C.1, C.7; Table 7: ~0.02B parameters per
-member, 0.21B for ten). An LRM member reads a clean Wan latent z (16, T, H, W) and the prompt's UMT5
-embedding and predicts the scalar that a large pixel-space video reward model gives the decoded video:
+Follows "VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models" (OpenReview
+TctJWv7Suz; §4.1 Eq. 4-6, §4.2 Eq. 7, App. C.1, C.7; Table 7: ~0.02B parameters per member). A
+member reads a clean Wan latent z (16, T, H, W) and the prompt's UMT5 embedding and predicts the
+scalar a pixel-space video reward gives the decoded video: three 3D residual blocks (Eq. 4), tokens
+with learnable temporal and spatial position embeddings, cross-attention to the prompt (its last
+real token, or all real tokens), a pre-LN transformer encoder, pooling, an MLP head to a scalar.
+`EnsembleLRM` runs N independent members as one batched computation, each trained on its own
+minibatch, so their spread is an uncertainty estimate (§4.2); `lcb` = mean - k std is ours, beside
+the paper's mean/min/max. `DollarLRM` is the Dollar baseline (Ding et al., ICCV 2025), rebuilt from
+its description. Options beside the paper (off by default: older files load and score as before)
+follow DiNa-LRM ("Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", arXiv
+2602.11146): a timestep-conditioned (FiLM) LRM, inference-time noise ensembling, Bradley-Terry and
+noise-calibrated Thurstone pair losses, and an lcb with the aleatoric variance added.
 
-    three 3D residual blocks   H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)), each downsampling
-    tokens + learnable temporal and spatial position embeddings
-    cross-attention            video tokens -> prompt (the last real token, or all real tokens)
-    transformer encoder        pre-LN self-attention + MLP blocks
-    pooling over tokens, MLP head -> scalar
-
-`EnsembleLRM` holds N members and runs them as ONE batched computation. Every parameter carries a
-leading member dimension (N, ...): the convolutions are grouped convolutions with groups=N on
-member-stacked channels (B, N*C, T, H, W), the linear layers are batched matmuls over (N, B, L, D)
-tokens, attention folds (N, B) into its batch. We chose explicit batched layers over
-torch.func.vmap: the computation is plain PyTorch that reads like a single model, works with DDP,
-autocast and meta-device loading, and member i's weights are simply `p[i]` of every parameter.
-
-Members are independent models that happen to be stored together: member i is initialised from
-its own generator seeded with `seed + i` (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
-`lrm_update` gives every member its own minibatch (a bootstrap resample of a shared batch, or the
-caller's per-member batches), so the spread over members is a usable uncertainty estimate (VELR
-§4.2). Measured on the toy task of test_lrm_fit_* (batch 4, 1200 steps, lr 1e-3),
-held-out MSE of the 10-ensemble mean: 0.051 with per-member shuffled batches, 0.052 with one shared
-batch (diversity from the initialisation alone), 0.146 with bootstrap resamples of the shared batch;
-single models 0.077-0.079. Resampling a batch of 4 leaves each member ~2.7 distinct samples and
-weights the rest double, so prefer per-member batches when the data loader can supply them.
-
-`DollarLRM` is the paper's Dollar baseline (Ding et al., ICCV 2025), whose code is not public.
-We reproduce it from the descriptions as "a simpler latent reward network": a 3D-conv encoder,
-global pooling and an MLP on [video feature, text feature]; see its docstring.
-
-Decisions: the "last token" is the last *real* token (index lengths-1 of the zero-padded context),
-never a padding row (the paper's "last token" read for padded UMT5 output); std over members is the population std (0 for N = 1);
-`lcb` = mean - k*std is our conservative aggregation next to the paper's mean/min/max.
-
-Noise awareness and pairs (options beside the paper; its defaults are unchanged and every older
-LRM file loads and scores as before):
-  - `LRMConfig.timestep_cond`: each member's token stream (after the position embeddings) is
-    modulated by its own FiLM scale and shift of a sinusoidal embedding of Wan's t = 1000 sigma
-    (DiNa-LRM, "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling", arXiv 2602.11146:
-    a timestep-conditioned reward head). The FiLM output layer starts at zero, so a fresh conditioned
-    LRM equals the unconditioned one of the same seed; sigma = 0 (or None) is clean scoring.
-  - `noise_ensemble`: DiNa-LRM's inference-time noise ensembling: a clean latent re-noised at fixed
-    sigma levels with fixed seeded noise, the scores averaged.
-  - pairwise losses: Bradley-Terry, and DiNa-LRM's noise-calibrated Thurstone likelihood
-    P(a > b) = Phi((s_a - s_b) / sqrt(2 v(sigma))), v(sigma) = 2 sigma^2 + 0.05, trained with the
-    fidelity loss 1 - sqrt(p P) - sqrt((1 - p)(1 - P)); `LRMConfig.objective` records which.
-  - `aggregate_lcb`: lcb = mean - k sqrt(Var_members + v), the ensemble's (epistemic) variance plus,
-    for a Thurstone-trained LRM, its (aleatoric) v(sigma).
-
-The generator as the reward model (`DiTRewardModel`, kind "dit", config `DiTLRMConfig`): the patch
-embedding, text and time conditioning, RoPE and the first n blocks of a Wan DiT read the noisy latent
-at t = 1000 sigma as the generator does; N heads (learned-query attention pooling + MLP to a scalar)
-on that one shared trunk are the ensemble's members. The design is PRFL's ("Video Generation Models
-Are Good Latent Reward Models", arXiv 2511.21541: blocks 0-7 of the 14B, one learnable query,
-MLP 5120 -> 1024 -> 512 -> 1); the ensemble of heads on one trunk is ours. See its docstring.
-
-Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel), the paper's
-VELR/T and VELR/C ablation variants.
+Left out: flash-attention specifics (F.scaled_dot_product_attention picks its kernel) and the
+paper's VELR/T and VELR/C ablation variants.
 """
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -72,10 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils.checkpoint import checkpoint
-
-import lora
-from model_dit import DiTConfig, WanDiT, cast_dit, load_dit, rope_freqs, sinusoidal_embedding
 
 
 OBJECTIVES = ("huber", "bt", "thurstone")
@@ -490,6 +444,24 @@ class EnsembleLRM(nn.Module):
     z: (B, 16, T, H, W) shared, or (N, B, 16, T, H, W) one batch per member (training);
     context: the zero-padded UMT5 embedding (B, L, text_dim) / (N, B, L, text_dim), L up to 512;
     lengths: the true token counts (B,) / (N, B). Gradients flow to z (ReFL needs them).
+
+    Per member (paper §4.1):
+        three 3D residual blocks   H = SiLU(GN(W2 * SiLU(GN(W1 * H))) + D(H)), each downsampling
+        tokens + learnable temporal and spatial position embeddings
+        cross-attention            video tokens -> prompt (the last real token, or all real tokens)
+        transformer encoder        pre-LN self-attention + MLP blocks
+        pooling over tokens, MLP head -> scalar
+    The "last token" is the last *real* token (index lengths - 1 of the zero-padded context), never
+    a padding row.
+
+    Every parameter carries a leading member dimension (N, ...): the convolutions are grouped
+    convolutions with groups=N on member-stacked channels (B, N*C, T, H, W), the linear layers are
+    batched matmuls over (N, B, L, D) tokens, attention folds (N, B) into its batch. We chose explicit
+    batched layers over torch.func.vmap: the computation is plain PyTorch that reads like a single
+    model, works with DDP, autocast and meta-device loading, and member i's weights are simply `p[i]`
+    of every parameter. Members are independent models stored together: member i is initialised from
+    its own generator seeded with seed + i (so it equals `EnsembleLRM(cfg, 1, seed=seed + i)`), and
+    `lrm_update` gives every member its own minibatch.
     """
 
     kind = "ensemble"
@@ -612,233 +584,41 @@ class DollarLRM(nn.Module):
         return self.head2(F.silu(self.head1(torch.cat([video, text], -1)))).squeeze(-1).float()
 
 
-# ----------------------------------------------------------------------------- the generator as the reward model
-
-TRUNKS = ("frozen", "lora")
-
-
-TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class DiTLRMConfig:
-    """A DiT-backbone LRM: the trunk's DiTConfig (num_layers = the n blocks kept), the heads, the trunk mode."""
-
-    dit: DiTConfig = None  # the generator's config with num_layers = n (PRFL: 8 of the 14B's 40)
-    pool_heads: int = 0  # attention heads of each member's pooling; 0: the trunk's num_heads
-    mlp_dims: tuple[int, ...] = (1024, 512)  # hidden widths of each member's MLP to a scalar (PRFL: 1024, 512)
-    trunk: str = "frozen"  # "frozen" | "lora": LoRA adapters on the trunk blocks' Linears, trained with the heads
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    objective: str = "huber"  # what it was trained with, as LRMConfig.objective
-    # the trunk's weights: "float32", or "bfloat16" (Wan's fp32 islands kept fp32, run under bf16
-    # autocast as the generator is): half the memory and file size (8 blocks of the 14B: 11 -> 5.6 GB)
-    trunk_dtype: str = "float32"
-
-    def __post_init__(self):
-        self.dit = DiTConfig(**self.dit) if isinstance(self.dit, dict) else (self.dit or DiTConfig(num_layers=8))
-        if self.trunk_dtype not in TRUNK_DTYPES:
-            raise ValueError(f"trunk_dtype must be one of {sorted(TRUNK_DTYPES)}, got {self.trunk_dtype!r}")
-        self.mlp_dims = tuple(self.mlp_dims)
-        if self.dit.num_layers < 1:
-            raise ValueError(f"the trunk needs at least one block, got num_layers={self.dit.num_layers}")
-        if self.dit.dim % self.heads:
-            raise ValueError(f"pool_heads {self.heads} must divide the trunk width {self.dit.dim}")
-        if self.trunk not in TRUNKS:
-            raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-
-    # what the rest of the code reads from an LRM config
-    in_channels = property(lambda self: self.dit.in_dim)
-    text_dim = property(lambda self: self.dit.text_dim)
-    timestep_cond = property(lambda self: True)  # noise-aware by construction: the trunk reads t = 1000 sigma
-    heads = property(lambda self: self.pool_heads or self.dit.num_heads)
+def _from_lrm_dit(name: str):
+    """A class of lrm_dit.py (the DiT-backbone LRM), imported only when a "dit" file or model needs it,
+    so that this file imports with torch and safetensors alone."""
+    try:
+        import lrm_dit
+    except ModuleNotFoundError as err:
+        if err.name != "lrm_dit":
+            raise
+        raise ImportError("kind 'dit': a DiT-backbone LRM file needs lrm_dit.py beside lrm.py") from None
+    return getattr(lrm_dit, name)
 
 
-class PoolHeads(nn.Module):
-    """N members' heads: a learned query attends over the tokens (pre-LN, multi-head; key projection
-    without bias, value and output projections), then an MLP (GELU) to a scalar.
-    tokens (N or 1, B, L, D) -> scores (N, B).
+class _KindTable(Mapping):
+    """kind -> class, where a str value names a class of lrm_dit.py that is imported on lookup
+    (`kind in table` and iterating the kinds import nothing)."""
 
-    Computed without projecting every token for every member (the same function as the plain
-    attention): head h's logit of token l is q_h . W_k,h (g * xhat_l + b) = xhat_l . (g * W_k,h^T q_h)
-    + a constant that cancels in the softmax (xhat: the LayerNorm before its affine g, b, shared by
-    all members), and its output is W_v,h (g * sum_l a_l xhat_l + b) + b_v,h since the weights a_l
-    sum to 1. So every member and head reads the tokens twice (O(N H L D)) instead of N key and value
-    projections of all tokens (O(N L D^2)), and only the shared xhat (B, L, D) is stored."""
+    def __init__(self, table: dict):
+        self._table = table
 
-    def __init__(self, n: int, cfg: DiTLRMConfig):
-        super().__init__()
-        dim, self.n_members, self.num_heads, self.eps = cfg.dit.dim, n, cfg.heads, cfg.dit.eps
-        self.query = nn.Parameter(torch.empty(n, 1, dim))
-        self.norm = EnsembleLayerNorm(n, dim, cfg.dit.eps)
-        self.key = nn.Parameter(torch.empty(n, dim, dim))  # W_k (out, in); a key bias would cancel in the softmax
-        self.value = EnsembleLinear(n, dim, dim)
-        self.out = EnsembleLinear(n, dim, dim)
-        widths = (dim,) + cfg.mlp_dims + (1,)
-        self.mlp = nn.ModuleList(EnsembleLinear(n, a, b) for a, b in zip(widths, widths[1:]))
+    def __getitem__(self, kind: str):
+        value = self._table[kind]
+        return _from_lrm_dit(value) if isinstance(value, str) else value
 
-    def forward(self, tokens):
-        n, h, d = self.n_members, self.num_heads, tokens.shape[-1]
-        e = d // h
-        xhat = F.layer_norm(tokens, (d,), eps=self.eps)  # (N|1, B, L, D)
-        g, b = self.norm.weight, self.norm.bias  # (N, D)
-        u = torch.einsum("nhe,nhed->nhd", self.query.view(n, h, e), self.key.view(n, h, e, d)) * g[:, None] / math.sqrt(e)
-        a = (xhat @ u.transpose(1, 2)[:, None].to(xhat.dtype)).softmax(2)  # (N, B, L, H): weights over the tokens
-        pooled = a.transpose(2, 3).to(xhat.dtype) @ xhat * g[:, None, None] + b[:, None, None]  # (N, B, H, D) = sum a LN(x)
-        v = torch.einsum("nbhd,nhed->nbhe", pooled, self.value.weight.view(n, h, e, d)) + self.value.bias.view(n, 1, h, e)
-        x = self.out(v.flatten(2))  # (N, B, D)
-        for i, layer in enumerate(self.mlp):
-            x = layer(x if i == 0 else F.gelu(x, approximate="tanh"))
-        return x.squeeze(-1)
+    def __contains__(self, kind) -> bool:
+        return kind in self._table
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
-class DiTRewardModel(nn.Module):
-    """The generator's first n blocks as a shared trunk, N pooling + MLP heads as the members:
-    forward(z, context, lengths, sigma=None) -> rewards (N, B) fp32, the interface of EnsembleLRM.
-
-    Trunk (PRFL, arXiv 2511.21541, §3): Wan's patch embedding, text embedding, time embedding and
-    6-way projection, 3-D RoPE and blocks 0..n-1, exactly WanDiT's modules and numerics, reading the
-    latent at t = 1000 sigma (sigma None or 0: a clean latent, t = 0) and the prompt zero-padded to
-    text_len rows (rows past `lengths` are zeroed first). Initialise it from a generator with
-    `dit_reward_model_from`; `DiTRewardModel(cfg)` alone draws Wan's random init from `seed`.
-    cfg.trunk: "frozen" (never trained; `requires_grad_` leaves it off) or "lora" (lora.add_lora on
-    every block Linear, rank cfg.lora_rank; the adapters start at zero, so the trunk starts as the
-    generator's and trains with the heads). Gradients always flow to z (ReFL needs them);
-    `model.trunk.gradient_checkpointing = True` recomputes each trunk block in the backward.
-
-    Members: N heads (PoolHeads) on the one trunk, so N members cost one trunk forward plus N small
-    heads. Shared inputs (z (B, ...) with one sigma per sample) run the trunk once; per-member batches
-    (z (N, B, ...), or member-specific sigmas) run it on all N*B samples. Diversity between members
-    comes from (1) each head's own init (init_members: member i draws from a generator seeded with
-    seed + i) and (2) each member's own data order: lrm_update / lrm_pair_update's per-member
-    minibatches, which train_lrm.py and the alignment of train_refl.py feed. The trunk is shared, so
-    the spread over members measures the heads' disagreement on one representation: with a frozen
-    trunk that is all of it, with LoRA the adapters are trained by every member's loss.
-    """
-
-    kind = "dit"
-    noise_aware = True
-
-    def __init__(self, cfg: DiTLRMConfig, n_members: int = 10, seed: int = 0):
-        super().__init__()
-        self.cfg, self.n_members = cfg, n_members
-        with torch.random.fork_rng(devices=[]):  # Wan's init draws from the global RNG: seed it, leave the caller's
-            torch.manual_seed(seed)
-            self.trunk = WanDiT(cfg.dit)
-        self.trunk.head = None  # only the blocks' tokens are used
-        if cfg.trunk_dtype != "float32":
-            cast_dit(self.trunk, TRUNK_DTYPES[cfg.trunk_dtype])
-        self.trunk.requires_grad_(False)
-        if cfg.trunk == "lora":  # freezes the trunk, trainable fp32 adapters in every block Linear
-            lora.add_lora(self.trunk, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(seed + 104729))
-        self.heads = PoolHeads(n_members, cfg)
-        if self.heads.query.device.type != "meta":
-            init_members(self.heads, seed)
-
-    def requires_grad_(self, requires_grad: bool = True):
-        """The heads (and a LoRA trunk's adapters) follow requires_grad; a frozen trunk's weights stay off."""
-        self.heads.requires_grad_(requires_grad)
-        for name, p in self.trunk.named_parameters():
-            p.requires_grad_(requires_grad and ".lora_" in name)
-        return self
-
-    def load_trunk(self, state: dict):
-        """Copy a generator's weights (a WanDiT state dict, original names) into the trunk: the
-        embeddings and blocks 0..n-1; the generator's later blocks and output head are not used."""
-        own = {k: v for k, v in self.trunk.state_dict().items() if ".lora_" not in k}
-        src = {k: k.replace(".base.", ".") for k in own}  # a LoRA-wrapped Linear keeps its weight in .base
-        missing = sorted(s for s in src.values() if s not in state)
-        misshaped = sorted(f"{s} {tuple(state[s].shape)} != {tuple(own[k].shape)}" for k, s in src.items()
-                           if s in state and state[s].shape != own[k].shape)
-        if missing or misshaped:
-            raise ValueError(f"the generator does not fit the reward model's trunk ({self.cfg.dit}): "
-                             f"missing {missing[:8]}, mis-shaped {misshaped[:8]}")
-        with torch.no_grad():
-            for k, s in src.items():
-                own[k].copy_(state[s])  # state_dict tensors share the parameters' storage
-
-    def member_sigmas(self, sigma, z: torch.Tensor) -> torch.Tensor:
-        """sigma (None = 0, a float, (B,) or (N, B)) -> (N, B) float32 on z's device."""
-        n, b = self.n_members, z.shape[-5]
-        sigma = torch.as_tensor(0.0 if sigma is None else sigma, dtype=torch.float32, device=z.device)
-        if sigma.dim() > 2 or (sigma.dim() == 2 and sigma.shape[0] != n) or (sigma.dim() >= 1 and sigma.shape[-1] != b):
-            raise ValueError(f"sigma must be a number, ({b},) or ({n}, {b}), got {tuple(sigma.shape)}")
-        if bool(((sigma < 0) | (sigma > 1)).any()):
-            raise ValueError(f"sigma must be in [0, 1], got {sigma.tolist()}")
-        return sigma.expand(n, b)
-
-    def text(self, context, lengths):
-        """context (B, L, C), lengths (B,) -> (B, text_len, C): rows past lengths zeroed, zero-padded as Wan's encoder."""
-        text_len = self.cfg.dit.text_len
-        if bool((lengths > text_len).any()):
-            raise ValueError(f"prompt lengths {lengths.tolist()} exceed the DiT's text_len {text_len}")
-        context = context * (torch.arange(context.shape[1], device=context.device) < lengths[:, None])[..., None]
-        context = context[:, :text_len]
-        return F.pad(context, (0, 0, 0, text_len - context.shape[1]))
-
-    def trunk_tokens(self, x, t, context):
-        """WanDiT.forward up to its last block: x (B, in_dim, F, H, W), t (B,) in [0, 1000], context
-        (B, text_len, text_dim) -> tokens (B, f*h*w, dim) fp32, the residual stream after block n-1."""
-        trunk, cfg, device = self.trunk, self.cfg.dit, x.device.type
-        if self.cfg.trunk_dtype != "float32" and not torch.is_autocast_enabled(device):
-            with torch.autocast(device, dtype=TRUNK_DTYPES[self.cfg.trunk_dtype]):  # as the generator runs in bf16
-                return self.trunk_tokens(x, t, context)
-        trunk._check_inputs(x, t, context)
-        dtype = trunk.patch_embedding.weight.dtype
-        x = trunk.patch_embedding(x.to(dtype))
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) row-major order
-        freqs = rope_freqs(cfg.head_dim, *grid, device=x.device)
-        with torch.amp.autocast(device, enabled=False):
-            e = trunk.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float())
-            e0 = trunk.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D) fp32
-        context = trunk.text_embedding(context.to(dtype))
-        for block in trunk.blocks:
-            if trunk.gradient_checkpointing and torch.is_grad_enabled():  # recompute each block in the backward
-                x = checkpoint(block, x, e0, context, freqs, use_reentrant=False)
-            else:
-                x = block(x, e0, context, freqs)
-        return x.float()
-
-    def forward(self, z, context, lengths, sigma=None):
-        n = self.n_members
-        context, lengths = _split_inputs(z, context, lengths, n, self.cfg)  # (N, B, L, C), (N, B)
-        sigma = self.member_sigmas(sigma, z)  # (N, B)
-        if z.dim() == 5 and bool((sigma == sigma[:1]).all()):  # one trunk pass serves every member
-            tokens = self.trunk_tokens(z, 1000 * sigma[0], self.text(context[0], lengths[0]))[None]  # (1, B, L, D)
-        else:  # each member's own samples (or noise levels): the trunk runs on all N*B
-            z = z.expand(n, *z.shape) if z.dim() == 5 else z
-            tokens = self.trunk_tokens(z.flatten(0, 1), 1000 * sigma.flatten(),
-                                       self.text(context.flatten(0, 1), lengths.flatten()))
-            tokens = tokens.unflatten(0, (n, -1))
-        return self.heads(tokens).float()
-
-
-def dit_reward_model_from(dit_or_path, n_blocks: int = None, n_members: int = 10, seed: int = 0,
-                          **options) -> DiTRewardModel:
-    """A DiT-backbone LRM whose trunk is the generator's first n_blocks blocks (None: 8 as PRFL, or
-    all when it has fewer): dit_or_path is a WanDiT or anything model_dit.load_dit reads (only the
-    kept blocks are read from it); options are DiTLRMConfig fields (trunk, lora_rank, mlp_dims,
-    trunk_dtype, ...). The heads are fresh (seeded); the generator itself is not changed."""
-    if not isinstance(dit_or_path, nn.Module):
-        dtype = TRUNK_DTYPES.get(options.get("trunk_dtype"), torch.float32)  # DiTLRMConfig names a bad one below
-        dit_or_path = load_dit(dit_or_path, dtype=dtype, num_layers=n_blocks or 8)
-    dit = dit_or_path
-    n_blocks = n_blocks or min(8, dit.cfg.num_layers)
-    if not 1 <= n_blocks <= dit.cfg.num_layers:
-        raise ValueError(f"n_blocks must be in [1, {dit.cfg.num_layers}] (the generator's blocks), got {n_blocks}")
-    cfg = DiTLRMConfig(dit=replace(dit.cfg, num_layers=n_blocks), **options)
-    model = DiTRewardModel(cfg, n_members, seed)
-    model.load_trunk(dit.state_dict())
-    return model.to(next(dit.parameters()).device)
-
-
-MODEL_KINDS = {"ensemble": EnsembleLRM, "dollar": DollarLRM, "dit": DiTRewardModel}
-CONFIG_OF_KIND = {"dit": DiTLRMConfig}  # the config class of a kind's file; every other kind: LRMConfig
+MODEL_KINDS = _KindTable({"ensemble": EnsembleLRM, "dollar": DollarLRM, "dit": "DiTRewardModel"})
+CONFIG_OF_KIND = _KindTable({"dit": "DiTLRMConfig"})  # the config class of a kind's file; every other kind: LRMConfig
 
 
 def noise_ensemble(model, z0, context, lengths, sigmas=NOISE_ENSEMBLE_SIGMAS, seed: int = 0) -> torch.Tensor:
@@ -869,7 +649,8 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
       z (B, 16, T, H, W), context (B, L, C), lengths (B,), target (B,) - one batch for all members:
         bootstrap=False (default): the batch as is, diversity from the independent inits;
         bootstrap=True: each member its own bootstrap resample of it (indices from `generator`).
-        The default is False because resampling a small batch (the paper's 4) hurts: see the header.
+        The default is False because resampling a small batch hurts: a resample of the paper's 4
+        leaves each member ~2.7 distinct samples and weights the rest double (BENCH.md has a toy run).
       z (N, B, 16, T, H, W), context (N, B, L, C), lengths (N, B), target (N, B) - the caller's
         own minibatch per member (e.g. each member its own shuffled data order); no resampling.
 

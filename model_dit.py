@@ -2,30 +2,22 @@
 
 Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (WanModel, model_type 't2v'): parameter names
 and shapes equal the original checkpoint, so `state_dict()` is the official layout key for key.
-The numerics follow the original, not diffusers:
-  - the timestep sinusoid is computed in float64, cos first;
-  - the time MLP, modulation, gates, residual stream and head are fp32 islands (autocast off);
-  - q/k RMSNorm runs across all heads (over the full dim), in fp32;
-  - 3-D RoPE (interleaved pairs, 22/21/21 pair split for head_dim 128) in float64 complex;
-  - cross-attention sees all text_len (512) rows of the zero-padded context, with no mask.
-Under `torch.autocast(dtype=torch.bfloat16)` the Linear/Conv layers and attention run in bf16 and
-everything above stays fp32, as in Wan's own sampling loop. Without autocast the whole model runs
-in its parameter dtype (fp32 for parity checks). bf16 weights (load_dit(dtype=torch.bfloat16))
-keep the fp32-island weights in fp32 and need autocast.
+The numerics follow the original, not diffusers: the timestep sinusoid in float64, cos first; the
+time MLP, modulation, gates, residual stream and head as fp32 islands (autocast off); q/k RMSNorm
+across all heads, in fp32; 3-D RoPE (interleaved pairs, 22/21/21 split for head_dim 128) in
+float64 complex; cross-attention over all text_len (512) zero-padded context rows, unmasked. Under
+bf16 autocast the Linear/Conv layers and attention run in bf16 and the islands stay fp32, as in
+Wan's sampling loop; bf16 weights (load_dit(dtype=torch.bfloat16)) keep the islands fp32 and need
+autocast. Without autocast the model runs in its parameter dtype (fp32 for parity checks).
 
-Attention is one function on F.scaled_dot_product_attention (CPU and GPU); per-block activation
-checkpointing sits behind `model.gradient_checkpointing`.
+Also here: attention on F.scaled_dot_product_attention, per-block checkpointing, compiled blocks,
+and Ulysses sequence parallelism (`set_sequence_parallel`; DeepSpeed-Ulysses, arXiv 2309.14509).
+`load_dit` reads the original layout (.safetensors, sharded index, .pth/.pt, a folder with
+config.json), `diffusion_model.`-prefixed repacks and the Diffusers WanTransformer3DModel layout,
+all through one reader, `_read`, whose errors name the file and what was expected.
 
-`load_dit` reads the original layout (.safetensors, sharded *.safetensors.index.json, .pth/.pt,
-a repo folder with config.json), single-file repacks with a `model.diffusion_model.` or
-`diffusion_model.` prefix, and the Diffusers `WanTransformer3DModel` layout (renamed through one
-table, _DIFFUSERS_TO_ORIGINAL). Every file is read through one function, `_read`, whose errors name
-the file, what is wrong with it and what was expected; a .pth holding {"model": sd} or
-{"state_dict": sd} and nothing else is unwrapped.
-
-Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention and
-sequence parallelism, and the padding of variable-length token lists: samples of one batch share
-one latent shape.
+Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention, and the
+padding of variable-length token lists: samples of one batch share one latent shape.
 """
 
 import json
@@ -305,7 +297,7 @@ class WanDiT(nn.Module):
     def compile_blocks(self, **kwargs):
         """torch.compile every block in place (nn.Module.compile, kwargs to torch.compile). The
         fp32 modulation, fp32 norms and float64 RoPE are traced as written, so the numerics stay
-        eager's (tiny DiT on the CPU, fp32: output within 2e-7 and gradients within 2e-6 relative)."""
+        eager's up to float rounding."""
         for block in self.blocks:
             block.compile(**kwargs)
 

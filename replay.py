@@ -1,44 +1,16 @@
-"""Replay buffer for VELR's online LRM alignment (VELR §4.3, Algorithm 1, App. C.2, C.6).
+"""Replay buffer for VELR's online LRM alignment.
 
-During ReFL the latent reward model (LRM) drifts away from the true pixel reward. Every ReFL step
-offers each latent it scored to this buffer together with the ensemble variance the LRM had on it;
-the ones the buffer admits are decoded (no gradient), scored by the pixel reward model and stored;
-every few steps the LRM is re-fitted on samples drawn from the buffer (train_refl.py). An entry is
-(z0, text context, text length, true reward, ensemble variance).
-
-Two policies (`policy=`), chosen by train_refl.py from the LRM's member count:
-
-  "variance" (an ensemble, the paper's): the buffer keeps the samples the ensemble is least sure
-    about. While not full every entry is kept; once full, a new entry replaces the entry of LOWEST
-    variance, and only if its own variance is strictly higher ("we replace the samples with the
-    smallest variance using those from the current batch", C.2). Among entries of equal variance
-    the newest is the one replaced. Sampling draws entries with probability proportional to their
-    variance (uniformly while all variances are zero).
-  "fifo" (a one-member LRM, e.g. the Dollar baseline, whose variance is always 0 and would let
-    nothing into a full buffer): once full, a new entry replaces the OLDEST entry; sampling is
-    uniform. The stored variance is then only carried along.
-
-Both are one total order over entries (variance first, then age; or age alone for "fifo"): a full
-buffer always holds the `capacity` highest-ranked entries it was offered, so `admit(variances)`
-can say, before any pixel reward is computed, which candidates of a batch would be in the buffer
-after inserting the whole batch (candidates of one batch compete with each other as well as with
-the stored entries). Inserting only those candidates leaves the buffer holding the same entries
-as inserting all of them would; train_refl.py labels (decodes and scores) only the admitted ones.
-
-A row with a non-finite value in any field (a NaN reward, an inf variance, a NaN latent) is never
-stored: `insert`, `set_variance` and `load_state_dict` drop such rows and return how many they
-dropped; `admit` never admits a candidate with a non-finite variance.
-
-All tensors live on the CPU (a 480x832x81 latent is 8.4 MB in fp32; 256 of them plus their UMT5
-contexts are a few GB of host memory, never GPU memory). `state_dict()` / `load_state_dict()` save
-and restore the buffer with a training checkpoint, including each entry's arrival number (its age).
-
-Several ranks (train_refl.py): the buffer is SHARED. Every rank all-gathers the candidates of all
-ranks (in rank order), takes the same admission decision and inserts the same entries in the same
-order, so all ranks hold identical buffers; sampling with a generator seeded identically on every
-rank then gives identical batches, and the LRM update is the same on every rank. We chose this over
-per-rank buffers because the LRM must stay identical across ranks (it defines every rank's loss),
-and a shared buffer sees the whole global batch; the cost is world_size times the insert traffic.
+Follows "VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models" (OpenReview
+TctJWv7Suz; §4.3, Algorithm 1, App. C.2, C.6). During ReFL the latent reward model (LRM) drifts
+away from the true pixel reward. Every ReFL step offers each latent it scored to this buffer
+together with the ensemble variance the LRM had on it; the ones the buffer admits are decoded (no
+gradient), scored by the pixel reward model and stored; every few steps the LRM is re-fitted on
+samples drawn from the buffer (train_refl.py). An entry is (z0, text context, text length, true
+reward, ensemble variance). `ReplayBuffer` keeps, for an ensemble, the samples it is least sure
+about ("variance", the paper's, C.2) and, for a one-member LRM, the newest ("fifo"); `admit` says
+before any pixel reward is computed which candidates it would keep, so only those are labelled.
+Under several ranks the buffer is shared: every rank takes the same decisions on all ranks'
+candidates and holds the same entries (see the class).
 
 Left out: staleness-based eviction and the alignment schedule itself (that is train_refl.py's).
 """
@@ -50,6 +22,43 @@ POLICIES = ("variance", "fifo")
 
 
 class ReplayBuffer:
+    """The buffer of (z0, context, lengths, reward, variance) entries, with one of two policies:
+
+      "variance" (an ensemble, the paper's): the buffer keeps the samples the ensemble is least sure
+        about. While not full every entry is kept; once full, a new entry replaces the entry of
+        LOWEST variance, and only if its own variance is strictly higher ("we replace the samples
+        with the smallest variance using those from the current batch", C.2). Among entries of equal
+        variance the newest is the one replaced. Sampling draws entries with probability
+        proportional to their variance (uniformly while all variances are zero).
+      "fifo" (a one-member LRM, e.g. the Dollar baseline, whose variance is always 0 and would let
+        nothing into a full buffer): once full, a new entry replaces the OLDEST entry; sampling is
+        uniform. The stored variance is then only carried along.
+
+    Both are one total order over entries (variance first, then age; or age alone for "fifo"): a
+    full buffer always holds the `capacity` highest-ranked entries it was offered, so
+    `admit(variances)` can say, before any pixel reward is computed, which candidates of a batch
+    would be in the buffer after inserting the whole batch (candidates of one batch compete with
+    each other as well as with the stored entries). Inserting only those candidates leaves the
+    buffer holding the same entries as inserting all of them would; train_refl.py labels (decodes
+    and scores) only the admitted ones.
+
+    A row with a non-finite value in any field (a NaN reward, an inf variance, a NaN latent) is never
+    stored: `insert`, `set_variance` and `load_state_dict` drop such rows and return how many they
+    dropped; `admit` never admits a candidate with a non-finite variance.
+
+    All tensors live on the CPU (a 480x832x81 latent is 8.4 MB in fp32; 256 of them plus their UMT5
+    contexts are a few GB of host memory, never GPU memory). `state_dict()` / `load_state_dict()`
+    save and restore the buffer with a training checkpoint, including each entry's arrival number.
+
+    Several ranks (train_refl.py): the buffer is SHARED. Every rank all-gathers the candidates of all
+    ranks (in rank order), takes the same admission decision and inserts the same entries in the
+    same order, so all ranks hold identical buffers; sampling with a generator seeded identically on
+    every rank then gives identical batches, and the LRM update is the same on every rank. We chose
+    this over per-rank buffers because the LRM must stay identical across ranks (it defines every
+    rank's loss), and a shared buffer sees the whole global batch; the cost is world_size times the
+    insert traffic.
+    """
+
     def __init__(self, capacity: int = 256, policy: str = "variance"):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")

@@ -1,49 +1,22 @@
 """Pixel-space video rewards: the interface, the loader for user rewards, and weight-free built-ins.
 
-A reward is any callable
+A reward is any callable fn(video, prompts) -> rewards: video a (B, 3, T, H, W) float tensor in
+[-1, 1] (RGB, what the Wan VAE decodes to), prompts a list of B strings, rewards a (B,) tensor, one
+scalar per video, higher = better. The LRM regresses exactly this ("VELR: Efficient Video Reward
+Feedback via Ensemble Latent Reward Models", OpenReview TctJWv7Suz, §4.1: the target is
+R(Dec(z), prompt)); pixel-space ReFL (the memory baseline of VELR §5, Table 1) backpropagates
+through it, so for that use it must be differentiable with respect to `video`. Training the LRM
+and labelling data only need values.
 
-    fn(video, prompts) -> rewards
-        video:   (B, 3, T, H, W) float tensor in [-1, 1] (RGB, what the Wan VAE decodes to)
-        prompts: list of B strings
-        rewards: (B,) tensor, one scalar per video, higher = better
+`load_reward(spec)` turns a command-line `--reward SPEC` into such a callable: a built-in name,
+"module:attr" or "path/to/file.py:attr" (its docstring shows a wrapper around a large video reward
+model). A user reward's every output is checked (`check_reward_output`). The built-ins, "color",
+"sharpness", "smoothness" and "motion", need no weights and no network, are differentiable, map the
+video to [0, 1] intensities and return values in [0, 1]; they are toy rewards for tests and the
+offline demo, not quality metrics, and each one's docstring states what it measures.
 
-The LRM regresses exactly this (VELR paper §4.1: the target is R(Dec(z), prompt)); pixel-space
-ReFL (the memory baseline of VELR §5, Table 1) backpropagates through it, so for that use it must
-be differentiable with respect to `video`. Training the LRM and labelling data only need values.
-
-`load_reward(spec)` turns a command-line `--reward SPEC` into such a callable:
-  - a built-in name: "color", "sharpness", "smoothness", "motion";
-  - "module:attr": `module` is imported by name (it must be on sys.path, e.g. the working directory);
-  - "path/to/file.py:attr": the file is imported from its path.
-`attr` is either the reward callable itself (a function or an object with `__call__(video, prompts)`)
-or a factory: anything callable without arguments (a class whose `__init__` needs none, or a
-function with no required parameters) is called once and must return the reward callable. Use a
-factory when the reward loads a model. A wrapper around a large video reward model, e.g.
-VideoAlign or VideoScore, looks like this (`my_rm.py`, run with `--reward my_rm.py:VideoAlignReward`):
-
-    import torch
-
-    class VideoAlignReward:
-        def __init__(self):  # called once by load_reward
-            self.model = load_videoalign("path/to/checkpoint").eval().requires_grad_(False)
-
-        def __call__(self, video, prompts):
-            frames = ((video + 1) / 2).clamp(0, 1)  # this model wants [0, 1] frames
-            frames = frames.to(self.model.device, self.model.dtype)
-            return self.model.score(frames, prompts).float().flatten()  # (B,), one score per video
-
-Move the video to the model's device and dtype yourself, resize or subsample frames as the model
-expects, and return one scalar per video. `load_videoalign` / `.score` stand for the model's own API.
-A user reward from `load_reward` checks every output (`check_reward_output`): anything but a float
-tensor of shape (B,) is an error that says so. Non-finite values pass: the callers drop and count them.
-
-The built-ins need no weights and no network; they are differentiable and state honestly what
-they measure (they are toy rewards for tests and the offline demo, not quality metrics). Each
-maps the video to [0, 1] intensities first and returns values in [0, 1]:
-  - color:      prompt-dependent; 1 - |mean frame colour - the colour named in the prompt|^2 / 3.
-  - sharpness:  mean absolute difference between neighbouring pixels (spatial detail).
-  - smoothness: 1 - mean squared difference between consecutive frames (1 = static).
-  - motion:     mean absolute difference between consecutive frames (0 = static).
+Left out: any learned video reward model (VideoAlign, VideoScore, ...): the user brings one
+through `load_reward`.
 """
 
 import importlib
@@ -188,7 +161,31 @@ class CheckedReward:
 
 def load_reward(spec: str):
     """A built-in name, "module:attr" or "path/to/file.py:attr" -> reward callable fn(video, prompts) -> (B,).
-    User rewards come wrapped in a CheckedReward; built-ins are returned as they are."""
+    User rewards come wrapped in a CheckedReward; built-ins are returned as they are.
+
+    "module:attr": `module` is imported by name (it must be on sys.path, e.g. the working directory);
+    "path/to/file.py:attr": the file is imported from its path. `attr` is either the reward callable
+    itself (a function or an object with `__call__(video, prompts)`) or a factory: anything callable
+    without arguments (a class whose `__init__` needs none, or a function with no required
+    parameters) is called once and must return the reward callable. Use a factory when the reward
+    loads a model. A wrapper around a large video reward model, e.g. VideoAlign or VideoScore, looks
+    like this (`my_rm.py`, run with `--reward my_rm.py:VideoAlignReward`):
+
+        import torch
+
+        class VideoAlignReward:
+            def __init__(self):  # called once by load_reward
+                self.model = load_videoalign("path/to/checkpoint").eval().requires_grad_(False)
+
+            def __call__(self, video, prompts):
+                frames = ((video + 1) / 2).clamp(0, 1)  # this model wants [0, 1] frames
+                frames = frames.to(self.model.device, self.model.dtype)
+                return self.model.score(frames, prompts).float().flatten()  # (B,), one score per video
+
+    Move the video to the model's device and dtype yourself, resize or subsample frames as the model
+    expects, and return one scalar per video. `load_videoalign` / `.score` stand for the model's own
+    API. Anything but a float tensor of shape (B,) is an error that says so; non-finite values pass
+    (the callers drop and count them)."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" not in spec:

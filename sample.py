@@ -1,35 +1,24 @@
-"""Wan 2.1 flow-matching sampling: the sigma grids, Wan's UniPC and Euler, classifier-free
-guidance, the one `denoise()` loop that sampling, data generation and ReFL share, and the
-text-to-video command line.
+"""Wan 2.1 flow-matching sampling: the sigma grids, Wan's UniPC and Euler, classifier-free guidance,
+the one `denoise()` loop that sampling, data generation and ReFL share (all of it needs torch alone),
+and the text-to-video command line (`main`, which imports its packages when it runs).
 
 Follows `wan/utils/fm_solvers_unipc.py` and `wan/text2video.py` of Wan-Video/Wan2.1 (spec §5):
 - flow matching: x_sigma = (1 - sigma) x0 + sigma noise, the model predicts v = noise - x0, so
   x0 = x - sigma v; the model is handed t = int64(sigma * 1000), truncated (999, not 999.8);
 - UniPC grid: linspace(0.999, 0, steps + 1)[:-1], shifted (sigma' = s sigma / (1 + (s - 1) sigma)),
   then a final 0; Euler grid: the same from 1.0 (t = 1000 at the first step);
-- UniPC (Zhao et al. 2023) as Wan and diffusers configure it: order 2, B(h) = e^-h - 1 ("bh2"),
-  data (x0) prediction, the corrector UniC after every model call but the first, first order at
-  the first and at the last step (which lands exactly on the x0 prediction, sigma = 0);
+- UniPC ("UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+  arXiv 2302.04867) as Wan and diffusers configure it: order 2, B(h) = e^-h - 1 ("bh2"), x0
+  prediction, the corrector after every model call but the first, first order at the first and
+  the last step; `denoise` equals diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s,
+  prediction_type="flow_prediction") stepped on that grid (the tests check it to 1e-5);
 - CFG: v = v_u + g (v_c - v_u) in fp32, from two separate forward passes.
-`denoise` equals diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s,
-prediction_type="flow_prediction") stepped on set_timesteps(sigmas=linspace(0.999, 0, N+1)[:-1]),
-the spec's recipe for reproducing Wan; the tests check it to 1e-5.
-
-Command line (writes `out.mp4` at 16 fps and `out.json` with the prompt, seed and settings):
-
-    python sample.py                                  # tiny presets, RANDOM weights, offline
-    python sample.py --ckpt-dir Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
-    python sample.py --ckpt-dir Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt --out samples/ \\
-        --save-latents latents/ --lora my_lora.safetensors
-    torchrun --nproc_per_node=8 sample.py --ckpt-dir Wan2.1-T2V-14B --prompts prompts.txt --out samples/
-
-Under torchrun rank r samples prompts r, r + world, ... (the ranks never communicate). Prompt k
-of a file uses seed + k, so the output does not depend on the number of ranks. Precision is the
-one policy of `dtypes()`: Wan's own (text encoder bf16, VAE fp32, DiT bf16 under autocast with
-its fp32 islands on CUDA; the DiT in fp32 on the CPU).
+Under torchrun, without --sp-size the ranks never communicate (rank r samples prompts r, r + world,
+...); with --sp-size S each group of S consecutive ranks samples its share of the prompts together,
+each prompt's tokens split over the group (Ulysses all-to-alls around self-attention).
 
 Left out: Wan's DPM++ solver (Euler is kept as the simple, stateless alternative), image-to-video,
-prompt extension, sequence parallelism and CPU offloading of the models.
+prompt extension and CPU offloading of the models.
 """
 
 import argparse
@@ -38,15 +27,11 @@ import math
 import time
 from pathlib import Path
 
-import imageio
 import torch
-from safetensors.torch import save_file
 
-import distributed
-import lora
-import model_dit
-import text_encoder as text_encoder_lib
-import vae as vae_lib
+# The sampler (sigmas, solvers, denoise, CFG, precision, paths) needs torch alone; the command line's
+# packages and project files (imageio, safetensors, distributed, lora, model_dit, text_encoder, vae)
+# are imported inside the functions that use them.
 
 NUM_TRAIN_TIMESTEPS = 1000
 UNIPC_SIGMA_MAX = 0.999  # the first sigma of Wan's 1000-step training grid, 1 - 1/1000
@@ -297,6 +282,8 @@ TINY_DEFAULTS = {"steps": 8, "size": "32x32", "frames": 5}
 
 
 def parse_args(argv=None):
+    import vae as vae_lib
+
     p = argparse.ArgumentParser(description="Wan 2.1 text-to-video sampling")
     g = p.add_argument_group("models (none given: tiny presets with random weights)")
     g.add_argument("--ckpt-dir", help="Wan2.1-T2V-{1.3B,14B} folder, original or -Diffusers layout")
@@ -349,6 +336,11 @@ def parse_args(argv=None):
 
 def load_models(args, device):
     """-> (dit, vae, tokenizer, text encoder). No checkpoint: the tiny presets, seeded random weights."""
+    import lora
+    import model_dit
+    import text_encoder as text_encoder_lib
+    import vae as vae_lib
+
     if args.tiny:
         print("no checkpoint given: tiny presets with RANDOM weights; the video is noise, this run only "
               "exercises the pipeline (give --ckpt-dir for real samples)")
@@ -383,6 +375,8 @@ def output_paths(args, index, count):
 
 def write_video(path, video, fps):
     """(3, T, H, W) in [-1, 1] -> mp4 (libx264), quantised as Wan does: uint8((x + 1) / 2 * 255)."""
+    import imageio
+
     frames = ((video.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8) as writer:
@@ -400,6 +394,8 @@ def make_velocity_fn(dit, context):
 
 def generate(dit, context, neg_context, args, seed, device):
     """One prompt -> final normalised latent (1, 16, T', H', W'), with a progress line per step."""
+    import vae as vae_lib
+
     shape = (1, *vae_lib.latent_shape(args.frames, args.height, args.width))
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
     sigmas = get_sigmas(args.steps, args.shift, args.solver)
@@ -435,6 +431,10 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
     """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents).
     With sp_group every rank of the group samples the same prompts, their tokens split; the rank
     given write=True writes."""
+    from safetensors.torch import save_file
+
+    import text_encoder as text_encoder_lib
+
     dit, vae, tokenizer, encoder = load_models(args, device)
     if sp_group is not None:
         dit.set_sequence_parallel(sp_group)
@@ -467,6 +467,24 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
 
 
 def main(argv=None):
+    """The command line. Writes `out.mp4` at 16 fps and `out.json` with the prompt, seed and settings:
+
+        python sample.py                                  # tiny presets, RANDOM weights, offline
+        python sample.py --ckpt-dir Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
+        python sample.py --ckpt-dir Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt --out samples/ \\
+            --save-latents latents/ --lora my_lora.safetensors
+        torchrun --nproc_per_node=8 sample.py --ckpt-dir Wan2.1-T2V-14B --prompts prompts.txt --out samples/
+
+    Prompt k of a file uses seed + k, so the output does not depend on the number of ranks. Under
+    torchrun without --sp-size every rank samples its own prompts (r, r + world, ...) and no process
+    group is created. With --sp-size S the ranks set up a process group: each group of S consecutive
+    ranks samples the same prompts, each prompt's tokens split over the group (the DiT's Ulysses
+    all-to-alls), and the group's first rank writes the outputs; ranks of different groups meet only
+    when the group is set up and torn down. Precision is the one policy of `dtypes()`: Wan's own
+    (text encoder bf16, VAE fp32, DiT bf16 under autocast with its fp32 islands on CUDA; the DiT in
+    fp32 on the CPU)."""
+    import distributed
+
     args = parse_args(argv)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     model_paths(args)  # a missing model file is refused before anything loads

@@ -1,36 +1,23 @@
 """UMT5-XXL text encoder of Wan 2.1, its tokenizer, and an on-disk cache of prompt embeddings.
 
-Follows `wan/modules/t5.py` (T5Encoder, umt5_xxl, encoder only) and `wan/modules/tokenizers.py`
-of Wan-Video/Wan2.1: parameter names and shapes equal `models_t5_umt5-xxl-enc-bf16.pth`, so
-`state_dict()` is Wan's layout key for key. The math:
-  - T5 RMS norm (no mean, no bias) computed in fp32, cast to the weight dtype, times the weight;
-  - attention without the 1/sqrt(head_dim) scaling, plus a per-layer (UMT5: not shared) relative
-    position bias with T5's bidirectional buckets; padded keys get finfo.min; softmax in fp32;
-  - gated FFN: fc2(fc1(x) * gelu_tanh(gate(x))).
-Attention runs as one fp32 island through F.scaled_dot_product_attention (scale 1): Wan rounds
-q.k^T to the weight dtype before its fp32 softmax, so bf16 outputs agree with Wan's to bf16
-rounding, not bit for bit. In fp32 they match transformers' UMT5EncoderModel (which equals Wan's
-T5 in fp32) to float32 rounding.
+Follows `wan/modules/t5.py` (T5Encoder, umt5_xxl, encoder only) and `wan/modules/tokenizers.py` of
+Wan-Video/Wan2.1: names and shapes equal `models_t5_umt5-xxl-enc-bf16.pth`. T5 RMS norm in fp32;
+attention without 1/sqrt(head_dim), with a per-layer relative position bias (T5's bidirectional
+buckets), padded keys at finfo.min, run as one fp32 island through F.scaled_dot_product_attention
+(Wan rounds q.k^T to the weight dtype first, so bf16 outputs agree with Wan's to bf16 rounding; in
+fp32 they match transformers' UMT5EncoderModel to float32 rounding); gated FFN with gelu_tanh.
+Prompts become embeddings as in Wan's T5EncoderModel.__call__ (`encode_prompts`): clean the text,
+tokenize, EOS, truncate to 512, pad; keep each prompt's true-length rows and zero the rest.
+`PromptCache` stores those rows on disk, so the 11 GB encoder runs once per prompt.
 
-Prompts become embeddings as in Wan's T5EncoderModel.__call__: clean the text (ftfy if installed,
-html.unescape twice, collapse whitespace), tokenize, append EOS (id 1), truncate to 512 keeping the
-EOS, pad with 0; run the encoder with the padding mask; keep each prompt's true-length rows (EOS
-included) and zero the rest (`encode_prompts`). `PromptCache` stores those rows on disk so the
-11 GB encoder runs once per prompt and can leave memory once every prompt is cached.
+`load_text_encoder` reads Wan's .pth, transformers' safetensors (file, index, Diffusers folder) and
+HF-named repacks (ComfyUI); `load_tokenizer` a tokenizer.json, a spiece.model, a repack's
+`spiece_model` tensor, or none: an offline byte tokenizer for the "tiny" preset. sentencepiece and
+tokenizers are imported only when such a file is read. Every file goes through one reader, `_read`.
 
-`load_text_encoder` reads Wan's .pth, transformers' UMT5EncoderModel safetensors (single file,
-sharded with an index, or a Diffusers text_encoder/ folder) and single-file repacks with HF names
-(ComfyUI's umt5_xxl_*.safetensors: no encoder.embed_tokens.weight, plus a `spiece_model` byte
-tensor that is dropped). `load_tokenizer` reads a tokenizer.json (tokenizers), a spiece.model
-(sentencepiece), such a repack's `spiece_model` tensor, or, with no path, uses an offline UTF-8
-byte tokenizer for the "tiny" preset (id = byte + 3, so pad 0 / EOS 1 / unk 2 match T5).
-sentencepiece and tokenizers are imported only when such a file is read, so the rest of this file
-needs torch and safetensors alone. Every file is read through one function, `_read`, whose errors
-name the file, what is wrong with it and what was expected.
-
-Left out: the decoder, dropout (inference only), the fp16 clamp (run bf16 or fp32), shared
-position embeddings (UMT5 has none), and the special-token parsing of literal "</s>" / "<pad>"
-text inside a prompt (the HF tokenizer maps those to their ids; here they are plain text).
+Left out: the decoder, dropout (inference only), the fp16 clamp (run bf16 or fp32), shared position
+embeddings (UMT5 has none), and the special-token parsing of literal "</s>" / "<pad>" in a prompt
+(the HF tokenizer maps those to their ids; here they are plain text).
 """
 
 import hashlib
@@ -500,7 +487,9 @@ def _check_keys(model: nn.Module, sd: dict, path, layout: str):
 
 def load_text_encoder(path, config: UMT5Config | None = None, device="cpu", dtype=torch.bfloat16) -> UMT5Encoder:
     """Wan .pth, HF safetensors (file, index or folder) or an HF-named repack -> eval UMT5Encoder
-    without grads. config=None infers the sizes from the tensor shapes. Strict."""
+    without grads. config=None infers the sizes from the tensor shapes. Strict. A repack such as
+    ComfyUI's umt5_xxl_*.safetensors has no encoder.embed_tokens.weight (shared.weight holds it) and
+    carries a `spiece_model` byte tensor, which is dropped here."""
     sd, layout = _to_wan_layout(_read_tensors(_checkpoint_files(Path(path)), dtype))
     cfg = config or _infer_config(sd, path, layout)
     with torch.device("meta"):

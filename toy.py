@@ -1,32 +1,23 @@
 """The offline toy world: what `python train_refl.py` (no checkpoints) and the tests train in.
 
 ReFL needs a generator whose mid-step x0 prediction says something about where its own sampler
-ends; a randomly initialised DiT does not, and ReFL on it raises no true reward at any learning
-rate (measured on a 2-layer DiT: lr 1e-4 and 1e-3, beta 0 and 1). So the offline runs use small
-worlds of their own (WORLDS; train_refl.py --toy-world):
+ends; a randomly initialised DiT does not, so the offline runs use small worlds of their own
+(WORLDS; train_refl.py --toy-world), built from this repo's Wan code at toy sizes:
+  - procedural videos: 5 frames of 32x32, a square of one random colour moving in a straight line
+    over a background of another; captions name a palette colour UNRELATED to the video, so the
+    pretrained generator does not already satisfy the prompt-dependent reward;
+  - "watchable" (the README's default): visible, anti-aliased squares; the "tiny" Wan VAE trained
+    as an autoencoder on them and the "toy" DiT pretrained on its latents, both shipped in assets/
+    (`python toy.py train-assets`); reward `toy:square_color`, from decoded pixels only;
+  - "random" (the tests' world): hard-edged squares, the tiny VAE with random weights, the "tiny"
+    DiT pretrained at first use; reward `toy:calibrated_color`, calibrated to that decoder;
+  - pretraining: the generator with Wan's flow-matching loss (x_sigma = (1 - sigma) x0 + sigma eps,
+    target v = eps - x0); an ensemble LRM bootstrapped on its labelled rollouts as VELR pretrains
+    one (§4.1). The worlds' sampler: 20 Euler steps, shift 5 (ToyConfig).
+Everything built is cached under `cache_dir` (default `<repo>/.cache/toy`, or $VELR_CACHE), keyed
+by a hash of the settings, written atomically. Follows no paper of its own.
 
-  - procedural videos: 5 frames of 32x32, a random background colour and a square of another
-    random colour moving in a straight line; captions name a colour from the pixel reward's
-    palette that is UNRELATED to the video, so the pretrained generator ignores the colour word
-    and does not already satisfy the prompt-dependent reward;
-  - "watchable" (WATCHABLE, the README's default): squares at least 0.5 RGB distance from their
-    background with anti-aliased edges; the "tiny" Wan VAE trained as an autoencoder on them, with
-    its own latent mean/std (train_vae); the "toy" DiT (dim 128, 4 layers, 32 context rows)
-    pretrained on its latents (pretrain_dit); both shipped in assets/ (`python toy.py
-    train-assets`, 1.7 h on 2 CPU cores); reward `toy:square_color`, the segmented square's colour
-    against the named one (square_color), from decoded pixels only;
-  - "random" (the tests' world): hard-edged squares, the tiny VAE with random weights (a fixed,
-    smooth decoder whose decodes show no scene), the "tiny" DiT (dim 64, 2 layers) pretrained at
-    first use (about a minute on 2 CPU cores), reward `toy:calibrated_color`, calibrated to that
-    decoder's statistics;
-  - flow-matching pretraining: x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, sigma
-    drawn through the sampler's shift; the UMT5 ("tiny", seeded) with the offline byte tokenizer;
-  - an ensemble LRM bootstrapped from the generator's own labelled rollouts: sample, decode,
-    score with the pixel reward, `lrm.lrm_update`.
-  Everything built is cached under `cache_dir` (default `<repo>/.cache/toy`, or $VELR_CACHE),
-  keyed by a hash of the settings, written atomically.
-
-The worlds' sampler: 20 Euler steps, shift 5; train_refl.py's toy defaults read it from ToyConfig.
+Left out: real videos and real reward models; the worlds test the machinery, not video quality.
 """
 
 import functools
@@ -160,11 +151,11 @@ def decoder_colour_stats(seed: int = 0, n: int = 256) -> tuple[torch.Tensor, tor
 
 def calibrated_color(video: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """The toy world's pixel reward (`--reward toy:calibrated_color`): `rewards.color` read through
-    the toy decoder's own colour scale. A random VAE decodes every latent to nearly the same grey
-    (the mean colour moves by ~0.005 across latents, measured), so the plain colour reward is
-    constant to 2 decimals and gives ReFL nothing to climb. Here the video's mean colour is first
-    standardised per channel by `decoder_colour_stats` and squashed, c = tanh(z / 2) in (-1, 1),
-    then compared with the named colour mapped to [-1, 1]: 1 - |c - (2 rgb - 1)|^2 / 12, in [0, 1].
+    the toy decoder's own colour scale. A random VAE decodes every latent to nearly the same grey,
+    so the plain colour reward barely moves and gives ReFL nothing to climb. Here the video's mean
+    colour is first standardised per channel by `decoder_colour_stats` and squashed, c = tanh(z / 2)
+    in (-1, 1), then compared with the named colour mapped to [-1, 1]: 1 - |c - (2 rgb - 1)|^2 / 12,
+    in [0, 1].
     Prompt-dependent and differentiable; a prompt without a palette word gets rewards.NEUTRAL.
     It measures the direction the decoded colour moves in, not an absolute colour."""
     x = rewards.unit_range(video)  # checks the shape, [-1, 1] -> [0, 1]
@@ -252,8 +243,8 @@ def parse_squares(video: torch.Tensor, min_fill: float = 0.8) -> list[int]:
 # The toy DiTs: "tiny" (the random-VAE world's: 8 tokens for the 16x2x4x4 latent) and "toy" (the
 # watchable world's: patch 1x1x1, so 32 tokens, one per latent pixel; dim 128, 4 layers).
 TOY_DITS = {"tiny": DIT_CONFIGS["tiny"],
-            # text_len 32, not Wan's 512: the toy captions are at most 18 tokens, and with 32 video tokens
-            # the 512 padded context rows took most of a training step
+            # text_len 32, not Wan's 512: the toy captions are at most 18 tokens, and 512 padded context
+            # rows would outnumber the 32 video tokens many times over
             "toy": DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, patch_size=(1, 1, 1),
                              text_len=32)}
 
@@ -326,14 +317,14 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print, ckpt=None, save_every=500
     decode(encode(x)) through the posterior mean, on cfg.vae_videos procedural videos (AdamW,
     one-cycle learning rate); then its per-channel latent mean/std measured on them, as Wan's VAE
     comes with its own, and returned in a VAE that normalises with them (eval, no grad, on the CPU).
-    Deterministic per seed on one device. On 2 CPU cores a step of batch 32 takes about 2 s.
+    Deterministic per seed on one device.
     ckpt: a file to checkpoint the training to every save_every steps and resume from."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     data = world_videos(cfg.vae_videos, cfg, g)
     with torch.random.fork_rng():  # the weights come from cfg.seed alone
         torch.manual_seed(cfg.seed)
         vae = WanVAE(toy_vae_config()).to(device).train()
-    for m in vae.modules():  # channels-last convs: ~1.4x faster steps on the CPU (same values up to rounding)
+    for m in vae.modules():  # channels-last convs: faster steps on the CPU (same values up to rounding)
         if isinstance(m, torch.nn.Conv3d):
             m.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -524,8 +515,8 @@ def read_toy_vae(path: Path, cfg: ToyConfig):
 
 def untrained_parts(cfg: ToyConfig, cache_dir=None) -> list[str]:
     """The trained models of world cfg (VAE, DiT) that load_world would have to train: neither in
-    the cache nor shipped in assets/ with cfg's recipe. [] for the random-VAE world, whose DiT
-    pretraining is a minute."""
+    the cache nor shipped in assets/ with cfg's recipe. [] for the random-VAE world, whose small DiT
+    is cheap to pretrain."""
     if not cfg.vae_steps:
         return []
     root = Path(cache_dir or default_cache_dir()) / cfg.key()

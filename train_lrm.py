@@ -15,7 +15,7 @@ latent. It runs offline with no files, which is what the tests and the default r
 A seeded share `--test-frac` of the samples is held out. After every epoch: MSE and Pearson
 correlation on train and test for every member and for the ensemble mean, printed in the layout
 of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
-baseline instead (same loss, same data). `--model dit` trains a DiT-backbone LRM (lrm.DiTRewardModel,
+baseline instead (same loss, same data). `--model dit` trains a DiT-backbone LRM (lrm_dit.DiTRewardModel,
 PRFL's design, arXiv 2511.21541): the first --dit-blocks blocks of the generator --dit-ckpt (`toy`:
 the toy world's pretrained generator; none: its tiny DiT with seeded random weights) as a frozen or LoRA-trained trunk
 (--dit-trunk), --members pooling + MLP heads on it; noise-aware by construction, every loss applies.
@@ -72,6 +72,7 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lrm
+import lrm_dit
 import rewards
 import distributed
 import sample
@@ -500,7 +501,7 @@ def parse_args(argv):
                         "reads, or `toy`: the toy world's pretrained generator, built once and cached in "
                         "$VELR_CACHE/toy); default: the toy world's tiny DiT with random weights")
     g.add_argument("--dit-blocks", type=int, help="--model dit: blocks of the generator kept (default 8 as PRFL, at most all)")
-    g.add_argument("--dit-trunk", choices=lrm.TRUNKS, default="frozen",
+    g.add_argument("--dit-trunk", choices=lrm_dit.TRUNKS, default="frozen",
                    help="--model dit: frozen trunk, or LoRA adapters on its blocks trained with the heads (default frozen)")
     g.add_argument("--dit-dtype", choices=("fp32", "bf16"), default="fp32",
                    help="--model dit: the trunk's weights; bf16 halves its memory and file (Wan's fp32 islands kept, "
@@ -584,7 +585,7 @@ def dit_lrm(args, members: int):
     else:
         dit = toy.build_models(args.seed)[0]
     mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt not in (None, "toy") else (64, 32))
-    return lrm.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
+    return lrm_dit.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
                                      lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss,
                                      trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
 

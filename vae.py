@@ -1,26 +1,22 @@
 """Wan 2.1 causal 3-D video VAE (z_dim 16), written from scratch.
 
 Follows `wan/modules/vae.py` of Wan-Video/Wan2.1 (commit 9737cba9): the same module tree and
-parameter names, so the official `Wan2.1_VAE.pth` loads with a strict `load_state_dict`, and
-the same chunked causal procedure, which *is* the model (calling the modules once on a whole
-clip skips the temporal resampling and gives something else):
-
-- encode: the first frame alone, then chunks of 4 frames; each chunk gives one latent frame.
-- decode: one latent frame per chunk; chunk 0 gives 1 frame, every later chunk gives 4.
-- every causal 3-tap conv carries the last 2 frames of its input over to the next chunk, and
-  the temporal down/upsamplers carry their own state, including upstream's first-chunk quirks
-  (`Resample.downsample_time`, `Resample.upsample_time`).
-
-Latents are normalised per channel, (mu - mean) / std with Wan's 16 constants; decode undoes
-that and clamps to [-1, 1]. The cache is a dict created inside encode/decode and handed down
-explicitly (upstream keeps it in mutable default arguments), so the model holds no state
-between calls and can be used from several threads. Decode keeps one chunk of activations
-alive at a time; `decode(z, checkpoint=True)` recomputes each chunk in backward, so gradients
+parameter names, so the official `Wan2.1_VAE.pth` loads with a strict `load_state_dict`, and the
+same chunked causal procedure, which *is* the model (the modules called once on a whole clip skip
+the temporal resampling and give something else):
+- encode: the first frame alone, then chunks of 4 frames; each chunk gives one latent frame;
+- decode: one latent frame per chunk; chunk 0 gives 1 frame, every later chunk gives 4;
+- every causal 3-tap conv carries the last 2 frames of its input to the next chunk, and the
+  temporal down/upsamplers carry their own state, upstream's first-chunk quirks included.
+Latents are normalised per channel, (mu - mean) / std with Wan's 16 constants; decode undoes that
+and clamps to [-1, 1]. The cache is a dict created inside encode/decode and handed down (upstream
+keeps it in mutable default arguments), so the model holds no state between calls and is safe
+across threads. `decode(z, checkpoint=True)` recomputes each chunk in the backward, so gradients
 through the decoder cost the chunk inputs and caches plus one chunk.
 
 Left out: sampling from the posterior (encode returns its mean), attention blocks outside the
-middle (`attn_scales`, empty in Wan 2.1), the non-chunked forward, spatial tiling, and the
-Wan 2.2 VAE (`is_residual`, patchified input).
+middle (`attn_scales`, empty in Wan 2.1), the non-chunked forward, spatial tiling, and the Wan 2.2
+VAE (`is_residual`, patchified input).
 """
 
 import json

@@ -38,6 +38,7 @@ import os
 import subprocess
 from safetensors.torch import load_file
 import prepare_data
+import shards
 import toy
 import train_lrm
 from diffusers.loaders import WanLoraLoaderMixin
@@ -1690,9 +1691,9 @@ def test_data_train_on_shards(tmp_path):
     out.mkdir()
     for i in range(2):  # two shards written the way prepare_data writes them
         part = [{**r, "prompt": f"p{j}", "source": f"s{j}"} for j, r in enumerate(rows[6 * i : 6 * i + 6])]
-        prepare_data.write_shard(prepare_data.shard_path(out, i), part, [])
-    prepare_data.write_index(out, 2, 12)
-    data = train_lrm.ShardRows(out)
+        shards.write_shard(shards.shard_path(out, i), part, [])
+    shards.write_index(out, 2, 12)
+    data = shards.ShardRows(out)
     assert len(data) == 12
     for i in (0, 5, 7, 11):
         assert torch.equal(data[i]["latent"], rows[i]["latent"]) and torch.equal(data[i]["context"], rows[i]["context"])
@@ -2766,11 +2767,11 @@ import importlib, sys
 for name in {_ROBUST_BLOCKED!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 import torch, safetensors.torch, numpy
-project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "toy", "sample",
+project = {{"model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "shards", "toy", "sample",
             "prepare_data", "train_lrm", "train_refl", "bench"}}
 allowed = {{"lrm": {{"model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
-for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed"):
+for name in ("model_dit", "vae", "text_encoder", "lrm", "lora", "replay", "rewards", "distributed", "shards"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]
     before = set(sys.modules)
@@ -3135,9 +3136,47 @@ def _lrm_shards(out, shapes, widths=None, rewards_fn=None):
         rows = [{"latent": torch.randn(16, *shape, generator=g), "context": torch.randn(3, width, generator=g),
                  "reward": rewards_fn(i, j) if rewards_fn else float(j), "prompt": f"p{j}", "source": f"s{i}_{j}"}
                 for j in range(4)]
-        prepare_data.write_shard(prepare_data.shard_path(out, i), rows, [])
-    prepare_data.write_index(out, len(shapes), 4 * len(shapes))
+        shards.write_shard(shards.shard_path(out, i), rows, [])
+    shards.write_index(out, len(shapes), 4 * len(shapes))
     return out
+
+
+def test_shards_copied_alone_round_trip_atomically(tmp_path, monkeypatch):
+    """shards.py works copied alone into an empty folder; a shard, index.json and report.json round
+    trip; a write that fails keeps the previous file and leaves no temporary file."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "shards.py").write_bytes((_DATA_REPO / "shards.py").read_bytes())
+    script = """
+import shards, sys, torch
+rows = [{"latent": torch.full((16, 2, 4, 4), float(j)), "context": torch.ones(j + 1, 8), "reward": 0.5 * j,
+         "prompt": f"p{j}", "source": f"s{j}"} for j in range(3)]
+shards.write_shard(shards.shard_path("d", 0), rows, [{"source": "x", "reason": "too_short", "error": "e"}])
+shards.write_shard(shards.shard_path("d", 1), [], [])
+report = shards.write_index("d", 2, 4)
+assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 1, "non_finite_reward": 0}, report
+data = shards.ShardRows("d")
+assert len(data) == 3 and data[2]["context"].shape == (3, 8) and data[1]["reward"] == 0.5
+assert data.prompts_and_rewards() == (["p0", "p1", "p2"], [0.0, 0.5, 1.0]) and data.sources() == ["s0", "s1", "s2"]
+assert not {m.split(".")[0] for m in sys.modules} & {"prepare_data", "train_lrm", "runs", "lrm", "sample"}
+print("ok")
+"""
+    (alone / "d").mkdir()
+    res = subprocess.run([sys.executable, "-c", script], cwd=alone, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    path = shards.shard_path(tmp_path, 0)
+    shards.write_shard(path, [], [])
+    before = path.read_bytes()
+
+    def torn(tensors, name, metadata=None):
+        Path(name).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shards, "save_file", torn)
+    with pytest.raises(OSError):
+        shards.write_shard(path, [], [{"source": "x", "reason": "unreadable", "error": "e"}])
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
 
 
 def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
@@ -3155,12 +3194,12 @@ def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
         good = (data / name).read_bytes()
         (data / name).write_bytes(good[:40])
         with pytest.raises(ValueError, match=re.escape(str(data / name)) + ": not a"):
-            train_lrm.ShardRows(data)
+            shards.ShardRows(data)
         (data / name).unlink()
         with pytest.raises(FileNotFoundError, match=re.escape(str(data / name if "shard" in name else data)) + ".*(does not exist|no index.json)"):
-            train_lrm.ShardRows(data)
+            shards.ShardRows(data)
         (data / name).write_bytes(good)
-    assert len(train_lrm.ShardRows(data)) > 0
+    assert len(shards.ShardRows(data)) > 0
     for flags, msg in ((["--huber-delta", "nan"], "--huber-delta must be a finite number > 0"),
                        (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be")):
         with pytest.raises(ValueError, match=msg):
@@ -3255,7 +3294,7 @@ def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
     (videos / "a.txt").write_text("clip a")
     out = tmp_path / "data"
     out.mkdir()
-    prepare_data.write_shard(prepare_data.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
+    shards.write_shard(shards.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
     with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
         prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))
 
@@ -3826,10 +3865,10 @@ def test_train_lrm_pairs_from_a_preference_file(tmp_path):
     argv = ["--data", str(data), "--pairs", str(prefs), "--loss", "bt", "--members", "2", "--epochs", "1", "--batch-size", "2",
             "--test-frac", "0.5"]
     metrics = train_lrm.main(_data_train_argv(tmp_path / "run", *argv))
-    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, train_lrm.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
+    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, shards.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
     assert metrics["sigma"]["0"].get("pairs", 0) == len(held_out)  # only pairs with both sides held out
     assert lrm.load_lrm(tmp_path / "run" / "lrm.safetensors").cfg.objective == "bt"
-    rows = train_lrm.ShardRows(data)
+    rows = shards.ShardRows(data)
     assert train_lrm.read_preferences(prefs, rows)[0] == (rows.sources().index("s0_0"), rows.sources().index("s1_0"), 1.0)
     prefs.write_text('{"a": "s0_0", "b": "nowhere", "p": 1}\n')
     with pytest.raises(ValueError, match="line 1"):

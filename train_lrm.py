@@ -68,97 +68,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lrm
 import rewards
 import distributed
 import sample
+import shards
 import text_encoder
 import toy
 
 # ---------------------------------------------------------------------------------------------
-# Data: rows {"latent", "context" (L, C) without padding, "reward"}
-
-
-class ShardRows:
-    """The samples of prepare_data.py's shards, read one row at a time: a 480p x 81-frame latent
-    is 8 MB, so thousands of them are not loaded into memory."""
-
-    def __init__(self, folder, flag="--data"):
-        path = Path(folder) / "index.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{flag} {folder}: no {path.name}; expected a prepare_data.py dataset folder")
-        try:
-            shards = [(Path(folder) / s["file"], int(s["samples"])) for s in json.loads(path.read_text())["shards"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a prepare_data.py index ({type(err).__name__}: {err})") from None
-        self.rows = [(file, r) for file, n in shards for r in range(n)]
-        check_shards([file for file, n in shards if n])
-
-    def __len__(self):
-        return len(self.rows)
-
-    def sources(self) -> list[str]:
-        """Every row's source (the video or latent file prepare_data.py read it from)."""
-        out, seen = [], {}
-        for path, r in self.rows:
-            if path not in seen:
-                with safe_open(path, "pt") as f:
-                    seen[path] = json.loads(f.metadata()["sources"])
-            out.append(seen[path][r])
-        return out
-
-    def prompts_and_rewards(self) -> tuple[list[str], list[float]]:
-        """Every row's prompt and reward from the shards' metadata and reward tensors (no latents read)."""
-        prompts, labels, seen = [], [], {}
-        for path, r in self.rows:
-            if path not in seen:
-                with safe_open(path, "pt") as f:
-                    seen[path] = (json.loads(f.metadata()["prompts"]), f.get_tensor("rewards").tolist())
-            prompts.append(seen[path][0][r])
-            labels.append(seen[path][1][r])
-        return prompts, labels
-
-    def __getitem__(self, i):
-        path, r = self.rows[i]
-        with safe_open(path, "pt") as f:
-            length = int(f.get_slice("lengths")[r : r + 1][0])
-            return {
-                "latent": f.get_slice("latents")[r : r + 1][0],
-                "context": f.get_slice("context")[r : r + 1, :length][0],
-                "reward": float(f.get_slice("rewards")[r : r + 1][0]),
-            }
+# Data: rows {"latent", "context" (L, C) without padding, "reward"} (shards.ShardRows or synthetic)
 
 
 class TooManyBadSteps(RuntimeError):
     """More steps were skipped for non-finite labels, loss or gradients than --max-bad-steps allows."""
-
-
-def check_shards(paths):
-    """Every shard holds latents of one shape and prompt embeddings of one width (a dataset extended
-    with other --size/--frames or another text encoder would otherwise fail mid-training): a
-    ValueError naming the odd shard and its shape, read from the headers only."""
-    first = None
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in index.json does not exist")
-        try:
-            with safe_open(path, "pt") as f:
-                latent = tuple(f.get_slice("latents").get_shape()[1:])
-                width = f.get_slice("context").get_shape()[-1]
-        except Exception as err:  # safetensors raises its own error types for torn files and missing keys
-            raise ValueError(f"{path}: not a readable prepare_data.py shard (truncated or corrupt?): "
-                             f"{type(err).__name__}: {err}") from None
-        if first is None:
-            first = (path, latent, width)
-        elif latent != first[1]:
-            raise ValueError(f"{path} has latents of shape {latent}, {first[0].name} has {first[1]}: "
-                             f"the shards were made with different --size/--frames; use one setting per dataset")
-        elif width != first[2]:
-            raise ValueError(f"{path} has prompt embeddings of width {width}, {first[0].name} has width {first[2]}: "
-                             f"the shards were made with different text encoders")
 
 
 @torch.no_grad()
@@ -609,7 +534,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
 
-    data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
+    data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
     cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss)
     members = 1 if args.model == "dollar" else args.members

@@ -29,7 +29,8 @@ frames, fps, reward, keep-reward, models) and, per shard, its inputs with their 
 mtime. It is written (atomically, by rank 0) before any shard, so a rerun knows the plan: it
 redoes planned shards whose file is missing, puts inputs that are in no shard yet into new shards
 numbered after the old ones (nothing is duplicated or dropped), and refuses other settings, a
-recorded input that changed since, and a folder with shards but no record.
+recorded input that changed since, and a folder with shards or other files but no record. Nothing
+is written to `--out` before these checks.
 
 Without `--ckpt-dir/--vae/--text-encoder` the tiny presets are used with *random* weights
 (seeded): that is for tests and the offline demo, the latents mean nothing.
@@ -47,7 +48,6 @@ import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import imageio
@@ -58,6 +58,7 @@ from safetensors import safe_open
 
 import distributed
 import rewards
+import runs
 import sample
 import shards
 import text_encoder
@@ -341,8 +342,8 @@ def entry_item(entry):
 def plan_dataset(out, settings, items, shard_size):
     """-> (record, changed): the shards of the dataset in `out` with the inputs not yet in any shard
     appended as new shards (numbered after the old ones; a function of the folder and the inputs,
-    so every rank computes the same). ValueError for a folder it must not extend: shards but no
-    record, other settings, or a recorded input that changed since."""
+    so every rank computes the same). ValueError for a folder it must not extend: shards or other
+    files but no record, other settings, or a recorded input that changed since."""
     path = Path(out) / RECORD
     if path.exists():
         try:
@@ -354,6 +355,9 @@ def plan_dataset(out, settings, items, shard_size):
         if any(Path(out).glob("shard_*.safetensors")):
             raise ValueError(f"{out} holds shards but no {RECORD} (made by an older prepare_data.py): what they were made "
                              f"from is unknown, so it cannot be extended safely; start a new --out")
+        if Path(out).is_dir() and any(Path(out).iterdir()):
+            raise ValueError(f"--out {out} holds other files and no {RECORD}: it is not a prepare_data.py dataset; "
+                             f"choose an empty or new --out")
         record = {"settings": settings, "shards": []}
     diffs = [f"{SETTING_FLAGS[k]} {settings[k]} (this run) vs {record['settings'].get(k)} (dataset)"
              for k in settings if settings[k] != record["settings"].get(k)]
@@ -383,14 +387,8 @@ def plan_dataset(out, settings, items, shard_size):
 
 
 def write_record(out, record):
-    """dataset.json through a temporary file, fsync'ed, renamed: never torn."""
-    path = Path(out) / RECORD
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """dataset.json, atomically: never torn."""
+    runs.write_json(Path(out) / RECORD, record, indent=1)
 
 
 def main(argv=None):
@@ -398,11 +396,13 @@ def main(argv=None):
     reward_fn = rewards.load_reward(args.reward)  # a bad --reward is refused before anything is recorded or loaded
     rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # every rank plans from the same folder and inputs (and so refuses the same way); rank 0 records
-    # the plan before any shard is written, so a crash leaves planned shards that a rerun redoes
+    # every rank plans from the same folder and inputs (and so refuses the same way) before anything
+    # is written; rank 0 records the plan before any shard is written, so a crash leaves planned
+    # shards that a rerun redoes
     record, changed = plan_dataset(out, dataset_settings(args), collect_items(args), args.shard_size)
+    distributed.barrier()  # no rank plans from a folder rank 0 has begun to write
     if rank == 0 and changed:
+        out.mkdir(parents=True, exist_ok=True)
         write_record(out, record)
     distributed.barrier()
     num_shards = len(record["shards"])

@@ -3297,6 +3297,12 @@ def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
     shards.write_shard(shards.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
     with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
         prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a dataset")
+    with pytest.raises(ValueError, match=r"other files and no dataset\.json"):
+        prepare_data.main(_data_prepare_argv(other, "--videos", str(videos)))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):

@@ -3183,6 +3183,7 @@ def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
     data = _lrm_shards(tmp_path / "d1", [(2, 4, 4), (2, 4, 4), (3, 4, 4)])
     with pytest.raises(ValueError, match=r"shard_00002\.safetensors.*\(16, 3, 4, 4\).*\(16, 2, 4, 4\)"):
         train_lrm.main(_data_train_argv(tmp_path / "r1", "--data", str(data), "--members", "2", "--epochs", "1"))
+    assert not (tmp_path / "r1").exists()  # a run refused for its data writes nothing
     data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
     with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
         train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
@@ -3206,7 +3207,31 @@ def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
             train_lrm.parse_args(flags)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\)"):
-        train_lrm.read_checkpoint(tmp_path / "empty.pt")
+        train_lrm.main(["--out", str(tmp_path / "r"), "--resume", str(tmp_path / "empty.pt")])
+
+
+def test_train_lrm_out_folder_needs_resume_or_overwrite(tmp_path):
+    """A non-empty --out is refused (the old run untouched) unless --resume or --overwrite; --overwrite
+    removes the old run's files (and only those) before the new run writes; args.json records the config."""
+    from typing import get_args, get_type_hints
+    hints = get_type_hints(train_lrm.LRMTrainConfig)
+    assert set(get_args(hints["model"])) == set(lrm.MODEL_KINDS) and set(get_args(hints["config"])) == set(lrm.LRM_CONFIGS)
+    assert set(get_args(hints["loss"])) == set(lrm.OBJECTIVES)
+    out = tmp_path / "run"
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1")
+    train_lrm.main(argv)
+    assert json.loads((out / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(train_lrm.parse_args(argv))))
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"args.json", "metrics.jsonl", "ckpt.pt", "lrm.safetensors"} <= old.keys()
+    with pytest.raises(ValueError, match=r"already holds a run.*--resume.*--overwrite"):
+        train_lrm.main([*argv, "--seed", "1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    with pytest.raises(ValueError, match="give one of them"):
+        train_lrm.parse_args([*argv, "--overwrite", "--resume", str(out / "ckpt.pt")])
+    (out / "notes.txt").write_text("mine")
+    train_lrm.main([*argv, "--overwrite", "--stop-after", "1"])  # stops before the epoch's end: no metrics, no LRM
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.jsonl", "notes.txt"]
+    assert (out / "metrics.jsonl").read_text() == "" and json.loads((out / "args.json").read_text())["stop_after"] == 1
 
 
 def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
@@ -3225,7 +3250,7 @@ def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsy
         train_lrm.main(["--out", str(out), "--data", str(all_nan), "--members", "2", "--epochs", "3", "--max-bad-steps", "2"])
     assert not (out / "lrm.safetensors").exists()
     proc = subprocess.run([sys.executable, "train_lrm.py", "--out", str(out), "--data", str(all_nan), "--members", "2",
-                           "--max-bad-steps", "0"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
+                           "--max-bad-steps", "0", "--overwrite"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().startswith("train_lrm.py: error: 1 LRM steps skipped")
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -3235,7 +3260,7 @@ def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_p
     opt = torch.optim.AdamW(model.parameters())
     with torch.no_grad():
         model.head2.bias.fill_(float("nan"))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(RuntimeError, match="NaN or inf"):
         train_lrm.save_checkpoint(tmp_path / "ckpt.pt", model, opt, 3)
     assert not (tmp_path / "ckpt.pt").exists()
     argv = ["--out", str(tmp_path / "run"), "--synthetic", "16", "--members", "2", "--epochs", "1"]
@@ -3247,6 +3272,7 @@ def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_p
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt.*not a train_lrm checkpoint"):
         train_lrm.main([*argv, "--resume", str(tmp_path / "other.pt")])
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def _prepare_sources(out):

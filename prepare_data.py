@@ -19,9 +19,8 @@ Unreadable and too-short videos, and samples whose reward is NaN or inf (never s
 are skipped, counted and listed in `report.json`; a shard whose inputs all fail is a shard of zero
 samples.
 
-Output in `--out`: `shard_00000.safetensors`, ... (`latents` (N, 16, T', H', W') fp32,
-`context` (N, L, C) = the prompt embeddings trimmed to the longest prompt of the shard,
-`lengths` (N,), `rewards` (N,) fp32; metadata: `prompts`, `sources`, `skipped` as JSON), plus
+Output in `--out`, in the format of shards.py: `shard_00000.safetensors`, ... (latents, prompt
+embeddings, their lengths, rewards; the prompts, sources and skipped inputs in the metadata), plus
 `index.json` and `report.json` built from the shard files. A shard is written atomically, so one
 that exists is finished: re-running skips it. Under torchrun rank r does shards r, r+W, ...
 
@@ -30,7 +29,8 @@ frames, fps, reward, keep-reward, models) and, per shard, its inputs with their 
 mtime. It is written (atomically, by rank 0) before any shard, so a rerun knows the plan: it
 redoes planned shards whose file is missing, puts inputs that are in no shard yet into new shards
 numbered after the old ones (nothing is duplicated or dropped), and refuses other settings, a
-recorded input that changed since, and a folder with shards but no record.
+recorded input that changed since, and a folder with shards or other files but no record. Nothing
+is written to `--out` before these checks.
 
 Without `--ckpt-dir/--vae/--text-encoder` the tiny presets are used with *random* weights
 (seeded): that is for tests and the offline demo, the latents mean nothing.
@@ -48,7 +48,6 @@ import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import imageio
@@ -56,11 +55,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import distributed
 import rewards
+import runs
 import sample
+import shards
 import text_encoder
 import toy
 import vae as vae_lib
@@ -145,65 +145,6 @@ def read_clip(path, frames, fps, width, height):
     with imageio.get_reader(path, "ffmpeg") as reader:
         src_fps = float(reader.get_meta_data()["fps"])
     return resize_crop(read_frames(path, frame_indices(frames, fps, src_fps)), width, height)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards
-
-
-def shard_path(out, i):
-    return Path(out) / f"shard_{i:05d}.safetensors"
-
-
-def write_shard(path, rows, skipped):
-    """rows: [{"latent", "context" (L, C), "reward", "prompt", "source"}]. Written to a temporary name
-    and renamed, so a shard file that exists is complete."""
-    n = len(rows)
-    if n:
-        longest = max(r["context"].shape[0] for r in rows)
-        context = torch.zeros(n, longest, rows[0]["context"].shape[1], dtype=rows[0]["context"].dtype)
-        for i, r in enumerate(rows):
-            context[i, : r["context"].shape[0]] = r["context"]
-        tensors = {
-            "latents": torch.stack([r["latent"] for r in rows]).float().contiguous(),
-            "context": context,
-            "lengths": torch.tensor([r["context"].shape[0] for r in rows], dtype=torch.int64),
-            "rewards": torch.tensor([r["reward"] for r in rows], dtype=torch.float32),
-        }
-    else:  # every video of the shard was skipped: an empty shard still marks it finished
-        tensors = {k: torch.zeros(0) for k in ("latents", "context", "lengths", "rewards")}
-    metadata = {
-        "samples": str(n),
-        "prompts": json.dumps([r["prompt"] for r in rows]),
-        "sources": json.dumps([r["source"] for r in rows]),
-        "skipped": json.dumps(skipped),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def shard_metadata(path):
-    with safe_open(path, "pt") as f:
-        return f.metadata()
-
-
-SKIP_REASONS = ("unreadable", "too_short", "non_finite_reward")
-
-
-def write_index(out, num_shards, num_items):
-    """index.json and report.json from the shard files (so they also cover earlier, resumed runs)."""
-    shards, skipped = [], []
-    for i in range(num_shards):
-        meta = shard_metadata(shard_path(out, i))
-        shards.append({"file": shard_path(out, i).name, "samples": int(meta["samples"])})
-        skipped += json.loads(meta["skipped"])
-    written = sum(s["samples"] for s in shards)
-    (Path(out) / "index.json").write_text(json.dumps({"samples": written, "shards": shards}, indent=1))
-    counts = {reason: sum(s["reason"] == reason for s in skipped) for reason in SKIP_REASONS}
-    report = {"inputs": num_items, "written": written, "skipped": counts, "skipped_files": skipped}
-    (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
-    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +342,8 @@ def entry_item(entry):
 def plan_dataset(out, settings, items, shard_size):
     """-> (record, changed): the shards of the dataset in `out` with the inputs not yet in any shard
     appended as new shards (numbered after the old ones; a function of the folder and the inputs,
-    so every rank computes the same). ValueError for a folder it must not extend: shards but no
-    record, other settings, or a recorded input that changed since."""
+    so every rank computes the same). ValueError for a folder it must not extend: shards or other
+    files but no record, other settings, or a recorded input that changed since."""
     path = Path(out) / RECORD
     if path.exists():
         try:
@@ -414,6 +355,9 @@ def plan_dataset(out, settings, items, shard_size):
         if any(Path(out).glob("shard_*.safetensors")):
             raise ValueError(f"{out} holds shards but no {RECORD} (made by an older prepare_data.py): what they were made "
                              f"from is unknown, so it cannot be extended safely; start a new --out")
+        if Path(out).is_dir() and any(Path(out).iterdir()):
+            raise ValueError(f"--out {out} holds other files and no {RECORD}: it is not a prepare_data.py dataset; "
+                             f"choose an empty or new --out")
         record = {"settings": settings, "shards": []}
     diffs = [f"{SETTING_FLAGS[k]} {settings[k]} (this run) vs {record['settings'].get(k)} (dataset)"
              for k in settings if settings[k] != record["settings"].get(k)]
@@ -425,7 +369,7 @@ def plan_dataset(out, settings, items, shard_size):
             recorded.add(entry_key(entry))
             now = Path(entry["path"])
             if not now.exists():
-                if not shard_path(out, i).exists():
+                if not shards.shard_path(out, i).exists():
                     raise ValueError(f"{now} is gone but shard {i} that holds it is not written yet; restore it or start a new --out")
                 continue
             st = now.stat()
@@ -443,14 +387,8 @@ def plan_dataset(out, settings, items, shard_size):
 
 
 def write_record(out, record):
-    """dataset.json through a temporary file, fsync'ed, renamed: never torn."""
-    path = Path(out) / RECORD
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """dataset.json, atomically: never torn."""
+    runs.write_json(Path(out) / RECORD, record, indent=1)
 
 
 def main(argv=None):
@@ -458,28 +396,30 @@ def main(argv=None):
     reward_fn = rewards.load_reward(args.reward)  # a bad --reward is refused before anything is recorded or loaded
     rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # every rank plans from the same folder and inputs (and so refuses the same way); rank 0 records
-    # the plan before any shard is written, so a crash leaves planned shards that a rerun redoes
+    # every rank plans from the same folder and inputs (and so refuses the same way) before anything
+    # is written; rank 0 records the plan before any shard is written, so a crash leaves planned
+    # shards that a rerun redoes
     record, changed = plan_dataset(out, dataset_settings(args), collect_items(args), args.shard_size)
+    distributed.barrier()  # no rank plans from a folder rank 0 has begun to write
     if rank == 0 and changed:
+        out.mkdir(parents=True, exist_ok=True)
         write_record(out, record)
     distributed.barrier()
     num_shards = len(record["shards"])
     num_items = sum(len(shard) for shard in record["shards"])
     mine = list(range(num_shards))[rank::world]
-    todo = [i for i in mine if not shard_path(out, i).exists()]
+    todo = [i for i in mine if not shards.shard_path(out, i).exists()]
     print(f"[rank {rank}] {num_items} inputs, {num_shards} shards: {len(todo)} to write, {len(mine) - len(todo)} finished before")
     if todo:
         vae, embed = load_models(args, device)
     for i in todo:
         rows, skipped = process_shard([entry_item(e) for e in record["shards"][i]], vae, embed, reward_fn, args, device)
-        write_shard(shard_path(out, i), rows, skipped)
+        shards.write_shard(shards.shard_path(out, i), rows, skipped)
         print(f"[rank {rank}] shard {i}: {len(rows)} samples, {len(skipped)} skipped")
     distributed.barrier()
     report = None
     if rank == 0:
-        report = write_index(out, num_shards, num_items)
+        report = shards.write_index(out, num_shards, num_items)
         print(f"{report['written']} samples in {num_shards} shards; skipped {report['skipped']} (details in {out / 'report.json'})")
     distributed.cleanup()
     return report

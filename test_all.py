@@ -39,6 +39,7 @@ import os
 import subprocess
 from safetensors.torch import load_file
 import prepare_data
+import shards
 import toy
 import train_lrm
 from diffusers.loaders import WanLoraLoaderMixin
@@ -1733,9 +1734,9 @@ def test_data_train_on_shards(tmp_path):
     out.mkdir()
     for i in range(2):  # two shards written the way prepare_data writes them
         part = [{**r, "prompt": f"p{j}", "source": f"s{j}"} for j, r in enumerate(rows[6 * i : 6 * i + 6])]
-        prepare_data.write_shard(prepare_data.shard_path(out, i), part, [])
-    prepare_data.write_index(out, 2, 12)
-    data = train_lrm.ShardRows(out)
+        shards.write_shard(shards.shard_path(out, i), part, [])
+    shards.write_index(out, 2, 12)
+    data = shards.ShardRows(out)
     assert len(data) == 12
     for i in (0, 5, 7, 11):
         assert torch.equal(data[i]["latent"], rows[i]["latent"]) and torch.equal(data[i]["context"], rows[i]["context"])
@@ -2854,7 +2855,7 @@ project = {{"model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "repla
 allowed = {{"lrm_dit": {{"lrm", "model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
 for name in ("model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed",
-             "sample"):
+             "shards", "sample"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]
     before = set(sys.modules)
@@ -3219,15 +3220,54 @@ def _lrm_shards(out, shapes, widths=None, rewards_fn=None):
         rows = [{"latent": torch.randn(16, *shape, generator=g), "context": torch.randn(3, width, generator=g),
                  "reward": rewards_fn(i, j) if rewards_fn else float(j), "prompt": f"p{j}", "source": f"s{i}_{j}"}
                 for j in range(4)]
-        prepare_data.write_shard(prepare_data.shard_path(out, i), rows, [])
-    prepare_data.write_index(out, len(shapes), 4 * len(shapes))
+        shards.write_shard(shards.shard_path(out, i), rows, [])
+    shards.write_index(out, len(shapes), 4 * len(shapes))
     return out
+
+
+def test_shards_copied_alone_round_trip_atomically(tmp_path, monkeypatch):
+    """shards.py works copied alone into an empty folder; a shard, index.json and report.json round
+    trip; a write that fails keeps the previous file and leaves no temporary file."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "shards.py").write_bytes((_DATA_REPO / "shards.py").read_bytes())
+    script = """
+import shards, sys, torch
+rows = [{"latent": torch.full((16, 2, 4, 4), float(j)), "context": torch.ones(j + 1, 8), "reward": 0.5 * j,
+         "prompt": f"p{j}", "source": f"s{j}"} for j in range(3)]
+shards.write_shard(shards.shard_path("d", 0), rows, [{"source": "x", "reason": "too_short", "error": "e"}])
+shards.write_shard(shards.shard_path("d", 1), [], [])
+report = shards.write_index("d", 2, 4)
+assert report["written"] == 3 and report["skipped"] == {"unreadable": 0, "too_short": 1, "non_finite_reward": 0}, report
+data = shards.ShardRows("d")
+assert len(data) == 3 and data[2]["context"].shape == (3, 8) and data[1]["reward"] == 0.5
+assert data.prompts_and_rewards() == (["p0", "p1", "p2"], [0.0, 0.5, 1.0]) and data.sources() == ["s0", "s1", "s2"]
+assert not {m.split(".")[0] for m in sys.modules} & {"prepare_data", "train_lrm", "runs", "lrm", "sample"}
+print("ok")
+"""
+    (alone / "d").mkdir()
+    res = subprocess.run([sys.executable, "-c", script], cwd=alone, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    path = shards.shard_path(tmp_path, 0)
+    shards.write_shard(path, [], [])
+    before = path.read_bytes()
+
+    def torn(tensors, name, metadata=None):
+        Path(name).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shards, "save_file", torn)
+    with pytest.raises(OSError):
+        shards.write_shard(path, [], [{"source": "x", "reason": "unreadable", "error": "e"}])
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
 
 
 def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
     data = _lrm_shards(tmp_path / "d1", [(2, 4, 4), (2, 4, 4), (3, 4, 4)])
     with pytest.raises(ValueError, match=r"shard_00002\.safetensors.*\(16, 3, 4, 4\).*\(16, 2, 4, 4\)"):
         train_lrm.main(_data_train_argv(tmp_path / "r1", "--data", str(data), "--members", "2", "--epochs", "1"))
+    assert not (tmp_path / "r1").exists()  # a run refused for its data writes nothing
     data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
     with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
         train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
@@ -3239,19 +3279,43 @@ def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
         good = (data / name).read_bytes()
         (data / name).write_bytes(good[:40])
         with pytest.raises(ValueError, match=re.escape(str(data / name)) + ": not a"):
-            train_lrm.ShardRows(data)
+            shards.ShardRows(data)
         (data / name).unlink()
         with pytest.raises(FileNotFoundError, match=re.escape(str(data / name if "shard" in name else data)) + ".*(does not exist|no index.json)"):
-            train_lrm.ShardRows(data)
+            shards.ShardRows(data)
         (data / name).write_bytes(good)
-    assert len(train_lrm.ShardRows(data)) > 0
+    assert len(shards.ShardRows(data)) > 0
     for flags, msg in ((["--huber-delta", "nan"], "--huber-delta must be a finite number > 0"),
                        (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be")):
         with pytest.raises(ValueError, match=msg):
             train_lrm.parse_args(flags)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\)"):
-        train_lrm.read_checkpoint(tmp_path / "empty.pt")
+        train_lrm.main(["--out", str(tmp_path / "r"), "--resume", str(tmp_path / "empty.pt")])
+
+
+def test_train_lrm_out_folder_needs_resume_or_overwrite(tmp_path):
+    """A non-empty --out is refused (the old run untouched) unless --resume or --overwrite; --overwrite
+    removes the old run's files (and only those) before the new run writes; args.json records the config."""
+    from typing import get_args, get_type_hints
+    hints = get_type_hints(train_lrm.LRMTrainConfig)
+    assert set(get_args(hints["model"])) == set(lrm.MODEL_KINDS) and set(get_args(hints["config"])) == set(lrm.LRM_CONFIGS)
+    assert set(get_args(hints["loss"])) == set(lrm.OBJECTIVES)
+    out = tmp_path / "run"
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1")
+    train_lrm.main(argv)
+    assert json.loads((out / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(train_lrm.parse_args(argv))))
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"args.json", "metrics.jsonl", "ckpt.pt", "lrm.safetensors"} <= old.keys()
+    with pytest.raises(ValueError, match=r"already holds a run.*--resume.*--overwrite"):
+        train_lrm.main([*argv, "--seed", "1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    with pytest.raises(ValueError, match="give one of them"):
+        train_lrm.parse_args([*argv, "--overwrite", "--resume", str(out / "ckpt.pt")])
+    (out / "notes.txt").write_text("mine")
+    train_lrm.main([*argv, "--overwrite", "--stop-after", "1"])  # stops before the epoch's end: no metrics, no LRM
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.jsonl", "notes.txt"]
+    assert (out / "metrics.jsonl").read_text() == "" and json.loads((out / "args.json").read_text())["stop_after"] == 1
 
 
 def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
@@ -3270,7 +3334,7 @@ def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsy
         train_lrm.main(["--out", str(out), "--data", str(all_nan), "--members", "2", "--epochs", "3", "--max-bad-steps", "2"])
     assert not (out / "lrm.safetensors").exists()
     proc = subprocess.run([sys.executable, "train_lrm.py", "--out", str(out), "--data", str(all_nan), "--members", "2",
-                           "--max-bad-steps", "0"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
+                           "--max-bad-steps", "0", "--overwrite"], cwd=_DATA_REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().startswith("train_lrm.py: error: 1 LRM steps skipped")
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -3280,7 +3344,7 @@ def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_p
     opt = torch.optim.AdamW(model.parameters())
     with torch.no_grad():
         model.head2.bias.fill_(float("nan"))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(RuntimeError, match="NaN or inf"):
         train_lrm.save_checkpoint(tmp_path / "ckpt.pt", model, opt, 3)
     assert not (tmp_path / "ckpt.pt").exists()
     argv = ["--out", str(tmp_path / "run"), "--synthetic", "16", "--members", "2", "--epochs", "1"]
@@ -3292,6 +3356,7 @@ def test_train_lrm_checkpoint_refuses_non_finite_and_resume_names_the_file(tmp_p
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt.*not a train_lrm checkpoint"):
         train_lrm.main([*argv, "--resume", str(tmp_path / "other.pt")])
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def _prepare_sources(out):
@@ -3339,9 +3404,15 @@ def test_prepare_refuses_to_extend_a_dataset_without_a_record(tmp_path):
     (videos / "a.txt").write_text("clip a")
     out = tmp_path / "data"
     out.mkdir()
-    prepare_data.write_shard(prepare_data.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
+    shards.write_shard(shards.shard_path(out, 0), [], [])  # an older folder: shards, no dataset.json
     with pytest.raises(ValueError, match=r"no dataset\.json.*new --out"):
         prepare_data.main(_data_prepare_argv(out, "--videos", str(videos)))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a dataset")
+    with pytest.raises(ValueError, match=r"other files and no dataset\.json"):
+        prepare_data.main(_data_prepare_argv(other, "--videos", str(videos)))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
@@ -3923,10 +3994,10 @@ def test_train_lrm_pairs_from_a_preference_file(tmp_path):
     argv = ["--data", str(data), "--pairs", str(prefs), "--loss", "bt", "--members", "2", "--epochs", "1", "--batch-size", "2",
             "--test-frac", "0.5"]
     metrics = train_lrm.main(_data_train_argv(tmp_path / "run", *argv))
-    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, train_lrm.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
+    held_out = train_lrm.split_pairs(train_lrm.read_preferences(prefs, shards.ShardRows(data)), train_lrm.split(16, 0.5, 0)[1])
     assert metrics["sigma"]["0"].get("pairs", 0) == len(held_out)  # only pairs with both sides held out
     assert lrm.load_lrm(tmp_path / "run" / "lrm.safetensors").cfg.objective == "bt"
-    rows = train_lrm.ShardRows(data)
+    rows = shards.ShardRows(data)
     assert train_lrm.read_preferences(prefs, rows)[0] == (rows.sources().index("s0_0"), rows.sources().index("s1_0"), 1.0)
     prefs.write_text('{"a": "s0_0", "b": "nowhere", "p": 1}\n')
     with pytest.raises(ValueError, match="line 1"):

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import lrm as lrm_lib
 import rewards
+import runs
 import sample
 import text_encoder
 from model_dit import DIT_CONFIGS, DiTConfig, WanDiT
@@ -305,11 +306,7 @@ class TrainingCheckpoint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"step": done, "recipe": self.recipe, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict() if sched is not None else None, "rng": g.get_state()}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        runs.save_torch(self.path, state)
 
 
 def train_vae(cfg: ToyConfig, device="cpu", log=print, ckpt=None, save_every=500) -> WanVAE:
@@ -449,9 +446,7 @@ def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, ca
     path.parent.mkdir(parents=True, exist_ok=True)
     model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True)
     model.zero_grad(set_to_none=True)
-    tmp = path.with_suffix(".tmp")
-    lrm_lib.save_lrm(model, tmp)
-    os.replace(tmp, path)
+    lrm_lib.save_lrm(model, path)  # atomic
     return model
 
 
@@ -462,9 +457,8 @@ def default_cache_dir() -> Path:
 
 
 def _save_atomic(state: dict, path: Path, metadata: dict):
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    runs.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights of the watchable world (train-assets)
@@ -595,9 +589,7 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
         log(f"toy world: bootstrapping the LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {lrm_path}")
         model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log)
         model.zero_grad(set_to_none=True)
-        tmp = lrm_path.with_suffix(".tmp")
-        lrm_lib.save_lrm(model, tmp)
-        os.replace(tmp, lrm_path)
+        lrm_lib.save_lrm(model, lrm_path)  # atomic
     return dit, vae, encoder, tokenizer, model
 
 
@@ -653,7 +645,7 @@ def train_assets(argv=None):
     res = measure_world(dit.cpu(), vae.cpu(), encoder, tokenizer, cfg)
     res.update(vae_seconds=round(t_vae, 1), dit_seconds=round(time.time() - t0 - t_vae, 1), device=args.device,
                recipe=json.loads(recipe(cfg, DIT_RECIPE)))
-    (out / "toy_assets.json").write_text(json.dumps(res, indent=1) + "\n")
+    runs.write_text(out / "toy_assets.json", json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
     return res
 

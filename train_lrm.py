@@ -45,6 +45,11 @@ written atomically every `--save-every` steps and at every epoch end; `--resume 
 continues from it. `--stop-after STEP` exits after that step as a crash would (for testing resume).
 The result is `lrm.safetensors` (`lrm.save_lrm`: atomic, config in the metadata).
 
+The flags are the fields of `LRMTrainConfig` (runs.parse_config); `args.json` records the resolved
+config. A non-empty `--out` is refused unless `--resume` continues its run or `--overwrite` replaces
+it (its run files go, nothing else); nothing is written to `--out` before the flags, the checkpoint,
+the data and the model have been checked.
+
 Nothing non-finite is trained on or written: shards of mixed latent shapes or prompt widths are
 refused before training; a NaN/inf label is left out of its step (counted as "dropped"); a step with
 no finite label or a non-finite loss/gradient is skipped (counted, nothing applied), and past
@@ -58,108 +63,104 @@ final LRM refuse non-finite weights. Held-out metrics leave samples without a fi
 Left out: gradient accumulation (the paper uses none), learning-rate schedules (constant lr).
 """
 
-import argparse
+import dataclasses
 import json
 import math
-import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lrm
 import lrm_dit
 import rewards
 import distributed
+import runs
 import sample
+import shards
 import text_encoder
 import toy
 
+DESCRIPTION = "Huber pretraining of the ensemble latent reward model"
+
+
+@dataclass
+class LRMTrainConfig:
+    """The command line: one flag per field (`--batch-size` for batch_size), the trailing comment its
+    --help (runs.parse_config)."""
+
+    # data
+    data: str | None = None  # folder of prepare_data.py shards (index.json); None: --synthetic
+    synthetic: int = 128  # samples of the in-process synthetic set
+    synthetic_reward: str = "color"  # pixel reward of the synthetic set (toy:calibrated_color spreads the
+        # rewards of one prompt, which pairs need)
+    test_frac: float = 0.2  # held-out share of the samples
+    # model
+    model: Literal["dit", "dollar", "ensemble"] = "ensemble"  # ensemble (VELR), dollar (baseline) or dit (the
+        # generator's first blocks + N heads; --dit-*)
+    config: Literal["default", "tiny"] = "tiny"  # LRM size: default for real latents (text width 4096), tiny for
+        # the toy world
+    members: int = 10  # ensemble size; the Dollar baseline has 1
+    dit_ckpt: str | None = None  # --model dit: the generator whose first blocks are the trunk (anything
+        # model_dit.load_dit reads, or `toy`: the toy world's pretrained generator, built once and cached in
+        # $VELR_CACHE/toy); None: the toy world's tiny DiT with random weights
+    dit_blocks: int | None = None  # --model dit: blocks of the generator kept (None: 8 as PRFL, at most all)
+    dit_trunk: Literal["frozen", "lora"] = "frozen"  # --model dit: frozen trunk, or LoRA adapters on its blocks
+        # trained with the heads
+    dit_dtype: Literal["fp32", "bf16"] = "fp32"  # --model dit: the trunk's weights; bf16 halves its memory and
+        # file (Wan's fp32 islands kept, run under bf16 autocast as the generator is)
+    dit_lora_rank: int = 16  # --model dit --dit-trunk lora: rank, alpha = rank
+    dit_mlp: str | None = None  # --model dit: hidden widths of each head's MLP, comma-separated (None: 1024,512
+        # as PRFL with --dit-ckpt, 64,32 for the toy DiT)
+    # training (paper App. C.1)
+    epochs: int = 3  # passes over the training samples
+    batch_size: int = 4  # per rank and member
+    lr: float = 2e-5  # AdamW learning rate, constant
+    huber_delta: float = 1.0  # the Huber loss's delta
+    seed: int = 0  # initialisation, split, data order and noise
+    # noise awareness and pairs (options; the paper's LRM: neither)
+    loss: Literal["huber", "bt", "thurstone"] = "huber"  # huber: regress the reward (paper Eq. 6); bt:
+        # Bradley-Terry on pairs; thurstone: DiNa-LRM's noise-calibrated Thurstone fidelity loss on pairs
+    pair_margin: float = 0.02  # pairs (same prompt) whose rewards differ by less are near-ties and dropped
+    pairs: str | None = None  # preference file for --loss bt|thurstone: jsonl of {"a": source, "b": source,
+        # "p": P(a preferred)}, sources as prepare_data.py recorded them in --data; None: pairs formed from the labels
+    noise_aware: bool = False  # timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps,
+        # s from the sampler's schedule; the label stays the clean latent's reward
+    clean_prob: float = 0.1  # --noise-aware: share of clean (s = 0) latents
+    sample_steps: int = 50  # --noise-aware: the sampler's steps (toy world: 20)
+    shift: float = 5.0  # --noise-aware: the sampler's shift
+    solver: Literal["unipc", "euler"] = "unipc"  # --noise-aware: the sampler, its sigma grid (toy world: euler)
+    eval_sigmas: str = "0,0.3,0.6,0.9"  # --noise-aware: noise levels of the per-sigma metrics, comma-separated
+    # run
+    out: str = "runs/lrm"  # run folder; a non-empty one needs --resume or --overwrite
+    save_every: int = 100  # steps between checkpoints, also at every epoch end
+    resume: str | None = None  # ckpt.pt to continue from
+    overwrite: bool = False  # replace the run in a non-empty --out (its files go once the data and flags are checked)
+    stop_after: int | None = None  # exit right after this step as a crash would (no export), to test --resume
+    log_every: int = 10  # steps between log lines
+    max_bad_steps: int = 10  # stop with an error once more than this many steps were skipped for non-finite
+        # loss, gradients or labels
+
+
+# Named presets (runs.parse_config): the defaults above are the paper's (VELR App. C.1: batch 4 per
+# rank, lr 2e-5, 3 epochs, 10 members), so `paper` changes nothing. The toy world's sampler
+# (--sample-steps 20 --solver euler) is no preset: a noise-aware run in it passes those flags.
+PRESETS = {"paper": {}}
+
+RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lrm.safetensors", "sync.json")  # what --overwrite removes
+CKPT_KEYS = ("model", "optimizer", "step")
+
+
 # ---------------------------------------------------------------------------------------------
-# Data: rows {"latent", "context" (L, C) without padding, "reward"}
-
-
-class ShardRows:
-    """The samples of prepare_data.py's shards, read one row at a time: a 480p x 81-frame latent
-    is 8 MB, so thousands of them are not loaded into memory."""
-
-    def __init__(self, folder, flag="--data"):
-        path = Path(folder) / "index.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{flag} {folder}: no {path.name}; expected a prepare_data.py dataset folder")
-        try:
-            shards = [(Path(folder) / s["file"], int(s["samples"])) for s in json.loads(path.read_text())["shards"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a prepare_data.py index ({type(err).__name__}: {err})") from None
-        self.rows = [(file, r) for file, n in shards for r in range(n)]
-        check_shards([file for file, n in shards if n])
-
-    def __len__(self):
-        return len(self.rows)
-
-    def sources(self) -> list[str]:
-        """Every row's source (the video or latent file prepare_data.py read it from)."""
-        out, seen = [], {}
-        for path, r in self.rows:
-            if path not in seen:
-                with safe_open(path, "pt") as f:
-                    seen[path] = json.loads(f.metadata()["sources"])
-            out.append(seen[path][r])
-        return out
-
-    def prompts_and_rewards(self) -> tuple[list[str], list[float]]:
-        """Every row's prompt and reward from the shards' metadata and reward tensors (no latents read)."""
-        prompts, labels, seen = [], [], {}
-        for path, r in self.rows:
-            if path not in seen:
-                with safe_open(path, "pt") as f:
-                    seen[path] = (json.loads(f.metadata()["prompts"]), f.get_tensor("rewards").tolist())
-            prompts.append(seen[path][0][r])
-            labels.append(seen[path][1][r])
-        return prompts, labels
-
-    def __getitem__(self, i):
-        path, r = self.rows[i]
-        with safe_open(path, "pt") as f:
-            length = int(f.get_slice("lengths")[r : r + 1][0])
-            return {
-                "latent": f.get_slice("latents")[r : r + 1][0],
-                "context": f.get_slice("context")[r : r + 1, :length][0],
-                "reward": float(f.get_slice("rewards")[r : r + 1][0]),
-            }
+# Data: rows {"latent", "context" (L, C) without padding, "reward"} (shards.ShardRows or synthetic)
 
 
 class TooManyBadSteps(RuntimeError):
     """More steps were skipped for non-finite labels, loss or gradients than --max-bad-steps allows."""
-
-
-def check_shards(paths):
-    """Every shard holds latents of one shape and prompt embeddings of one width (a dataset extended
-    with other --size/--frames or another text encoder would otherwise fail mid-training): a
-    ValueError naming the odd shard and its shape, read from the headers only."""
-    first = None
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in index.json does not exist")
-        try:
-            with safe_open(path, "pt") as f:
-                latent = tuple(f.get_slice("latents").get_shape()[1:])
-                width = f.get_slice("context").get_shape()[-1]
-        except Exception as err:  # safetensors raises its own error types for torn files and missing keys
-            raise ValueError(f"{path}: not a readable prepare_data.py shard (truncated or corrupt?): "
-                             f"{type(err).__name__}: {err}") from None
-        if first is None:
-            first = (path, latent, width)
-        elif latent != first[1]:
-            raise ValueError(f"{path} has latents of shape {latent}, {first[0].name} has {first[1]}: "
-                             f"the shards were made with different --size/--frames; use one setting per dataset")
-        elif width != first[2]:
-            raise ValueError(f"{path} has prompt embeddings of width {width}, {first[0].name} has width {first[2]}: "
-                             f"the shards were made with different text encoders")
 
 
 @torch.no_grad()
@@ -435,39 +436,15 @@ def table(metrics):
 
 
 def save_checkpoint(path, model, optimizer, step):
-    """Atomic: a temporary file renamed over the old one, so a kill never leaves half a checkpoint.
-    Nothing else is needed to resume exactly: every member's data order is a function of
-    (seed, member, epoch) and the step says where in it to continue."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"refusing to write {path}: {len(bad)} weight tensors hold non-finite values (first: {bad[0]})")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomic, and refused for non-finite weights (runs.write_checkpoint). Nothing else is needed to
+    resume exactly: every member's data order is a function of (seed, member, epoch) and the step
+    says where in it to continue."""
+    weights = model.state_dict()
+    runs.write_checkpoint(path, {"model": weights, "optimizer": optimizer.state_dict(), "step": step}, weights, step)
 
 
-def read_checkpoint(path):
-    """A save_checkpoint file -> its state dict; a missing, torn or foreign file is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file (0 bytes); expected a train_lrm ckpt.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises several types for truncated and corrupt files
-        raise ValueError(f"{path}: not a readable train_lrm checkpoint (truncated or corrupt?): {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a train_lrm checkpoint: expected the keys model, optimizer, step, got {keys}")
-    return state
-
-
-def load_checkpoint(path, model, optimizer):
-    state = read_checkpoint(path)
+def load_checkpoint(state, path, model, optimizer):
+    """A checkpoint read by runs.read_checkpoint into the model and optimiser -> its step."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -480,75 +457,15 @@ def load_checkpoint(path, model, optimizer):
 # Main
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Huber pretraining of the ensemble latent reward model")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="folder of prepare_data.py shards (index.json); default: --synthetic")
-    g.add_argument("--synthetic", type=int, default=128, help="samples of the in-process synthetic set (default 128)")
-    g.add_argument("--synthetic-reward", default="color",
-                   help="pixel reward of the synthetic set (default color; toy:calibrated_color spreads the rewards "
-                        "of one prompt, which pairs need)")
-    g.add_argument("--test-frac", type=float, default=0.2, help="held-out share of the samples (default 0.2)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(lrm.MODEL_KINDS), default="ensemble",
-                   help="ensemble (VELR), dollar (baseline) or dit (the generator's first blocks + N heads; --dit-*) "
-                        "(default ensemble)")
-    g.add_argument("--config", choices=sorted(lrm.LRM_CONFIGS), default="tiny",
-                   help="LRM size: default for real latents (text width 4096), tiny for the toy world (default tiny)")
-    g.add_argument("--members", type=int, default=10, help="ensemble size; the Dollar baseline has 1 (default 10)")
-    g.add_argument("--dit-ckpt", metavar="PATH",
-                   help="--model dit: the generator whose first blocks are the trunk (anything model_dit.load_dit "
-                        "reads, or `toy`: the toy world's pretrained generator, built once and cached in "
-                        "$VELR_CACHE/toy); default: the toy world's tiny DiT with random weights")
-    g.add_argument("--dit-blocks", type=int, help="--model dit: blocks of the generator kept (default 8 as PRFL, at most all)")
-    g.add_argument("--dit-trunk", choices=lrm_dit.TRUNKS, default="frozen",
-                   help="--model dit: frozen trunk, or LoRA adapters on its blocks trained with the heads (default frozen)")
-    g.add_argument("--dit-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="--model dit: the trunk's weights; bf16 halves its memory and file (Wan's fp32 islands kept, "
-                        "run under bf16 autocast as the generator is) (default fp32)")
-    g.add_argument("--dit-lora-rank", type=int, default=16, help="--model dit --dit-trunk lora: rank, alpha = rank (default 16)")
-    g.add_argument("--dit-mlp", help="--model dit: hidden widths of each head's MLP, comma-separated (default 1024,512 "
-                                     "as PRFL with --dit-ckpt, 64,32 for the toy DiT)")
-    g = p.add_argument_group("training (paper App. C.1)")
-    g.add_argument("--epochs", type=int, default=3, help="default 3")
-    g.add_argument("--batch-size", type=int, default=4, help="per rank and member (default 4)")
-    g.add_argument("--lr", type=float, default=2e-5, help="default 2e-5")
-    g.add_argument("--huber-delta", type=float, default=1.0, help="default 1.0")
-    g.add_argument("--seed", type=int, default=0, help="default 0")
-    g = p.add_argument_group("noise awareness and pairs (options; the paper's LRM: neither)")
-    g.add_argument("--loss", choices=("huber",) + tuple(o for o in lrm.OBJECTIVES if o != "huber"), default="huber",
-                   help="huber: regress the reward (paper Eq. 6); bt: Bradley-Terry on pairs; thurstone: DiNa-LRM's "
-                        "noise-calibrated Thurstone fidelity loss on pairs (default huber)")
-    g.add_argument("--pair-margin", type=float, default=0.02,
-                   help="pairs (same prompt) whose rewards differ by less are near-ties and dropped (default 0.02)")
-    g.add_argument("--pairs", metavar="FILE",
-                   help="preference file for --loss bt|thurstone: jsonl of {\"a\": source, \"b\": source, \"p\": P(a "
-                        "preferred)}, sources as prepare_data.py recorded them in --data; default: pairs formed from "
-                        "the labels")
-    g.add_argument("--noise-aware", action="store_true",
-                   help="timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps, s from the "
-                        "sampler's schedule; the label stays the clean latent's reward")
-    g.add_argument("--clean-prob", type=float, default=0.1, help="--noise-aware: share of clean (s = 0) latents (default 0.1)")
-    g.add_argument("--sample-steps", type=int, default=50, help="--noise-aware: the sampler's steps (default 50; toy world 20)")
-    g.add_argument("--shift", type=float, default=5.0, help="--noise-aware: the sampler's shift (default 5.0)")
-    g.add_argument("--solver", choices=("unipc", "euler"), default="unipc",
-                   help="--noise-aware: the sampler (its sigma grid; default unipc; toy world euler)")
-    g.add_argument("--eval-sigmas", default="0,0.3,0.6,0.9",
-                   help="--noise-aware: noise levels of the per-sigma metrics (default 0,0.3,0.6,0.9)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/lrm", help="run folder (default runs/lrm)")
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints, also at every epoch end (default 100)")
-    g.add_argument("--resume", metavar="PATH", help="ckpt.pt to continue from")
-    g.add_argument("--stop-after", type=int, metavar="STEP",
-                   help="exit right after this step as a crash would (no export), to test --resume")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines (default 10)")
-    g.add_argument("--max-bad-steps", type=int, default=10, metavar="N",
-                   help="stop with an error once more than N steps were skipped for non-finite loss, gradients or labels (default 10)")
-    args = p.parse_args(argv)
+def parse_args(argv=None) -> LRMTrainConfig:
+    """The command line -> the checked config (eval_sigmas as a list of floats, dit_mlp as a tuple)."""
+    args, _ = runs.parse_config(LRMTrainConfig, argv, DESCRIPTION, PRESETS, lambda given: ["paper"])
     if args.max_bad_steps < 0:
         raise ValueError(f"max-bad-steps must be >= 0, got {args.max_bad_steps}")
     if args.resume and not Path(args.resume).is_file():
         raise FileNotFoundError(f"--resume {args.resume} does not exist (or is not a file)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.members < 1 or args.batch_size < 1 or args.epochs < 1:
         raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
     if not 0 < args.test_frac < 1:
@@ -606,11 +523,12 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distributed.setup_distributed()
     out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    # nothing is written to --out before the folder, the checkpoint, the data and the model pass
+    # their checks (a failed start leaves a fresh --out empty and an old run as it was)
+    runs.check_out_dir(out, args.resume, args.overwrite)
+    resumed = runs.read_checkpoint(args.resume, CKPT_KEYS, "train_lrm") if args.resume else None
 
-    data = ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
+    data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
     cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss)
     members = 1 if args.model == "dollar" else args.members
@@ -623,7 +541,8 @@ def main(argv=None):
         model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed)
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = load_checkpoint(args.resume, model, optimizer) if args.resume else 0
+    step = load_checkpoint(resumed, args.resume, model, optimizer) if args.resume else 0
+    del resumed  # its tensors are in the model and the optimiser now
     ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients
     amp_dtype, amp = sample.dtypes(device)["amp"], sample.autocast(device)
 
@@ -637,6 +556,13 @@ def main(argv=None):
     if per_epoch == 0:
         what = "samples" if args.loss == "huber" else f"pairs (same prompt, --pair-margin {args.pair_margin})"
         raise ValueError(f"{len(units)} training {what} make no batch of {args.batch_size} x {world} ranks")
+    distributed.barrier()  # every rank has passed its checks: the run's files can be written
+    if rank == 0:
+        if args.overwrite:
+            runs.clear_run(out, RUN_FILES)
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_json(out / "args.json", dataclasses.asdict(args), indent=1)
+        runs.open_metrics(out / "metrics.jsonl", step).close()  # resumed: the lines past the checkpoint go
     total = args.epochs * per_epoch
     stop = min(total, args.stop_after or total)
     metrics, t0 = None, time.time()
@@ -701,7 +627,7 @@ def main(argv=None):
         diff = distributed.max_rank_difference(model.parameters())
         if rank == 0:
             print(f"weights across {world} ranks: max difference {diff}")
-            (out / "sync.json").write_text(json.dumps({"world": world, "max_diff": diff}))
+            runs.write_json(out / "sync.json", {"world": world, "max_diff": diff}, indent=None)
         if diff != 0.0:
             raise RuntimeError(f"ranks ended with different weights (max difference {diff})")
     if rank == 0 and step == total:

@@ -1,42 +1,16 @@
-"""Latent dataset for pretraining the latent reward model (VELR paper §4.1, App. C.1).
+"""The latent dataset the LRM pretrains on (VELR §4.1, App. C.1): for each clip, the Wan VAE latent,
+the prompt's UMT5 embedding and the target R(Dec(z), prompt), the pixel reward of the *decoded*
+latent, because that is what the LRM is compared against during ReFL (Eq. 6).
 
-Turns videos + prompts into what the LRM trains on: the Wan VAE latent of a clip, the prompt's
-UMT5 embedding, and the target `R(Dec(z), prompt)`: the pixel reward of the *decoded* latent,
-because that is what the LRM will be compared against during ReFL (VELR §4.1, Eq. 6).
+Sources, any mix: `--manifest` (jsonl or csv of video, prompt[, reward]), `--videos DIR` (mp4 +
+same-name .txt caption), `--latents DIR` (`sample.py --save-latents`, generated data). A video is
+read with imageio at `--fps`, resized and centre-cropped to `--size`, encoded, decoded and scored
+by `--reward`. Unreadable or too-short videos and non-finite rewards are skipped and counted in
+`report.json`. The output is shards.py's format; `dataset.json` records the settings and each
+shard's inputs, so a rerun finishes missing shards and appends new inputs, never duplicating one,
+and refuses other settings (`plan_dataset`). Under torchrun rank r writes shards r, r+W, ...
+Without checkpoints the tiny presets run with random weights (tests, offline demo).
 
-Sources (any mix):
-- `--manifest FILE`: jsonl (one `{"video": ..., "prompt": ..., "reward": ...}` per line) or csv
-  with the columns `video,prompt[,reward]`; relative paths are relative to the manifest.
-- `--videos DIR`: every `*.mp4` with a caption in the same-name `.txt` next to it.
-- `--latents DIR`: latents written by `sample.py --save-latents` (generated data; the paper adds
-  ~500 of them); they skip the video reading and the encoder.
-
-Each video: read with imageio (ffmpeg), `--frames` (4k+1) frames picked by index at `--fps` from
-the source's own fps, shorter side resized and centre-cropped to `--size WxH`, scaled to [-1, 1],
-VAE-encoded (posterior mean), decoded again and scored with `--reward` (`--keep-reward` keeps a
-manifest's precomputed reward instead). Prompts go through the on-disk PromptCache.
-Unreadable and too-short videos, and samples whose reward is NaN or inf (never stored as a label),
-are skipped, counted and listed in `report.json`; a shard whose inputs all fail is a shard of zero
-samples.
-
-Output in `--out`, in the format of shards.py: `shard_00000.safetensors`, ... (latents, prompt
-embeddings, their lengths, rewards; the prompts, sources and skipped inputs in the metadata), plus
-`index.json` and `report.json` built from the shard files. A shard is written atomically, so one
-that exists is finished: re-running skips it. Under torchrun rank r does shards r, r+W, ...
-
-`dataset.json` records what the dataset is made from: the settings that define the data (size,
-frames, fps, reward, keep-reward, models) and, per shard, its inputs with their path, size and
-mtime. It is written (atomically, by rank 0) before any shard, so a rerun knows the plan: it
-redoes planned shards whose file is missing, puts inputs that are in no shard yet into new shards
-numbered after the old ones (nothing is duplicated or dropped), and refuses other settings, a
-recorded input that changed since, and a folder with shards or other files but no record. Nothing
-is written to `--out` before these checks.
-
-Without `--ckpt-dir/--vae/--text-encoder` the tiny presets are used with *random* weights
-(seeded): that is for tests and the offline demo, the latents mean nothing.
-
-    python prepare_data.py --videos clips/ --out data/lrm --ckpt-dir Wan2.1-T2V-1.3B \\
-        --size 832x480 --frames 81 --fps 16 --reward my_rm:score
     torchrun --nproc_per_node=8 prepare_data.py --manifest videos.jsonl --out data/lrm \\
         --ckpt-dir Wan2.1-T2V-1.3B --size 832x480 --frames 81 --fps 16 --reward my_rm:score
 

@@ -1,63 +1,18 @@
-"""Offline Huber pretraining of the ensemble latent reward model (VELR paper §4.1, Eq. 6, App. C.1).
+"""Offline pretraining of the latent reward model (VELR §4.1, Eq. 6, App. C.1): it regresses the
+pixel reward of the decoded latent, R(Dec(z), prompt), from the latent and the prompt embedding
+with the Huber loss. Every member walks its own shuffled order of each epoch, so the members stay
+diverse beyond their own initialisations. Paper defaults: batch 4 per rank, lr 2e-5, ~3 epochs,
+10 members, bf16. After every epoch: MSE and Pearson on train and held-out samples per member and
+for the ensemble mean (the layout of the paper's Table 3), in `metrics.jsonl`.
 
-Regresses the pixel reward of the decoded latent, `R(Dec(z), prompt)`, from the latent and the
-prompt embedding with the Huber loss. Every member of the ensemble walks its own shuffled order
-of each epoch (its own minibatches, `lrm.lrm_update`'s per-member layout), so the members stay
-diverse beyond their independent initialisations; member 0 walks the order a single model gets.
-(Bootstrap resampling of one shared batch of 4 fitted worse: lrm.py's header has the numbers.)
-Paper defaults: batch 4 per rank, lr 2e-5 (Wan 2.1), about 3 epochs, 10 members, bf16.
+Data: prepare_data.py's shards (`--data`, shards.py), or a small synthetic set built in-process.
+Options beside the paper: `--model dollar` (the Dollar baseline), `--model dit` (the generator's
+first blocks + heads, PRFL's design, arXiv 2511.21541; lrm_dit.py), `--noise-aware` (DiNa-LRM's
+timestep-conditioned LRM on re-noised latents, arXiv 2602.11146), `--loss bt|thurstone` (pairs
+of one prompt, or `--pairs FILE`), with per-noise-level metrics. The flags are the fields of
+`LRMTrainConfig`. DDP over ranks; `--resume` continues bit for bit; files are written through runs.py.
 
-Data: the shards of `prepare_data.py` (`--data DIR`), or with no `--data` a small synthetic set
-built in-process (`--synthetic N`): procedural toy videos encoded by the tiny VAE with *random*
-weights, prompts by the tiny random UMT5, labelled with a built-in pixel reward of the decoded
-latent. It runs offline with no files, which is what the tests and the default run use.
-
-A seeded share `--test-frac` of the samples is held out. After every epoch: MSE and Pearson
-correlation on train and test for every member and for the ensemble mean, printed in the layout
-of the paper's Table 3 and appended to `metrics.jsonl`. `--model dollar` trains the Dollar
-baseline instead (same loss, same data). `--model dit` trains a DiT-backbone LRM (lrm_dit.DiTRewardModel,
-PRFL's design, arXiv 2511.21541): the first --dit-blocks blocks of the generator --dit-ckpt (`toy`:
-the toy world's pretrained generator; none: its tiny DiT with seeded random weights) as a frozen or LoRA-trained trunk
-(--dit-trunk), --members pooling + MLP heads on it; noise-aware by construction, every loss applies.
-
-Options beside the paper (its defaults are unchanged):
-  --noise-aware   a timestep-conditioned LRM (lrm.py) trained on re-noised latents
-                  z_sigma = (1 - sigma) z0 + sigma eps, sigma uniform over the sampler's shifted schedule
-                  (--sample-steps/--shift/--solver, sample.get_sigmas) and 0 with --clean-prob; the label
-                  is the clean latent's reward (PRFL, arXiv 2511.21541; LPO, arXiv 2502.01051). Levels and
-                  noise are a function of (seed, step, rank), so --resume stays exact.
-  --loss bt|thurstone   pairwise training on pairs of training samples with the same prompt whose
-                  rewards differ by at least --pair-margin (near-ties dropped), target p = 1 for the
-                  higher reward; each member walks its own shuffled order of the pairs. bt: Bradley-Terry
-                  -log sigmoid(s_a - s_b); thurstone: DiNa-LRM's (arXiv 2602.11146) noise-calibrated
-                  P = Phi((s_a - s_b) / sqrt(2 v(sigma))), v = 2 sigma^2 + 0.05, fidelity loss.
-  With either, every epoch also reports per noise level (--eval-sigmas, each held-out latent with
-  its own fixed noise; PRFL's per-timestep table): held-out MSE / Pearson of the ensemble mean,
-  pairwise accuracy on held-out same-prompt pairs and the expected calibration error of P(a > b)
-  ("sigma" in metrics.jsonl). `--pairs FILE` takes the pairs from a preference file instead: jsonl
-  of {"a": source, "b": source, "p": P(a preferred)}, the two videos (or latents) put through
-  prepare_data.py into --data; pairs across the train/test split are used by neither.
-
-Multi-GPU: plain DDP, each rank its own slice of every batch order, gradients all-reduced; at
-the end the ranks' weights are compared (they must be identical). bf16 autocast on GPU.
-`ckpt.pt` (model, optimiser, step, RNG; the data order is a function of seed and epoch) is
-written atomically every `--save-every` steps and at every epoch end; `--resume OUT/ckpt.pt`
-continues from it. `--stop-after STEP` exits after that step as a crash would (for testing resume).
-The result is `lrm.safetensors` (`lrm.save_lrm`: atomic, config in the metadata).
-
-The flags are the fields of `LRMTrainConfig` (runs.parse_config); `args.json` records the resolved
-config. A non-empty `--out` is refused unless `--resume` continues its run or `--overwrite` replaces
-it (its run files go, nothing else); nothing is written to `--out` before the flags, the checkpoint,
-the data and the model have been checked.
-
-Nothing non-finite is trained on or written: shards of mixed latent shapes or prompt widths are
-refused before training; a NaN/inf label is left out of its step (counted as "dropped"); a step with
-no finite label or a non-finite loss/gradient is skipped (counted, nothing applied), and past
-`--max-bad-steps` skipped steps the run stops with an error naming the cause; checkpoints and the
-final LRM refuse non-finite weights. Held-out metrics leave samples without a finite label out.
-
-    python train_lrm.py                                      # tiny synthetic run, CPU, ~1 min
-    python train_lrm.py --data data/lrm --config default --out runs/lrm
+    python train_lrm.py                                      # tiny synthetic run, CPU
     torchrun --nproc_per_node=8 train_lrm.py --data data/lrm --config default --out runs/lrm
 
 Left out: gradient accumulation (the paper uses none), learning-rate schedules (constant lr).

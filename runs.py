@@ -146,8 +146,8 @@ def check_resume(saved: dict, current: dict, path):
 # ----------------------------------------------------------------------------- config -> command line
 
 def _field_comments(cls) -> tuple[dict, dict]:
-    """From the class source: {field: its trailing comment (continued on the comment lines below
-    it that are indented past the field)} and {field: the standalone comment line heading its group}."""
+    """From the class source: {field: its trailing comment, continued on the comment lines right below
+    it whose text is indented ("#     more")} and {field: the standalone comment heading its group}."""
     lines = inspect.getsource(cls).splitlines()
     comments = {tok.start[0] - 1: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline)
@@ -161,7 +161,7 @@ def _field_comments(cls) -> tuple[dict, dict]:
             groups[last] = title
             helps[last] = comments.get(i, "")
         elif line.strip().startswith("#") and i in comments:
-            if last is not None and indent > 4:
+            if last is not None and (indent > 4 or re.match(r"#\s{2,}", line.strip())):  # continues the field's help
                 helps[last] = (helps[last] + " " + comments[i]).strip()
             else:
                 title, last = comments[i], None

@@ -43,6 +43,7 @@ import prepare_data
 import refl
 import replay
 import rewards
+import runs
 import sample
 import shards
 import text_encoder
@@ -3774,6 +3775,50 @@ def test_refl_noise_ensemble_scores_z0_at_fixed_levels(refl_cache, tmp_path):
         plain = s.r.lrm(out["z0"], context, lengths)
     torch.testing.assert_close(out["members"], expect)
     assert not torch.allclose(out["members"], plain)
+
+
+def test_config_dataclass_is_the_command_line(tmp_path):
+    """runs.parse_config: a field's trailing comment (and its indented continuation) is its --help, a
+    standalone comment heads a group, Literal gives choices, a preset value may be a function of the
+    config so far, and a flag given on the command line wins over every preset."""
+    import textwrap
+    src = textwrap.dedent('''
+        import dataclasses
+        from typing import Literal
+
+        @dataclasses.dataclass
+        class Cfg:
+            # sampler
+            steps: int = 50  # sampler steps
+            mode: Literal["a", "b"] = "a"  # which mode
+            #                                 continued here
+            # run
+            last: int = 0  # last step
+            flag: bool = False  # a switch
+            pair: tuple[float, float] = (0.1, 0.2)  # two numbers
+    ''')
+    folder = tmp_path  # inspect reads the class's source, so it lives in a file
+    path = folder / "cfg_under_test.py"
+    path.write_text(src)
+    sys.path.insert(0, str(folder))
+    try:
+        import cfg_under_test
+        presets = {"toy": {"steps": 20, "last": lambda c: c.steps - 2}}
+        text = runs.build_parser(cfg_under_test.Cfg, "d", presets).format_help()
+        assert "sampler:" in text and "run:" in text and "which mode continued here" in text
+        assert "(default 50; toy 20)" in text and "{a,b}" in text
+        c, names = runs.parse_config(cfg_under_test.Cfg, [], "d", presets, lambda given: ["toy"])
+        assert (c.steps, c.last, c.flag, names) == (20, 18, False, ["toy"])
+        c, _ = runs.parse_config(cfg_under_test.Cfg, ["--steps", "8", "--flag", "--pair", "1", "2"], "d", presets,
+                                 lambda given: ["toy"])
+        assert (c.steps, c.last, c.flag, list(c.pair)) == (8, 6, True, [1.0, 2.0])  # the given flag wins, the preset follows it
+        c, _ = runs.parse_config(cfg_under_test.Cfg, ["--last", "3"], "d", presets, lambda given: ["toy"])
+        assert c.last == 3
+        with pytest.raises(SystemExit):
+            runs.parse_config(cfg_under_test.Cfg, ["--mode", "c"], "d", presets, lambda given: [])
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("cfg_under_test", None)
 
 
 # ==================================================================================================

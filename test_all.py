@@ -3932,6 +3932,18 @@ def test_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
     assert "kept no preference pair in 10 steps" in printed and "(range " in printed
 
 
+def test_lpo_and_refl_checkpoints_do_not_resume_each_other(tmp_path):
+    """A checkpoint records its trainer's mode: train_lpo.py refuses a train_refl.py run and back."""
+    lpo_c, refl_c = train_lpo.parse_args(["--out", str(tmp_path)]), train_refl.parse_args(["--out", str(tmp_path)])
+    lpo_run = {k: getattr(lpo_c, k) for k in train_lpo.RUN_KEYS}
+    refl_run = {k: getattr(refl_c, k) for k in train_refl.RUN_KEYS}
+    assert lpo_run["mode"] == "lpo" and refl_run["mode"] == "velr"
+    with pytest.raises(ValueError, match="--mode 'velr' -> 'lpo'"):
+        runs.check_resume(refl_run, lpo_run, "ckpt.pt")
+    with pytest.raises(ValueError, match="--mode 'lpo' -> 'velr'"):
+        runs.check_resume(lpo_run, refl_run, "ckpt.pt")
+
+
 # ==================================================================================================
 # The toy worlds
 # ==================================================================================================

@@ -52,8 +52,13 @@ class LPOConfig(refl.RunConfig):
     lpo_temp: float = 1.0  # temperature of that softmax over the candidates' LRM scores (LPO: 1, logit-scale scores)
     out: str = "runs/lpo"  # run folder
 
+    @property
+    def mode(self) -> str:
+        """In a checkpoint's settings: a train_refl.py checkpoint (mode velr, pixel, ...) is not an LPO run."""
+        return "lpo"
 
-RUN_KEYS = refl.RUN_KEYS + ("lpo_k", "lpo_eta", "dpo_beta", "lpo_threshold", "lpo_temp")
+
+RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("lpo_k", "lpo_eta", "dpo_beta", "lpo_threshold", "lpo_temp")
 
 
 def parse_args(argv=None) -> LPOConfig:

@@ -118,6 +118,15 @@ def save_lora(dit: nn.Module, path, metadata: dict | None = None):
     os.replace(tmp, path)
 
 
+def _check_finite(path, state: dict) -> dict:
+    """One pass over the loaded tensors: a weight file holding NaN or inf is refused, naming the first."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
+                             f"re-download it)")
+    return state
+
+
 def read_lora(path) -> dict:
     """A community-format Wan LoRA file -> {"<module>": {"down", "up", "alpha"}} (alpha: a float,
     the rank when the file has none). Keys may carry the `diffusion_model.` prefix or not."""
@@ -128,6 +137,7 @@ def read_lora(path) -> dict:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors LoRA file (truncated or corrupt?): {e}") from None
+    _check_finite(path, state)
     groups = {}
     for key, value in state.items():
         name = key.removeprefix(PREFIX)

@@ -767,6 +767,15 @@ def save_lrm(model: nn.Module, path):
         tmp.unlink(missing_ok=True)
 
 
+def _check_finite(path, state: dict) -> dict:
+    """One pass over the loaded tensors: a weight file holding NaN or inf is refused, naming the first."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
+                             f"re-download it)")
+    return state
+
+
 def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:
     """The one reader of this file: a save_lrm .safetensors -> (kind, member count, config from the
     metadata, name -> tensor on device). The metadata is checked before any tensor is read. Every way
@@ -781,9 +790,10 @@ def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:
     try:
         with safe_open(str(path), "pt", device=str(device)) as f:
             kind, n, cfg = _config_of(path, f.metadata() or {})
-            return kind, n, cfg, {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}; {expected}") from err
+    return kind, n, cfg, _check_finite(path, state)
 
 
 def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:

@@ -489,6 +489,15 @@ def _state_dict_of(obj, file: Path) -> dict:
     return obj
 
 
+def _check_finite(path, state: dict) -> dict:
+    """One pass over the loaded tensors: a weight file holding NaN or inf is refused, naming the first."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
+                             f"re-download it)")
+    return state
+
+
 def _read(file: Path, skip=None):
     """The one reader of this file: a .json -> its parsed contents; a .safetensors or .pth/.pt (weights
     only, never pickled code; memory-mapped when it is a zip) -> name -> tensor, without the names
@@ -508,16 +517,17 @@ def _read(file: Path, skip=None):
     if file.suffix == ".safetensors":
         try:
             with safe_open(str(file), "pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if skip is None or not skip(k)}
+                state = {k: f.get_tensor(k) for k in f.keys() if skip is None or not skip(k)}
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+        return _check_finite(file, state)
     try:  # mmap needs the zip format of torch.save; older pickles are read whole
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
         raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
                          f"tensors?): {type(err).__name__}: {err}") from err
     sd = _state_dict_of(obj, file)
-    return sd if skip is None else {k: v for k, v in sd.items() if not skip(k)}
+    return _check_finite(file, sd if skip is None else {k: v for k, v in sd.items() if not skip(k)})
 
 
 def _config_from_json(d: dict) -> dict:

@@ -107,6 +107,9 @@ class RunConfig:
     sp_size: int = 1  # Ulysses sequence parallelism: ranks that split each sample's tokens (1: off)
     seed: int = 0  # seed
     stop_after: int | None = None  # exit right after this step as a crash would (to test --resume)
+    allow_changed: str | None = None  # --resume: run-defining settings that may differ from the checkpoint's,
+    #                                    comma-separated flag names (dashes optional: guidance,align-lr); each
+    #                                    change is recorded in metrics.jsonl as {"step", "changed": {key: [old, new]}}
 
     @property
     def toy(self) -> bool:
@@ -127,7 +130,9 @@ class RunConfig:
 
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
-            "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size")
+            "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
+            "reward", "guidance", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every", "align_rounds",
+            "align_lr", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
 # generator was trained and its LRM bootstrapped with).
@@ -540,10 +545,11 @@ class Run:
             self.data_rank, self.data_world = self.rank // c.sp_size, self.world // c.sp_size
         self.out = Path(c.out)
         runs.check_out_dir(self.out, c.resume, c.overwrite)
-        self.resume_state = None
+        self.resume_state, self.changed = None, {}
+        allowed = runs.allowed_changes(c.allow_changed, settings)
         if c.resume:
             self.resume_state = read_checkpoint(c.resume)
-            runs.check_resume(self.resume_state.get("run") or {}, self.run_settings(), c.resume)
+            self.changed = runs.check_resume(self.resume_state.get("run") or {}, self.run_settings(), c.resume, allowed)
             if self.resume_state["step"] > c.steps:
                 raise ValueError(f"{c.resume} is at step {self.resume_state['step']}, past --steps {c.steps}; "
                                  f"give --steps >= {self.resume_state['step']}")
@@ -616,6 +622,10 @@ class Run:
         self.before = self.history[0]["true_reward"]
         self.log(f"eval step 0 | true reward {self.before:.4f} ({len(self.pairs)} fixed prompt/seed pairs)")
         self.metrics = runs.open_metrics(self.out / "metrics.jsonl", start) if self.rank == 0 else None
+        if self.metrics is not None:
+            runs.record_changes(self.metrics, start, self.changed)
+            for k, (old, new) in self.changed.items():
+                self.log(f"--{k.replace('_', '-')} changed on resume: {old!r} -> {new!r}")
         self.t_run, self.first = time.time(), start
         return start
 

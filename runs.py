@@ -85,7 +85,8 @@ def clear_run(out_dir, names):
 
 def open_metrics(path, start: int, key: str = "step"):
     """metrics.jsonl for appending: emptied for a new run (start 0); on resume the lines after the
-    checkpoint's `start` (which are redone) are dropped, and so is a line a kill tore in half."""
+    checkpoint's `start` (which are redone) are dropped, and so is a line a kill tore in half, and so
+    is a `record_changes` line at `start` (the resume that wrote it is redone, and records its own)."""
     path = Path(path)
     kept = []
     for line in path.read_text().splitlines() if start and path.exists() else []:
@@ -94,8 +95,8 @@ def open_metrics(path, start: int, key: str = "step"):
         except json.JSONDecodeError:
             print(f"{path}: dropped a torn line ({len(line)} characters)")
             continue
-        if record[key] <= start:
-            kept.append(line + "\n")
+        if record[key] < start or (record[key] == start and "changed" not in record):
+            kept.append(line + "\n")  # a "changed" line of the resume step is written again by this resume
     write_text(path, "".join(kept))
     return open(path, "a")
 
@@ -134,13 +135,35 @@ def write_checkpoint(path, state: dict, weights: dict, step: int):
                            f"{path} still holds the previous one") from None
 
 
-def check_resume(saved: dict, current: dict, path):
-    """Refuse a checkpoint written under other run-defining settings, naming each difference."""
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in current
-               if k in saved and saved[k] != current[k]]
+def allowed_changes(text: str | None, keys) -> set:
+    """--allow-changed "guidance,--align-lr" -> {"guidance", "align_lr"}: the run-defining settings
+    (`keys`) a resume may change on purpose; a name that is not one of them is an error."""
+    names = {n.strip().lstrip("-").replace("-", "_") for n in (text or "").split(",") if n.strip()}
+    unknown = sorted(names - set(keys))
+    if unknown:
+        raise ValueError(f"--allow-changed {text}: not run-defining settings: {', '.join(unknown)} "
+                         f"(those are {', '.join(k.replace('_', '-') for k in keys)})")
+    return names
+
+
+def check_resume(saved: dict, current: dict, path, allowed=()) -> dict:
+    """Refuse a checkpoint written under other run-defining settings, naming each difference; the
+    keys in `allowed` (--allow-changed) may differ. Keys the checkpoint lacks (it predates them)
+    are not compared. -> {key: [old, new]} of the accepted changes."""
+    diff = {k: [saved[k], current[k]] for k in current if k in saved and saved[k] != current[k]}
+    changed = [f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in diff.items() if k not in allowed]
     if changed:
         raise ValueError(f"{path} was written by a run with other settings: {', '.join(changed)}; "
-                         f"resume with the same flags, or start a new run in another --out")
+                         f"resume with the same flags, start a new run in another --out, or accept the change "
+                         f"with --allow-changed {','.join(k for k in diff if k not in allowed)}")
+    return {k: v for k, v in diff.items() if k in allowed}
+
+
+def record_changes(metrics, step: int, changed: dict):
+    """The settings a resume changed on purpose, one metrics.jsonl line {"step", "changed"}."""
+    if changed:
+        metrics.write(json.dumps({"step": step, "changed": changed}) + "\n")
+        metrics.flush()
 
 
 # ----------------------------------------------------------------------------- config -> command line

@@ -118,6 +118,29 @@ _NA_TRAIN = ["--synthetic", "96", "--synthetic-reward", "toy:calibrated_color", 
 
 # ==================================================================================================
 # The Wan models: DiT, VAE, UMT5 text encoder and tokenizers, loaders
+def _nan_state(state: dict, name: str) -> dict:
+    """A copy of a state dict with one NaN in tensor `name`."""
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    state[name].view(-1)[0] = float("nan")
+    return state
+
+
+def test_models_loaders_refuse_non_finite_weights(tmp_path):
+    """A DiT or VAE file with a NaN weight is refused at load, naming the file and the tensor."""
+    dit, vae, _, _ = toy.build_models(0)
+    name = next(iter(dit.state_dict()))
+    save_file(_nan_state(dit.state_dict(), name), str(tmp_path / "dit.safetensors"))
+    with pytest.raises(ValueError, match=rf"dit.safetensors: tensor {re.escape(name)} holds NaN or inf"):
+        model_dit.load_dit(tmp_path / "dit.safetensors")
+    torch.save(_nan_state(dit.state_dict(), name), tmp_path / "dit.pt")
+    with pytest.raises(ValueError, match=rf"dit.pt: tensor {re.escape(name)} holds NaN or inf"):
+        model_dit.load_dit(tmp_path / "dit.pt")
+    name = next(k for k, v in vae.state_dict().items() if v.is_floating_point())
+    save_file(_nan_state(vae.state_dict(), name), str(tmp_path / "vae.safetensors"))
+    with pytest.raises(ValueError, match=rf"vae.safetensors: tensor {re.escape(name)} holds NaN or inf"):
+        vae_lib.load_vae(tmp_path / "vae.safetensors", config=vae_lib.VAE_CONFIGS["tiny"])
+
+
 # ==================================================================================================
 
 
@@ -1452,6 +1475,16 @@ def test_ddim_transition_is_the_hand_computed_gaussian():
 
 # ==================================================================================================
 # LoRA and torchrun plumbing
+def test_lora_reader_refuses_non_finite_weights(tmp_path):
+    path = tmp_path / "bad_lora.safetensors"
+    down, up = torch.zeros(2, 8), torch.zeros(8, 2)
+    up[1, 1] = float("inf")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up}, str(path))
+    with pytest.raises(ValueError, match=r"bad_lora.safetensors: tensor diffusion_model.blocks.0.self_attn.q.lora_B.weight holds NaN"):
+        lora.read_lora(path)
+
+
 # ==================================================================================================
 
 
@@ -1535,6 +1568,17 @@ def test_distributed_helpers_without_a_process_group():
 
 # ==================================================================================================
 # Latent reward models: the ensemble, Dollar, noise-aware, pairwise losses, the DiT-backbone LRM
+def test_lrm_load_refuses_non_finite_weights(tmp_path):
+    path = tmp_path / "lrm.safetensors"
+    lrm.save_lrm(lrm.EnsembleLRM(_LRM_TINY, 2, seed=0), path)
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(state)[0]
+    save_file(_nan_state(state, name), str(path), metadata=meta)
+    with pytest.raises(ValueError, match=rf"lrm.safetensors: tensor {re.escape(name)} holds NaN or inf"):
+        lrm.load_lrm(path)
+
+
 # ==================================================================================================
 
 
@@ -2806,6 +2850,25 @@ def test_train_lrm_out_folder_needs_resume_or_overwrite(tmp_path):
     assert (out / "metrics.jsonl").read_text() == "" and json.loads((out / "args.json").read_text())["stop_after"] == 1
 
 
+def test_train_lrm_resume_checks_settings_and_epochs(tmp_path):
+    """--resume refuses other settings (naming them) unless --allow-changed, which records the change
+    in metrics.jsonl; a checkpoint already at the run's end is refused rather than exporting nothing."""
+    out = tmp_path / "run"
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1")
+    train_lrm.main(argv)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["run"]["seed"] == 0 and ckpt["run"]["lr"] == 1e-3 and set(ckpt["run"]) == set(train_lrm.RUN_KEYS)
+    resume = [*argv[:-1], "2", "--resume", str(out / "ckpt.pt")]  # --epochs 2
+    with pytest.raises(ValueError, match=r"--seed 0 -> 1"):
+        train_lrm.main([*resume, "--seed", "1"])
+    with pytest.raises(ValueError, match=rf"is at step {ckpt['step']}, the run ends at step {ckpt['step']}.*give --epochs > 1"):
+        train_lrm.main([*argv, "--resume", str(out / "ckpt.pt")])
+    train_lrm.main([*resume, "--lr", "1e-4", "--allow-changed", "lr"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1] == {"step": ckpt["step"], "changed": {"lr": [1e-3, 1e-4]}} and lines[2]["epoch"] == 1
+    assert torch.load(out / "ckpt.pt", weights_only=True)["run"]["lr"] == 1e-4 and (out / "lrm.safetensors").is_file()
+
+
 def test_train_lrm_counts_skipped_steps_and_stops_past_the_bound(tmp_path, capsys):
     nan_every_other = _lrm_shards(tmp_path / "some", [(2, 4, 4)] * 4, rewards_fn=lambda i, j: float("nan") if j % 2 else float(j))
     out = tmp_path / "ok"
@@ -3312,6 +3375,27 @@ def test_refl_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
         [(r["loss"], r["labelled"], r.get("lrm_error")) for r in lines[1]]
     summaries = [json.loads((d / "summary.json").read_text()) for d in (full, cut)]
     assert summaries[0]["eval_history"] == summaries[1]["eval_history"]  # "before" survives the resume
+
+
+def test_refl_resume_refuses_changed_settings_unless_allowed(refl_cache, tmp_path):
+    """--guidance (and every other setting that shapes the result) must match the checkpoint's;
+    --allow-changed accepts the change and records it in metrics.jsonl at the resume step."""
+    out = tmp_path / "run"
+    train_refl.main(_refl_flags(refl_cache, out, "--steps", "2", "--save-every", "2"))
+    resume = ["--steps", "3", "--save-every", "2", "--resume", str(out / "ckpt.pt")]
+    assert {"reward", "guidance", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every", "align_rounds",
+            "align_lr", "refresh_variance", "prompts"} <= set(torch.load(out / "ckpt.pt", weights_only=True)["run"])
+    with pytest.raises(ValueError, match=r"--guidance 1\.0 -> 2\.0.*--allow-changed guidance"):
+        train_refl.main(_refl_flags(refl_cache, out, *resume, "--guidance", "2"))
+    with pytest.raises(ValueError, match=r"--allow-changed nope: not run-defining settings: nope"):
+        train_refl.main(_refl_flags(refl_cache, out, *resume, "--allow-changed", "nope"))
+    train_refl.main(_refl_flags(refl_cache, out, *resume, "--guidance", "2", "--allow-changed", "guidance,align-lr"))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 2, "changed": {"guidance": [1.0, 2.0]}} in lines and [r["step"] for r in lines] == [1, 2, 2, 3]
+    assert runs.check_resume({"seed": 0}, {"seed": 0, "guidance": 2.0}, "old.pt") == {}  # an older checkpoint resumes
+    kept = runs.open_metrics(out / "metrics.jsonl", 2)  # a resume from step 2 again redoes (and re-records) the change
+    kept.close()
+    assert [r.get("changed") for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [None, None]
 
 
 def test_refl_buffer_is_offered_every_sample_and_labels_only_the_admitted(refl_cache, tmp_path, monkeypatch):
@@ -3946,6 +4030,17 @@ def test_lpo_and_refl_checkpoints_do_not_resume_each_other(tmp_path):
 
 # ==================================================================================================
 # The toy worlds
+def test_toy_world_refuses_a_cached_model_with_nan(tmp_path):
+    cfg = toy.ToyConfig()
+    root = tmp_path / cfg.key()
+    root.mkdir()
+    dit = toy.build_models(cfg.seed, cfg.dit)[0]
+    name = next(iter(dit.state_dict()))
+    save_file(_nan_state(dit.state_dict(), name), str(root / "dit.safetensors"))
+    with pytest.raises(ValueError, match=rf"dit.safetensors.*tensor {re.escape(name)} holds NaN or inf"):
+        toy.load_world(cfg, cache_dir=tmp_path, log=lambda *a: None)
+
+
 # ==================================================================================================
 
 

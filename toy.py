@@ -486,6 +486,15 @@ def save_toy_dit(dit: WanDiT, path: Path, cfg: ToyConfig, dtype=torch.float32):
     _save_atomic({k: v.cpu().to(dtype) for k, v in dit.state_dict().items()}, Path(path), {"recipe": recipe(cfg, DIT_RECIPE)})
 
 
+def _load_finite(path: Path) -> dict:
+    """A safetensors file of the toy world, refused (naming the first tensor) when it holds NaN or inf."""
+    state = load_file(str(path))
+    bad = runs.nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} holds NaN or inf")
+    return state
+
+
 def _read_trained(path: Path, cfg: ToyConfig, fields):
     """(tensors as fp32, metadata) of a file saved by save_toy_vae / save_toy_dit, or None when it was
     trained with another recipe than cfg's."""
@@ -493,7 +502,7 @@ def _read_trained(path: Path, cfg: ToyConfig, fields):
         meta = f.metadata() or {}
     if meta.get("recipe") != recipe(cfg, fields):
         return None
-    return {k: v.float() for k, v in load_file(str(path)).items()}, meta
+    return {k: v.float() for k, v in _load_finite(path).items()}, meta
 
 
 def read_toy_vae(path: Path, cfg: ToyConfig):
@@ -549,7 +558,7 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
 
     def dit_state(path):
         if path == dit_path:
-            return load_file(str(path))
+            return _load_finite(path)
         found = _read_trained(path, cfg, DIT_RECIPE)
         return found and found[0]
 

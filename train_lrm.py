@@ -96,6 +96,9 @@ class LRMTrainConfig:
     resume: str | None = None  # ckpt.pt to continue from
     overwrite: bool = False  # replace the run in a non-empty --out (its files go once the data and flags are checked)
     stop_after: int | None = None  # exit right after this step as a crash would (no export), to test --resume
+    allow_changed: str | None = None  # --resume: settings of RUN_KEYS that may differ from the checkpoint's,
+        # comma-separated flag names (dashes optional: lr,huber-delta); each change is recorded in metrics.jsonl
+        # as {"step", "changed": {key: [old, new]}}
     log_every: int = 10  # steps between log lines
     max_bad_steps: int = 10  # stop with an error once more than this many steps were skipped for non-finite
         # loss, gradients or labels
@@ -108,6 +111,16 @@ PRESETS = {"paper": {}}
 
 RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lrm.safetensors", "sync.json")  # what --overwrite removes
 CKPT_KEYS = ("model", "optimizer", "step")
+# The settings that shape the result: a checkpoint (its "run") continues only under the same ones
+# (--epochs may grow; --allow-changed accepts others on purpose).
+RUN_KEYS = ("data", "synthetic", "synthetic_reward", "test_frac", "model", "config", "members", "dit_ckpt", "dit_blocks",
+            "dit_trunk", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
+            "pair_margin", "pairs", "noise_aware", "clean_prob", "sample_steps", "shift", "solver")
+
+
+def run_settings(args) -> dict:
+    """The RUN_KEYS of a parsed config, as a checkpoint records them (dit_mlp as a list)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(args, k)) for k in RUN_KEYS)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,12 +403,13 @@ def table(metrics):
 # Checkpoint
 
 
-def save_checkpoint(path, model, optimizer, step):
+def save_checkpoint(path, model, optimizer, step, run=None):
     """Atomic, and refused for non-finite weights (runs.write_checkpoint). Nothing else is needed to
     resume exactly: every member's data order is a function of (seed, member, epoch) and the step
-    says where in it to continue."""
+    says where in it to continue. `run`: the settings it was trained under (run_settings)."""
     weights = model.state_dict()
-    runs.write_checkpoint(path, {"model": weights, "optimizer": optimizer.state_dict(), "step": step}, weights, step)
+    runs.write_checkpoint(path, {"model": weights, "optimizer": optimizer.state_dict(), "step": step, "run": run or {}},
+                          weights, step)
 
 
 def load_checkpoint(state, path, model, optimizer):
@@ -482,6 +496,8 @@ def main(argv=None):
     # their checks (a failed start leaves a fresh --out empty and an old run as it was)
     runs.check_out_dir(out, args.resume, args.overwrite)
     resumed = runs.read_checkpoint(args.resume, CKPT_KEYS, "train_lrm") if args.resume else None
+    allowed = runs.allowed_changes(args.allow_changed, RUN_KEYS)
+    changed = runs.check_resume(resumed.get("run") or {}, run_settings(args), args.resume, allowed) if resumed else {}
 
     data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
@@ -511,14 +527,18 @@ def main(argv=None):
     if per_epoch == 0:
         what = "samples" if args.loss == "huber" else f"pairs (same prompt, --pair-margin {args.pair_margin})"
         raise ValueError(f"{len(units)} training {what} make no batch of {args.batch_size} x {world} ranks")
+    total = args.epochs * per_epoch
+    if args.resume and step >= total:
+        raise ValueError(f"{args.resume} is at step {step}, the run ends at step {total} ({args.epochs} epochs of "
+                         f"{per_epoch} steps): give --epochs > {step // per_epoch}")
     distributed.barrier()  # every rank has passed its checks: the run's files can be written
     if rank == 0:
         if args.overwrite:
             runs.clear_run(out, RUN_FILES)
         out.mkdir(parents=True, exist_ok=True)
         runs.write_json(out / "args.json", dataclasses.asdict(args), indent=1)
-        runs.open_metrics(out / "metrics.jsonl", step).close()  # resumed: the lines past the checkpoint go
-    total = args.epochs * per_epoch
+        with runs.open_metrics(out / "metrics.jsonl", step) as f:  # resumed: the lines past the checkpoint go
+            runs.record_changes(f, step, changed)
     stop = min(total, args.stop_after or total)
     metrics, t0 = None, time.time()
     skipped = {"labels": 0, "numerics": 0}  # steps this run skipped: no finite label / non-finite loss or gradients
@@ -576,7 +596,7 @@ def main(argv=None):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
         if rank == 0 and (args.save_every and step % args.save_every == 0 or step % per_epoch == 0):
-            save_checkpoint(out / "ckpt.pt", model, optimizer, step)
+            save_checkpoint(out / "ckpt.pt", model, optimizer, step, run_settings(args))
 
     if world > 1:
         diff = distributed.max_rank_difference(model.parameters())

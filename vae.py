@@ -481,6 +481,15 @@ def _state_dict_of(obj, file):
     return obj
 
 
+def _check_finite(path, state: dict) -> dict:
+    """One pass over the loaded tensors: a weight file holding NaN or inf is refused, naming the first."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
+                             f"re-download it)")
+    return state
+
+
 def _read(file: Path):
     """The one reader of this file: config.json -> its parsed contents; a .safetensors or a .pth/.pt
     (weights only, never pickled code) -> name -> tensor. Every way a file can be missing, empty,
@@ -498,15 +507,16 @@ def _read(file: Path):
             raise ValueError(f"{file}: not valid JSON: {err}") from err
     if file.suffix == ".safetensors":
         try:
-            return load_file(file)
+            state = load_file(file)
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+        return _check_finite(file, state)
     try:  # mmap needs the zip format of torch.save; older pickles are read whole
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as err:  # torch.load fails in many types (EOFError, UnpicklingError, RuntimeError, ...)
         raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
                          f"tensors?): {type(err).__name__}: {err}") from err
-    return _state_dict_of(obj, file)
+    return _check_finite(file, _state_dict_of(obj, file))
 
 
 def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:

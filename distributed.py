@@ -91,6 +91,9 @@ def sequence_parallel_groups(sp_size: int):
     k*S .. k*S + S - 1 share one sample (its tokens split over them), and the ranks at the same
     place in every sequence group form a data-parallel group (a 2-D layout: world = DP x SP).
     Every rank creates every group, in the same order, as torch.distributed requires."""
+    if sp_size > 1 and not dist.is_initialized():
+        raise ValueError(f"--sp-size {sp_size} splits each sample over {sp_size} processes, and this is one: start "
+                         f"it with torchrun --nproc-per-node {sp_size} (or a multiple of {sp_size})")
     world, rank = dist.get_world_size(), dist.get_rank()
     if sp_size < 1 or world % sp_size:
         raise ValueError(f"sequence parallel size {sp_size} must divide the world size {world}")

@@ -276,6 +276,18 @@ class Head(nn.Module):
         return self.head(self.norm(x) * (1 + scale) + shift)
 
 
+def check_sequence_parallel(cfg: DiTConfig, sp_size: int, latent_shape=None):
+    """What Ulysses needs of a DiT and a latent (C, F, H, W), checked before a run starts: the ranks
+    split the heads, so they must divide them, and the tokens, so they must divide their count."""
+    if cfg.num_heads % sp_size:
+        raise ValueError(f"--sp-size {sp_size} must divide the DiT's {cfg.num_heads} attention heads")
+    if latent_shape is not None:
+        grid = [s // p for s, p in zip(latent_shape[-3:], cfg.patch_size)]
+        if math.prod(grid) % sp_size:
+            raise ValueError(f"--sp-size {sp_size} must divide the {math.prod(grid)} tokens of a latent "
+                             f"{tuple(latent_shape)} (grid {tuple(grid)}): choose another --size or --frames")
+
+
 class WanDiT(nn.Module):
     """forward(x (B, in_dim, F, H, W), t (B,) in [0, 1000], context (B, text_len, text_dim)) -> fp32 velocity."""
 
@@ -306,9 +318,8 @@ class WanDiT(nn.Module):
         the group must call forward with the same inputs; each gets the whole output. The heads must
         divide by the group size. Parameter gradients are then each rank's share: sum them over the
         group (distributed.sp_sum_grads) for the whole gradient."""
-        if group is not None and self.cfg.num_heads % dist.get_world_size(group):
-            raise ValueError(f"sequence parallel size {dist.get_world_size(group)} must divide the DiT's "
-                             f"{self.cfg.num_heads} attention heads")
+        if group is not None:
+            check_sequence_parallel(self.cfg, dist.get_world_size(group))
         self.sp_group = group
         for block in self.blocks:
             block.self_attn.sp_group = group

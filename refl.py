@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distributed
 import lora
 import lrm as lrm_lib
+import model_dit
 import picture as picture_lib
 import replay
 import rewards
@@ -41,9 +42,6 @@ import vae as vae_lib
 from model_dit import load_dit
 from vae import load_vae
 
-# The toy world without --toy-world: $VELR_TOY_WORLD, else this one (the README's main command).
-# The tests and bench.py set the variable, so their worlds, subprocesses included, stay fixed.
-DEFAULT_TOY_WORLD = "watchable"
 ALIGN_CLEAN_PROB = 0.1  # share of clean latents when a noise-aware LRM is aligned (train_lrm.py's --clean-prob default)
 RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", "summary.json", "sync.json", "samples")
 
@@ -136,7 +134,7 @@ RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_s
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
 # generator was trained and its LRM bootstrapped with).
-TOY_PRESET = dict(toy_world=lambda c: os.environ.get("VELR_TOY_WORLD") or DEFAULT_TOY_WORLD,
+TOY_PRESET = dict(toy_world=lambda c: toy.default_world(),
                   reward=lambda c: toy.WORLDS[c.toy_world].reward, sample_steps=toy.ToyConfig.sample_steps,
                   shift=toy.ToyConfig.shift, solver="euler", mid_min=6, mid_max=10, window=5, beta=0.1, lr=5e-4,
                   align_lr=1e-4, steps=100, eval_every=50, eval_samples=48, guidance=1.0,
@@ -170,6 +168,9 @@ def validate(c: RunConfig):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(c, k)}")
     if c.shift <= 0:
         raise ValueError(f"--shift must be > 0, got {c.shift}")
+    if not c.full_finetune and c.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be > 0 (the LoRA's scale is alpha / rank; 0 would train nothing), "
+                         f"got {c.lora_alpha}")
 
 
 def check_noise_aware(cfg, flag: str, name):
@@ -195,11 +196,8 @@ def load_models(c, device, rank, noise_aware_flag=None):
     if dollar and c.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     lrm = lrm_lib.load_lrm(c.lrm) if c.lrm else None  # the small files first: a bad one is found in seconds
-    missing = toy.untrained_parts(toy.WORLDS[c.toy_world], c.cache_dir) if c.toy else []
-    if missing:
-        raise ValueError(f"--toy-world {c.toy_world} needs its trained {' and '.join(missing)} "
-                         f"in assets/, which this checkout does not have: train them with `python toy.py train-assets "
-                         f"[--device cuda]` (minutes on a GPU, ~1.7 h on 2 CPU cores), or use --toy-world random")
+    if c.toy:
+        toy.check_trained(toy.WORLDS[c.toy_world], c.cache_dir)
     if c.toy:
         if rank != 0:
             distributed.barrier()  # rank 0 builds the cache first
@@ -461,8 +459,10 @@ def evaluate(rollout, reward_fn, pairs, table, batch_size, device, rank, world, 
 # ----------------------------------------------------------------------------- the run
 
 def new_bad_counts() -> dict:
-    """What non-finite values cost the run: rewards left out (training / evaluation), steps not applied."""
-    return {"rewards_dropped": 0, "eval_dropped": 0, "refl_skipped": 0, "lrm_skipped": 0}
+    """What non-finite values cost the run: rewards left out (training / evaluation), steps not
+    applied, and steps that left out a reward (each counts against --max-bad-steps)."""
+    return {"rewards_dropped": 0, "eval_dropped": 0, "refl_skipped": 0, "lrm_skipped": 0,
+            "reward_steps": 0}  # steps that dropped at least one training reward
 
 
 def gradients_finite(model, loss, world: int) -> bool:
@@ -556,6 +556,8 @@ class Run:
         self.reward_fn = rewards.load_reward(c.reward)
         self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
         dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag)
+        self.shape = vae_lib.latent_shape(c.frames, c.height, c.width)
+        model_dit.check_sequence_parallel(dit.cfg, c.sp_size, self.shape)
         distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
         if self.rank == 0:
             if c.overwrite and not c.resume:
@@ -589,7 +591,6 @@ class Run:
             self.lrm_opt = torch.optim.AdamW(self.lrm.parameters(), lr=c.align_lr, weight_decay=0.0)
         self.buffer = replay.ReplayBuffer(c.buffer_size, policy=buffer_policy(self.lrm))
         self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
-        self.shape = vae_lib.latent_shape(c.frames, c.height, c.width)
         self.eval_lrm = self.lrm
         self.metrics = None
 
@@ -620,6 +621,8 @@ class Run:
             start, self.bad = 0, new_bad_counts()
             self.history = [self.evaluate(0)]
         self.before = self.history[0]["true_reward"]
+        self.check_evaluation(0)
+        self.seen_dropped = self.bad["rewards_dropped"]
         self.log(f"eval step 0 | true reward {self.before:.4f} ({len(self.pairs)} fixed prompt/seed pairs)")
         self.metrics = runs.open_metrics(self.out / "metrics.jsonl", start) if self.rank == 0 else None
         if self.metrics is not None:
@@ -633,21 +636,26 @@ class Run:
         """After a step: stop on too many non-finite steps, evaluate, checkpoint, log. True when
         --stop-after says to exit here, as a crash would."""
         c, bad = self.c, self.bad
-        skipped = bad["refl_skipped"] + bad["lrm_skipped"]
+        if bad["rewards_dropped"] > self.seen_dropped:
+            bad["reward_steps"] += 1
+            self.seen_dropped = bad["rewards_dropped"]
+        skipped = bad["refl_skipped"] + bad["lrm_skipped"] + bad["reward_steps"]
         if skipped > c.max_bad_steps:
             raise RuntimeError(f"step {step}: {bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates were "
-                               f"skipped for non-finite loss or gradients (more than --max-bad-steps {c.max_bad_steps}); "
-                               f"{bad['rewards_dropped']} non-finite pixel rewards were dropped. Check the reward model "
-                               f"and the learning rate; the last checkpoint holds the last good state")
+                               f"skipped for non-finite loss or gradients, and {bad['reward_steps']} steps dropped "
+                               f"non-finite pixel rewards ({bad['rewards_dropped']} in all): more than --max-bad-steps "
+                               f"{c.max_bad_steps}. Check the reward model and the learning rate; the last checkpoint "
+                               f"holds the last good state")
         if c.eval_every and step % c.eval_every == 0 and step != c.steps:
             self.history.append(self.evaluate(step))
+            self.check_evaluation(step)
             rec["eval_true_reward"] = self.history[-1]["true_reward"]
         if c.save_every and step % c.save_every == 0:
             self.save_checkpoint(step)
         rec.update(**bad, sec=time.time() - t0, peak_mem_mb=peak_memory_mb(self.device))
         self.log(format_line(rec))
         if self.metrics:
-            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.write(runs.json_line(rec))
             self.metrics.flush()
         if step == c.stop_after:
             self.log(f"--stop-after {step}: exiting without the final evaluation, checkpoint and export")
@@ -662,6 +670,7 @@ class Run:
         self.history.append(self.evaluate(c.steps))
         after = self.history[-1]["true_reward"]
         self.save_checkpoint(c.steps)
+        self.check_evaluation(c.steps)  # after the checkpoint: the trained weights are kept, no summary is written
         if c.picture_rows:
             self.log(f"before/after picture: {self.picture()}")
         if self.world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
@@ -683,6 +692,14 @@ class Run:
             self.log(f"non-finite values: {bad['rewards_dropped']} training and {bad['eval_dropped']} evaluation rewards "
                      f"dropped, {bad['refl_skipped']} ReFL steps and {bad['lrm_skipped']} LRM updates skipped")
         self.close()
+
+    def check_evaluation(self, step: int):
+        """An evaluation with no finite reward ends the run: a NaN "before" or "after" compares nothing."""
+        if not math.isfinite(self.history[-1]["true_reward"]):
+            self.close()
+            raise RuntimeError(f"step {step}: every pixel reward of the evaluation ({len(self.pairs)} fixed prompt/seed "
+                               f"pairs) was NaN or inf, so there is no true reward to report; check --reward "
+                               f"{self.c.reward} and the models")
 
     def close(self):
         if self.metrics:

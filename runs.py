@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -46,8 +47,25 @@ def write_text(path, text: str):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def finite(obj):
+    """obj with every NaN or inf float (in nested dicts, lists and tuples) replaced by None: result
+    files stay strict JSON, and a missing value reads as missing, never as a number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_line(obj) -> str:
+    """One metrics.jsonl line: strict JSON (non-finite values as null) and a newline."""
+    return json.dumps(finite(obj), allow_nan=False) + "\n"
+
+
 def write_json(path, obj, indent=2):
-    write_text(path, json.dumps(obj, indent=indent))
+    write_text(path, json.dumps(finite(obj), indent=indent, allow_nan=False))
 
 
 def save_torch(path, state):
@@ -162,7 +180,7 @@ def check_resume(saved: dict, current: dict, path, allowed=()) -> dict:
 def record_changes(metrics, step: int, changed: dict):
     """The settings a resume changed on purpose, one metrics.jsonl line {"step", "changed"}."""
     if changed:
-        metrics.write(json.dumps({"step": step, "changed": changed}) + "\n")
+        metrics.write(json_line({"step": step, "changed": changed}))
         metrics.flush()
 
 

@@ -3398,6 +3398,30 @@ def test_refl_resume_refuses_changed_settings_unless_allowed(refl_cache, tmp_pat
     assert [r.get("changed") for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [None, None]
 
 
+def test_refl_sp_size_is_checked_before_the_run_folder_is_touched(refl_cache, tmp_path, monkeypatch):
+    """--sp-size: one process gets a one-line error naming torchrun; heads or tokens that do not split
+    are refused after the models load and before --overwrite removes an old run or args.json is written."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("old run")
+    (out / "summary.json").write_text("old summary")
+    with pytest.raises(ValueError, match=r"--sp-size 2 splits each sample over 2 processes.*torchrun --nproc-per-node 2"):
+        train_refl.main(_refl_flags(refl_cache, out, "--sp-size", "2", "--overwrite"))
+    cfg = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].cfg  # 2 heads, 1x2x2 patches
+    with pytest.raises(ValueError, match=r"--sp-size 3 must divide the DiT's 2 attention heads"):
+        model_dit.check_sequence_parallel(cfg, 3)
+    with pytest.raises(ValueError, match=r"--sp-size 2 must divide the 3 tokens of a latent \(16, 1, 2, 6\)"):
+        model_dit.check_sequence_parallel(cfg, 2, (16, 1, 2, 6))
+    model_dit.check_sequence_parallel(cfg, 2, (16, 2, 4, 4))
+    # a world of 3 ranks (faked, no process group) with a 3-way split: refused on the heads, --out untouched
+    monkeypatch.setattr(distributed, "setup_distributed", lambda: (0, 3, torch.device("cpu")))
+    monkeypatch.setattr(distributed, "sequence_parallel_groups", lambda n: (None, None))
+    with pytest.raises(ValueError, match=r"--sp-size 3 must divide the DiT's 2 attention heads"):
+        train_refl.main(_refl_flags(refl_cache, out, "--sp-size", "3", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "summary.json"]
+    assert (out / "args.json").read_text() == "old run" and (out / "summary.json").read_text() == "old summary"
+
+
 def test_refl_buffer_is_offered_every_sample_and_labels_only_the_admitted(refl_cache, tmp_path, monkeypatch):
     """Algorithm 1: every ReFL step (not only alignment steps) offers its whole batch to the buffer,
     and only the candidates the buffer admits are decoded and scored by the pixel reward."""
@@ -3589,7 +3613,8 @@ def test_refl_offline_default_raises_true_reward(refl_cache, tmp_path):
 
 def test_refl_refuses_bad_flags_and_checkpoints_before_loading(tmp_path):
     for flags, msg in ((["--frames", "1"], "still image"), (["--size", "0x0"], "positive multiples of 16"),
-                       (["--guidance", "nan"], "--guidance must be a finite number"), (["--shift", "0"], "--shift must be > 0")):
+                       (["--guidance", "nan"], "--guidance must be a finite number"), (["--shift", "0"], "--shift must be > 0"),
+                       (["--lora-alpha", "0"], r"--lora-alpha must be > 0 \(the LoRA's scale is alpha / rank")):
         with pytest.raises(ValueError, match=msg):
             train_refl.parse_args(flags)
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
@@ -3655,13 +3680,28 @@ def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_pa
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run" / "lora.safetensors")).values())
     assert all(torch.isfinite(p).all() for p in lrm_model.parameters())
     assert len(buffer) == 3 and torch.isfinite(buffer.data["reward"]).all()
+    assert summary["nonfinite"]["reward_steps"] == 3  # each step dropped one: each counts against --max-bad-steps
+
+    def strict(text):  # json.loads accepts NaN; a result file must not hold it
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a result file"))
+    lines = [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_steps"] for r in lines] == [1, 2, 3]
+    assert runs.json_line({"r": [float("nan"), 1.0], "s": {"t": float("-inf")}}) == '{"r": [null, 1.0], "s": {"t": null}}\n'
+    with pytest.raises(RuntimeError, match=r"step 2: .*2 steps dropped non-finite pixel rewards.*--max-bad-steps 1"):
+        train_refl.main(_refl_flags(refl_cache, tmp_path / "budget", *flags, "--max-bad-steps", "1"))
 
     (tmp_path / "all_nan.py").write_text("import torch\ndef reward(video, prompts):\n"
-                                         "    return torch.full((video.shape[0],), float('nan'), requires_grad=True)\n")
+                                         "    return torch.full((video.shape[0],), float('nan'), requires_grad=True)\n"
+                                         "def in_training(video, prompts):  # finite in the evaluation (no grad)\n"
+                                         "    return reward(video, prompts) if torch.is_grad_enabled() else "
+                                         "torch.zeros(video.shape[0])\n")
     with pytest.raises(RuntimeError, match="more than --max-bad-steps 1"):  # pixel ReFL: every loss is NaN
         train_refl.main(_refl_flags(refl_cache, tmp_path / "pixel", "--mode", "pixel", "--max-bad-steps", "1",
-                                    "--steps", "3", "--reward", f"{tmp_path / 'all_nan.py'}:reward"))
+                                    "--steps", "3", "--reward", f"{tmp_path / 'all_nan.py'}:in_training"))
     assert not (tmp_path / "pixel" / "lora.safetensors").exists()
+    with pytest.raises(RuntimeError, match=r"step 0: every pixel reward of the evaluation \(1 fixed"):  # nothing to compare
+        train_refl.main(_refl_flags(refl_cache, tmp_path / "eval", "--reward", f"{tmp_path / 'all_nan.py'}:reward"))
+    assert not (tmp_path / "eval" / "summary.json").exists()
 
 
 def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
@@ -4150,7 +4190,7 @@ def test_square_color_reward():
     assert toy.square_color(video + 0.5 * step / step.abs().max(), ["a red square"]) > toy.square_color(video, ["a red square"])
 
 
-def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch):
+def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch, capsys):
     cfg = _small_watchable()
     vae = toy.train_vae(cfg, log=lambda *a: None)
     z = vae.encode(toy.world_videos(cfg.vae_videos, cfg, torch.Generator().manual_seed(cfg.seed + 2)))
@@ -4168,9 +4208,11 @@ def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch):
     assert not any("training the tiny VAE" in m or "pretraining" in m for m in logged)  # both came from the assets
     assert torch.equal(world[0].patch_embedding.weight, dit.patch_embedding.weight)
     assert torch.equal(world[1].decoder.conv1.weight, back.decoder.conv1.weight)
-    logged.clear()
-    toy.load_world(replace(cfg, pretrain_steps=3), cache_dir=tmp_path / "cache", log=logged.append)
-    assert any("pretraining" in m for m in logged)  # a DiT recipe the assets do not hold is trained
+    with pytest.raises(ValueError, match=r"toy_dit.safetensors was trained with another recipe.*pretrain_steps 2 -> 3"):
+        toy.load_world(replace(cfg, pretrain_steps=3), cache_dir=tmp_path / "cache", log=logged.append)
+    capsys.readouterr()
+    toy.load_world(replace(cfg, pretrain_steps=3), cache_dir=tmp_path / "cache", log=lambda *a: None, train=True)
+    assert "pretraining the tiny DiT" in capsys.readouterr().out  # asked for: trained, and said on the console
     shorter = replace(toy.TOY_DITS[cfg.dit], text_len=16)  # same weight shapes, another architecture
     monkeypatch.setitem(toy.TOY_DITS, cfg.dit, shorter)
     assert toy._read_trained(tmp_path / "toy_dit.safetensors", cfg, toy.DIT_RECIPE) is None
@@ -4201,7 +4243,7 @@ def test_shipped_watchable_assets_show_the_scene():
 def test_default_toy_world(monkeypatch):
     monkeypatch.delenv("VELR_TOY_WORLD")
     args = train_refl.parse_args([])
-    assert args.toy_world == refl.DEFAULT_TOY_WORLD == "watchable" and args.reward == "toy:square_color"
+    assert args.toy_world == toy.DEFAULT_WORLD == "watchable" and args.reward == "toy:square_color"
     monkeypatch.setenv("VELR_TOY_WORLD", "random")
     assert train_refl.parse_args([]).reward == "toy:calibrated_color"
     assert train_refl.parse_args(["--toy-world", "watchable"]).toy_world == "watchable"  # the flag wins
@@ -4211,7 +4253,9 @@ def test_refl_in_the_watchable_world(tmp_path, monkeypatch):
     monkeypatch.setitem(toy.WORLDS, "watchable", _small_watchable())
     with pytest.raises(ValueError, match="train-assets"):  # hours of CPU training are never started silently
         train_refl.main(_refl_flags(tmp_path / "cache", tmp_path / "run", "--toy-world", "watchable"))
-    toy.load_world(_small_watchable(), cache_dir=tmp_path / "cache", log=lambda *a: None)  # as train-assets would
+    with pytest.raises(ValueError, match=r"toy_vae.safetensors was trained with another recipe.*vae_steps 14000 -> "):
+        toy.load_world(_small_watchable(), cache_dir=tmp_path / "cache", log=lambda *a: None)  # never retrained silently
+    toy.load_world(_small_watchable(), cache_dir=tmp_path / "cache", log=lambda *a: None, train=True)  # as asked
     assert toy.untrained_parts(_small_watchable(), tmp_path / "cache") == []
     train_refl.main(_refl_flags(tmp_path / "cache", tmp_path / "run", "--toy-world", "watchable", "--picture-rows", "0"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

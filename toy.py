@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import lrm as lrm_lib
@@ -83,6 +83,13 @@ class ToyConfig:
 WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, vae_steps=14000, vae_batch=16, dit="toy",
                       min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color")
 WORLDS = {"random": ToyConfig(), "watchable": WATCHABLE}
+# The toy world a script uses unless told: $VELR_TOY_WORLD, else this one (the README's main command).
+# The tests and bench.py set the variable, so their worlds, subprocesses included, stay fixed.
+DEFAULT_WORLD = "watchable"
+
+
+def default_world() -> str:
+    return os.environ.get("VELR_TOY_WORLD") or DEFAULT_WORLD
 
 
 # ----------------------------------------------------------------------------- data
@@ -516,6 +523,19 @@ def read_toy_vae(path: Path, cfg: ToyConfig):
     return vae.eval().requires_grad_(False)
 
 
+def recipe_difference(path: Path, cfg: ToyConfig, fields) -> list[str]:
+    """The recipe fields (architecture included) in which the file's training differs from cfg's,
+    as "field file-value -> cfg-value"; [] when they agree."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = json.loads((f.metadata() or {}).get("recipe") or "{}")
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable toy asset (truncated or corrupt?): {err}; restore it "
+                         f"(git checkout -- {path.name}) or retrain it with `python toy.py train-assets`") from None
+    wanted = json.loads(recipe(cfg, fields))
+    return [f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in sorted(wanted) if stored.get(k) != wanted[k]]
+
+
 def untrained_parts(cfg: ToyConfig, cache_dir=None) -> list[str]:
     """The trained models of world cfg (VAE, DiT) that load_world would have to train: neither in
     the cache nor shipped in assets/ with cfg's recipe. [] for the random-VAE world, whose small DiT
@@ -523,27 +543,40 @@ def untrained_parts(cfg: ToyConfig, cache_dir=None) -> list[str]:
     if not cfg.vae_steps:
         return []
     root = Path(cache_dir or default_cache_dir()) / cfg.key()
-
-    def shipped(name, fields):
-        path = ASSETS / name
-        if not path.exists():
-            return False
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("recipe") == recipe(cfg, fields)
-
     return [name for name, fields in (("toy_vae.safetensors", VAE_RECIPE), ("toy_dit.safetensors", DIT_RECIPE))
-            if not (root / name.removeprefix("toy_")).exists() and not shipped(name, fields)]
+            if not (root / name.removeprefix("toy_")).exists()
+            and (not (ASSETS / name).exists() or recipe_difference(ASSETS / name, cfg, fields))]
 
 
-def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
+def check_trained(cfg: ToyConfig, cache_dir=None):
+    """Refuse a world whose trained VAE or DiT would have to be trained first (hours on a CPU): a
+    shipped file of another recipe is named with the fields that differ."""
+    missing = untrained_parts(cfg, cache_dir)
+    for name in missing:
+        if (ASSETS / name).exists():
+            diff = recipe_difference(ASSETS / name, cfg, VAE_RECIPE if "vae" in name else DIT_RECIPE)
+            raise ValueError(f"{ASSETS / name} was trained with another recipe than this toy world's: {'; '.join(diff)}. "
+                             f"Restore the shipped file (git checkout -- assets/), or train this world's with "
+                             f"`python toy.py train-assets` (hours on 2 CPU cores)")
+    if missing:
+        raise ValueError(f"this toy world needs its trained {' and '.join(missing)} in assets/, which this checkout "
+                         f"does not have: train them with `python toy.py train-assets [--device cuda]` (minutes on a "
+                         f"GPU, ~1.7 h on 2 CPU cores), or use the random world (--toy-world random)")
+
+
+def load_world(cfg: ToyConfig = None, cache_dir=None, log=print, train=False):
     """The toy world: (dit pretrained, vae, text encoder, tokenizer, bootstrapped LRM).
 
     Built once and cached under cache_dir/<settings hash>/ (vae / dit / lrm .safetensors); later
     calls load the cache. The random VAE and the text encoder are rebuilt from the seed (cheap). A
     trained VAE (cfg.vae_steps > 0) and the DiT pretrained on it come from the repository's assets/
-    when their recipe there is cfg's (`python toy.py train-assets`), else they are trained here.
+    (`python toy.py train-assets`). When they are missing, or shipped with another recipe, the world
+    is refused (naming the fields) unless `train`: then they are trained here, and the console is
+    told whatever `log` is (hours on a CPU).
     """
     cfg = cfg or ToyConfig()
+    if not train:
+        check_trained(cfg, cache_dir)
     root = Path(cache_dir or default_cache_dir()) / cfg.key()
     root.mkdir(parents=True, exist_ok=True)
     dit, vae, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
@@ -576,7 +609,7 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     if cfg.vae_steps:
         vae = first_readable((vae_path, ASSETS / "toy_vae.safetensors"), lambda path: read_toy_vae(path, cfg))
         if vae is None:
-            log(f"toy world: training the tiny VAE ({cfg.vae_steps} steps of batch {cfg.vae_batch}; on 2 CPU cores "
+            print(f"toy world: training the tiny VAE ({cfg.vae_steps} steps of batch {cfg.vae_batch}; on 2 CPU cores "
                 f"about 2 s a step: `python toy.py train-assets --device cuda` does it on a GPU), cached at {vae_path}")
             vae = train_vae(cfg, log=log)
             save_toy_vae(vae, vae_path, cfg)
@@ -585,7 +618,7 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print):
     if state is not None:
         dit.load_state_dict(state, strict=True)
     else:
-        log(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
+        (print if cfg.vae_steps else log)(f"toy world: pretraining the tiny DiT ({cfg.pretrain_steps} flow-matching steps), cached at {dit_path}")
         pretrain_dit(dit, vae, encoder, tokenizer, cfg, log)
         dit.zero_grad(set_to_none=True)  # the pretraining gradients are not the caller's
         _save_atomic(dit.state_dict(), dit_path, {"toy_config": json.dumps(asdict(cfg))})

@@ -45,7 +45,8 @@ class LPOConfig(refl.RunConfig):
     # LPO (arXiv 2502.01051)
     beta: float = 0.0  # KL weight beside DPO (LPO has none: DPO against the reference is its anchor)
     lpo_k: int = 4  # candidates x_{t-1} drawn from each x_t (LPO's)
-    lpo_eta: float = 1.0  # stochasticity of the transition: 1 = the flow path's exact posterior, -> 0 = Euler
+    lpo_eta: float = 1.0  # stochasticity of the transition, > 0: 1 = the flow path's exact posterior; smaller
+    #                        values approach Euler (the deterministic step, which has no likelihood)
     dpo_beta: float = 500.0  # DPO's beta on the transition log-likelihoods (LPO's)
     lpo_threshold: tuple[float, float] = (0.35, 0.5)  # a pair is kept when the softmax gap of best and worst exceeds
     #                                                   AT_0 + (AT_1 - AT_0) sigma_{t-1} (LPO's range; linear is ours)

@@ -465,7 +465,7 @@ def dit_lrm(args, members: int):
     """--model dit: the generator's first --dit-blocks blocks (--dit-ckpt, or the toy world's tiny
     DiT with the seed's random weights) as the trunk, `members` heads on it."""
     if args.dit_ckpt == "toy":  # the generator the toy world pretrained (and whose samples the synthetic set mimics)
-        dit = toy.load_world(log=lambda *a: None)[0]
+        dit = toy.load_world(toy.WORLDS[toy.default_world()], log=lambda *a: None)[0]
     elif args.dit_ckpt:  # only the kept blocks are read (a path goes straight to dit_reward_model_from)
         dit = args.dit_ckpt
     else:
@@ -594,7 +594,7 @@ def main(argv=None):
                     print(f"  sigma {sig:>4}: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                              for k, v in m.items()))
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
+                    f.write(runs.json_line({"epoch": epoch, "step": step, **metrics}))
         if rank == 0 and (args.save_every and step % args.save_every == 0 or step % per_epoch == 0):
             save_checkpoint(out / "ckpt.pt", model, optimizer, step, run_settings(args))
 

@@ -196,7 +196,7 @@ def load_models(c, device, rank, noise_aware_flag=None):
     if dollar and c.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     lrm = lrm_lib.load_lrm(c.lrm) if c.lrm else None  # the small files first: a bad one is found in seconds
-    if c.toy:
+    if c.toy:  # every rank, before the barrier below (load_world checks again, but rank 0 first and alone)
         toy.check_trained(toy.WORLDS[c.toy_world], c.cache_dir)
     if c.toy:
         if rank != 0:

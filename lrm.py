@@ -19,6 +19,7 @@ Left out: flash-attention specifics (F.scaled_dot_product_attention picks its ke
 paper's VELR/T and VELR/C ablation variants.
 """
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -749,7 +750,8 @@ def save_lrm(model: nn.Module, path):
     """safetensors with the model kind, member count and config (JSON) in the metadata.
     Refuses (ValueError) a model with any NaN/inf weight. Written to a temporary file, fsync'ed and
     renamed over `path`, so a kill or a full disk never leaves a torn file under the final name."""
-    metadata = {"kind": model.kind, "n_members": str(model.n_members), "config": json.dumps(asdict(model.cfg))}
+    metadata = {"kind": model.kind, "n_members": str(model.n_members), "config": json.dumps(asdict(model.cfg)),
+                "config_digest": json.dumps(_field_digests(model.cfg))}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
     bad = {k: n for k, n in bad.items() if n}
@@ -796,8 +798,20 @@ def _read(path: Path, device="cpu") -> tuple[str, int, LRMConfig, dict]:
     return kind, n, cfg, _check_finite(path, state)
 
 
+def _field_digests(cfg) -> dict:
+    """field (nested ones dotted: dit.num_heads) -> a short hash of its value. save_lrm stores them beside
+    the config, so a field edited in the metadata after saving is found on load and named: num_heads,
+    eps, text_len and the like do not show in the tensor shapes, and the weights would load into
+    another model without a word."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return {k: hashlib.sha256(json.dumps(v).encode()).hexdigest()[:12] for k, v in flat(asdict(cfg))}
+
+
 def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
-    """Model kind, member count and config from a save_lrm file's metadata."""
+    """Model kind, member count and config from a save_lrm file's metadata; the config is compared
+    field by field with the digests save_lrm wrote (files without them, from before, are read as they are)."""
     if meta.get("kind") not in MODEL_KINDS:
         raise ValueError(
             f"{path} is not an LRM file written by save_lrm: "
@@ -815,6 +829,16 @@ def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
     except (KeyError, TypeError, ValueError) as err:  # absent, not JSON, unknown fields, invalid values
         raise ValueError(f"{path}: metadata 'config' is not an LRMConfig as save_lrm writes it: "
                          f"{type(err).__name__}: {err}") from err
+    if "config_digest" in meta:
+        try:
+            saved = json.loads(meta["config_digest"])
+        except ValueError as err:
+            raise ValueError(f"{path}: metadata 'config_digest' is not JSON ({err}); the file was edited") from err
+        now = _field_digests(cfg)
+        edited = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if edited:
+            raise ValueError(f"{path}: metadata config fields {edited} are not what save_lrm wrote with these weights "
+                             f"(edited after saving?); refusing to load the weights into another model")
     return meta["kind"], n, cfg
 
 
@@ -842,10 +866,13 @@ def load_lrm(path, device="cpu") -> nn.Module:
     misshaped = sorted(
         f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s
     )
-    if missing or unexpected or misshaped:
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # a bf16 trunk (trunk_dtype) is built in bf16
+    mistyped = sorted(f"{k} {state[k].dtype} != {d}" for k, d in dtypes.items() if k in state and state[k].dtype != d)
+    if missing or unexpected or misshaped or mistyped:
         raise ValueError(
             f"{path} does not fit a {kind} LRM with {n} members (layout: lrm.save_lrm): "
-            f"missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}"
+            f"missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}, of another dtype {mistyped[:4]}"
+            + (f" (metadata trunk_dtype {cfg.trunk_dtype})" if mistyped and hasattr(cfg, "trunk_dtype") else "")
         )
     model.load_state_dict(state, strict=True, assign=True)
     return model

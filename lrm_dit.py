@@ -54,6 +54,8 @@ class DiTLRMConfig:
         if self.trunk_dtype not in TRUNK_DTYPES:
             raise ValueError(f"trunk_dtype must be one of {sorted(TRUNK_DTYPES)}, got {self.trunk_dtype!r}")
         self.mlp_dims = tuple(self.mlp_dims)
+        if any(d < 1 for d in self.mlp_dims):
+            raise ValueError(f"mlp_dims must all be >= 1, got {self.mlp_dims}")
         if self.dit.num_layers < 1:
             raise ValueError(f"the trunk needs at least one block, got num_layers={self.dit.num_layers}")
         if self.dit.dim % self.heads:

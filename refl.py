@@ -156,10 +156,14 @@ def validate(c: RunConfig):
     for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows"):
         if getattr(c, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(c, k)}")
+    def f(k):
+        return runs.flag(c, k)
+
     if not 0 <= c.mid_min <= c.mid_max:
-        raise ValueError(f"need 0 <= --mid-min <= --mid-max, got {c.mid_min}, {c.mid_max}")
+        raise ValueError(f"need 0 <= {f('mid_min')} <= {f('mid_max')}, got {c.mid_min}, {c.mid_max}")
     if c.mid_max + c.window >= c.sample_steps:
-        raise ValueError(f"--mid-max + --window must stay below --sample-steps {c.sample_steps}, got {c.mid_max} + {c.window}")
+        raise ValueError(f"{f('mid_max')} + {f('window')} must stay below {f('sample_steps')} {c.sample_steps}, "
+                         f"got {c.mid_max} + {c.window}")
     vae_lib.check_size(c.frames, c.height, c.width)
     if c.frames < 5:
         raise ValueError(f"--frames {c.frames} is a still image, not a video: video ReFL needs at least 5 frames")
@@ -217,7 +221,25 @@ def load_models(c, device, rank, noise_aware_flag=None):
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
     if lrm is not None and noise_aware_flag:
         check_noise_aware(lrm.cfg, noise_aware_flag, c.lrm or "the toy world's LRM")
+    if lrm is not None:
+        check_lrm_fits(lrm, dit.cfg, c.lrm or "the toy world's LRM", print if rank == 0 else lambda s: None)
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
+
+
+def check_lrm_fits(lrm, dit_cfg, name, log):
+    """The LRM reads the generator's latents and prompt embeddings: their widths must be its own
+    (one line, before the first step). A DiT LRM whose trunk is another DiT than the generator is
+    allowed (its own trunk weights score the latents), with a note naming what differs."""
+    if lrm.cfg.in_channels != dit_cfg.out_dim or lrm.cfg.text_dim != dit_cfg.text_dim:
+        raise ValueError(f"--lrm {name} reads {lrm.cfg.in_channels}-channel latents and {lrm.cfg.text_dim}-wide "
+                         f"prompt embeddings, the generator makes {dit_cfg.out_dim} and {dit_cfg.text_dim}")
+    trunk = getattr(lrm.cfg, "dit", None)
+    if trunk is not None:
+        differ = [f"{k} {getattr(trunk, k)} (generator {getattr(dit_cfg, k)})" for k in asdict(trunk)
+                  if k != "num_layers" and getattr(trunk, k) != getattr(dit_cfg, k)]
+        if differ:
+            log(f"note: --lrm {name} is a DiT LRM built on another DiT than the generator ({', '.join(differ)}); "
+                f"it scores through its own trunk, not the generator's blocks as PRFL does")
 
 
 def embed_prompts(prompts: list[str], tokenizer, encoder, device, text_len: int = 512) -> dict:

@@ -263,8 +263,17 @@ def parse_config(cls, argv, description: str, presets: dict, choose):
     on the command line win over every preset."""
     given = vars(build_parser(cls, description, presets).parse_args(argv))
     names = choose(given)
-    values = {}
+    values, origin = {}, {}
     for name in names:
         for k, v in presets[name].items():
             values[k] = v(cls(**{**values, **given})) if callable(v) else v
-    return cls(**{**values, **given}), names
+            origin[k] = name
+    config = cls(**{**values, **given})
+    config.set_by = {k: name for k, name in origin.items() if k not in given}  # for errors: who chose a value
+    return config, names
+
+
+def flag(config, field: str) -> str:
+    """A field's command-line flag for an error message, naming the preset that set it when the user did not."""
+    name = getattr(config, "set_by", {}).get(field)
+    return f"--{field.replace('_', '-')}" + (f" (set by --preset {name})" if name else "")

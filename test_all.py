@@ -1857,6 +1857,40 @@ def test_lrm_load_names_bad_metadata(tmp_path):
             lrm.load_lrm(tmp_path / "m.safetensors")
 
 
+def _edit_lrm_config(src, dst, drop_digest=False, **fields):
+    """Copy a save_lrm file with config fields changed in its metadata (nested: dit__num_heads)."""
+    with safe_open(str(src), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    for k, v in fields.items():
+        *outer, last = k.split("__")
+        (config[outer[0]] if outer else config)[last] = v
+    meta["config"] = json.dumps(config)
+    if drop_digest:
+        meta.pop("config_digest")
+    save_file(state, str(dst), metadata=meta)
+
+
+def test_lrm_load_refuses_config_edits_that_keep_the_shapes(tmp_path):
+    """Fields that do not show in the tensor shapes (heads, eps, text_len, trunk dtype) are compared with
+    the digests save_lrm wrote, and a bf16 trunk_dtype on fp32 weights is refused by dtype even without them."""
+    lrm.save_lrm(lrm.EnsembleLRM(_LRM_TINY, 2), tmp_path / "e.safetensors")
+    _, dit_model, *_ = _dit_lrm_setup(members=2)
+    lrm.save_lrm(dit_model, tmp_path / "d.safetensors")
+    for name, fields in (("e", {"num_heads": 2}), ("e", {"eps": 1e-6}), ("e", {"pool": "max"}),
+                         ("d", {"dit__text_len": 7}), ("d", {"dit__num_heads": 1}), ("d", {"trunk_dtype": "bfloat16"})):
+        src = tmp_path / f"{name}.safetensors"
+        _edit_lrm_config(src, tmp_path / "x.safetensors", **fields)
+        field = next(iter(fields)).replace("__", ".")
+        with pytest.raises(ValueError, match=re.escape(f"x.safetensors: metadata config fields ['{field}']")):
+            lrm.load_lrm(tmp_path / "x.safetensors")
+        _edit_lrm_config(src, tmp_path / "y.safetensors", drop_digest=True)
+        assert type(lrm.load_lrm(tmp_path / "y.safetensors")) is type(lrm.load_lrm(src))  # older files still load
+    _edit_lrm_config(tmp_path / "d.safetensors", tmp_path / "x.safetensors", drop_digest=True, trunk_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"of another dtype \['trunk\..*torch.float32 != torch.bfloat16.*trunk_dtype bfloat16"):
+        lrm.load_lrm(tmp_path / "x.safetensors")
+
+
 def _robust_lrm_setup(n=2, b=4, seed=0):
     model = lrm.EnsembleLRM(_LRM_TINY, n, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -2224,6 +2258,22 @@ def test_refl_accepts_a_dit_lrm_with_reward_on_zt(refl_cache, tmp_path):
     before = dict(model.named_parameters())
     for name, p in aligned.named_parameters():  # the alignment fitted the heads, the frozen trunk stayed
         assert torch.equal(p, before[name]) == name.startswith("trunk."), name
+
+
+def test_refl_checks_the_lrm_fits_the_generator():
+    """Another latent or text width is refused in one line; a DiT LRM on another DiT is noted, naming the fields."""
+    _, model, *_ = _dit_lrm_setup(members=2)
+    notes = []
+    refl.check_lrm_fits(model, replace(DIT_CONFIGS["tiny"], num_layers=30), "m", notes.append)
+    assert notes == []  # the generator's own first blocks (num_layers differs by design)
+    refl.check_lrm_fits(model, replace(DIT_CONFIGS["tiny"], dim=128, num_heads=4), "m", notes.append)
+    assert len(notes) == 1 and "dim 64 (generator 128), num_heads 2 (generator 4)" in notes[0]
+    ens = lrm.EnsembleLRM(_LRM_TINY, 2)
+    refl.check_lrm_fits(ens, DIT_CONFIGS["tiny"], "e", notes.append)
+    for cfg in (replace(DIT_CONFIGS["tiny"], out_dim=48), replace(DIT_CONFIGS["tiny"], text_dim=4096)):
+        with pytest.raises(ValueError, match="--lrm e reads 16-channel latents and 64-wide prompt embeddings, the generator makes"):
+            refl.check_lrm_fits(ens, cfg, "e", notes.append)
+    assert len(notes) == 1
 
 
 def test_dit_lrm_pooling_equals_plain_attention():
@@ -2818,7 +2868,11 @@ def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
         (data / name).write_bytes(good)
     assert len(shards.ShardRows(data)) > 0
     for flags, msg in ((["--huber-delta", "nan"], "--huber-delta must be a finite number > 0"),
-                       (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be")):
+                       (["--lr", "inf"], "--lr must be a finite number > 0"), (["--lr", "0"], "--lr must be"),
+                       (["--model", "dit", "--dit-mlp", "0"], r"--dit-mlp widths must be >= 1, got \(0,\)"),
+                       (["--model", "dit", "--dit-mlp", "64,-3"], "--dit-mlp widths must be >= 1"),
+                       (["--model", "dit", "--dit-mlp", "64,abc"], "--dit-mlp takes comma-separated ints, got '64,abc'"),
+                       (["--eval-sigmas", "0.1,x"], "--eval-sigmas takes comma-separated floats")):
         with pytest.raises(ValueError, match=msg):
             train_lrm.parse_args(flags)
     (tmp_path / "empty.pt").write_bytes(b"")
@@ -3763,6 +3817,11 @@ def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
     args = train_refl.parse_args(["--preset", "prfl"])
     assert (args.reward_on, args.reward_loss, args.window, args.mid_min, args.mid_max) == ("zt", "prfl", 1, 0, 18)
     assert train_refl.parse_args(["--preset", "prfl", "--window", "2", "--mid-max", "10"]).window == 2  # explicit wins
+    assert train_refl.parse_args(["--preset", "prfl", "--window", "3"]).mid_max == 16  # the preset's mid-max fits the window
+    with pytest.raises(ValueError, match=re.escape("--mid-max + --window must stay below --sample-steps (set by --preset toy) 20")):
+        train_refl.parse_args(["--preset", "prfl", "--window", "3", "--mid-max", "18"])
+    with pytest.raises(ValueError, match=re.escape("--mid-max (set by --preset toy) + --window must stay below")):
+        train_refl.parse_args(["--window", "10"])
     assert train_refl.parse_args([]).reward_on == "z0" and train_refl.parse_args([]).reward_loss == "neg"
     s = _refl_setup(tmp_path / "setup", refl_cache, "--preset", "prfl")
     _, out = _refl_loss(s)
@@ -3963,6 +4022,10 @@ def test_lpo_pair_selection_respects_the_threshold():
     assert kept.tolist() == [True, False, True] and best.tolist() == [0, 0, 2] and worst.tolist()[2] == 3
     _, _, kept_t = train_lpo.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
     assert kept_t.tolist() == [True, False, True]
+    for temp in (1e-300, 5e-324):  # the hard limit, not a NaN softmax that keeps nothing
+        best, worst, kept = train_lpo.select_pairs(scores, 0.99, temp=temp)
+        assert kept.tolist() == [True, True, True] and best.tolist() == [0, 0, 2] and worst.tolist() == [1, 1, 3]
+    assert not train_lpo.select_pairs(torch.ones(1, 4), 0.0, temp=1e-300)[2].any()  # ties stay a gap of 0
     assert train_lpo.parse_args(["--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
     assert train_lpo.parse_args(["--lpo-threshold", "0.2", "0.3"]).lpo_threshold == [0.2, 0.3]
     for bad, msg in ((["--lpo-k", "1"], "--lpo-k must be >= 2"), (["--lpo-threshold", "0.3", "1.2"], "LPO needs thresholds"),

@@ -90,9 +90,11 @@ def lpo_threshold(threshold, sigma: float) -> float:
 def select_pairs(scores: torch.Tensor, threshold: float, temp: float = 1.0):
     """LPO's pair selection over k candidates per sample, scores (B, k): softmax(scores / temp) over
     the candidates, best = argmax, worst = argmin, kept where p_best - p_worst > threshold.
-    Returns (best (B,), worst (B,), kept (B,) bool)."""
-    p = torch.softmax(scores.float() / temp, dim=1)
-    best, worst = p.argmax(1), p.argmin(1)
+    Returns (best (B,), worst (B,), kept (B,) bool). In float64 and shifted by the maximum before the
+    division, so a temperature near 0 gives the hard limit (all weight on the best), not NaN."""
+    scores = scores.double()
+    p = torch.softmax((scores - scores.max(1, keepdim=True).values) / temp, dim=1)
+    best, worst = scores.argmax(1), scores.argmin(1)  # p's order, also where its small values round to 0
     gap = p.gather(1, best[:, None])[:, 0] - p.gather(1, worst[:, None])[:, 0]
     return best, worst, gap > threshold
 

@@ -442,7 +442,7 @@ def parse_args(argv=None) -> LRMTrainConfig:
     for k in ("lr", "huber_delta"):
         if not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number > 0, got {getattr(args, k)}")
-    args.eval_sigmas = [float(x) for x in args.eval_sigmas.split(",")]
+    args.eval_sigmas = _numbers("--eval-sigmas", args.eval_sigmas, float)
     if not 0 <= args.clean_prob <= 1 or not all(0 <= x < 1 for x in args.eval_sigmas) or args.pair_margin < 0:
         raise ValueError(f"need 0 <= --clean-prob <= 1, --eval-sigmas in [0, 1), --pair-margin >= 0; got "
                          f"{args.clean_prob}, {args.eval_sigmas}, {args.pair_margin}")
@@ -457,8 +457,18 @@ def parse_args(argv=None) -> LRMTrainConfig:
         raise FileNotFoundError(f"--dit-ckpt {args.dit_ckpt} does not exist")
     if (args.dit_blocks is not None and args.dit_blocks < 1) or args.dit_lora_rank < 1:
         raise ValueError(f"--dit-blocks and --dit-lora-rank must be >= 1, got {args.dit_blocks}, {args.dit_lora_rank}")
-    args.dit_mlp = tuple(int(x) for x in args.dit_mlp.split(",")) if args.dit_mlp else None
+    args.dit_mlp = tuple(_numbers("--dit-mlp", args.dit_mlp, int)) if args.dit_mlp else None
+    if args.dit_mlp and min(args.dit_mlp) < 1:
+        raise ValueError(f"--dit-mlp widths must be >= 1, got {args.dit_mlp}")
     return args
+
+
+def _numbers(flag: str, text: str, kind) -> list:
+    """A comma-separated flag value -> numbers, or a one-line error naming the flag."""
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 def dit_lrm(args, members: int):

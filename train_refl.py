@@ -46,7 +46,7 @@ PRESETS = {
     "toy": refl.TOY_PRESET,
     # PRFL: a no-grad rollout to a random step of the whole schedule, one DiT step with gradient,
     # the LRM on that step's noisy latent, PRFL's reward loss 0.1 relu(2 - sigmoid(r)) (its public code)
-    "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 2),
+    "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window),
 }
 MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
 

@@ -58,6 +58,7 @@ class LRMConfig:
     timestep_cond: bool = False  # FiLM of the token stream on the noise level (a noise-aware LRM)
     t_freq_dim: int = 64  # width of the sinusoidal embedding of t = 1000 sigma
     objective: str = "huber"  # what the LRM was trained with: "huber" (paper Eq. 6), "bt" or "thurstone"
+    huber_delta: float = 1.0  # the Huber delta of that training (online alignment re-uses it)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)  # a config read back from JSON carries lists

@@ -45,6 +45,7 @@ class DiTLRMConfig:
     lora_rank: int = 16
     lora_alpha: float = 16.0
     objective: str = "huber"  # what it was trained with, as LRMConfig.objective
+    huber_delta: float = 1.0  # the Huber delta of that training, as LRMConfig.huber_delta
     # the trunk's weights: "float32", or "bfloat16" (Wan's fp32 islands kept fp32, run under bf16
     # autocast as the generator is): half the memory and file size (8 blocks of the 14B: 11 -> 5.6 GB)
     trunk_dtype: str = "float32"

@@ -71,6 +71,9 @@ class RunConfig:
     shift: float = 5.0  # timestep shift
     solver: Literal["unipc", "euler"] = "unipc"  # sampler
     guidance: float = 5.0  # CFG scale, 1 = none
+    cfg_grad: Literal["both", "cond"] = "both"  # gradient of the guided velocity v_u + g (v_c - v_u): both: exact,
+    #                                             g dv_c + (1 - g) dv_u; cond: the unconditional branch without
+    #                                             gradient (g dv_c only, one DiT backward less per step, biased)
     mid_min: int = 15  # first step the window may start at
     mid_max: int = 25  # last step the window may start at
     window: int = 10  # K, the steps with gradient
@@ -89,6 +92,7 @@ class RunConfig:
     align_every: int = 10  # ReFL steps between alignments, 0 = never
     align_rounds: int = 2  # passes over the buffer per alignment, each ceil(entries / batch) updates (App. C.2)
     align_lr: float = 1e-5  # LRM learning rate
+    align_delta: float | None = None  # Huber delta of the alignment (None: the LRM file's, its train_lrm --huber-delta)
     buffer_size: int = 256  # replay buffer entries
     refresh_variance: bool = False  # before each alignment, rescore the buffer's variances with the current LRM
     # run
@@ -129,8 +133,8 @@ class RunConfig:
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
-            "reward", "guidance", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every", "align_rounds",
-            "align_lr", "refresh_variance", "prompts")
+            "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
+            "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
 # generator was trained and its LRM bootstrapped with).
@@ -170,6 +174,8 @@ def validate(c: RunConfig):
     for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
         if not math.isfinite(getattr(c, k)):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(c, k)}")
+    if c.align_delta is not None and not (math.isfinite(c.align_delta) and c.align_delta > 0):
+        raise ValueError(f"--align-delta must be a finite number > 0, got {c.align_delta}")
     if c.shift <= 0:
         raise ValueError(f"--shift must be > 0, got {c.shift}")
     if not c.full_finetune and c.lora_alpha <= 0:
@@ -195,7 +201,8 @@ def load_models(c, device, rank, noise_aware_flag=None):
     if not prompts:
         raise ValueError("real checkpoints need --prompts FILE (one prompt per line)")
     if c.lrm and not Path(c.lrm).is_file():
-        raise FileNotFoundError(f"--lrm {c.lrm} does not exist")
+        raise FileNotFoundError(f"--lrm {c.lrm} " + ("is a folder; give the LRM .safetensors file in it"
+                                                     if Path(c.lrm).is_dir() else "does not exist"))
     dollar = getattr(c, "mode", None) == "dollar"
     if dollar and c.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
@@ -276,13 +283,21 @@ def shared_generator(seed: int, step: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- velocities
 
-def velocity(model, x, t, context, neg_context, guidance):
-    """Guided velocity of `model`, the unconditional branch without gradient (as in sample.denoise)."""
-    v = model(x, t, context)
+def velocity(model, x, t, context, neg_context, guidance, cfg_grad="both", checkpoint=False):
+    """Guided velocity v_u + g (v_c - v_u) of `model`. cfg_grad "both": both branches keep the graph
+    (the exact derivative g dv_c + (1 - g) dv_u); "cond": the unconditional branch without gradient
+    (g dv_c only). checkpoint: each branch's DiT call is recomputed in the backward, one at a time,
+    so guidance with gradient costs the memory of one call's activations, not two."""
+    def call(ctx):
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(model, x, t, ctx, use_reentrant=False)
+        return model(x, t, ctx)
+
+    v = call(context)
     if neg_context is None or guidance == 1.0:
         return v
-    with torch.no_grad():
-        v_uncond = model(x, t, neg_context)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg_grad == "both"):
+        v_uncond = call(neg_context)
     return sample.guided_velocity(v, v_uncond, guidance)
 
 
@@ -296,7 +311,7 @@ def initial_model(model, ref):
 
 
 def reference_velocity(model, ref, x, t, context, neg_context, guidance):
-    """v_ref of the initial model at x (no gradient)."""
+    """v_ref of the initial model at x (no gradient: the reference is a fixed target)."""
     with torch.no_grad(), initial_model(model, ref) as m:
         return velocity(m, x.detach(), t, context, neg_context, guidance)
 
@@ -383,10 +398,15 @@ def refresh_variance(lrm, buffer, batch_size, device, world, step, log):
         log(f"step {step}: {removed} buffer entries got a non-finite variance from the LRM; removed")
 
 
+def alignment_delta(c, lrm) -> float:
+    """The alignment's Huber delta: --align-delta, else the one the LRM was pretrained with (its file's config)."""
+    return c.align_delta if c.align_delta is not None else getattr(lrm.cfg, "huber_delta", 1.0)
+
+
 def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid, seed: int, step: int, device,
-              world: int, bad, log, refresh: bool = False) -> dict:
+              world: int, bad, log, refresh: bool = False, delta: float = 1.0) -> dict:
     """Re-fit the LRM on the shared buffer (App. C.2): `rounds` passes, each ceil(entries /
-    batch_size) Huber updates; every member draws its own minibatch (variance-weighted, or uniform
+    batch_size) Huber updates (delta: the pretraining's); every member draws its own minibatch (variance-weighted, or uniform
     in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of `sigma_grid` (0 with
     ALIGN_CLEAN_PROB), labels the clean rewards. Seeded the same on every rank: same batches, same
     update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
@@ -406,8 +426,8 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
             sigma = lrm_lib.draw_sigmas((n, bs), sigma_grid, ALIGN_CLEAN_PROB, g)
             b["z"] = lrm_lib.noise_latents(b["z"], sigma.to(device), torch.randn(b["z"].shape, generator=g).to(device))
             sigma = sigma.to(device)
-        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], generator=g, amp_dtype=amp,
-                                 sigma=sigma)
+        res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], delta=delta, generator=g,
+                                 amp_dtype=amp, sigma=sigma)
         if res["skipped"]:
             bad["lrm_skipped"] += 1
             log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
@@ -572,9 +592,12 @@ class Run:
         if c.resume:
             self.resume_state = read_checkpoint(c.resume)
             self.changed = runs.check_resume(self.resume_state.get("run") or {}, self.run_settings(), c.resume, allowed)
-            if self.resume_state["step"] > c.steps:
-                raise ValueError(f"{c.resume} is at step {self.resume_state['step']}, past --steps {c.steps}; "
-                                 f"give --steps >= {self.resume_state['step']}")
+            at = self.resume_state["step"]
+            if at > c.steps:
+                raise ValueError(f"{c.resume} is at step {at}, past --steps {c.steps}; give --steps >= {at}")
+            if at == c.steps and (self.out / "summary.json").is_file():  # without it: finish the run's evaluation
+                raise ValueError(f"the run in {self.out} already finished at step {at} (summary.json); "
+                                 f"give --steps > {at} to train on")
         self.reward_fn = rewards.load_reward(c.reward)
         self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
         dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag)

@@ -85,6 +85,10 @@ def nonfinite_tensors(state: dict) -> list[str]:
 def check_out_dir(out_dir, resume, overwrite):
     """A run never silently replaces another: a non-empty --out needs --resume or --overwrite."""
     out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a run folder; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
         raise ValueError(f"--out {out_dir} already holds a run; continue it with --resume {out_dir / 'ckpt.pt'}, "
                          f"replace it with --overwrite, or choose another --out")

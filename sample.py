@@ -110,8 +110,9 @@ def gaussian_log_prob(y, mean, std: float):
 
 
 def guided_velocity(v_cond, v_uncond, guidance):
-    """Classifier-free guidance in fp32: v_u + g (v_c - v_u)."""
-    v_cond, v_uncond = v_cond.float(), v_uncond.float()
+    """Classifier-free guidance in fp32 (or wider): v_u + g (v_c - v_u)."""
+    dtype = torch.promote_types(torch.promote_types(v_cond.dtype, v_uncond.dtype), torch.float32)
+    v_cond, v_uncond = v_cond.to(dtype), v_uncond.to(dtype)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
@@ -167,14 +168,15 @@ def unipc_correct(x_prev, x0, x0_prev, x0_prev2, sigmas, i):
 # The denoising loop
 
 
-def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=1.0, start=0, stop=None,
-            grad_start=None, trace=False, progress=None):
+def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=1.0, cfg_grad="both", start=0,
+            stop=None, grad_start=None, trace=False, progress=None):
     """Run steps start .. stop-1 of the grid `sigmas` (steps + 1 values, get_sigmas) from x.
 
     velocity_fn(x, t) / uncond_fn(x, t): conditional / unconditional velocity, t = int64 (B,).
     With uncond_fn and guidance != 1 the velocity is guided (CFG); otherwise only velocity_fn runs.
     Steps before grad_start run under no_grad (grad_start=None: every step), steps from grad_start
-    on keep the graph; the unconditional branch always runs under no_grad.
+    on keep the graph. cfg_grad "both": there the unconditional branch keeps it too, so the guided
+    velocity's gradient is the exact g dv_c + (1 - g) dv_u; "cond": it runs without (g dv_c only).
     UniPC keeps its history inside one call only: the call's first step is first order and is
     not corrected, so a run split into two calls differs from one call; Euler has no state.
 
@@ -201,7 +203,7 @@ def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=
             t = torch.full((x.shape[0],), ts[i], dtype=torch.int64, device=x.device)
             v = velocity_fn(x, t)
             if uncond_fn is not None and guidance != 1.0:
-                with torch.no_grad():
+                with torch.set_grad_enabled(torch.is_grad_enabled() and cfg_grad == "both"):
                     v_uncond = uncond_fn(x, t)
                 v = guided_velocity(v, v_uncond, guidance)
             x0 = x0s[i] = x0_from_velocity(x, sig[i], v)

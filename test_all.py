@@ -2872,6 +2872,7 @@ def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):
                        (["--model", "dit", "--dit-mlp", "0"], r"--dit-mlp widths must be >= 1, got \(0,\)"),
                        (["--model", "dit", "--dit-mlp", "64,-3"], "--dit-mlp widths must be >= 1"),
                        (["--model", "dit", "--dit-mlp", "64,abc"], "--dit-mlp takes comma-separated ints, got '64,abc'"),
+                       (["--model", "dit", "--dit-mlp", ""], "--dit-mlp takes comma-separated ints, got ''"),
                        (["--eval-sigmas", "0.1,x"], "--eval-sigmas takes comma-separated floats")):
         with pytest.raises(ValueError, match=msg):
             train_lrm.parse_args(flags)
@@ -2888,8 +2889,9 @@ def test_train_lrm_out_folder_needs_resume_or_overwrite(tmp_path):
     assert set(get_args(hints["model"])) == set(lrm.MODEL_KINDS) and set(get_args(hints["config"])) == set(lrm.LRM_CONFIGS)
     assert set(get_args(hints["loss"])) == set(lrm.OBJECTIVES)
     out = tmp_path / "run"
-    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1")
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1", "--huber-delta", "0.3")
     train_lrm.main(argv)
+    assert lrm.read_config(out / "lrm.safetensors")[2].huber_delta == 0.3  # what the alignment re-uses
     assert json.loads((out / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(train_lrm.parse_args(argv))))
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"args.json", "metrics.jsonl", "ckpt.pt", "lrm.safetensors"} <= old.keys()
@@ -2908,8 +2910,9 @@ def test_train_lrm_resume_checks_settings_and_epochs(tmp_path):
     """--resume refuses other settings (naming them) unless --allow-changed, which records the change
     in metrics.jsonl; a checkpoint already at the run's end is refused rather than exporting nothing."""
     out = tmp_path / "run"
-    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1")
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1", "--huber-delta", "0.3")
     train_lrm.main(argv)
+    assert lrm.read_config(out / "lrm.safetensors")[2].huber_delta == 0.3  # what the alignment re-uses
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["run"]["seed"] == 0 and ckpt["run"]["lr"] == 1e-3 and set(ckpt["run"]) == set(train_lrm.RUN_KEYS)
     resume = [*argv[:-1], "2", "--resume", str(out / "ckpt.pt")]  # --epochs 2
@@ -3157,7 +3160,7 @@ def _refl_align(model, opt, buf, c, step):
     return refl.align_lrm(model, opt, buf, rounds=c.align_rounds, batch_size=c.batch_size,
                           sigma_grid=sample.get_sigmas(c.sample_steps, c.shift, c.solver)[:-1], seed=c.seed, step=step,
                           device=torch.device("cpu"), world=1, bad=refl.new_bad_counts(), log=print,
-                          refresh=c.refresh_variance)
+                          refresh=c.refresh_variance, delta=refl.alignment_delta(c, model))
 
 
 def test_refl_alignment_rounds_and_per_member_batches(monkeypatch):
@@ -3189,6 +3192,27 @@ def test_refl_alignment_rounds_and_per_member_batches(monkeypatch):
     seen.clear()
     _refl_align(again, torch.optim.AdamW(again.parameters(), lr=1e-3), buf, args, 7)
     assert all(torch.equal(a, b) for a, b in zip(seen_first, seen))
+
+
+def test_refl_alignment_uses_the_lrms_huber_delta(monkeypatch):
+    """The alignment's Huber delta is the one the LRM file says it was pretrained with; --align-delta overrides."""
+    model = lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], huber_delta=0.05), 3).requires_grad_(False)
+    buf = replay.ReplayBuffer(capacity=8)
+    buf.insert(*_refl_tiny_lrm_entries(4))
+    deltas, real = [], lrm_lib.lrm_update
+
+    def spy(*a, **kw):
+        deltas.append(kw["delta"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lrm_lib, "lrm_update", spy)
+    for flags, want in (([], 0.05), (["--align-delta", "0.5"], 0.5)):
+        args = train_refl.parse_args(["--batch-size", "2", "--align-rounds", "1", *flags])
+        deltas.clear()
+        _refl_align(model, torch.optim.AdamW(model.parameters(), lr=1e-3), buf, args, 1)
+        assert deltas == [want, want]
+    with pytest.raises(ValueError, match="--align-delta must be a finite number > 0"):
+        train_refl.parse_args(["--align-delta", "0"])
 
 
 def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
@@ -3363,6 +3387,121 @@ def test_refl_kl_zero_at_start_positive_after_updates(refl_cache, tmp_path, flag
     s.c.beta = 0.0  # --beta 0: the KL is still logged but leaves the loss
     _, out0 = _refl_loss(s, step=3)
     assert out0["kl"] == out["kl"] and torch.equal(out0["loss"], -out0["reward"].mean())
+
+
+class _Field(torch.nn.Module):
+    """A float64 velocity field with the DiT's call signature (x, t, context), smooth in its weights,
+    the latent, the timestep and the prompt, for finite-difference checks of the training gradients."""
+
+    def __init__(self, channels=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(0.6 * torch.randn(channels, channels, generator=g, dtype=torch.float64))
+        self.u = torch.nn.Parameter(torch.randn(channels, generator=g, dtype=torch.float64))
+
+    def forward(self, x, t, context):
+        prompt = context.mean((1, 2)).view(-1, 1, 1, 1, 1) * self.u.view(1, -1, 1, 1, 1)
+        return torch.tanh(torch.einsum("oc,bcfhw->bofhw", self.w, x) + prompt + t.view(-1, 1, 1, 1, 1) / 1000)
+
+
+def _directional_fd(model, f, direction, eps=1e-6):
+    """(f(theta + eps d) - f(theta - eps d)) / 2 eps over the model's parameters, f a float function."""
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), direction):
+                p.add_(sign * eps * d)
+            values.append(float(f()))
+            for p, d in zip(model.parameters(), direction):
+                p.sub_(sign * eps * d)
+    return (values[0] - values[1]) / (2 * eps)
+
+
+def _field_rollout(model, cfg_grad, guidance=5.0, steps=4):
+    """A guided Euler rollout of `model` with gradient at every step (grad_start 0, so the gradient is
+    the whole function's) -> (x0 prediction, trace)."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 3, 1, 2, 2, generator=g, dtype=torch.float64)
+    context, neg = torch.randn(2, 4, 5, generator=g, dtype=torch.float64), torch.zeros(1, 4, 5, dtype=torch.float64)
+    sigmas = sample.get_sigmas(steps, 3.0, "euler").double()
+    _, z0, trace = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver="euler",
+                                  uncond_fn=lambda x, t: model(x, t, neg), guidance=guidance, cfg_grad=cfg_grad,
+                                  grad_start=0, trace=True)
+    return z0, trace, context, neg
+
+
+def test_refl_guided_window_gradient_is_exact_with_cfg_grad_both():
+    """--cfg-grad both: the window's reward gradient through guidance g = 5 is the finite difference of
+    the reward of the rollout (both branches, the parameters and the chain of window states);
+    cond (the unconditional branch without gradient) is not."""
+    model = _Field()
+    weight = torch.linspace(-1, 1, 12, dtype=torch.float64).view(1, 3, 1, 2, 2)
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+                 for p in model.parameters()]
+
+    def reward():
+        with torch.no_grad():
+            return (_field_rollout(model, "both")[0] * weight).sum()
+
+    fd = _directional_fd(model, reward, direction)
+    for cfg_grad in ("both", "cond"):
+        model.zero_grad()
+        (_field_rollout(model, cfg_grad)[0] * weight).sum().backward()
+        exact = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction)).item()
+        if cfg_grad == "both":
+            assert exact == pytest.approx(fd, rel=1e-6)
+        else:
+            assert abs(exact - fd) > 0.05 * abs(fd)
+
+
+def test_refl_kl_gradient_is_the_finite_difference_of_the_kl_at_the_cut_state():
+    """The KL's gradient is d/dtheta of mean((v_theta(x_t) - v_ref(x_t))^2) at the window's last x_t with
+    its graph cut, the same state on both sides (not the window's velocity, which also moves x_t)."""
+    model = _Field()
+    ref = _Field(seed=1).requires_grad_(False)  # the initial model (a frozen copy, as full fine-tuning keeps)
+    _, trace, context, neg = _field_rollout(model, "both")
+    last = trace[-1]
+    x = last["x"].detach()
+    t = torch.full((2,), last["t"], dtype=torch.int64)
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+                 for p in model.parameters()]
+
+    def kl():
+        v, v_ref = refl.velocity(model, x, t, context, neg, 5.0), refl.velocity(ref, x, t, context, neg, 5.0)
+        return (v - v_ref).pow(2).mean()
+
+    fd = _directional_fd(model, kl, direction)
+    got = train_refl.kl_to_initial(model, ref, last, context, neg, 5.0, grad=True)
+    assert got.item() == pytest.approx(kl().item(), rel=1e-12)
+    model.zero_grad()
+    got.backward()
+    exact = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction)).item()
+    assert exact == pytest.approx(fd, rel=1e-6)
+    last = _field_rollout(model, "both")[1][-1]  # the same state, its graph built after the finite differences
+    window_v = (last["v"] - refl.reference_velocity(model, ref, x, t, context, neg, 5.0)).pow(2).mean()
+    model.zero_grad()
+    window_v.backward()  # the old mix: the policy side through x_t's graph, the reference at the cut x_t
+    mixed = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction)).item()
+    assert abs(mixed - fd) > 0.05 * abs(fd)
+    no_grad = train_refl.kl_to_initial(model, ref, last, context, neg, 5.0, grad=False)
+    assert no_grad.item() == pytest.approx(got.item(), rel=1e-12) and not no_grad.requires_grad
+
+
+def test_refl_beta_moves_the_update_by_beta_times_the_kl_gradient(refl_cache, tmp_path):
+    """beta > 0 changes the step's gradient, linearly in beta (a KL without gradient would not)."""
+    s = _refl_setup(tmp_path, refl_cache, "--beta", "0", "--lr", "1e-3")
+    for step in (1, 2):  # move off the initial model, where the KL and its gradient are 0
+        _refl_loss(s, step=step, update=True)
+    grads = {}
+    for beta in (0.0, 0.5, 1.0):
+        s.c.beta = beta
+        s.r.model.zero_grad()
+        _, out = _refl_loss(s, step=3)
+        out["loss"].backward()
+        grads[beta] = torch.cat([p.grad.flatten() for p in s.r.model.parameters() if p.grad is not None])
+    d_half, d_one = grads[0.5] - grads[0.0], grads[1.0] - grads[0.0]
+    assert d_one.norm() > 1e-3 * grads[0.0].norm()
+    torch.testing.assert_close(2 * d_half, d_one, rtol=1e-3, atol=1e-4 * d_one.abs().max().item())
 
 
 def test_refl_main_logs_kl_from_zero(refl_cache, tmp_path, capsys):
@@ -3712,6 +3851,25 @@ def test_refl_overwrite_clears_the_previous_run(refl_cache, tmp_path):
     train_refl.main(_refl_flags(refl_cache, run, "--overwrite", "--stop-after", "1"))
     assert sorted(p.name for p in run.iterdir()) == ["args.json", "metrics.jsonl", "notes.txt", "samples"]
     assert not (run / "samples" / "step_40.mp4").exists() and (run / "notes.txt").read_text() == "old"
+
+
+def test_refl_finished_run_refuses_resume_in_place_and_overwrite_with_resume(refl_cache, tmp_path):
+    """A finished run is not rewritten by --resume at its own --steps, nor by --resume with --overwrite
+    (which used to continue it silently), and a file given as --out gets one line."""
+    run = tmp_path / "run"
+    train_refl.main(_refl_flags(refl_cache, run))
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ckpt = str(run / "ckpt.pt")
+    for flags, msg in ((["--resume", ckpt, "--overwrite"], "give one of them"),
+                       (["--resume", ckpt], r"already finished at step 2 \(summary.json\); give --steps > 2"),
+                       (["--resume", ckpt, "--steps", "1"], "at step 2, past --steps 1")):
+        with pytest.raises(ValueError, match=msg):
+            train_refl.main(_refl_flags(refl_cache, run, *flags))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    with pytest.raises(ValueError, match="args.json is a file, not a run folder"):
+        train_refl.main(_refl_flags(refl_cache, run / "args.json"))
+    with pytest.raises(FileNotFoundError, match="is a folder; give the LRM .safetensors file in it"):
+        train_refl.main(_refl_flags(refl_cache, tmp_path / "other", "--lrm", str(run)))
 
 
 def test_refl_nan_rewards_are_dropped_and_the_run_ends_finite(refl_cache, tmp_path):
@@ -4288,6 +4446,13 @@ def test_train_assets_command(tmp_path):
     saved = json.loads((tmp_path / "toy_assets.json").read_text())
     assert saved["recipe"]["vae_steps"] == 2 and 0 <= saved["square_every_frame"] <= 1 and saved["vae_psnr_db"] > 0
     assert saved == json.loads(json.dumps(res))
+    for flags, msg in ((["--vae-steps", "-1"], "--vae-steps must be >= 1, got -1"),
+                       (["--device", "nosuchdev"], "--device 'nosuchdev' is not a device"),
+                       *([(["--device", "cuda"], "sees no CUDA GPU")] if not torch.cuda.is_available() else [])):
+        proc = subprocess.run([sys.executable, "toy.py", "train-assets", *flags, "--out", str(tmp_path / "x")],
+                              cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+        assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, flags
+    assert not (tmp_path / "x").exists()
 
 
 def test_shipped_watchable_assets_show_the_scene():

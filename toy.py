@@ -668,6 +668,15 @@ def train_assets(argv=None):
     p.add_argument("--ckpt-dir", default=str(default_cache_dir() / "train_assets"),
                    help="training checkpoints, every 500 steps; a rerun resumes from them (default <cache>/toy/train_assets)")
     args = p.parse_args(argv)
+    for flag in ("vae_steps", "pretrain_steps", "vae_videos", "videos"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch build sees no CUDA GPU")
     cfg = replace(WATCHABLE, vae_steps=args.vae_steps, pretrain_steps=args.pretrain_steps, vae_videos=args.vae_videos,
                   num_videos=args.videos)
     if cfg != WATCHABLE:

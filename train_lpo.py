@@ -106,7 +106,7 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float) -> torch.Tenso
 
 def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, lengths, neg, sigmas, g: torch.Generator, *,
              guidance: float, k: int, eta: float, dpo_beta: float, threshold, temp: float, agg: str = "mean",
-             lcb_k: float = 1.0, beta: float = 0.0, checkpoint: bool = False) -> dict:
+             lcb_k: float = 1.0, beta: float = 0.0, cfg_grad: str = "both", checkpoint: bool = False) -> dict:
     """The policy's stochastic sampler (eta) runs without gradient to grad_start; at each window
     step t < stop it draws k candidates x_{t-1} from the policy's Gaussian transition, the
     noise-aware LRM scores them at sigma_{t-1} (aggregated over members by agg), the best and the
@@ -124,10 +124,7 @@ def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, length
         return torch.randn(shape, generator=g).to(x.device)
 
     def vel(x_in, t):
-        if checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(refl.velocity, model, x_in, t, context, neg, guidance,
-                                                     use_reentrant=False)
-        return refl.velocity(model, x_in, t, context, neg, guidance)
+        return refl.velocity(model, x_in, t, context, neg, guidance, cfg_grad, checkpoint)
 
     for i in range(grad_start):  # the policy's own stochastic rollout, no gradient
         t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
@@ -179,7 +176,7 @@ def lpo_step(r: refl.Run, c: LPOConfig, step: int) -> dict:
         out = lpo_loss(r.model, r.ref, r.lrm, noise.to(r.device), grad_start, grad_start + c.window, context, lengths,
                        r.neg, r.sigmas, g, guidance=c.guidance, k=c.lpo_k, eta=c.lpo_eta, dpo_beta=c.dpo_beta,
                        threshold=c.lpo_threshold, temp=c.lpo_temp, agg=c.agg, lcb_k=c.lcb_k, beta=c.beta,
-                       checkpoint=c.gradient_checkpointing)
+                       cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
     refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size)
     rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
            "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": c.lr,
@@ -190,7 +187,8 @@ def lpo_step(r: refl.Run, c: LPOConfig, step: int) -> dict:
         if step % c.align_every == 0:
             rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
                                       sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
-                                      bad=r.bad, log=r.log, refresh=c.refresh_variance))
+                                      bad=r.bad, log=r.log, refresh=c.refresh_variance,
+                                      delta=refl.alignment_delta(c, r.lrm)))
     return rec
 
 

@@ -457,7 +457,7 @@ def parse_args(argv=None) -> LRMTrainConfig:
         raise FileNotFoundError(f"--dit-ckpt {args.dit_ckpt} does not exist")
     if (args.dit_blocks is not None and args.dit_blocks < 1) or args.dit_lora_rank < 1:
         raise ValueError(f"--dit-blocks and --dit-lora-rank must be >= 1, got {args.dit_blocks}, {args.dit_lora_rank}")
-    args.dit_mlp = tuple(_numbers("--dit-mlp", args.dit_mlp, int)) if args.dit_mlp else None
+    args.dit_mlp = tuple(_numbers("--dit-mlp", args.dit_mlp, int)) if args.dit_mlp is not None else None
     if args.dit_mlp and min(args.dit_mlp) < 1:
         raise ValueError(f"--dit-mlp widths must be >= 1, got {args.dit_mlp}")
     return args
@@ -481,9 +481,10 @@ def dit_lrm(args, members: int):
     else:
         dit = toy.build_models(args.seed)[0]
     mlp = args.dit_mlp or ((1024, 512) if args.dit_ckpt not in (None, "toy") else (64, 32))
-    return lrm_dit.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk, lora_rank=args.dit_lora_rank,
-                                     lora_alpha=float(args.dit_lora_rank), mlp_dims=mlp, objective=args.loss,
-                                     trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
+    return lrm_dit.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk,
+                                         lora_rank=args.dit_lora_rank, lora_alpha=float(args.dit_lora_rank),
+                                         mlp_dims=mlp, objective=args.loss, huber_delta=args.huber_delta,
+                                         trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
 
 
 def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
@@ -511,7 +512,8 @@ def main(argv=None):
 
     data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
-    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss)
+    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss,
+                  huber_delta=args.huber_delta)
     members = 1 if args.model == "dollar" else args.members
     if args.model == "dit":
         cfg = (model := dit_lrm(args, members)).cfg

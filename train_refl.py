@@ -110,9 +110,10 @@ def window(mode: str, g: torch.Generator, n: int, k: int, mid_min: int, mid_max:
 
 
 def policy_velocity(model, context, checkpoint: bool):
-    """The policy's conditional velocity. checkpoint: keep only each window step's input latent and
-    rerun the DiT in the backward (itself checkpointed per block), so the window's memory is one
-    step's, not K steps' block inputs."""
+    """The policy's velocity under `context` (the prompt's, or the negative prompt's for guidance's
+    unconditional branch). checkpoint: keep only each window step's input latent and rerun the DiT
+    in the backward (itself checkpointed per block), so the window's memory is one DiT call's, not
+    K steps' block inputs."""
     def vel(x, t):
         if checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(model, x, t, context, use_reentrant=False)
@@ -146,11 +147,20 @@ def make_reward(mode, lrm, vae, reward_fn, *, reward_on="z0", noise_ensemble=Fal
     return latent
 
 
-def kl_to_initial(model, ref, last: dict, context, neg, guidance) -> torch.Tensor:
-    """KL = mean((v_theta - v_ref)^2) at the window's last step, v_ref from the initial model."""
-    t = torch.full((last["x"].shape[0],), last["t"], dtype=torch.int64, device=last["x"].device)
-    v_ref = refl.reference_velocity(model, ref, last["x"], t, context, neg, guidance)
-    return (last["v"].float() - v_ref.float()).pow(2).mean()
+def kl_to_initial(model, ref, last: dict, context, neg, guidance, *, grad: bool, cfg_grad="both",
+                  checkpoint=False) -> torch.Tensor:
+    """KL = mean((v_theta - v_ref)^2) at the window's last step x_t, v_ref from the initial model (App. C.2).
+    Both velocities are taken at x_t with its graph cut: the KL regularises the velocity field on the
+    policy's own states, and its gradient is d/dtheta of v_theta(x_t) alone, the same on both sides.
+    (The window's velocity at x_t also depends on theta through x_t, the reference's would not; mixing
+    the two gives a gradient that is neither.) grad: the policy's velocity is recomputed at the cut
+    x_t with gradient (one more guided DiT call); otherwise the window's value is reused."""
+    x = last["x"].detach()
+    t = torch.full((x.shape[0],), last["t"], dtype=torch.int64, device=x.device)
+    v = refl.velocity(model, x, t, context, neg, guidance, cfg_grad, checkpoint) if grad else last["v"].detach()
+    v_ref = refl.reference_velocity(model, ref, x, t, context, neg, guidance)
+    wide = torch.promote_types(v.dtype, torch.float32)  # fp32 for a bf16 DiT
+    return (v.to(wide) - v_ref.to(wide)).pow(2).mean()
 
 
 def objective(reward, kl, beta: float, reward_loss: str = "neg") -> tuple[torch.Tensor, int]:
@@ -190,17 +200,19 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
     prompts, noise = refl.draw_batch(c.seed, step, r.data_rank, r.prompts, c.batch_size, r.shape)
     grad_start, stop = window(c.mode, refl.shared_generator(c.seed, step), c.sample_steps, c.window, c.mid_min, c.mid_max)
     context, lengths = refl.text_batch(r.table, prompts, r.device)
-    uncond = (lambda x, t: r.model(x, t, r.neg)) if r.neg is not None else None
+    uncond = policy_velocity(r.model, r.neg, c.gradient_checkpointing) if r.neg is not None else None
     with sample.autocast(r.device):
         # 1-3. roll out without gradient to grad_start, keep the graph for the K window steps, and
         #      predict z0 = x_t - sigma_t v from the last of them (§4.3; sample.denoise)
         xt, z0, trace = sample.denoise(policy_velocity(r.model, context, c.gradient_checkpointing),
                                        noise.to(r.device), r.sigmas, solver=c.solver, uncond_fn=uncond,
-                                       guidance=c.guidance, stop=stop, grad_start=grad_start, trace=True)
+                                       guidance=c.guidance, cfg_grad=c.cfg_grad, stop=stop, grad_start=grad_start,
+                                       trace=True)
         # 4. reward: the ensemble LRM on z0, aggregated over its members (Eq. 7), or the mode's source
         reward, members = score(z0, xt, float(r.sigmas[stop]), context, lengths, prompts)
         # 5. KL to the initial model at the window's last step (App. C.2)
-        kl = kl_to_initial(r.model, r.ref, trace[-1], context, r.neg, c.guidance)
+        kl = kl_to_initial(r.model, r.ref, trace[-1], context, r.neg, c.guidance, grad=c.beta > 0,
+                           cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
         # 6. loss = -reward + beta KL (+ PRFL's supervised term on real latents)
         loss, dropped = objective(reward, kl, c.beta, c.reward_loss)
         rec = {"step": step}
@@ -221,7 +233,8 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
         if step % c.align_every == 0:
             rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
                                       sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
-                                      bad=r.bad, log=r.log, refresh=c.refresh_variance))
+                                      bad=r.bad, log=r.log, refresh=c.refresh_variance,
+                                      delta=refl.alignment_delta(c, r.lrm)))
     return rec
 
 

@@ -2131,6 +2131,22 @@ def test_lrm_pair_update_trains_each_member_on_its_own_pairs():
         assert nan["skipped"] and nan["dropped"] == 8
 
 
+def test_lrm_pair_update_raises_the_preferred_side():
+    """lrm_pair_update with P(a > b) = 1 raises every member's s_a - s_b (the sides are not swapped)."""
+    for objective, cfg, sigma in (("bt", _LRM_TINY, None), ("thurstone", _NA_TINY, torch.full((2, 3), 0.4))):
+        model = lrm.EnsembleLRM(cfg, 2, seed=3)
+        za, ctx, lengths = (torch.stack([x, x]) for x in _lrm_inputs(b=3, seed=4))
+        zb = torch.stack([_lrm_inputs(b=3, seed=5)[0]] * 2)
+        kw = {} if sigma is None else {"sigma": sigma}
+        gap = lambda: (model(za, ctx, lengths, **kw) - model(zb, ctx, lengths, **kw)).sum(1)  # noqa: E731  (N,)
+        with torch.no_grad():
+            before = gap()
+        lrm.lrm_pair_update(model, torch.optim.SGD(model.parameters(), lr=1e-2), za, zb, ctx, lengths,
+                            torch.ones(2, 3), objective=objective, sigma=sigma)
+        with torch.no_grad():
+            assert (gap() > before).all(), (objective, before, gap())
+
+
 def test_lrm_noise_ensemble_is_deterministic():
     torch.manual_seed(0)
     model = lrm.EnsembleLRM(_NA_TINY, 2, seed=1)
@@ -2428,6 +2444,22 @@ def test_replay_sample_errors_are_clear():
     bad = {"capacity": 4, "data": {k: v for k, v in buf.data.items() if k != "reward"}}
     with pytest.raises(ValueError, match=r"not a replay buffer state: no \['data.reward'\]"):
         replay.ReplayBuffer().load_state_dict(bad)
+
+
+def test_replay_stores_the_ensemble_variance_over_members():
+    """offer_to_buffer and refresh_variance store members.var(0, correction=0) per sample, members (N, B),
+    also when N == B (a variance over the wrong axis is then silent)."""
+    for n, b in ((3, 2), (3, 3)):
+        g = torch.Generator().manual_seed(n * 10 + b)
+        members, fresh = torch.randn(n, b, generator=g), torch.randn(n, b, generator=g)
+        z0, context = torch.randn(b, 16, 1, 2, 2, generator=g), torch.randn(b, 3, 4, generator=g)
+        lengths = torch.full((b,), 3)
+        buf = replay.ReplayBuffer(capacity=8)
+        refl.offer_to_buffer(buf, z0, members, context, lengths, ["p"] * b, types.SimpleNamespace(decode=lambda z: z),
+                             lambda video, prompts: video.flatten(1).mean(1), 1, 0, 1, refl.new_bad_counts(), print)
+        assert len(buf) == b and torch.allclose(buf.data["variance"], members.var(0, correction=0))
+        refl.refresh_variance(lambda z, ctx, lens: fresh, buf, b, CPU, 1, 1, print)
+        assert torch.allclose(buf.data["variance"], fresh.var(0, correction=0))
 
 
 # ==================================================================================================
@@ -3996,6 +4028,24 @@ def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
         train_refl.main(_refl_flags(refl_cache, tmp_path / "bad", "--sft-data", str(tmp_path / "none")))
 
 
+def test_refl_sft_loss_targets_eps_minus_z0(monkeypatch):
+    """PRFL's SFT term is zero for a model whose velocity is exactly eps - z0 of the re-noised latent."""
+    latents = torch.randn(3, 16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    rows = [{"latent": latents[i], "context": torch.full((2, 4), float(i))} for i in range(3)]
+    monkeypatch.setattr(sample, "shift_sigmas", lambda s, shift: torch.full_like(s, 0.25))  # x = 0.75 z0 + 0.25 eps
+
+    class Oracle(torch.nn.Module):  # reads the row id from the context, so knows z0 and eps = 4 x - 3 z0
+        cfg = types.SimpleNamespace(text_len=5)
+
+        def forward(self, x, t, context):
+            assert (t == 250).all()
+            z0 = latents[context[:, 0, 0].long()]
+            return (4 * x - 3 * z0) - z0
+
+    kw = dict(seed=0, step=1, data_rank=0, batch_size=4, shift=5.0, device=CPU)
+    assert train_refl.sft_loss(Oracle(), rows, **kw).item() < 1e-10
+
+
 def test_sequence_parallel_two_ranks_equal_one_process():
     """2 ranks (gloo) split every sample's 96 tokens: the same output and LoRA gradients (summed over
     the group) as one process, with and without gradient checkpointing."""
@@ -4214,6 +4264,65 @@ def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal()
     assert torch.allclose(same, torch.tensor(4 * math.log(2))) and torch.equal(g, torch.zeros(3))
     (g2,) = torch.autograd.grad(loss(y, y.flip(0)), w)  # a real pair: the policy is pushed
     assert g2.abs().sum() > 0
+
+
+class _LPOBias(torch.nn.Module):
+    """A stub policy: velocity x + b, b (the sample's shape) the only weight."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x, t, context):
+        return x + self.b
+
+
+def _lpo_stub_loss(model, grad_start, stop):
+    """train_lpo.lpo_loss of a stub policy (reference: b = 0) on 2 samples, k = 3, every pair kept, scored
+    by a spy LRM (score: the mean of channel 0) recording its calls' (latents, sigma).
+    Returns (out, calls, sigmas, noise)."""
+    calls, shape = [], (2, 16, 1, 2, 2)
+
+    def spy(z, context, lengths, sigma=None):
+        calls.append((z.detach().clone(), sigma))
+        return torch.stack([z[:, 0].flatten(1).mean(1)] * 2)
+
+    g = torch.Generator().manual_seed(0)
+    noise, sigmas = torch.randn(shape, generator=g), sample.get_sigmas(4, 3.0, "euler")
+    out = train_lpo.lpo_loss(model, _LPOBias(shape).requires_grad_(False), spy, noise, grad_start, stop,
+                             torch.zeros(2, 3, 4), torch.full((2,), 3), None, sigmas, g, guidance=1.0, k=3, eta=1.0,
+                             dpo_beta=1.0, threshold=(0.0, 0.0), temp=1e-3)
+    return out, calls, sigmas.tolist(), noise
+
+
+def test_lpo_scores_candidates_at_their_own_sigma():
+    """The LRM scores the candidates x_{t-1} of window step i at sigma_{i+1} (then z0 clean)."""
+    out, calls, sig, _ = _lpo_stub_loss(_LPOBias((2, 16, 1, 2, 2)), 1, 3)
+    assert [s for _, s in calls] == [sig[2], sig[3], None] and out["pairs"] == 4
+    assert all(z.shape == (6, 16, 1, 2, 2) for z, _ in calls[:2])
+
+
+def test_lpo_dpo_gradient_raises_the_best_candidate():
+    """DPO's gradient raises the winner's log-likelihood and lowers the loser's, and in lpo_loss the
+    winner is the candidate the LRM scored best: one SGD step moves the policy's transition towards it."""
+    logp_w, logp_l = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    train_lpo.dpo_loss(logp_w, logp_l, torch.zeros(2), torch.zeros(2), 10.0).sum().backward()
+    assert (logp_w.grad < 0).all() and (logp_l.grad > 0).all()
+    model = _LPOBias((2, 16, 1, 2, 2))
+    out, calls, sig, noise = _lpo_stub_loss(model, 0, 1)
+    cands = calls[0][0].view(2, 3, 16, 1, 2, 2)
+    score = cands[:, :, 0].flatten(2).mean(2)
+    rows = torch.arange(2)
+    best, worst = cands[rows, score.argmax(1)], cands[rows, score.argmin(1)]
+    with torch.no_grad():
+        mean_before, std = sample.ddim_transition(noise, model(noise, None, None), sig[0], sig[1], 1.0)
+    out["loss"].backward()
+    torch.optim.SGD(model.parameters(), lr=100.0).step()  # moves the mean by ~0.02 (std 0.9)
+    with torch.no_grad():
+        mean_after, _ = sample.ddim_transition(noise, model(noise, None, None), sig[0], sig[1], 1.0)
+    lp = lambda y, m: sample.gaussian_log_prob(y, m, std)  # noqa: E731
+    assert (lp(best, mean_after) > lp(best, mean_before)).all()
+    assert (lp(worst, mean_after) < lp(worst, mean_before)).all()
 
 
 def test_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tmp_path):

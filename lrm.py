@@ -180,11 +180,19 @@ def noise_latents(z0: torch.Tensor, sigma, noise: torch.Tensor) -> torch.Tensor:
     return (1 - sigma) * z0 + sigma * noise.to(z0.dtype)
 
 
-def draw_sigmas(shape, grid: torch.Tensor, clean_prob: float, generator=None) -> torch.Tensor:
-    """Noise levels (shape) for noise-aware training: uniform over the sampler's shifted grid `grid`
-    (its `steps` sigmas, the final 0 excluded), or 0 (a clean latent) with probability clean_prob."""
+def draw_sigmas(shape, grid: torch.Tensor, clean_prob: float, generator=None, draw: str = "grid") -> torch.Tensor:
+    """Noise levels (shape) for noise-aware training: 0 (a clean latent) with probability clean_prob,
+    else a point of the sampler's shifted grid `grid` (its `steps` sigmas, the final 0 excluded).
+    draw "grid": uniform over the points (most mass at high noise under the shift); "uniform":
+    DiNa-LRM's u ~ U[0, 1] snapped to the nearest point, each point as likely as its cell of [0, 1] is wide."""
     grid = torch.as_tensor(grid, dtype=torch.float32).flatten()
-    sigma = grid[torch.randint(len(grid), tuple(shape), generator=generator)]
+    if draw == "grid":
+        sigma = grid[torch.randint(len(grid), tuple(shape), generator=generator)]
+    elif draw == "uniform":
+        u = torch.rand(tuple(shape), generator=generator)
+        sigma = grid[(u[..., None] - grid).abs().argmin(-1)]
+    else:
+        raise ValueError(f"sigma draw must be 'grid' or 'uniform', got {draw!r}")
     clean = torch.rand(tuple(shape), generator=generator) < clean_prob
     return torch.where(clean, torch.zeros_like(sigma), sigma)
 

@@ -2099,6 +2099,40 @@ def test_lrm_thurstone_bt_fidelity_values_and_gradient_signs():
                                torch.tensor([2 - 2 * math.sqrt(1.05), -2 * math.sqrt(0.05)]))
 
 
+class _MeanScore(torch.nn.Module):
+    """A stub LRM: the score of a latent is its mean (times a weight), so a test knows every score."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, z, context, lengths, sigma=None):
+        return z.flatten(2).mean(-1) * self.w
+
+
+def test_lrm_thurstone_pair_loss_at_sigma_09_is_the_fidelity_of_the_likelihood():
+    """At sigma 0.9 the Thurstone pair loss is the fidelity 1 - sqrt(p P) - sqrt((1 - p)(1 - P)) of
+    P = Phi((s_a - s_b) / sqrt(2 v)), v = 2 sigma^2 + 0.05 (lrm.py's definition, written out here with
+    math.erf), both from pair_loss and as lrm_pair_update reports it for a pair batch at that sigma."""
+    s_a, s_b = torch.tensor([0.7, -0.4, 1.5, 0.0]), torch.tensor([0.1, 0.3, -1.0, 0.0])
+    p = torch.tensor([1.0, 0.0, 0.7, 0.5])
+
+    def by_hand(d, q, sigma):
+        v = 2 * sigma**2 + 0.05
+        prob = 0.5 * (1 + math.erf(d / math.sqrt(2 * v) / math.sqrt(2)))
+        return 1 - math.sqrt(q * prob) - math.sqrt((1 - q) * (1 - prob))
+
+    want = [by_hand(a - b, q, 0.9) for a, b, q in zip(s_a.tolist(), s_b.tolist(), p.tolist())]
+    assert abs(want[0] - by_hand(0.6, 1.0, 0.0)) > 0.05  # sigma 0 would give another loss
+    got = lrm.pair_loss(s_a, s_b, p, "thurstone", torch.full((4,), 0.9))
+    torch.testing.assert_close(got, torch.tensor(want), atol=2e-6, rtol=0)
+    model = _MeanScore()
+    za, zb = (s[None, :, None].expand(1, 4, 16).clone() for s in (s_a, s_b))  # (N 1, P 4, 16): scores s_a, s_b
+    out = lrm.lrm_pair_update(model, torch.optim.SGD(model.parameters(), lr=0.0), za, zb, torch.randn(1, 4, 3, 8),
+                              torch.full((1, 4), 3), p[None], objective="thurstone", sigma=torch.full((1, 4), 0.9))
+    assert abs(out["loss"] - sum(want) / 4) < 2e-6, (out["loss"], want)
+
+
 def test_lrm_pair_formation_drops_near_ties():
     groups = ["a", "a", "a", "b", "b", "c"]
     rewards = [0.50, 0.52, 0.90, 0.1, float("nan"), 0.3]
@@ -3087,6 +3121,145 @@ def test_train_lrm_noise_draws_follow_the_schedule():
         train_lrm.parse_args(["--noise-aware", "--model", "dollar"])
     assert abs(train_lrm.calibration_error(torch.tensor([0.9, 0.9, 0.2, 0.2]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
                - (0.5 * 0.4 + 0.5 * 0.2)) < 1e-6
+
+
+def test_train_lrm_thurstone_draws_sigma_uniform_snapped_to_the_grid():
+    """--loss thurstone's default (DiNa-LRM): u ~ U[0, 1] snapped to the nearest sigma of the sampler's
+    grid, so each grid point is drawn as often as its cell of [0, 1] (the points nearer to it than to
+    any other) is wide; --sigma-draw grid, the huber/bt default, draws each point 1/steps of the
+    time; --clean-prob still mixes in clean latents."""
+    flags = ["--noise-aware", "--clean-prob", "0"]
+    assert [train_lrm.parse_args([*flags, "--loss", x]).sigma_draw for x in ("thurstone", "bt", "huber")] == \
+        ["uniform", "grid", "grid"]
+    with pytest.raises(ValueError, match="^--sigma-draw grid needs --noise-aware$"):
+        train_lrm.parse_args(["--sigma-draw", "grid"])
+    points = sample.get_sigmas(50, 5.0, "unipc")[:-1].sort().values  # the default grid, ascending
+    ends = points.new_zeros(1), points.new_ones(1)
+    cells = torch.cat([ends[0], (points[1:] + points[:-1]) / 2, ends[1]]).diff()  # each point's cell of [0, 1]
+    assert points.max() < 1 and abs(cells.sum().item() - 1) < 1e-12 and cells.max() > 20 * cells.min()
+    n = 200_000
+
+    def shares(extra):
+        args = train_lrm.parse_args([*flags, "--loss", "thurstone", *extra])
+        sigma = train_lrm.step_noise(args, 0, 0, (400, 500, 1))[0]
+        hits = (sigma.flatten()[:, None] == points.float()).double()
+        assert torch.equal(hits.sum(1), torch.ones(n))  # every draw is a grid point
+        return hits.mean(0)
+
+    for got, want in ((shares([]), cells), (shares(["--sigma-draw", "grid"]), torch.full_like(cells, 1 / 50))):
+        tol = 5 * (want * (1 - want) / n).sqrt()  # 5 binomial standard deviations
+        assert ((got - want).abs() <= tol).all(), (got - want).abs().max()
+    sigma = train_lrm.step_noise(train_lrm.parse_args(["--noise-aware", "--loss", "thurstone", "--clean-prob", "0.25"]),
+                                 1, 0, (400, 500, 1))[0]
+    assert abs((sigma == 0).double().mean().item() - 0.25) < 0.01
+    assert set(sigma[sigma > 0].unique().tolist()) <= set(points.float().tolist())
+
+
+def _pair_rows(n, seed):
+    """Cheap stand-in rows for train_lrm's synthetic set: 4 prompts, all rewards distinct (every
+    same-prompt pair is kept), text width 64 as the tiny config's."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"latent": torch.randn(16, 2, 4, 4, generator=g), "context": torch.randn(3, 64, generator=g),
+             "reward": i / n, "prompt": f"p{i % 4}"} for i in range(n)]
+
+
+_PAIR_STEPS = ["--synthetic", "32", "--members", "2", "--batch-size", "4", "--noise-aware", "--sample-steps", "20",
+               "--solver", "euler", "--stop-after", "2"]
+
+
+def test_train_lrm_pair_sides_share_sigma_and_noise(tmp_path, monkeypatch):
+    """DiNa-LRM's pairs: in every pairwise noise-aware step the model gets both sides of each pair at
+    the pair's sigma and under one noise draw (z_sigma - (1 - sigma) z0 equal on both sides), for bt
+    and thurstone; --pair-noise independent gives each side its own draw."""
+    monkeypatch.setattr(train_lrm, "synthetic_data", lambda n, seed, reward="color", batch=32: _pair_rows(n, seed))
+    real_batches, real_update = train_lrm.pair_batches, lrm.lrm_pair_update
+    steps = []
+
+    def batches(*args, **kwargs):
+        out = real_batches(*args, **kwargs)
+        steps.append({"clean": out[:2]})
+        return out
+
+    def update(model, optimizer, za, zb, *args, sigma=None, **kwargs):
+        forward = model.forward
+
+        def seen(*a, **k):  # the noise levels the model itself gets, (N, 2P): side a, then side b
+            steps[-1]["seen"] = k["sigma"]
+            return forward(*a, **k)
+
+        model.forward = seen
+        steps[-1].update(noisy=(za, zb), sigma=sigma)
+        try:
+            return real_update(model, optimizer, za, zb, *args, sigma=sigma, **kwargs)
+        finally:
+            del model.forward
+
+    monkeypatch.setattr(train_lrm, "pair_batches", batches)
+    monkeypatch.setattr(lrm, "lrm_pair_update", update)
+
+    def noise_gaps(*flags):
+        steps.clear()
+        train_lrm.main(_data_train_argv(tmp_path / "-".join(flags), *_PAIR_STEPS, *flags))
+        assert len(steps) == 2
+        gaps = []
+        for st in steps:
+            sigma, pairs = st["sigma"], st["sigma"].shape[1]
+            assert (sigma > 0).any() and all(torch.equal(side, sigma) for side in st["seen"].split(pairs, 1))
+            s = sigma[(...,) + (None,) * 4]
+            ea, eb = (z - (1 - s) * c for z, c in zip(st["noisy"], st["clean"]))  # sigma * eps of each side
+            assert ea.abs().sum() > 0
+            gaps.append((ea - eb).abs().max().item())
+        return max(gaps)
+
+    assert noise_gaps("--loss", "thurstone") < 1e-5
+    assert noise_gaps("--loss", "bt") < 1e-5
+    assert noise_gaps("--loss", "thurstone", "--pair-noise", "independent") > 0.1
+    with pytest.raises(ValueError, match="^--pair-noise independent needs --noise-aware and --loss bt.thurstone$"):
+        train_lrm.parse_args(["--noise-aware", "--pair-noise", "independent"])
+
+
+def test_train_lrm_thurstone_pair_loss_gets_the_drawn_sigma(tmp_path, monkeypatch):
+    """train_lrm's Thurstone pair steps hand the sigma each step drew (not 0) to the pair loss."""
+    monkeypatch.setattr(train_lrm, "synthetic_data", lambda n, seed, reward="color", batch=32: _pair_rows(n, seed))
+    real_noise, real_loss = train_lrm.step_noise, lrm.pair_loss
+    drawn, used = [], []
+
+    def step_noise(*args, **kwargs):
+        out = real_noise(*args, **kwargs)
+        drawn.append(out[0])
+        return out
+
+    def pair_loss(s_a, s_b, p, objective, sigma_a=0.0, sigma_b=None):
+        used.append((objective, sigma_a, sigma_b))
+        return real_loss(s_a, s_b, p, objective, sigma_a, sigma_b)
+
+    monkeypatch.setattr(train_lrm, "step_noise", step_noise)
+    monkeypatch.setattr(lrm, "pair_loss", pair_loss)
+    train_lrm.main(_data_train_argv(tmp_path / "run", *_PAIR_STEPS, "--loss", "thurstone"))
+    assert len(drawn) == len(used) == 2
+    for sigma, (objective, sigma_a, sigma_b) in zip(drawn, used):
+        assert objective == "thurstone" and (sigma > 0).any() and sigma_b is None
+        assert torch.is_tensor(sigma_a) and torch.equal(sigma_a.cpu(), sigma)
+
+
+def test_train_lrm_resume_of_a_run_from_before_sigma_draw_and_pair_noise():
+    """A checkpoint whose run predates --sigma-draw and --pair-noise drew noise-aware sigmas over the
+    grid and a noise per pair side: resuming it under today's defaults is refused naming both flags,
+    those values given continue it, and runs they never applied to resume as before."""
+    def now_and_old(*flags):
+        now = train_lrm.run_settings(train_lrm.parse_args(list(flags)))
+        assert {"sigma_draw", "pair_noise"} <= now.keys()
+        return now, train_lrm.saved_settings({k: v for k, v in now.items() if k not in ("sigma_draw", "pair_noise")})
+
+    now, old = now_and_old("--noise-aware", "--loss", "thurstone")
+    with pytest.raises(ValueError, match=r"--sigma-draw 'grid' -> 'uniform', --pair-noise 'independent' -> 'shared'"):
+        runs.check_resume(old, now, "ckpt.pt")
+    now, old = now_and_old("--noise-aware", "--loss", "thurstone", "--sigma-draw", "grid", "--pair-noise", "independent")
+    assert runs.check_resume(old, now, "ckpt.pt") == {}
+    with pytest.raises(ValueError, match=r"other settings: --pair-noise 'independent' -> 'shared'; "):
+        runs.check_resume(*reversed(now_and_old("--noise-aware", "--loss", "bt")), "ckpt.pt")  # bt kept the grid draw
+    for flags in ([], ["--noise-aware"], ["--loss", "bt"], ["--noise-aware", "--loss", "bt", "--pair-noise", "independent"]):
+        assert runs.check_resume(*reversed(now_and_old(*flags)), "ckpt.pt") == {}, flags
 
 
 def test_train_lrm_pairs_from_a_preference_file(tmp_path):

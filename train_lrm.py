@@ -8,9 +8,11 @@ for the ensemble mean (the layout of the paper's Table 3), in `metrics.jsonl`.
 Data: prepare_data.py's shards (`--data`, shards.py), or a small synthetic set built in-process.
 Options beside the paper: `--model dollar` (the Dollar baseline), `--model dit` (the generator's
 first blocks + heads, PRFL's design, arXiv 2511.21541; lrm_dit.py), `--noise-aware` (DiNa-LRM's
-timestep-conditioned LRM on re-noised latents, arXiv 2602.11146), `--loss bt|thurstone` (pairs
-of one prompt, or `--pairs FILE`), with per-noise-level metrics. The flags are the fields of
-`LRMTrainConfig`. DDP over ranks; `--resume` continues bit for bit; files are written through runs.py.
+timestep-conditioned LRM on re-noised latents, arXiv 2602.11146; as there, a pair's two sides share
+sigma and noise, and Thurstone draws sigma ~ U[0, 1] snapped to the sampler's grid), `--loss
+bt|thurstone` (pairs of one prompt, or `--pairs FILE`), with per-noise-level metrics. The flags
+are the fields of `LRMTrainConfig`. DDP over ranks; `--resume` continues bit for bit; files are
+written through runs.py.
 
     python train_lrm.py                                      # tiny synthetic run, CPU
     torchrun --nproc_per_node=8 train_lrm.py --data data/lrm --config default --out runs/lrm
@@ -84,8 +86,15 @@ class LRMTrainConfig:
     pairs: str | None = None  # preference file for --loss bt|thurstone: jsonl of {"a": source, "b": source,
         # "p": P(a preferred)}, sources as prepare_data.py recorded them in --data; None: pairs formed from the labels
     noise_aware: bool = False  # timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps,
-        # s from the sampler's schedule; the label stays the clean latent's reward
+        # s from the sampler's schedule (--sigma-draw); the label stays the clean latent's reward
     clean_prob: float = 0.1  # --noise-aware: share of clean (s = 0) latents
+    sigma_draw: Literal["uniform", "grid"] | None = None  # --noise-aware: how s is drawn from the sampler's grid:
+        # uniform (DiNa-LRM: u ~ U[0, 1] snapped to the nearest grid sigma) or grid (each of its steps equally
+        # likely: most mass at high noise); None: uniform for --loss thurstone, grid for huber and bt
+    pair_noise: Literal["shared", "independent"] = "shared"  # --noise-aware --loss bt|thurstone: shared (DiNa-LRM:
+        # both sides of a pair re-noised with one noise draw, so the score difference comes from the latents, not
+        # the noise, the setting its v(s) is calibrated for) or independent (a draw per side, as runs before this
+        # flag did)
     sample_steps: int = 50  # --noise-aware: the sampler's steps (toy world: 20)
     shift: float = 5.0  # --noise-aware: the sampler's shift
     solver: Literal["unipc", "euler"] = "unipc"  # --noise-aware: the sampler, its sigma grid (toy world: euler)
@@ -115,12 +124,24 @@ CKPT_KEYS = ("model", "optimizer", "step")
 # (--epochs may grow; --allow-changed accepts others on purpose).
 RUN_KEYS = ("data", "synthetic", "synthetic_reward", "test_frac", "model", "config", "members", "dit_ckpt", "dit_blocks",
             "dit_trunk", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
-            "pair_margin", "pairs", "noise_aware", "clean_prob", "sample_steps", "shift", "solver")
+            "pair_margin", "pairs", "noise_aware", "clean_prob", "sigma_draw", "pair_noise", "sample_steps", "shift",
+            "solver")
 
 
 def run_settings(args) -> dict:
     """The RUN_KEYS of a parsed config, as a checkpoint records them (dit_mlp as a list)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(args, k)) for k in RUN_KEYS)}
+
+
+def saved_settings(run: dict) -> dict:
+    """A checkpoint's run settings with sigma_draw and pair_noise filled in, when it predates them, as the
+    code then behaved (noise-aware: sigma uniform over the grid, a noise draw per pair side), so that
+    resuming it under today's defaults is refused rather than changing the recipe midway."""
+    if not run or "sigma_draw" in run:
+        return run
+    noisy, pairs = bool(run.get("noise_aware")), run.get("loss") in ("bt", "thurstone")
+    return {"sigma_draw": "grid" if noisy else None, "pair_noise": "independent" if noisy and pairs else "shared",
+            **run}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +227,11 @@ def sigma_grid(args) -> torch.Tensor:
 
 
 def step_noise(args, step: int, rank: int, shape, sides: int = 1) -> tuple[torch.Tensor, list]:
-    """This step's noise levels (shape[:2], e.g. (N, B)) and `sides` noise draws of `shape` (a pair's
-    two sides share the level, not the noise): a function of (seed, step, rank), so --resume redraws
-    exactly what the lost steps drew."""
+    """This step's noise levels (shape[:2], e.g. (N, B); drawn as --sigma-draw says) and `sides` noise
+    draws of `shape` (pairs: 1 when both sides share the noise, 2 for a draw per side): a function of
+    (seed, step, rank), so --resume redraws exactly what the lost steps drew."""
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank + 17)
-    sigma = lrm.draw_sigmas(shape[:2], sigma_grid(args), args.clean_prob, g)
+    sigma = lrm.draw_sigmas(shape[:2], sigma_grid(args), args.clean_prob, g, args.sigma_draw)
     return sigma, [torch.randn(tuple(shape), generator=g) for _ in range(sides)]
 
 
@@ -450,6 +471,12 @@ def parse_args(argv=None) -> LRMTrainConfig:
         raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
+    if args.sigma_draw and not args.noise_aware:
+        raise ValueError(f"--sigma-draw {args.sigma_draw} needs --noise-aware")
+    if args.pair_noise != "shared" and not (args.noise_aware and args.loss != "huber"):
+        raise ValueError(f"--pair-noise {args.pair_noise} needs --noise-aware and --loss bt|thurstone")
+    if args.noise_aware and args.sigma_draw is None:  # DiNa-LRM's draw for its loss; the others keep the grid's
+        args.sigma_draw = "uniform" if args.loss == "thurstone" else "grid"
     if args.model != "dit" and (args.dit_ckpt or args.dit_blocks or args.dit_mlp or args.dit_trunk != "frozen"
                                 or args.dit_dtype != "fp32"):
         raise ValueError("--dit-ckpt/--dit-blocks/--dit-trunk/--dit-mlp/--dit-dtype need --model dit")
@@ -508,7 +535,8 @@ def main(argv=None):
     runs.check_out_dir(out, args.resume, args.overwrite)
     resumed = runs.read_checkpoint(args.resume, CKPT_KEYS, "train_lrm") if args.resume else None
     allowed = runs.allowed_changes(args.allow_changed, RUN_KEYS)
-    changed = runs.check_resume(resumed.get("run") or {}, run_settings(args), args.resume, allowed) if resumed else {}
+    changed = runs.check_resume(saved_settings(resumed.get("run") or {}), run_settings(args), args.resume,
+                                allowed) if resumed else {}
 
     data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
@@ -574,9 +602,9 @@ def main(argv=None):
         else:
             za, zb, ctx, lens, p = batch = pair_batches(data, picks, device)
             sigma = None
-            if args.noise_aware:  # both sides of a pair at the pair's level, each its own noise
-                sigma, (na, nb) = step_noise(args, step, rank, za.shape, sides=2)
-                za, zb, sigma = renoise(za, sigma, na), renoise(zb, sigma, nb), sigma.to(device)
+            if args.noise_aware:  # both sides of a pair at the pair's level, under one noise (or each its own)
+                sigma, noise = step_noise(args, step, rank, za.shape, sides=1 if args.pair_noise == "shared" else 2)
+                za, zb, sigma = renoise(za, sigma, noise[0]), renoise(zb, sigma, noise[-1]), sigma.to(device)
             stats = lrm.lrm_pair_update(ddp, optimizer, za, zb, ctx, lens, p, objective=args.loss, sigma=sigma,
                                         amp_dtype=amp_dtype)
             stats["mse"] = stats["acc"]

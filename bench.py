@@ -238,7 +238,7 @@ def child_refl(args, device, base_mb):
 
         trunk = replace(dit.cfg, num_layers=min(DIT_LRM_BLOCKS["cuda"], dit.cfg.num_layers))
         with device:
-            lrm = DiTRewardModel(DiTLRMConfig(dit=trunk), 10).requires_grad_(False)
+            lrm = DiTRewardModel(DiTLRMConfig(dit=trunk, noise_aware=True), 10).requires_grad_(False)
         lrm.trunk.gradient_checkpointing = targs.gradient_checkpointing
         modules.update(lrm=[lrm])
     else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable); LPO's is noise-aware
@@ -475,7 +475,8 @@ def dit_lrm_config(scale):
     from model_dit import DIT_CONFIGS
 
     base = DIT_CONFIGS["tiny" if scale == "tiny" else "1.3B"]
-    return DiTLRMConfig(dit=replace(base, num_layers=DIT_LRM_BLOCKS[scale]), mlp_dims=(64, 32) if scale == "tiny" else (1024, 512))
+    return DiTLRMConfig(dit=replace(base, num_layers=DIT_LRM_BLOCKS[scale]), noise_aware=True,
+                        mlp_dims=(64, 32) if scale == "tiny" else (1024, 512))
 
 
 def child_lrm(args, device, base_mb):

@@ -46,6 +46,9 @@ class DiTLRMConfig:
     lora_alpha: float = 16.0
     objective: str = "huber"  # what it was trained with, as LRMConfig.objective
     huber_delta: float = 1.0  # the Huber delta of that training, as LRMConfig.huber_delta
+    # trained on re-noised latents (train_lrm.py --noise-aware), so it scores x_t at its sigma: the
+    # trunk always reads t = 1000 sigma, but one trained on clean latents only is no process reward
+    noise_aware: bool = False
     # the trunk's weights: "float32", or "bfloat16" (Wan's fp32 islands kept fp32, run under bf16
     # autocast as the generator is): half the memory and file size (8 blocks of the 14B: 11 -> 5.6 GB)
     trunk_dtype: str = "float32"
@@ -71,7 +74,7 @@ class DiTLRMConfig:
     # what the rest of the code reads from an LRM config
     in_channels = property(lambda self: self.dit.in_dim)
     text_dim = property(lambda self: self.dit.text_dim)
-    timestep_cond = property(lambda self: True)  # noise-aware by construction: the trunk reads t = 1000 sigma
+    timestep_cond = property(lambda self: self.noise_aware)  # scores noisy latents (what check_noise_aware reads)
     heads = property(lambda self: self.pool_heads or self.dit.num_heads)
 
 
@@ -138,7 +141,7 @@ class DiTRewardModel(nn.Module):
     """
 
     kind = "dit"
-    noise_aware = True
+    noise_aware = property(lambda self: self.cfg.noise_aware)  # alignment re-noises the buffer for such an LRM
 
     def __init__(self, cfg: DiTLRMConfig, n_members: int = 10, seed: int = 0):
         super().__init__()

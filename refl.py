@@ -186,8 +186,8 @@ def validate(c: RunConfig):
 def check_noise_aware(cfg, flag: str, name):
     """A reward on noisy latents (flag) needs an LRM trained on them: refuse one trained on clean latents."""
     if not cfg.timestep_cond:
-        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware or --model dit); {name} "
-                         f"scores clean latents only")
+        raise ValueError(f"{flag} needs a noise-aware LRM (train_lrm.py --noise-aware, --model ensemble or dit); "
+                         f"{name} was trained on clean latents only")
 
 
 # ----------------------------------------------------------------------------- models and prompts
@@ -400,7 +400,7 @@ def refresh_variance(lrm, buffer, batch_size, device, world, step, log):
 
 def alignment_delta(c, lrm) -> float:
     """The alignment's Huber delta: --align-delta, else the one the LRM was pretrained with (its file's config)."""
-    return c.align_delta if c.align_delta is not None else getattr(lrm.cfg, "huber_delta", 1.0)
+    return c.align_delta if c.align_delta is not None else getattr(getattr(lrm, "cfg", None), "huber_delta", 1.0)
 
 
 def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid, seed: int, step: int, device,

@@ -1249,47 +1249,58 @@ def _sample_linear_velocity(w, x, t):
 
 @pytest.mark.parametrize("solver", ["unipc", "euler"])
 def test_sample_grad_window_gradients_come_only_from_the_window(solver):
+    """Steps before grad_start run without gradient; inside the window the conditional branch keeps
+    its graph, and the unconditional one too with cfg_grad both (cond: without)."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.full((16, 1, 1, 1), 0.3))
     x = torch.randn(1, 16, 2, 4, 4)
     sigmas = sample.get_sigmas(12, 5.0, solver)
     ts = sample.timesteps_from_sigmas(sigmas).tolist()
     start, stop, window_start = 2, 9, 5
-    grad_modes = {"cond": [], "uncond": []}
+    grads = {}
+    for cfg_grad in ("both", "cond"):
+        grad_modes = {"cond": [], "uncond": []}
 
-    def cond(x, t):
-        grad_modes["cond"].append(torch.is_grad_enabled())
-        return _sample_linear_velocity(w, x, t)
+        def cond(x, t):
+            grad_modes["cond"].append(torch.is_grad_enabled())
+            return _sample_linear_velocity(w, x, t)
 
-    def uncond(x, t):
-        grad_modes["uncond"].append(torch.is_grad_enabled())
-        return 0.5 * _sample_linear_velocity(w, x, t)
+        def uncond(x, t):
+            grad_modes["uncond"].append(torch.is_grad_enabled())
+            return 0.5 * _sample_linear_velocity(w, x, t)
 
-    _, x0 = sample.denoise(cond, x, sigmas, solver=solver, uncond_fn=uncond, guidance=3.0,
-                           start=start, stop=stop, grad_start=window_start)
-    (grad,) = torch.autograd.grad(x0.square().sum(), w)
-    assert grad_modes["cond"] == [i >= window_start for i in range(start, stop)]
-    assert grad_modes["uncond"] == [False] * (stop - start)
+        _, x0 = sample.denoise(cond, x, sigmas, solver=solver, uncond_fn=uncond, guidance=3.0, cfg_grad=cfg_grad,
+                               start=start, stop=stop, grad_start=window_start)
+        (grad,) = torch.autograd.grad(x0.square().sum(), w)
+        window = [i >= window_start for i in range(start, stop)]
+        assert grad_modes["cond"] == window
+        assert grad_modes["uncond"] == (window if cfg_grad == "both" else [False] * (stop - start))
 
-    # reference: every step keeps its graph, but the weights are detached outside the window
-    # and in the unconditional branch
-    def cond_ref(x, t):
-        return _sample_linear_velocity(w.detach() if ts.index(int(t[0])) < window_start else w, x, t)
+        # reference: every step keeps its graph, but the weights are detached outside the window
+        # (and, with cond, the unconditional branch's inputs)
+        def in_window(t):
+            return ts.index(int(t[0])) >= window_start
 
-    def uncond_ref(x, t):
-        return 0.5 * _sample_linear_velocity(w.detach(), x, t)
+        def cond_ref(x, t):
+            return _sample_linear_velocity(w if in_window(t) else w.detach(), x, t)
 
-    _, x0_ref = sample.denoise(cond_ref, x, sigmas, solver=solver, uncond_fn=uncond_ref, guidance=3.0,
-                               start=start, stop=stop, grad_start=0)
-    (grad_ref,) = torch.autograd.grad(x0_ref.square().sum(), w)
-    torch.testing.assert_close(x0, x0_ref)
-    torch.testing.assert_close(grad, grad_ref)
+        def uncond_ref(x, t):  # cond: no graph at all, neither to w nor through the window's states
+            exact = in_window(t) and cfg_grad == "both"
+            return 0.5 * _sample_linear_velocity(w if exact else w.detach(), x if exact else x.detach(), t)
+
+        _, x0_ref = sample.denoise(cond_ref, x, sigmas, solver=solver, uncond_fn=uncond_ref, guidance=3.0,
+                                   start=start, stop=stop, grad_start=0)
+        (grad_ref,) = torch.autograd.grad(x0_ref.square().sum(), w)
+        torch.testing.assert_close(x0, x0_ref)
+        torch.testing.assert_close(grad, grad_ref)
+        grads[cfg_grad] = grad
+    assert (grads["both"] - grads["cond"]).abs().max().item() > 1e-3 * grads["both"].abs().max().item()
 
     # and the window matters: gradients through every step differ
     _, x0_all = sample.denoise(cond, x, sigmas, solver=solver, uncond_fn=uncond, guidance=3.0, start=start, stop=stop,
                                grad_start=start)
     (grad_all,) = torch.autograd.grad(x0_all.square().sum(), w)
-    assert (grad_all - grad).abs().max().item() > 1e-3 * grad.abs().max().item()
+    assert (grad_all - grads["both"]).abs().max().item() > 1e-3 * grads["both"].abs().max().item()
 
 
 def test_sample_no_grad_start_keeps_no_graph():
@@ -2269,7 +2280,7 @@ def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
 
 def test_dit_lrm_save_load_and_sigma(tmp_path):
     for trunk in ("frozen", "lora"):
-        _, model, z, context, lengths = _dit_lrm_setup(2, trunk=trunk, lora_rank=4, objective="thurstone")
+        _, model, z, context, lengths = _dit_lrm_setup(2, trunk=trunk, lora_rank=4, objective="thurstone", noise_aware=True)
         if trunk == "lora":
             with torch.no_grad():
                 for name, p in model.trunk.named_parameters():
@@ -2298,11 +2309,16 @@ def test_dit_lrm_save_load_and_sigma(tmp_path):
 
 def test_refl_accepts_a_dit_lrm_with_reward_on_zt(refl_cache, tmp_path):
     dit = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0]
-    model = lrm_dit.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))
+    clean = lrm_dit.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16))  # trained on clean latents only
+    lrm.save_lrm(clean, tmp_path / "clean.safetensors")
+    for flags in (["--reward-on", "zt"], ["--preset", "prfl"]):  # its trunk reads sigma, but it is no process reward
+        with pytest.raises(ValueError, match="needs a noise-aware LRM .*--noise-aware.*was trained on clean latents"):
+            train_refl.parse_args(["--lrm", str(tmp_path / "clean.safetensors"), *flags])
+    model = lrm_dit.dit_reward_model_from(dit, 1, 2, seed=0, mlp_dims=(32, 16), noise_aware=True)
     lrm.save_lrm(model, tmp_path / "dit.safetensors")
     flags = ["--lrm", str(tmp_path / "dit.safetensors"), "--reward-on", "zt", "--align-every", "1", "--align-rounds", "1",
              "--buffer-size", "3", "--gradient-checkpointing"]
-    assert train_refl.parse_args(flags).reward_on == "zt"  # noise-aware by construction
+    assert train_refl.parse_args(flags).reward_on == "zt"
     _, aligned, _ = train_refl.main(_refl_flags(refl_cache, tmp_path / "run", *flags))
     assert aligned.trunk.gradient_checkpointing  # --gradient-checkpointing reaches the LRM's trunk
     before = dict(model.named_parameters())
@@ -2955,7 +2971,7 @@ def test_train_lrm_out_folder_needs_resume_or_overwrite(tmp_path):
     assert set(get_args(hints["model"])) == set(lrm.MODEL_KINDS) and set(get_args(hints["config"])) == set(lrm.LRM_CONFIGS)
     assert set(get_args(hints["loss"])) == set(lrm.OBJECTIVES)
     out = tmp_path / "run"
-    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1", "--huber-delta", "0.3")
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--huber-delta", "0.3", "--epochs", "1")
     train_lrm.main(argv)
     assert lrm.read_config(out / "lrm.safetensors")[2].huber_delta == 0.3  # what the alignment re-uses
     assert json.loads((out / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(train_lrm.parse_args(argv))))
@@ -2976,7 +2992,7 @@ def test_train_lrm_resume_checks_settings_and_epochs(tmp_path):
     """--resume refuses other settings (naming them) unless --allow-changed, which records the change
     in metrics.jsonl; a checkpoint already at the run's end is refused rather than exporting nothing."""
     out = tmp_path / "run"
-    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1", "--huber-delta", "0.3")
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--huber-delta", "0.3", "--epochs", "1")
     train_lrm.main(argv)
     assert lrm.read_config(out / "lrm.safetensors")[2].huber_delta == 0.3  # what the alignment re-uses
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -3299,6 +3315,7 @@ def test_train_lrm_dit_model_lowers_its_loss(tmp_path, loss, extra):
     model = lrm.load_lrm(tmp_path / "lrm.safetensors")
     after = _dit_train_objective(model, data, units, loss)
     assert model.kind == "dit" and model.cfg.objective == loss and after < 0.7 * before, (before, after)
+    assert model.noise_aware == model.cfg.timestep_cond == ("--noise-aware" in extra)  # what the file records
     with pytest.raises(ValueError, match="need --model dit"):
         train_lrm.parse_args(["--dit-blocks", "2"])
 
@@ -3532,21 +3549,23 @@ def test_refl_step_trains_only_trainable_weights_inside_the_window(refl_cache, t
 
     # the window each mode asks for: velr exactly K calls from a mid step, lastk the last K, latestep one late step
     n, k, start, stop = args.sample_steps, args.window, batch["grad_start"], batch["stop"]
+    per_step = 2 if args.guidance != 1 else 1  # guidance's unconditional branch, with gradient (--cfg-grad both)
+    rollout, rest = calls[: per_step * stop], calls[per_step * stop :]
     if args.mode == "velr":
         assert args.mid_min <= start <= args.mid_max and stop == start + k and start > 0
-        assert sum(grad for grad, _ in calls) == k  # K means K (it once made K + 1 calls with gradient)
+        assert sum(grad for grad, _ in rollout) == per_step * k  # K means K (it once made K + 1 calls with gradient)
     elif args.mode == "lastk":
         assert (start, stop) == (n - k, n)
     else:
         assert n - k <= start < n and stop == start + 1
     ts = sample.timesteps_from_sigmas(s.r.sigmas).tolist()
-    assert [t for grad, t in calls if grad] == ts[start:stop]  # graph only inside the window
-    per_step = 2 if args.guidance != 1 else 1  # the unconditional branch, never with gradient
+    assert [t for grad, t in rollout if grad] == [t for t in ts[start:stop] for _ in range(per_step)]  # only the window
+    assert args.beta > 0 and rest[:per_step] == [(True, ts[stop - 1])] * per_step  # the KL's v_theta at the cut x_t
     reference = [(False, ts[stop - 1])] * per_step  # v_ref at t_end, no gradient
     if ref is None:  # LoRA: the reference is the same DiT with adapters off
-        assert len(calls) == per_step * stop + len(reference) and calls[-per_step:] == reference
+        assert rest[per_step:] == reference
     else:
-        assert len(calls) == stop and ref_calls == reference
+        assert rest[per_step:] == [] and ref_calls == reference
 
     after = _refl_snapshot(s)
     trainable = {f"dit:{n}" for n, p in dit.named_parameters() if p.requires_grad}
@@ -4258,7 +4277,7 @@ def test_refl_zt_refused_for_a_clean_lrm(tmp_path):
     clean = lrm_lib.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
     lrm_lib.save_lrm(clean, tmp_path / "clean.safetensors")
     for flags in (["--reward-on", "zt"], ["--noise-ensemble"]):
-        with pytest.raises(ValueError, match="needs a noise-aware LRM .*scores clean latents only"):
+        with pytest.raises(ValueError, match="needs a noise-aware LRM .*was trained on clean latents only"):
             train_refl.parse_args(["--lrm", str(tmp_path / "clean.safetensors"), *flags])
     with pytest.raises(ValueError, match="--mode pixel"):
         train_refl.parse_args(["--mode", "pixel", "--reward-on", "zt"])
@@ -4518,7 +4537,7 @@ def test_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tm
     assert any(v.abs().max() > 0 for k, v in a["model"].items() if ".lora_B." in k)  # DPO moved the policy
     clean = lrm.EnsembleLRM(toy.toy_lrm_config(toy.ToyConfig()), 2)
     lrm.save_lrm(clean, tmp_path / "clean.safetensors")
-    with pytest.raises(ValueError, match="LPO needs a noise-aware LRM .*scores clean latents only"):
+    with pytest.raises(ValueError, match="LPO needs a noise-aware LRM .*was trained on clean latents only"):
         train_lpo.parse_args(["--lrm", str(tmp_path / "clean.safetensors")])
     proc = subprocess.run([sys.executable, "train_lpo.py", "--lrm", str(tmp_path / "clean.safetensors"), "--out",
                            str(tmp_path / "o")], cwd=_REFL_REPO, capture_output=True, text=True)

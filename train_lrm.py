@@ -511,6 +511,7 @@ def dit_lrm(args, members: int):
     return lrm_dit.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk,
                                          lora_rank=args.dit_lora_rank, lora_alpha=float(args.dit_lora_rank),
                                          mlp_dims=mlp, objective=args.loss, huber_delta=args.huber_delta,
+                                         noise_aware=args.noise_aware,
                                          trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
 
 

@@ -217,7 +217,9 @@ def child_refl(args, device, base_mb):
     dit_lrm = args.get("lrm") == "dit"  # VELR with the DiT-backbone LRM, scoring x_t (--reward-on zt)
     lpo = args["mode"] == "lpo"
     flags = [*cfg["flags"], "--align-every", "0", *(["--reward-on", "zt"] if dit_lrm else [])]
-    targs = train_lpo.parse_args(flags) if lpo else train_refl.parse_args(["--mode", args["mode"], *flags])
+    window = train_refl.parse_args(flags).window  # LPO trains as many steps as VELR's window: a like-for-like step
+    targs = (train_lpo.parse_args([*flags, "--lpo-steps", str(window)]) if lpo
+             else train_refl.parse_args(["--mode", args["mode"], *flags]))
     with device:  # random init of 1.3B parameters is slow on CPU
         dit = WanDiT(DiTConfig(**cfg["dit"]))
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)

@@ -83,6 +83,7 @@ class RunConfig:
     lr: float = 1e-5  # learning rate
     batch_size: int = 4  # prompts per rank and step
     gradient_checkpointing: bool = False  # recompute each window step and DiT block in backward
+    grad_clip: float = 0.0  # clip the gradients' global norm to this before each update; 0 = off (VELR states none)
     # trainable weights
     full_finetune: bool = False  # train every DiT weight (FSDP2 under torchrun)
     lora_rank: int = 256  # LoRA rank (VELR App. C.3)
@@ -133,7 +134,7 @@ class RunConfig:
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
-            "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
+            "grad_clip", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
             "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
@@ -157,7 +158,8 @@ def validate(c: RunConfig):
               "align_rounds", "sp_size"):
         if getattr(c, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(c, k)}")
-    for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows"):
+    for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows",
+              "grad_clip"):
         if getattr(c, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(c, k)}")
     def f(k):
@@ -522,12 +524,15 @@ def gradients_finite(model, loss, world: int) -> bool:
     return ok
 
 
-def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0):
+def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0, clip: float = 0.0):
     """Backward (loss x scale), then apply the update only when loss and gradients are finite on
-    every rank; otherwise nothing of this step is applied (bad["refl_skipped"])."""
+    every rank; otherwise nothing of this step is applied (bad["refl_skipped"]). clip > 0: the
+    gradients' global norm is clipped to it first (on the all-reduced gradients: the same on every rank)."""
     opt.zero_grad(set_to_none=True)
     (loss * scale).backward()
     if gradients_finite(model, loss, world):
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
         opt.step()
     else:
         opt.zero_grad(set_to_none=True)

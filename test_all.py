@@ -4413,18 +4413,27 @@ def test_lpo_pair_selection_respects_the_threshold():
     args = train_lpo.parse_args([])
     assert args.lpo_threshold == [0.35, 0.5] and args.lpo_k == 4 and args.dpo_beta == 500 and args.beta == 0.0
     at = args.lpo_threshold
-    assert train_lpo.lpo_threshold(at, 0.0) == 0.35 and train_lpo.lpo_threshold(at, 1.0) == pytest.approx(0.5)
-    assert train_lpo.lpo_threshold(at, 0.6) == pytest.approx(0.44)
-    # softmax([a, 0, 0, 0]) gap = (e^a - 1) / (e^a + 3): pick a on either side of 0.44
-    just = math.log((3 * 0.44 + 1) / (1 - 0.44))  # gap exactly 0.44
-    scores = torch.tensor([[just + 0.01, 0, 0, 0], [just - 0.01, 0, 0, 0], [0, 0, 5, -5.0]])
-    best, worst, kept = train_lpo.select_pairs(scores, train_lpo.lpo_threshold(at, 0.6))
-    assert kept.tolist() == [True, False, True] and best.tolist() == [0, 0, 2] and worst.tolist()[2] == 3
+    assert (args.lr, args.lora_rank, args.grad_clip, args.lpo_clip, args.lpo_steps) == (5e-4, 16, 1.0, 0.1, 5)  # toy
+    paper = train_lpo.parse_args(["--dit", "x", "--lrm", "x", "--reward", "x"])
+    assert (paper.lr, paper.lora_rank, paper.grad_clip, paper.lpo_steps) == (6e-5, 4, 1.0, 0)  # LPO's recipe
+    # the threshold reads the step's sigma min-max normalised over the sampler's steps: 0.5 at the first, 0.35 at the last
+    sig = sample.get_sigmas(50, 5.0)
+    table = sig[:-1].tolist()
+    assert train_lpo.lpo_threshold(at, sig, 0) == pytest.approx(0.5) and train_lpo.lpo_threshold(at, sig, 49) == pytest.approx(0.35)
+    s20 = (table[20] - min(table)) / (max(table) - min(table))
+    assert train_lpo.lpo_threshold(at, sig, 20) == pytest.approx(0.35 + 0.15 * s20)
+    # the gap is the softmax over the best and the worst only: tanh(a / 2) for scores [a, 0, 0, 0]
+    just = 2 * math.atanh(0.44)  # gap exactly 0.44
+    scores = torch.tensor([[just + 0.01, 0, 0, 0], [just - 0.01, 0, 0, 0], [0, 0, 5, -5.0], [1, 0.99, 0.98, 0]])
+    best, worst, kept = train_lpo.select_pairs(scores, 0.44)
+    assert kept.tolist() == [True, False, True, True] and best.tolist() == [0, 0, 2, 0] and worst.tolist() == [1, 1, 3, 3]
+    two_way = torch.softmax(scores[3, [0, 3]], 0)  # the last row: a softmax over all four would give a gap of 0.19
+    assert two_way[0] - two_way[1] > 0.44 > (torch.softmax(scores[3], 0)[0] - torch.softmax(scores[3], 0)[3])
     _, _, kept_t = train_lpo.select_pairs(scores / 100, 0.44, temp=0.01)  # the temperature rescales the scores
-    assert kept_t.tolist() == [True, False, True]
-    for temp in (1e-300, 5e-324):  # the hard limit, not a NaN softmax that keeps nothing
+    assert kept_t.tolist() == [True, False, True, True]
+    for temp in (1e-300, 5e-324):  # the hard limit, not a NaN that keeps nothing
         best, worst, kept = train_lpo.select_pairs(scores, 0.99, temp=temp)
-        assert kept.tolist() == [True, True, True] and best.tolist() == [0, 0, 2] and worst.tolist() == [1, 1, 3]
+        assert kept.tolist() == [True, True, True, True] and best.tolist() == [0, 0, 2, 0] and worst.tolist() == [1, 1, 3, 3]
     assert not train_lpo.select_pairs(torch.ones(1, 4), 0.0, temp=1e-300)[2].any()  # ties stay a gap of 0
     assert train_lpo.parse_args(["--beta", "0.3"]).beta == 0.3  # an explicit KL is kept
     assert train_lpo.parse_args(["--lpo-threshold", "0.2", "0.3"]).lpo_threshold == [0.2, 0.3]
@@ -4456,6 +4465,55 @@ def test_lpo_dpo_loss_zero_gradient_when_policy_is_reference_and_pair_is_equal()
     assert torch.allclose(same, torch.tensor(4 * math.log(2))) and torch.equal(g, torch.zeros(3))
     (g2,) = torch.autograd.grad(loss(y, y.flip(0)), w)  # a real pair: the policy is pushed
     assert g2.abs().sum() > 0
+
+
+def test_lpo_dpo_ratio_clip_is_a_trust_region():
+    """--lpo-clip c: each side's likelihood ratio is clamped to [1 - c, 1 + c]; inside, the loss is DPO's,
+    outside a side gets no gradient."""
+    ref = torch.zeros(3)
+    logp_w = torch.tensor([0.05, 0.3, -0.3], requires_grad=True)  # ratio 1.05 (inside), 1.35, 0.74 (outside)
+    logp_l = torch.tensor([-0.02, 0.0, 0.0], requires_grad=True)
+    loss = train_lpo.dpo_loss(logp_w, logp_l, ref, ref, 10.0, clip=0.1)
+    assert loss[0].item() == pytest.approx(train_lpo.dpo_loss(logp_w, logp_l, ref, ref, 10.0)[0].item())
+    assert loss[1].item() == pytest.approx(-math.log(1 / (1 + math.exp(-10 * math.log(1.1)))))
+    assert loss[2].item() == pytest.approx(-math.log(1 / (1 + math.exp(-10 * math.log(0.9)))))
+    loss.sum().backward()
+    assert logp_w.grad[0] < 0 and logp_w.grad[1] == 0 and logp_w.grad[2] == 0 and (logp_l.grad > 0).all()
+
+
+def test_lpo_trains_every_stochastic_step_or_a_drawn_subset():
+    """LPO's rule: every sampler step whose transition has spread (all but the last); --lpo-steps N: N of
+    them drawn by the step's shared generator; lpo_loss pairs exactly those steps."""
+    assert train_lpo.train_steps(50, 0, torch.Generator().manual_seed(0)) == list(range(49))
+    picks = [train_lpo.train_steps(50, 5, refl.shared_generator(0, step)) for step in (1, 2)]
+    assert all(len(set(p)) == 5 and p == sorted(p) and max(p) <= 48 for p in picks) and picks[0] != picks[1]
+    assert picks[0] == train_lpo.train_steps(50, 5, refl.shared_generator(0, 1))  # the same on every rank
+    calls = []
+
+    def spy(z, context, lengths, sigma=None):
+        calls.append(sigma)
+        return torch.stack([z[:, 0].flatten(1).mean(1)] * 2)
+
+    g = torch.Generator().manual_seed(0)
+    shape, sigmas = (2, 16, 1, 2, 2), sample.get_sigmas(6, 3.0, "euler")
+    out = train_lpo.lpo_loss(_LPOBias(shape), _LPOBias(shape).requires_grad_(False), spy, torch.randn(shape, generator=g),
+                             1, 5, torch.zeros(2, 3, 4), torch.full((2,), 3), None, sigmas, g, guidance=1.0, k=3, eta=1.0,
+                             dpo_beta=1.0, threshold=(0.0, 0.0), temp=1e-3, train_steps=[1, 4])
+    assert calls == [float(sigmas[2]), float(sigmas[5]), None] and out["pair_offers"] == 4
+    with pytest.raises(ValueError, match="--lpo-steps"):
+        train_lpo.parse_args(["--lpo-steps", "20"])
+
+
+def test_refl_grad_clip_bounds_the_update_norm():
+    """--grad-clip c: the gradients' global norm is c when it was larger (direction kept), unchanged below."""
+    for clip, scale in ((1.0, 100.0), (1.0, 1e-3), (0.0, 100.0)):
+        w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+        opt = torch.optim.SGD([w], lr=1.0)
+        refl.optimizer_step(torch.nn.ParameterList([w]), opt, scale * (w * torch.tensor([3.0, 4.0])).sum() / 5,
+                            1, refl.new_bad_counts(), 1, print, clip=clip)
+        step = torch.tensor([3.0, 4.0]) - w.detach()
+        want = min(scale, clip) if clip > 0 else scale
+        torch.testing.assert_close(step, want * torch.tensor([0.6, 0.8]))
 
 
 class _LPOBias(torch.nn.Module):
@@ -4520,7 +4578,7 @@ def test_lpo_dpo_gradient_raises_the_best_candidate():
 def test_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tmp_path):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
     flags = ["--lrm", str(path), "--steps", "2", "--save-every", "1", "--align-every", "1",
-             "--align-rounds", "1", "--buffer-size", "3", "--window", "2", "--lpo-temp", "0.001", "--picture-rows", "0"]
+             "--align-rounds", "1", "--buffer-size", "3", "--lpo-steps", "2", "--lpo-temp", "0.001", "--picture-rows", "0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_lpo.main(_refl_flags(refl_cache, full, *flags))
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -4548,7 +4606,7 @@ def test_lpo_runs_resumes_bit_identically_and_refuses_a_clean_lrm(refl_cache, tm
 @pytest.mark.parametrize("flags", [[], ["--full-finetune", "--lr", "1e-4"]], ids=["ddp-lora", "fsdp2-full"])
 def test_lpo_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
-    sync = _refl_torchrun(refl_cache, tmp_path / "run", "--lrm", str(path), "--window", "2", "--lpo-temp", "0.001",
+    sync = _refl_torchrun(refl_cache, tmp_path / "run", "--lrm", str(path), "--lpo-steps", "2", "--lpo-temp", "0.001",
                           "--align-every", "1", "--align-rounds", "1", "--picture-rows", "0", *flags, script="train_lpo.py")
     assert sync == {"world": 2, "max_diff": 0.0}
     trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
@@ -4570,7 +4628,7 @@ def test_lpo_moves_the_policy_towards_what_its_ranker_prefers(refl_cache):
 def test_lpo_warns_when_no_pair_passes(refl_cache, tmp_path, capsys):
     path = _na_toy_lrm(tmp_path / "na.safetensors")
     train_lpo.main(_refl_flags(refl_cache, tmp_path / "run", "--lrm", str(path), "--lpo-temp", "1",
-                               "--window", "1", "--steps", str(train_lpo.LPO_WARN_STEPS), "--align-every", "0",
+                               "--lpo-steps", "1", "--steps", str(train_lpo.LPO_WARN_STEPS), "--align-every", "0",
                                "--picture-rows", "0"))
     printed = capsys.readouterr().out
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,8 @@ transition draws k candidates x_{t-1}, a noise-aware LRM scores them at their ow
 the best and the worst form a preference pair when their softmax-normalised score gap clears a
 threshold, and DPO on the transitions' log-likelihoods trains the policy against the reference
 (the initial model). The transition is the DDIM-with-eta step for the flow path
-(sample.ddim_transition). It runs on VELR's window: the K steps from a mid step drawn in
-[--mid-min, --mid-max]; and it shares VELR's runs, evaluation and online LRM alignment (refl.py).
+(sample.ddim_transition). It trains every sampling step with a stochastic transition, as LPO
+does, or --lpo-steps N drawn ones, and shares VELR's runs, evaluation and online LRM alignment (refl.py).
 
     python train_lpo.py                     # the offline toy world, with its noise-aware LRM
     torchrun --nproc_per_node=8 train_lpo.py --ckpt-dir Wan2.1-T2V-1.3B --lrm runs/lrm_na/lrm.safetensors \\
@@ -35,7 +35,7 @@ LPO_WARN_STEPS = 10  # warn when no pair was kept in a run's first this many ste
 # scores, so its softmax needs a temperature near the candidates' score differences.
 PRESETS = {
     "paper": {},
-    "toy": {**refl.TOY_PRESET, "beta": 0.0, "lpo_temp": 0.01},
+    "toy": {**refl.TOY_PRESET, "beta": 0.0, "lpo_temp": 0.01, "lpo_steps": 5},  # 5 of 19 steps: CPU time
 }
 
 
@@ -49,8 +49,17 @@ class LPOConfig(refl.RunConfig):
     #                        values approach Euler (the deterministic step, which has no likelihood)
     dpo_beta: float = 500.0  # DPO's beta on the transition log-likelihoods (LPO's)
     lpo_threshold: tuple[float, float] = (0.35, 0.5)  # a pair is kept when the softmax gap of best and worst exceeds
-    #                                                   AT_0 + (AT_1 - AT_0) sigma_{t-1} (LPO's range; linear is ours)
-    lpo_temp: float = 1.0  # temperature of that softmax over the candidates' LRM scores (LPO: 1, logit-scale scores)
+    #                                                   AT_0 + (AT_1 - AT_0) s_t, s_t the step's sigma min-max
+    #                                                   normalised over the sampler's steps (LPO's)
+    lpo_temp: float = 1.0  # temperature of that two-way softmax over the LRM scores (LPO: 1, logit-scale scores)
+    lpo_clip: float = 0.1  # the policy/reference likelihood ratio is clamped to [1 - c, 1 + c] in DPO (LPO's); 0: off
+    lpo_steps: int = 0  # sampler steps trained per rollout: 0 = every step with a stochastic transition (LPO's),
+    #                     N = N of them drawn per step (the same on every rank); --gradient-checkpointing keeps
+    #                     the memory of many steps at one step's activations plus a latent per step
+    lr: float = 6e-5  # learning rate (LPO's)
+    lora_rank: int = 4  # LoRA rank (LPO's)
+    lora_alpha: float = 4.0  # LoRA alpha; scale = alpha / rank
+    grad_clip: float = 1.0  # gradient-norm clip (LPO's)
     out: str = "runs/lpo"  # run folder
 
     @property
@@ -59,7 +68,8 @@ class LPOConfig(refl.RunConfig):
         return "lpo"
 
 
-RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("lpo_k", "lpo_eta", "dpo_beta", "lpo_threshold", "lpo_temp")
+RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("lpo_k", "lpo_eta", "dpo_beta", "lpo_threshold", "lpo_temp", "lpo_clip",
+                                         "lpo_steps")
 
 
 def parse_args(argv=None) -> LPOConfig:
@@ -69,6 +79,9 @@ def parse_args(argv=None) -> LPOConfig:
     refl.validate(c)
     if c.lpo_k < 2:
         raise ValueError(f"--lpo-k must be >= 2 (a best and a worst candidate), got {c.lpo_k}")
+    if not 0 <= c.lpo_clip < 1 or not 0 <= c.lpo_steps <= c.sample_steps - 1:
+        raise ValueError(f"need 0 <= --lpo-clip < 1 and 0 <= --lpo-steps <= --sample-steps - 1 ({c.sample_steps - 1} "
+                         f"steps have a stochastic transition), got {c.lpo_clip}, {c.lpo_steps}")
     lo, hi = c.lpo_threshold
     positive = (c.lpo_eta, c.dpo_beta, c.lpo_temp)
     if not (0 <= lo < 1 and 0 <= hi < 1 and all(math.isfinite(x) and x > 0 for x in positive)):
@@ -81,40 +94,53 @@ def parse_args(argv=None) -> LPOConfig:
     return c
 
 
-def lpo_threshold(threshold, sigma: float) -> float:
-    """The score gap a pair needs at noise level sigma: linear from AT_0 (sigma 0) to AT_1 (sigma 1)."""
+def lpo_threshold(threshold, sigmas, i: int) -> float:
+    """The score gap a pair needs at step i: linear from AT_0 to AT_1 in the step's sigma, min-max
+    normalised over the sampler's steps (sigmas[:-1]), as LPO reads its threshold table."""
     lo, hi = threshold
-    return lo + (hi - lo) * sigma
+    table = [float(x) for x in sigmas[:-1]]
+    span = max(table) - min(table)
+    return lo + (hi - lo) * ((float(sigmas[i]) - min(table)) / span if span > 0 else 1.0)
 
 
 def select_pairs(scores: torch.Tensor, threshold: float, temp: float = 1.0):
-    """LPO's pair selection over k candidates per sample, scores (B, k): softmax(scores / temp) over
-    the candidates, best = argmax, worst = argmin, kept where p_best - p_worst > threshold.
-    Returns (best (B,), worst (B,), kept (B,) bool). In float64 and shifted by the maximum before the
-    division, so a temperature near 0 gives the hard limit (all weight on the best), not NaN."""
+    """LPO's pair rule over k candidates per sample, scores (B, k): sort, keep the best and the worst,
+    softmax over those two (temperature temp), keep the pair where p_best - p_worst > threshold.
+    That gap is tanh((s_best - s_worst) / (2 temp)): computed so, in float64, any temperature > 0
+    gives a number (near 0: 1 for any difference, the hard limit). Returns (best, worst, kept) (B,)."""
     scores = scores.double()
-    p = torch.softmax((scores - scores.max(1, keepdim=True).values) / temp, dim=1)
-    best, worst = scores.argmax(1), scores.argmin(1)  # p's order, also where its small values round to 0
-    gap = p.gather(1, best[:, None])[:, 0] - p.gather(1, worst[:, None])[:, 0]
+    best, worst = scores.argmax(1), scores.argmin(1)
+    gap = torch.tanh((scores.max(1).values - scores.min(1).values) / (2 * temp))
     return best, worst, gap > threshold
 
 
-def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float) -> torch.Tensor:
-    """Per-pair DPO loss -log sigmoid(beta ((log pi(w) - log ref(w)) - (log pi(l) - log ref(l)))) (B,)."""
-    return -torch.nn.functional.logsigmoid(beta * ((logp_w - ref_logp_w) - (logp_l - ref_logp_l)))
+def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float, clip: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss -log sigmoid(beta (log r_w - log r_l)) (B,), r = pi / ref the likelihood ratio
+    of each side; clip > 0 clamps r to [1 - clip, 1 + clip] first (LPO's trust region: outside it a
+    side gets no gradient)."""
+    log_w, log_l = logp_w - ref_logp_w, logp_l - ref_logp_l
+    if clip > 0:
+        lo, hi = math.log(1 - clip), math.log(1 + clip)
+        log_w, log_l = log_w.clamp(lo, hi), log_l.clamp(lo, hi)
+    return -torch.nn.functional.logsigmoid(beta * (log_w - log_l))
 
 
 def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, lengths, neg, sigmas, g: torch.Generator, *,
              guidance: float, k: int, eta: float, dpo_beta: float, threshold, temp: float, agg: str = "mean",
-             lcb_k: float = 1.0, beta: float = 0.0, cfg_grad: str = "both", checkpoint: bool = False) -> dict:
-    """The policy's stochastic sampler (eta) runs without gradient to grad_start; at each window
-    step t < stop it draws k candidates x_{t-1} from the policy's Gaussian transition, the
+             lcb_k: float = 1.0, beta: float = 0.0, clip: float = 0.0, train_steps=None, cfg_grad: str = "both",
+             checkpoint: bool = False) -> dict:
+    """The policy's stochastic sampler (eta) runs steps 0..stop-1; the trained steps (train_steps,
+    default grad_start..stop-1) draw k candidates x_{t-1} from the policy's Gaussian transition, the
     noise-aware LRM scores them at sigma_{t-1} (aggregated over members by agg), the best and the
     worst form a pair when select_pairs keeps them, and DPO compares the policy's transition
     log-likelihoods (with gradient) against the reference's (same std: the normalisers cancel). The
-    trajectory continues from one candidate drawn uniformly (as SPO does). Candidates, the choice
-    and the rollout noise come from g. loss = mean DPO over the kept pairs of all window steps (0,
-    with the graph intact, when none is kept) + beta KL at the last window step."""
+    trajectory continues from one candidate drawn uniformly (as SPO does); the other steps take one
+    draw without gradient. Candidates, the choice and the rollout noise come from g. loss = mean DPO
+    over the kept pairs of all trained steps (0, with the graph intact, when none is kept) + beta KL
+    at the last trained step."""
+    train_steps = sorted(set(range(grad_start, stop) if train_steps is None else train_steps))
+    if not train_steps or train_steps[-1] >= stop:
+        raise ValueError(f"train_steps must be steps below stop {stop}, got {train_steps}")
     x = noise
     sig = sigmas.tolist()
     ts = sample.timesteps_from_sigmas(sigmas).tolist()
@@ -126,14 +152,15 @@ def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, length
     def vel(x_in, t):
         return refl.velocity(model, x_in, t, context, neg, guidance, cfg_grad, checkpoint)
 
-    for i in range(grad_start):  # the policy's own stochastic rollout, no gradient
-        t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
-        with torch.no_grad():
-            mean, std = sample.ddim_transition(x, refl.velocity(model, x, t, context, neg, guidance), sig[i], sig[i + 1], eta)
-        x = mean + std * draw(x.shape)
     losses, kept_total, scores_last, ranges = [], 0, None, []
-    for i in range(grad_start, stop):
+    for i in range(train_steps[-1] + 1):
         t = torch.full((b,), ts[i], dtype=torch.int64, device=x.device)
+        if i not in train_steps:  # the policy's own stochastic rollout, no gradient
+            with torch.no_grad():
+                mean, std = sample.ddim_transition(x, refl.velocity(model, x, t, context, neg, guidance), sig[i],
+                                                   sig[i + 1], eta)
+            x = mean + std * draw(x.shape)
+            continue
         v = vel(x, t)
         v_ref = refl.reference_velocity(model, ref, x, t, context, neg, guidance)
         mean, std = sample.ddim_transition(x, v.float(), sig[i], sig[i + 1], eta)
@@ -143,13 +170,13 @@ def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, length
             members = lrm(cands.flatten(0, 1), context.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0),
                           sigma=sig[i + 1])
             scores = lrm_lib.aggregate(members.float(), agg, lcb_k).view(b, k)
-        best, worst, kept = select_pairs(scores, lpo_threshold(threshold, sig[i + 1]), temp)
+        best, worst, kept = select_pairs(scores, lpo_threshold(threshold, sigmas, i), temp)
         ranges.append(scores.max(1).values - scores.min(1).values)
         rows = torch.arange(b, device=x.device)
         y_w, y_l = cands[rows, best], cands[rows, worst]
         per_pair = dpo_loss(sample.gaussian_log_prob(y_w, mean, std), sample.gaussian_log_prob(y_l, mean, std),
                             sample.gaussian_log_prob(y_w, mean_ref, std), sample.gaussian_log_prob(y_l, mean_ref, std),
-                            dpo_beta)
+                            dpo_beta, clip)
         losses.append((per_pair * kept.to(per_pair.dtype)).sum())
         kept_total += int(kept.sum())
         scores_last, last = scores, (x, v, v_ref, sig[i])
@@ -163,21 +190,29 @@ def lpo_loss(model, ref, lrm, noise, grad_start: int, stop: int, context, length
     with torch.no_grad():
         members = lrm(z0, context, lengths)
     return {"loss": loss, "reward": scores_last.mean(1), "members": members.detach(), "kl": kl.detach(), "z0": z0.detach(),
-            "pairs": kept_total, "pair_offers": b * (stop - grad_start), "score_range": torch.cat(ranges).median().item()}
+            "pairs": kept_total, "pair_offers": b * len(train_steps), "score_range": torch.cat(ranges).median().item()}
+
+
+def train_steps(sample_steps: int, n: int, g: torch.Generator) -> list[int]:
+    """The sampler steps LPO trains in one rollout: every step with a stochastic transition (0..
+    sample_steps-2; the last goes to sigma 0, where the transition has no spread), or n of them
+    drawn from g (shared by the ranks), in order."""
+    steps = list(range(sample_steps - 1))
+    return steps if n == 0 else sorted(torch.randperm(len(steps), generator=g)[:n].tolist())
 
 
 def lpo_step(r: refl.Run, c: LPOConfig, step: int) -> dict:
     """One LPO step on every rank's own prompts and noise, then VELR's buffer offer and alignment."""
     prompts, noise = refl.draw_batch(c.seed, step, r.data_rank, r.prompts, c.batch_size, r.shape)
-    grad_start = int(torch.randint(c.mid_min, c.mid_max + 1, (1,), generator=refl.shared_generator(c.seed, step)))
+    steps = train_steps(c.sample_steps, c.lpo_steps, refl.shared_generator(c.seed, step))
     context, lengths = refl.text_batch(r.table, prompts, r.device)
     g = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + r.data_rank + 15_485_863)
     with sample.autocast(r.device):
-        out = lpo_loss(r.model, r.ref, r.lrm, noise.to(r.device), grad_start, grad_start + c.window, context, lengths,
+        out = lpo_loss(r.model, r.ref, r.lrm, noise.to(r.device), steps[0], steps[-1] + 1, context, lengths,
                        r.neg, r.sigmas, g, guidance=c.guidance, k=c.lpo_k, eta=c.lpo_eta, dpo_beta=c.dpo_beta,
                        threshold=c.lpo_threshold, temp=c.lpo_temp, agg=c.agg, lcb_k=c.lcb_k, beta=c.beta,
-                       cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
-    refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size)
+                       clip=c.lpo_clip, train_steps=steps, cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
+    refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip)
     rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
            "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": c.lr,
            "pairs": out["pairs"], "pair_offers": out["pair_offers"], "score_range": out["score_range"]}

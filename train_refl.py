@@ -221,7 +221,7 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
                            shift=c.shift, device=r.device)
             loss, rec["sft"] = loss + c.sft_weight * sft, sft.item()
     # under SP each rank holds its tokens' share of the gradient: x sp_size gives the data-parallel mean
-    refl.optimizer_step(r.model, r.opt, loss, r.world, r.bad, step, r.log, scale=c.sp_size)
+    refl.optimizer_step(r.model, r.opt, loss, r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip)
     r.bad["rewards_dropped"] += dropped
     rec.update(loss=loss.item(), reward=reward.detach().nanmean().item(), kl=kl.item(), lr=c.lr,
                reward_std=members.detach().float().std(0, correction=0).mean().item())

@@ -291,11 +291,27 @@ def bench_memory(device, scale):
     res.update(memory_ratios(res["velr"], res["pixel"]))
     res["velr_dit_lrm"] = run_child("refl", {"mode": "velr", "lrm": "dit", "config": cfg, "repeats": 1})
     res["lpo"] = run_child("refl", {"mode": "lpo", "config": cfg, "repeats": 1})  # k = 4 candidates per window step
+    res.update(guidance_rows(cfg))
     return res
 
 
+def guidance_rows(cfg) -> dict:
+    """VELR's step under CFG 5 with the exact guided gradient (--cfg-grad both) and the approximation
+    (cond), and under both without the KL (beta 0: the KL's extra guided call at the cut state left out)."""
+    rows = {}
+    for name, extra in (("velr_cfg_both", ["--cfg-grad", "both"]), ("velr_cfg_cond", ["--cfg-grad", "cond"]),
+                        ("velr_cfg_both_beta0", ["--cfg-grad", "both", "--beta", "0"])):
+        flags = [*cfg["flags"], "--guidance", "5", *extra]  # the last value of a flag wins
+        rows[name] = run_child("refl", {"mode": "velr", "config": {**cfg, "flags": flags}, "repeats": 1})
+    both, cond = rows["velr_cfg_both"], rows["velr_cfg_cond"]
+    rows["cfg_both_over_cond"] = {"step_mb": both["step_mb"] / cond["step_mb"], "peak_mb": both["peak_mb"] / cond["peak_mb"],
+                                  "time_s": both["time_s"] / cond["time_s"]}
+    return rows
+
+
 def table_memory(res, modes=None):
-    modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm", "lpo") if m in res]
+    modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm", "lpo", "velr_cfg_both", "velr_cfg_cond",
+                                  "velr_cfg_both_beta0") if m in res]
     parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
     rows = [
         [mode, res[mode]["time_s"], res[mode]["peak_mb"], res[mode]["resident_mb"], res[mode]["step_mb"]]
@@ -310,7 +326,10 @@ def table_memory(res, modes=None):
             "(paper Table 1, Wan 1.3B: pixel ReFL 105.76 GB, VELR 22.18 GB = 20.97%)")
     return (f"### memory: one ReFL step, {res['device']}, {' '.join(res['config']['flags'])}, DiT {res['config']['dit'] or '1.3B'}"
             f"\n\n{markdown(header, rows)}\n\nVELR / pixel: step memory {res['ratio_peak']:.3f}, total peak "
-            f"{res['ratio_peak_total']:.3f}, step time {res['ratio_time']:.3f}. {note}")
+            f"{res['ratio_peak_total']:.3f}, step time {res['ratio_time']:.3f}. {note}"
+            + (f"\n\nCFG 5, --cfg-grad both / cond: step memory {res['cfg_both_over_cond']['step_mb']:.3f}, total peak "
+               f"{res['cfg_both_over_cond']['peak_mb']:.3f}, step time {res['cfg_both_over_cond']['time_s']:.3f}"
+               if "cfg_both_over_cond" in res else ""))
 
 
 # ---------------------------------------------------------------------------------------------

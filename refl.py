@@ -84,6 +84,7 @@ class RunConfig:
     batch_size: int = 4  # prompts per rank and step
     gradient_checkpointing: bool = False  # recompute each window step and DiT block in backward
     grad_clip: float = 0.0  # clip the gradients' global norm to this before each update; 0 = off (VELR states none)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay of the trained weights (VELR states none)
     # trainable weights
     full_finetune: bool = False  # train every DiT weight (FSDP2 under torchrun)
     lora_rank: int = 256  # LoRA rank (VELR App. C.3)
@@ -134,7 +135,7 @@ class RunConfig:
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
-            "grad_clip", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
+            "grad_clip", "weight_decay", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
             "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
@@ -159,7 +160,7 @@ def validate(c: RunConfig):
         if getattr(c, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(c, k)}")
     for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows",
-              "grad_clip"):
+              "grad_clip", "weight_decay"):
         if getattr(c, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(c, k)}")
     def f(k):
@@ -630,7 +631,8 @@ class Run:
                 m.set_sequence_parallel(self.sp_group)
             if m is not None and c.compile:
                 m.compile_blocks()
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=c.lr,
+                                     weight_decay=c.weight_decay)
         self.lrm_opt = None
         if self.lrm is not None:
             self.lrm = self.lrm.to(self.device).requires_grad_(False)

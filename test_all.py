@@ -4198,6 +4198,9 @@ def test_refl_eval_history_records_the_lrm_error(refl_cache, tmp_path):
 def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
     args = train_refl.parse_args(["--preset", "prfl"])
     assert (args.reward_on, args.reward_loss, args.window, args.mid_min, args.mid_max) == ("zt", "prfl", 1, 0, 18)
+    assert (args.beta, args.guidance, args.align_every, args.full_finetune, args.weight_decay, args.grad_clip) == (
+        0.0, 1.0, 0, True, 0.01, 1.0)  # PRFL's training recipe
+    assert args.lr == 5e-4 and train_refl.parse_args(["--preset", "prfl", "--dit", "x", "--lrm", "x", "--reward", "x"]).lr == 5e-6
     assert train_refl.parse_args(["--preset", "prfl", "--window", "2", "--mid-max", "10"]).window == 2  # explicit wins
     assert train_refl.parse_args(["--preset", "prfl", "--window", "3"]).mid_max == 16  # the preset's mid-max fits the window
     with pytest.raises(ValueError, match=re.escape("--mid-max + --window must stay below --sample-steps (set by --preset toy) 20")):
@@ -5046,11 +5049,19 @@ def _bench_fake_step(step_mb, resident_mb=1000.0):
 
 def test_bench_memory_ratios_are_velr_over_pixel(monkeypatch):
     fake = {"velr": 100.0, "pixel": 400.0, "lastk": 150.0, "latestep": 120.0, "lpo": 130.0}
-    monkeypatch.setattr(bench, "run_child", lambda task, args: _bench_fake_step(fake[args["mode"]]))
+
+    def child(task, args):  # the guidance rows: both 160 MiB, cond 80 (the last --cfg-grad of the flags wins)
+        flags = args["config"]["flags"]
+        grad = flags[len(flags) - 1 - flags[::-1].index("--cfg-grad") + 1] if "--cfg-grad" in flags else None
+        return _bench_fake_step({"both": 160.0, "cond": 80.0}.get(grad, fake[args["mode"]]))
+
+    monkeypatch.setattr(bench, "run_child", child)
     res = bench.bench_memory(CPU, "tiny")
     assert res["ratio_peak"] == pytest.approx(0.25) and res["ratio_time"] == pytest.approx(0.25)
     assert res["ratio_peak_total"] == pytest.approx(1100 / 1400)  # resident weights count in the total only
     assert "VELR / pixel: step memory 0.250, total peak 0.786" in bench.table_memory(res)
+    assert res["cfg_both_over_cond"]["step_mb"] == pytest.approx(2.0)
+    assert "--cfg-grad both / cond: step memory 2.000" in bench.table_memory(res)
 
 
 def test_bench_gpu_quick_reports_every_part_despite_failures(monkeypatch, capsys):

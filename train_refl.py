@@ -44,9 +44,14 @@ import shards
 PRESETS = {
     "paper": {},
     "toy": refl.TOY_PRESET,
-    # PRFL: a no-grad rollout to a random step of the whole schedule, one DiT step with gradient,
-    # the LRM on that step's noisy latent, PRFL's reward loss 0.1 relu(2 - sigmoid(r)) (its public code)
-    "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window),
+    # PRFL (arXiv 2511.21541 and its public code, HY-Video-PRFL): a no-grad rollout to a random step of
+    # the whole schedule, one DiT step with gradient, the LRM on that step's noisy latent, the reward
+    # loss 0.1 relu(2 - sigmoid(r)); trained without KL, without guidance, without online alignment,
+    # fully fine-tuned at lr 5e-6 (the toy world keeps its own preset's lr), weight decay 0.01, gradient-norm
+    # clip 1. Not here: its gradient accumulation 5, SFT as separate alternating steps, 10% prompt dropout
+    "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window,
+                 beta=0.0, guidance=1.0, align_every=0, full_finetune=True, lr=lambda c: c.lr if c.toy else 5e-6,
+                 weight_decay=0.01, grad_clip=1.0),
 }
 MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
 

@@ -28,7 +28,7 @@ from lrm import OBJECTIVES, EnsembleLayerNorm, EnsembleLinear, _split_inputs, in
 from model_dit import DiTConfig, WanDiT, cast_dit, load_dit, rope_freqs, sinusoidal_embedding
 
 
-TRUNKS = ("frozen", "lora")
+TRUNKS = ("frozen", "lora", "full")
 
 
 TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,7 +41,8 @@ class DiTLRMConfig:
     dit: DiTConfig = None  # the generator's config with num_layers = n (PRFL: 8 of the 14B's 40)
     pool_heads: int = 0  # attention heads of each member's pooling; 0: the trunk's num_heads
     mlp_dims: tuple[int, ...] = (1024, 512)  # hidden widths of each member's MLP to a scalar (PRFL: 1024, 512)
-    trunk: str = "frozen"  # "frozen" | "lora": LoRA adapters on the trunk blocks' Linears, trained with the heads
+    trunk: str = "frozen"  # "frozen" | "lora": LoRA adapters on the trunk blocks' Linears, trained with the heads |
+    #                        "full": the kept blocks' own weights trained (PRFL; the embeddings stay frozen)
     lora_rank: int = 16
     lora_alpha: float = 16.0
     objective: str = "huber"  # what it was trained with, as LRMConfig.objective
@@ -66,6 +67,8 @@ class DiTLRMConfig:
             raise ValueError(f"pool_heads {self.heads} must divide the trunk width {self.dit.dim}")
         if self.trunk not in TRUNKS:
             raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
+        if self.trunk == "full" and self.trunk_dtype != "float32":
+            raise ValueError("trunk 'full' trains the blocks' weights: keep them float32 (trunk_dtype)")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.objective not in OBJECTIVES:
@@ -125,9 +128,10 @@ class DiTRewardModel(nn.Module):
     latent at t = 1000 sigma (sigma None or 0: a clean latent, t = 0) and the prompt zero-padded to
     text_len rows (rows past `lengths` are zeroed first). Initialise it from a generator with
     `dit_reward_model_from`; `DiTRewardModel(cfg)` alone draws Wan's random init from `seed`.
-    cfg.trunk: "frozen" (never trained; `requires_grad_` leaves it off) or "lora" (lora.add_lora on
+    cfg.trunk: "frozen" (never trained; `requires_grad_` leaves it off), "lora" (lora.add_lora on
     every block Linear, rank cfg.lora_rank; the adapters start at zero, so the trunk starts as the
-    generator's and trains with the heads). Gradients always flow to z (ReFL needs them);
+    generator's and trains with the heads) or "full" (the blocks' weights train, PRFL's reward
+    model; `trunk_parameters` gives them for their own learning rate). Gradients always flow to z (ReFL needs them);
     `model.trunk.gradient_checkpointing = True` recomputes each trunk block in the backward.
 
     Members: N heads (PoolHeads) on the one trunk, so N members cost one trunk forward plus N small
@@ -155,16 +159,26 @@ class DiTRewardModel(nn.Module):
         self.trunk.requires_grad_(False)
         if cfg.trunk == "lora":  # freezes the trunk, trainable fp32 adapters in every block Linear
             lora.add_lora(self.trunk, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(seed + 104729))
+        for p in self.trunk_parameters():  # a full trunk: the blocks train (the embeddings stay frozen)
+            p.requires_grad_(True)
         self.heads = PoolHeads(n_members, cfg)
         if self.heads.query.device.type != "meta":
             init_members(self.heads, seed)
 
     def requires_grad_(self, requires_grad: bool = True):
-        """The heads (and a LoRA trunk's adapters) follow requires_grad; a frozen trunk's weights stay off."""
+        """The heads (and a LoRA trunk's adapters, or a full trunk's blocks) follow requires_grad; a frozen
+        trunk's weights stay off."""
         self.heads.requires_grad_(requires_grad)
         for name, p in self.trunk.named_parameters():
-            p.requires_grad_(requires_grad and ".lora_" in name)
+            p.requires_grad_(requires_grad and (".lora_" in name or self._full_block(name)))
         return self
+
+    def _full_block(self, name: str) -> bool:
+        return self.cfg.trunk == "full" and name.startswith("blocks.")
+
+    def trunk_parameters(self) -> list:
+        """The trunk's trainable weights (a full trunk's blocks): train_lrm gives them their own learning rate."""
+        return [p for name, p in self.trunk.named_parameters() if self._full_block(name)]
 
     def load_trunk(self, state: dict):
         """Copy a generator's weights (a WanDiT state dict, original names) into the trunk: the

@@ -2267,6 +2267,15 @@ def test_dit_lrm_heads_differ_and_trunk_frozen_or_lora():
     assert all(g is None for n, g in grads.items() if ".lora_" not in n)
     model.requires_grad_(False)
     assert not any(p.requires_grad for p in model.parameters())
+    # full trunk (PRFL): the kept blocks' weights train, the embeddings do not; their own group for their lr
+    _, full, zf, cf, lf = _dit_lrm_setup(2, trunk="full")
+    full(zf, cf, lf, sigma=0.4).sum().backward()
+    grads = {n: p.grad for n, p in full.trunk.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if n.startswith("blocks."))
+    assert all(g is None for n, g in grads.items() if not n.startswith("blocks."))
+    assert {id(p) for p in full.trunk_parameters()} == {id(p) for n, p in full.trunk.named_parameters() if n.startswith("blocks.")}
+    with pytest.raises(ValueError, match="trunk 'full' trains the blocks' weights: keep them float32"):
+        lrm_dit.DiTLRMConfig(trunk="full", trunk_dtype="bfloat16")
     # gradient checkpointing of the trunk blocks: the same scores and gradients
     z.requires_grad_(True)
     grads = []
@@ -3330,6 +3339,21 @@ def test_train_lrm_dit_model_resume_is_bit_identical(tmp_path):
     a, b = (load_file(tmp_path / d / "lrm.safetensors") for d in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".lora_B" in k and a[k].abs().sum() > 0 for k in a)  # the adapters trained
+
+
+def test_train_lrm_dit_full_trunk_trains_its_blocks_at_their_own_lr(tmp_path):
+    """--dit-trunk full (PRFL's reward model): the kept blocks train at --dit-trunk-lr, the heads at --lr,
+    the embeddings stay the generator's."""
+    args = ["--model", "dit", "--dit-trunk", "full", "--dit-trunk-lr", "1e-3", "--lr", "1e-2", "--members", "2",
+            "--synthetic", "16", "--epochs", "1", "--noise-aware", "--sample-steps", "20", "--solver", "euler"]
+    initial = train_lrm.dit_lrm(train_lrm.parse_args(_data_train_argv(tmp_path / "x", *args)), 2).state_dict()
+    train_lrm.main(_data_train_argv(tmp_path / "run", *args))
+    trained = lrm.load_lrm(tmp_path / "run" / "lrm.safetensors").state_dict()
+    blocks = [k for k in trained if k.startswith("trunk.blocks.")]
+    assert blocks and all(not torch.equal(trained[k], initial[k]) for k in blocks if k.endswith(".weight") and "norm" not in k)
+    assert all(torch.equal(trained[k], initial[k]) for k in trained if k.startswith("trunk.") and k not in blocks)
+    groups = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-2, 1e-3]
 
 
 def test_train_lrm_dit_trunk_from_the_toy_worlds_generator(refl_cache, tmp_path, monkeypatch):

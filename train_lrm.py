@@ -66,8 +66,9 @@ class LRMTrainConfig:
         # model_dit.load_dit reads, or `toy`: the toy world's pretrained generator, built once and cached in
         # $VELR_CACHE/toy); None: the toy world's tiny DiT with random weights
     dit_blocks: int | None = None  # --model dit: blocks of the generator kept (None: 8 as PRFL, at most all)
-    dit_trunk: Literal["frozen", "lora"] = "frozen"  # --model dit: frozen trunk, or LoRA adapters on its blocks
-        # trained with the heads
+    dit_trunk: Literal["frozen", "lora", "full"] = "frozen"  # --model dit: frozen trunk, LoRA adapters on its
+        # blocks trained with the heads, or full: the blocks' weights trained (PRFL) at --dit-trunk-lr
+    dit_trunk_lr: float = 1e-6  # --model dit --dit-trunk full: the blocks' learning rate (PRFL's)
     dit_dtype: Literal["fp32", "bf16"] = "fp32"  # --model dit: the trunk's weights; bf16 halves its memory and
         # file (Wan's fp32 islands kept, run under bf16 autocast as the generator is)
     dit_lora_rank: int = 16  # --model dit --dit-trunk lora: rank, alpha = rank
@@ -123,7 +124,7 @@ CKPT_KEYS = ("model", "optimizer", "step")
 # The settings that shape the result: a checkpoint (its "run") continues only under the same ones
 # (--epochs may grow; --allow-changed accepts others on purpose).
 RUN_KEYS = ("data", "synthetic", "synthetic_reward", "test_frac", "model", "config", "members", "dit_ckpt", "dit_blocks",
-            "dit_trunk", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
+            "dit_trunk", "dit_trunk_lr", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
             "pair_margin", "pairs", "noise_aware", "clean_prob", "sigma_draw", "pair_noise", "sample_steps", "shift",
             "solver")
 
@@ -460,7 +461,7 @@ def parse_args(argv=None) -> LRMTrainConfig:
         raise ValueError(f"members, batch-size and epochs must be >= 1, got {args.members}, {args.batch_size}, {args.epochs}")
     if not 0 < args.test_frac < 1:
         raise ValueError(f"test-frac must be in (0, 1), got {args.test_frac}")
-    for k in ("lr", "huber_delta"):
+    for k in ("lr", "huber_delta", "dit_trunk_lr"):
         if not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number > 0, got {getattr(args, k)}")
     args.eval_sigmas = _numbers("--eval-sigmas", args.eval_sigmas, float)
@@ -552,7 +553,10 @@ def main(argv=None):
     if args.model != "dit":
         model = lrm.MODEL_KINDS[args.model](cfg, n_members=members, seed=args.seed)
     model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    trunk = {id(p) for p in getattr(model, "trunk_parameters", list)()}  # a full DiT trunk: its own lr
+    groups = [{"params": [p for p in model.parameters() if id(p) not in trunk], "lr": args.lr}]
+    groups += [{"params": [p for p in model.parameters() if id(p) in trunk], "lr": args.dit_trunk_lr}] if trunk else []
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     step = load_checkpoint(resumed, args.resume, model, optimizer) if args.resume else 0
     del resumed  # its tensors are in the model and the optimiser now
     ddp = DDP(model) if world > 1 else model  # DDP broadcasts rank 0's weights and all-reduces gradients

@@ -820,7 +820,8 @@ def _field_digests(cfg) -> dict:
 
 def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
     """Model kind, member count and config from a save_lrm file's metadata; the config is compared
-    field by field with the digests save_lrm wrote (files without them, from before, are read as they are)."""
+    field by field with the digests save_lrm wrote (files without them, from before, are read as they
+    are; a field the code gained since takes its default, as its reader does)."""
     if meta.get("kind") not in MODEL_KINDS:
         raise ValueError(
             f"{path} is not an LRM file written by save_lrm: "
@@ -843,8 +844,8 @@ def _config_of(path: Path, meta: dict) -> tuple[str, int, LRMConfig]:
             saved = json.loads(meta["config_digest"])
         except ValueError as err:
             raise ValueError(f"{path}: metadata 'config_digest' is not JSON ({err}); the file was edited") from err
-        now = _field_digests(cfg)
-        edited = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        now = _field_digests(cfg)  # a field added to the config after the file was written is not in `saved`
+        edited = sorted(k for k in saved if saved[k] != now.get(k))
         if edited:
             raise ValueError(f"{path}: metadata config fields {edited} are not what save_lrm wrote with these weights "
                              f"(edited after saving?); refusing to load the weights into another model")

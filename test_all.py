@@ -1897,6 +1897,12 @@ def test_lrm_load_refuses_config_edits_that_keep_the_shapes(tmp_path):
             lrm.load_lrm(tmp_path / "x.safetensors")
         _edit_lrm_config(src, tmp_path / "y.safetensors", drop_digest=True)
         assert type(lrm.load_lrm(tmp_path / "y.safetensors")) is type(lrm.load_lrm(src))  # older files still load
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as f:  # a file from before a field was added still loads
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("config", "config_digest"):
+        meta[key] = json.dumps({k: v for k, v in json.loads(meta[key]).items() if k != "huber_delta"})
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert lrm.load_lrm(tmp_path / "old.safetensors").cfg.huber_delta == 1.0
     _edit_lrm_config(tmp_path / "d.safetensors", tmp_path / "x.safetensors", drop_digest=True, trunk_dtype="bfloat16")
     with pytest.raises(ValueError, match=r"of another dtype \['trunk\..*torch.float32 != torch.bfloat16.*trunk_dtype bfloat16"):
         lrm.load_lrm(tmp_path / "x.safetensors")

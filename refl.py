@@ -135,8 +135,8 @@ class RunConfig:
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
-            "grad_clip", "weight_decay", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr", "lrm", "align_every",
-            "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
+            "grad_clip", "weight_decay", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr",
+            "lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
 # generator was trained and its LRM bootstrapped with).

@@ -119,11 +119,7 @@ def policy_velocity(model, context, checkpoint: bool):
     unconditional branch). checkpoint: keep only each window step's input latent and rerun the DiT
     in the backward (itself checkpointed per block), so the window's memory is one DiT call's, not
     K steps' block inputs."""
-    def vel(x, t):
-        if checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(model, x, t, context, use_reentrant=False)
-        return model(x, t, context)
-    return vel
+    return lambda x, t: refl.velocity(model, x, t, context, None, 1.0, checkpoint=checkpoint)
 
 
 def make_reward(mode, lrm, vae, reward_fn, *, reward_on="z0", noise_ensemble=False, agg="mean", lcb_k=1.0, seed=0):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.utils.checkpoint
 
 import lora
 import lrm as lrm_lib

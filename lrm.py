@@ -33,7 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
-OBJECTIVES = ("huber", "bt", "thurstone")
+OBJECTIVES = ("huber", "bce", "bt", "thurstone")
+POINTWISE = ("huber", "bce")  # trained on one labelled sample at a time (the others on pairs)
 
 
 @dataclass
@@ -57,8 +58,10 @@ class LRMConfig:
     # Noise awareness (options beside the paper; off: VELR's clean-latent LRM, files without these fields).
     timestep_cond: bool = False  # FiLM of the token stream on the noise level (a noise-aware LRM)
     t_freq_dim: int = 64  # width of the sinusoidal embedding of t = 1000 sigma
-    objective: str = "huber"  # what the LRM was trained with: "huber" (paper Eq. 6), "bt" or "thurstone"
+    objective: str = "huber"  # what the LRM was trained with: "huber" (paper Eq. 6), "bce" (PRFL's, on binary
+    #                           labels: the score is a logit), "bt" or "thurstone"
     huber_delta: float = 1.0  # the Huber delta of that training (online alignment re-uses it)
+    label_threshold: float | None = None  # bce: a reward above it is label 1, else 0 (None: rewards in [0, 1] as given)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)  # a config read back from JSON carries lists
@@ -153,6 +156,25 @@ def huber_loss(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0) -> 
     """Paper Eq. 6, elementwise: 0.5 d^2 where |d| <= delta, else delta (|d| - delta / 2); d = target - pred."""
     d = (target - pred).abs()
     return torch.where(d <= delta, 0.5 * d * d, delta * (d - 0.5 * delta))
+
+
+def bce_targets(reward: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """PRFL's binary quality labels from rewards: 1 where reward > threshold, else 0. Without a
+    threshold the rewards are the labels and must be probabilities: one outside [0, 1] becomes NaN,
+    left out like a missing label. A NaN reward stays NaN."""
+    if threshold is not None:
+        return torch.where(torch.isfinite(reward), (reward > threshold).to(reward.dtype), reward)
+    return torch.where((reward >= 0) & (reward <= 1), reward, torch.full_like(reward, float("nan")))
+
+
+def pointwise_loss(pred: torch.Tensor, target: torch.Tensor, objective: str = "huber", delta: float = 1.0):
+    """Elementwise loss of a score against its label: Huber (Eq. 6), or binary cross-entropy with
+    the score as the logit (PRFL; target a label in [0, 1])."""
+    if objective == "bce":
+        return F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none")
+    if objective != "huber":
+        raise ValueError(f"pointwise objective must be 'huber' or 'bce', got {objective!r}")
+    return huber_loss(pred, target, delta)
 
 
 # ----------------------------------------------------------------------------- noise awareness and pairs
@@ -652,7 +674,7 @@ def bootstrap_indices(n_members: int, batch: int, generator=None) -> torch.Tenso
 
 
 def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, bootstrap=False, generator=None,
-               amp_dtype=None, sigma=None):
+               amp_dtype=None, sigma=None, objective="huber", label_threshold=None):
     """One Huber step (paper Eq. 6) of an ensemble or Dollar LRM; target = the pixel reward of the
     decoded latents. All members run in one batched forward; which samples each member sees:
 
@@ -677,12 +699,16 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     With finite inputs the step is exactly the plain one.
 
     sigma (None, (B,) or (N, B) like target): the noise level of each latent, for a noise-aware LRM.
+    objective "bce" (PRFL): binary cross-entropy of the score as a logit against the label
+    bce_targets(target, label_threshold) (a reward outside [0, 1] without a threshold counts as non-finite).
 
-    Returns {"loss": mean member Huber loss, "mse": mean member squared error} on their minibatches
-    (finite samples only), "dropped": how many target values were non-finite (entries of the target
-    the caller passed), "skipped": True if nothing was applied.
+    Returns {"loss": mean member loss, "mse": mean member squared error (bce: of sigmoid(score))} on
+    their minibatches (finite samples only), "dropped": how many target values were non-finite
+    (entries of the target the caller passed), "skipped": True if nothing was applied.
     """
     n = getattr(model, "module", model).n_members  # DDP keeps the model in .module
+    if objective == "bce":
+        target = bce_targets(target, label_threshold)
     finite = torch.isfinite(target)
     dropped = int(finite.numel() - finite.sum())
     if z.dim() == 5 and bootstrap:
@@ -692,16 +718,17 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         pred = model(z, context, lengths) if sigma is None else model(z, context, lengths, sigma=sigma)  # (N, B)
     target = target.float().expand_as(pred)
+    seen = pred.detach().float().sigmoid() if objective == "bce" else pred.detach()  # what mse compares
     if dropped:
         keep = torch.isfinite(target)
-        target = torch.where(keep, target, pred.detach())  # a dropped sample: zero loss, zero gradient
+        target = torch.where(keep, target, 0.5 if objective == "bce" else pred.detach())  # safe, masked out below
         count = keep.sum(1)
-        loss = huber_loss(pred, target, delta).sum(1) / count.clamp_min(1)  # (N,)
-        mse = ((pred.detach() - target).pow(2).sum() / count.sum().clamp_min(1)).item()
+        loss = torch.where(keep, pointwise_loss(pred, target, objective, delta), 0).sum(1) / count.clamp_min(1)  # (N,)
+        mse = (torch.where(keep, seen - target, 0).pow(2).sum() / count.sum().clamp_min(1)).item()
         usable = bool(count.sum() > 0)
     else:
-        loss = huber_loss(pred, target, delta).mean(1)  # (N,)
-        mse = (pred.detach() - target).pow(2).mean().item()
+        loss = pointwise_loss(pred, target, objective, delta).mean(1)  # (N,)
+        mse = (seen - target).pow(2).mean().item()
         usable = True
     skipped = _apply(model, optimizer, loss, usable)
     return {"loss": loss.mean().item(), "mse": mse, "dropped": dropped, "skipped": skipped}

@@ -47,6 +47,7 @@ class DiTLRMConfig:
     lora_alpha: float = 16.0
     objective: str = "huber"  # what it was trained with, as LRMConfig.objective
     huber_delta: float = 1.0  # the Huber delta of that training, as LRMConfig.huber_delta
+    label_threshold: float | None = None  # bce's binary labels, as LRMConfig.label_threshold
     # trained on re-noised latents (train_lrm.py --noise-aware), so it scores x_t at its sigma: the
     # trunk always reads t = 1000 sigma, but one trained on clean latents only is no process reward
     noise_aware: bool = False

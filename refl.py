@@ -81,7 +81,10 @@ class RunConfig:
     agg: Literal["mean", "min", "max", "lcb"] = "mean"  # ensemble aggregation
     lcb_k: float = 1.0  # lcb = mean - k std over members; mean - k sqrt(Var_members + v(sigma)) for a Thurstone LRM
     lr: float = 1e-5  # learning rate
-    batch_size: int = 4  # prompts per rank and step
+    batch_size: int = 4  # prompts per rank and micro-batch
+    grad_accum: int = 1  # micro-batches per update, each batch_size prompts per rank; their gradients are averaged
+    prompt_dropout: float = 0.0  # probability that a training sample's prompt is the empty one (its DiT calls, its
+    #                              reward and its buffer label all see ""); evaluation never drops
     gradient_checkpointing: bool = False  # recompute each window step and DiT block in backward
     grad_clip: float = 0.0  # clip the gradients' global norm to this before each update; 0 = off (VELR states none)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay of the trained weights (VELR states none)
@@ -135,7 +138,7 @@ class RunConfig:
 # The settings that define a run: a checkpoint continues only under the same ones (--steps may grow).
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
-            "grad_clip", "weight_decay", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr",
+            "grad_clip", "weight_decay", "grad_accum", "prompt_dropout", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr",
             "lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
@@ -156,7 +159,7 @@ def base_preset(given: dict) -> str:
 def validate(c: RunConfig):
     """The checks of the shared settings: a one-line error naming the flag."""
     for k in ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
-              "align_rounds", "sp_size"):
+              "align_rounds", "sp_size", "grad_accum"):
         if getattr(c, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(c, k)}")
     for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows",
@@ -177,6 +180,8 @@ def validate(c: RunConfig):
     for k in ("shift", "guidance", "beta", "lr", "lcb_k", "lora_alpha", "align_lr"):
         if not math.isfinite(getattr(c, k)):
             raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {getattr(c, k)}")
+    if not 0 <= c.prompt_dropout < 1:
+        raise ValueError(f"{f('prompt_dropout')} must be in [0, 1), got {c.prompt_dropout}")
     if c.align_delta is not None and not (math.isfinite(c.align_delta) and c.align_delta > 0):
         raise ValueError(f"--align-delta must be a finite number > 0, got {c.align_delta}")
     if c.shift <= 0:
@@ -277,6 +282,21 @@ def draw_batch(seed: int, step: int, rank: int, prompts: list[str], batch_size: 
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + rank)
     idx = torch.randint(len(prompts), (batch_size,), generator=g).tolist()
     return [prompts[i] for i in idx], torch.randn(batch_size, *shape, generator=g)
+
+
+def drop_prompts(prompts: list[str], p: float, seed: int, step: int, rank: int) -> list[str]:
+    """Prompt dropout: each prompt replaced by "" with probability p, drawn from (seed, step, rank)
+    alone (its own generator: the batch's other draws do not move when p changes)."""
+    if p == 0:
+        return prompts
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + rank + 7_368_787)
+    return ["" if d else q for q, d in zip(prompts, (torch.rand(len(prompts), generator=g) < p).tolist())]
+
+
+def micro_key(step: int, micro: int, micros: int) -> int:
+    """The draw key of micro-batch `micro` of update `step` under --grad-accum micros: the draws of
+    consecutive updates never repeat, and without accumulation the key is the step."""
+    return (step - 1) * micros + micro + 1
 
 
 def shared_generator(seed: int, step: int) -> torch.Generator:
@@ -409,8 +429,8 @@ def alignment_delta(c, lrm) -> float:
 def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid, seed: int, step: int, device,
               world: int, bad, log, refresh: bool = False, delta: float = 1.0) -> dict:
     """Re-fit the LRM on the shared buffer (App. C.2): `rounds` passes, each ceil(entries /
-    batch_size) Huber updates (delta: the pretraining's); every member draws its own minibatch (variance-weighted, or uniform
-    in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of `sigma_grid` (0 with
+    batch_size) Huber updates (delta: the pretraining's; a BCE-trained LRM: BCE on its binary
+    labels); every member draws its own minibatch (variance-weighted, or uniform in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of `sigma_grid` (0 with
     ALIGN_CLEAN_PROB), labels the clean rewards. Seeded the same on every rank: same batches, same
     update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
     if refresh and len(buffer):
@@ -420,6 +440,9 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
     g = torch.Generator().manual_seed(seed * 7919 + step)  # same on every rank: same batches, same update
     n, bs = lrm.n_members, batch_size
     updates = rounds * math.ceil(len(buffer) / bs)
+    cfg = getattr(lrm, "cfg", None)
+    objective = "bce" if getattr(cfg, "objective", "huber") == "bce" else "huber"  # a pairwise LRM: Huber
+    threshold = getattr(cfg, "label_threshold", None)
     amp = sample.dtypes(device)["amp"]
     lrm.requires_grad_(True)
     for _ in range(updates):
@@ -430,7 +453,7 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
             b["z"] = lrm_lib.noise_latents(b["z"], sigma.to(device), torch.randn(b["z"].shape, generator=g).to(device))
             sigma = sigma.to(device)
         res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], delta=delta, generator=g,
-                                 amp_dtype=amp, sigma=sigma)
+                                 amp_dtype=amp, sigma=sigma, objective=objective, label_threshold=threshold)
         if res["skipped"]:
             bad["lrm_skipped"] += 1
             log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
@@ -525,13 +548,36 @@ def gradients_finite(model, loss, world: int) -> bool:
     return ok
 
 
-def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0, clip: float = 0.0):
+def gradient_sync(model, on: bool):
+    """A context for one backward: DDP all-reduces (FSDP2 reduce-scatters) the gradients only when
+    `on`; the earlier micro-batches of an accumulated update keep theirs local."""
+    if isinstance(model, DDP):
+        return nullcontext() if on else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(on)
+    return nullcontext()
+
+
+def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0, clip: float = 0.0, micro: int = 0,
+                   micros: int = 1):
     """Backward (loss x scale), then apply the update only when loss and gradients are finite on
     every rank; otherwise nothing of this step is applied (bad["refl_skipped"]). clip > 0: the
-    gradients' global norm is clipped to it first (on the all-reduced gradients: the same on every rank)."""
-    opt.zero_grad(set_to_none=True)
-    (loss * scale).backward()
-    if gradients_finite(model, loss, world):
+    gradients' global norm is clipped to it first (on the all-reduced gradients: the same on every rank).
+    Gradient accumulation: the `micros` losses of one update call this in turn, micro = 0..micros-1.
+    The first clears the gradients, each backward takes loss x scale / micros (so the update sees their
+    mean), the ranks' gradients meet only in the last backward, and the last applies the update; a
+    non-finite loss in any micro-batch skips the whole update."""
+    if micro == 0:
+        opt.zero_grad(set_to_none=True)
+        opt.micro_losses_finite = True
+    opt.micro_losses_finite &= bool(torch.isfinite(loss.detach()).all())
+    last = micro == micros - 1
+    with gradient_sync(model, last):
+        (loss * (scale / micros)).backward()
+    if not last:
+        return
+    ok = torch.tensor(1.0 if opt.micro_losses_finite else float("nan"))  # every micro-batch's loss, in one value
+    if gradients_finite(model, loss.detach() * ok.to(loss.device), world):
         if clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
         opt.step()
@@ -539,6 +585,16 @@ def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0, 
         opt.zero_grad(set_to_none=True)
         bad["refl_skipped"] += 1
         log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
+
+
+def mean_records(parts: list[dict], sums=("labelled", "pairs", "pair_offers")) -> dict:
+    """One record of an update's micro-batches: each value's mean over the micro-batches that have
+    it; the counts in `sums` add up."""
+    out = {}
+    for k in dict.fromkeys(k for p in parts for k in p):
+        values = [p[k] for p in parts if k in p]
+        out[k] = sum(values) if k in sums else sum(values) / len(values)
+    return out
 
 
 def read_checkpoint(path) -> dict:
@@ -617,7 +673,7 @@ class Run:
             runs.write_json(self.out / "args.json", {**c.record(), "world_size": self.world})
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         self.pairs = eval_pairs(c.eval_samples, self.prompts)
-        self.table = embed_prompts(self.prompts + [sample.WAN_NEGATIVE_PROMPT], tokenizer, encoder, self.device,
+        self.table = embed_prompts(self.prompts + [sample.WAN_NEGATIVE_PROMPT, ""], tokenizer, encoder, self.device,
                                    dit.cfg.text_len)
         del encoder  # prompts are embedded once; the encoder is not needed again
         self.neg = (text_batch(self.table, [sample.WAN_NEGATIVE_PROMPT] * c.batch_size, self.device)[0]

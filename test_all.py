@@ -1916,6 +1916,56 @@ def _robust_lrm_setup(n=2, b=4, seed=0):
     return model, opt, z, context, lengths, target
 
 
+def test_lrm_bce_loss_labels_and_step():
+    """--loss bce (PRFL): the loss is -(y log sigmoid(s) + (1 - y) log(1 - sigmoid(s))); labels are
+    1 above the threshold, or the rewards themselves in [0, 1] (others left out); one SGD step of
+    lrm_update follows the hand formula's gradient."""
+    s, y = torch.tensor([-2.0, 0.0, 1.5]), torch.tensor([1.0, 0.0, 0.3])
+    hand = -(y * torch.sigmoid(s).log() + (1 - y) * (1 - torch.sigmoid(s)).log())
+    torch.testing.assert_close(lrm.pointwise_loss(s, y, "bce"), hand)
+    r = torch.tensor([0.2, 0.7, float("nan"), 1.4, -0.1])
+    assert torch.equal(lrm.bce_targets(r, 0.5)[[0, 1, 3, 4]], torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    got = lrm.bce_targets(r)
+    assert got[:2].tolist() == pytest.approx([0.2, 0.7]) and got[2:].isnan().all()  # outside [0, 1]: left out
+    torch.manual_seed(0)
+    z, context, lengths = _lrm_inputs(b=4, seed=2)
+    model = lrm.EnsembleLRM(_LRM_TINY, 2)
+    reward = torch.tensor([0.9, 0.1, 0.8, 5.0])  # threshold 0.5: labels 1, 0, 1, 1
+    labels = torch.tensor([1.0, 0, 1, 1])
+    score = model(z, context, lengths)  # (2, 4)
+    hand = -(labels * torch.sigmoid(score).log() + (1 - labels) * (1 - torch.sigmoid(score)).log()).mean(1).sum()
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(hand, list(model.parameters()))))
+    want = {n: p.detach() - 0.05 * grads[n] for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = lrm.lrm_update(model, opt, z, context, lengths, reward, objective="bce", label_threshold=0.5)
+    assert out["loss"] == pytest.approx(hand.item() / 2, rel=1e-4) and out["dropped"] == 0
+    for n, p in model.named_parameters():  # one SGD step along the hand formula's gradient
+        torch.testing.assert_close(p.detach(), want[n], atol=1e-6, rtol=1e-4, msg=n)
+    out = lrm.lrm_update(model, opt, z, context, lengths, reward, objective="bce")  # no threshold: 5.0 is left out
+    assert out["dropped"] == 1 and not out["skipped"]
+
+
+def test_train_lrm_bce_records_its_labels(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = _data_train_argv(out, "--synthetic", "16", "--members", "2", "--epochs", "1", "--loss", "bce",
+                            "--label-threshold", "0.3")
+    train_lrm.main(argv)
+    cfg = lrm.read_config(out / "lrm.safetensors")[2]
+    assert (cfg.objective, cfg.label_threshold) == ("bce", 0.3)
+    with pytest.raises(ValueError, match="--label-threshold 0.3 needs --loss bce"):
+        train_lrm.parse_args(_data_train_argv(out, "--label-threshold", "0.3"))
+    real = train_lrm.synthetic_data
+
+    def shifted(*a, **k):
+        rows = real(*a, **k)
+        return [{**r, "reward": r["reward"] + 2.0} for r in rows]
+
+    monkeypatch.setattr(train_lrm, "synthetic_data", shifted)
+    with pytest.raises(ValueError, match=r"--loss bce takes labels in \[0, 1\].*--label-threshold"):
+        train_lrm.main(_data_train_argv(tmp_path / "bad", "--synthetic", "16", "--loss", "bce"))
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def test_lrm_update_finite_inputs_unchanged():
     """With finite inputs the step is exactly the plain Huber step (forward, mean loss, backward, AdamW)."""
     model, opt, z, context, lengths, target = _robust_lrm_setup()
@@ -3467,6 +3517,24 @@ def test_refl_alignment_uses_the_lrms_huber_delta(monkeypatch):
         train_refl.parse_args(["--align-delta", "0"])
 
 
+def test_refl_alignment_of_a_bce_lrm_is_bce_on_its_labels(monkeypatch):
+    """An LRM trained with --loss bce is aligned with BCE on the labels its file's threshold makes."""
+    model = lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], objective="bce", label_threshold=0.4),
+                                3).requires_grad_(False)
+    buf = replay.ReplayBuffer(capacity=8)
+    buf.insert(*_refl_tiny_lrm_entries(4))
+    seen, real = [], lrm_lib.lrm_update
+
+    def spy(*a, **kw):
+        seen.append((kw["objective"], kw["label_threshold"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lrm_lib, "lrm_update", spy)
+    args = train_refl.parse_args(["--batch-size", "2", "--align-rounds", "1"])
+    _refl_align(model, torch.optim.AdamW(model.parameters(), lr=1e-3), buf, args, 1)
+    assert seen == [("bce", 0.4)] * 2
+
+
 def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
     """--refresh-variance rescores every entry with the current LRM before the alignment, and the
     buffer's eviction order follows the new values."""
@@ -3927,10 +3995,12 @@ def test_refl_ranks_draw_their_own_data_and_share_the_window():
     assert torch.equal(again[1], n0) and again[0] == p0
 
 
-@pytest.mark.parametrize("flags", [[], ["--gradient-checkpointing"], ["--full-finetune", "--lr", "1e-4"]],
-                         ids=["ddp-lora", "ddp-lora-ckpt", "fsdp2-full"])
+@pytest.mark.parametrize("flags", [[], ["--gradient-checkpointing", "--grad-accum", "2"],
+                                   ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2"]],
+                         ids=["ddp-lora", "ddp-lora-ckpt-accum", "fsdp2-full-accum"])
 def test_refl_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
-    """Ranks draw different data (test above), so equal weights mean the gradients were synchronised."""
+    """Ranks draw different data (test above), so equal weights mean the gradients were synchronised
+    (with --grad-accum 2: only in the last micro-batch's backward, refl.gradient_sync)."""
     sync = _refl_torchrun(refl_cache, tmp_path, "--align-every", "1", "--align-rounds", "1", *flags)
     assert sync == {"world": 2, "max_diff": 0.0}
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -4228,8 +4298,9 @@ def test_refl_eval_history_records_the_lrm_error(refl_cache, tmp_path):
 def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
     args = train_refl.parse_args(["--preset", "prfl"])
     assert (args.reward_on, args.reward_loss, args.window, args.mid_min, args.mid_max) == ("zt", "prfl", 1, 0, 18)
-    assert (args.beta, args.guidance, args.align_every, args.full_finetune, args.weight_decay, args.grad_clip) == (
-        0.0, 1.0, 0, True, 0.01, 1.0)  # PRFL's training recipe
+    assert (args.beta, args.guidance, args.align_every, args.full_finetune, args.weight_decay, args.grad_clip,
+            args.grad_accum, args.prompt_dropout, args.sft_schedule) == (
+        0.0, 1.0, 0, True, 0.01, 1.0, 5, 0.1, "alternate")  # PRFL's training recipe
     assert args.lr == 5e-4 and train_refl.parse_args(["--preset", "prfl", "--dit", "x", "--lrm", "x", "--reward", "x"]).lr == 5e-6
     assert train_refl.parse_args(["--preset", "prfl", "--window", "2", "--mid-max", "10"]).window == 2  # explicit wins
     assert train_refl.parse_args(["--preset", "prfl", "--window", "3"]).mid_max == 16  # the preset's mid-max fits the window
@@ -4238,7 +4309,7 @@ def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
     with pytest.raises(ValueError, match=re.escape("--mid-max (set by --preset toy) + --window must stay below")):
         train_refl.parse_args(["--window", "10"])
     assert train_refl.parse_args([]).reward_on == "z0" and train_refl.parse_args([]).reward_loss == "neg"
-    s = _refl_setup(tmp_path / "setup", refl_cache, "--preset", "prfl")
+    s = _refl_setup(tmp_path / "setup", refl_cache, "--preset", "prfl", "--grad-accum", "1")
     _, out = _refl_loss(s)
     expect = (0.1 * torch.relu(2 - torch.sigmoid(out["reward"]))).mean() + s.c.beta * out["kl"]
     assert torch.allclose(out["loss"].detach(), expect, atol=1e-6)  # PRFL's reward loss, plus the KL
@@ -4547,6 +4618,132 @@ def test_refl_grad_clip_bounds_the_update_norm():
         step = torch.tensor([3.0, 4.0]) - w.detach()
         want = min(scale, clip) if clip > 0 else scale
         torch.testing.assert_close(step, want * torch.tensor([0.6, 0.8]))
+
+
+def test_refl_optimizer_step_accumulates_micro_batches():
+    """--grad-accum: micro-batch gradients average into one update; a non-finite loss in any
+    micro-batch skips the whole update, even when its gradient is finite."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt, bad = torch.optim.SGD([w], lr=1.0), refl.new_bad_counts()
+    for m, k in enumerate((2.0, 4.0)):
+        refl.optimizer_step(torch.nn.ParameterList([w]), opt, (k * w).sum(), 1, bad, 1, print, micro=m, micros=2)
+        if m == 0:
+            assert torch.equal(w.detach(), torch.tensor([1.0, 2.0]))  # no update before the last micro-batch
+    torch.testing.assert_close(w.detach(), torch.tensor([-2.0, -1.0]))  # the mean gradient, 3, applied once
+    for m, loss in enumerate((w.sum() + float("nan"), w.sum())):  # NaN loss, gradient 1
+        refl.optimizer_step(torch.nn.ParameterList([w]), opt, loss, 1, bad, 2, lambda *a: None, micro=m, micros=2)
+    assert bad["refl_skipped"] == 1 and torch.equal(w.detach(), torch.tensor([-2.0, -1.0]))
+
+
+def _refl_score(s):
+    c, r = s.c, s.r
+    return train_refl.make_reward(c.mode, r.lrm, r.vae, r.reward_fn, reward_on=c.reward_on,
+                                  noise_ensemble=c.noise_ensemble, agg=c.agg, lcb_k=c.lcb_k, seed=c.seed)
+
+
+def _spy_updates(opt, params):
+    """Replace opt.step by a recorder of the gradients it would apply, then apply them."""
+    seen, real = [], opt.step
+
+    def step(*a, **k):
+        seen.append([None if p.grad is None else p.grad.detach().clone() for p in params])
+        return real(*a, **k)
+    opt.step = step
+    return seen
+
+
+def _close_grads(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        a = torch.zeros_like(b) if a is None else a
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), f"{what}: parameter {i} differs by {(a - b).abs().max()}"
+
+
+def test_refl_grad_accum_update_is_the_mean_of_its_micro_batches(refl_cache, tmp_path):
+    """--grad-accum 2, update 1: one optimiser step whose gradient is the mean of the gradients of
+    the micro-batches drawn with keys 1 and 2 (what updates 1 and 2 draw without accumulation)."""
+    s = _refl_setup(tmp_path, refl_cache)
+    params = [p for p in s.r.model.parameters() if p.requires_grad]
+    want = []
+    for key in (1, 2):
+        _, out = _refl_loss(s, step=key)
+        grads = torch.autograd.grad(out["loss"], params, allow_unused=True)
+        want.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+    s.c.grad_accum = 2
+    seen = _spy_updates(s.r.opt, params)
+    rec = train_refl.velr_step(s.r, s.c, _refl_score(s), 1)
+    assert len(seen) == 1 and rec["step"] == 1
+    _close_grads(seen[0], [(a + b) / 2 for a, b in zip(*want)], "accumulated gradient")
+    assert any(g.abs().max() > 0 for g in seen[0] if g is not None)
+
+
+def test_refl_prompt_dropout_conditions_dropped_samples_on_the_empty_prompt(refl_cache, tmp_path):
+    """--prompt-dropout p: each training prompt is "" with probability p, drawn from (seed, step,
+    rank) alone; a dropped sample's DiT calls and reward read the "" prompt's context."""
+    draws = [refl.drop_prompts(["a"] * 2000, 0.1, 0, key, 0) for key in (1, 2)]
+    assert 0.08 < sum(p == "" for d in draws for p in d) / 4000 < 0.12
+    assert draws[0] == refl.drop_prompts(["a"] * 2000, 0.1, 0, 1, 0) != draws[1]
+    assert refl.drop_prompts(["a", "b"], 0.0, 0, 1, 0) == ["a", "b"]
+    with pytest.raises(ValueError, match="--prompt-dropout"):
+        train_refl.parse_args(["--prompt-dropout", "1"])
+    s = _refl_setup(tmp_path, refl_cache, "--prompt-dropout", "0.5", "--batch-size", "6")
+    contexts = []
+    refl.unwrap(s.r.model).register_forward_hook(lambda m, inp, out: contexts.append(inp[2].detach()))
+    _, out = _refl_loss(s)
+    prompts = out["prompts"]
+    assert "" in prompts and any(prompts), prompts
+    drawn = refl.draw_batch(s.c.seed, 1, 0, s.r.prompts, 6, s.r.shape)[0]
+    assert all(p in ("", q) for p, q in zip(prompts, drawn))  # dropout replaces prompts, draws nothing else
+    rows = torch.stack([s.r.table[p][0] for p in prompts])
+    assert torch.equal(out["context"].cpu(), rows)  # the reward read the dropped samples' "" context
+    policy = [c for c in contexts if c.shape[0] == len(prompts)]
+    assert policy and all(torch.equal(c.cpu(), rows) for c in policy)  # so did every DiT call of the rollout
+
+
+def test_refl_sft_alternate_is_a_separate_update_after_the_reward_update(refl_cache, tmp_path):
+    """--sft-schedule alternate (PRFL): the reward update carries no SFT term, and a second update
+    follows whose gradient is sft_weight x the SFT loss's at the weights the first one left;
+    --sft-schedule joint takes one update."""
+    data = tmp_path / "real"
+    prepare_data.main(_data_prepare_argv(data, "--videos", str(_data_video_folder(tmp_path / "videos"))))
+    rows = shards.ShardRows(str(data), "--sft-data")
+    s = _refl_setup(tmp_path / "run", refl_cache, "--preset", "prfl", "--grad-accum", "1", "--sft-weight", "0.5",
+                    "--lr", "1e-3", "--grad-clip", "0")  # no clip: opt.step sees the raw gradients
+    c, r = s.c, s.r
+    params = [p for p in r.model.parameters() if p.requires_grad]
+    _, out = _refl_loss(s)  # the reward loss alone, at the initial weights
+    want_reward = [torch.zeros_like(p) if g is None else g
+                   for p, g in zip(params, torch.autograd.grad(out["loss"], params, allow_unused=True))]
+    initial = [p.detach().clone() for p in params]
+    seen = _spy_updates(r.opt, params)
+    at_second = []
+    real_sft = train_refl.sft_loss
+
+    def sft_loss(*a, **k):
+        at_second.append([p.detach().clone() for p in params])
+        return real_sft(*a, **k)
+
+    with mock.patch.object(train_refl, "sft_loss", sft_loss):
+        rec = train_refl.velr_step(r, c, _refl_score(s), 1, rows)
+    assert len(seen) == 2 and len(at_second) == 1 and math.isfinite(rec["sft"])
+    _close_grads(seen[0], want_reward, "reward update")
+    assert any(not torch.equal(a, b) for a, b in zip(at_second[0], initial))  # the reward update came first
+    with torch.no_grad():  # the weights the SFT gradient was taken at: those after the reward update
+        now = [p.detach().clone() for p in params]
+        for p, w in zip(params, at_second[0]):
+            p.copy_(w)
+    sft = c.sft_weight * real_sft(r.model, rows, seed=c.seed, step=1, data_rank=0, batch_size=c.batch_size,
+                                  shift=c.shift, device=r.device, prompt_dropout=c.prompt_dropout,
+                                  empty=r.table[""][0])
+    want_sft = [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(sft, params, allow_unused=True))]
+    _close_grads(seen[1], want_sft, "SFT update")
+    with torch.no_grad():
+        for p, w in zip(params, now):
+            p.copy_(w)
+    c.sft_schedule = "joint"
+    seen.clear()
+    train_refl.velr_step(r, c, _refl_score(s), 2, rows)
+    assert len(seen) == 1
 
 
 class _LPOBias(torch.nn.Module):

@@ -202,28 +202,36 @@ def train_steps(sample_steps: int, n: int, g: torch.Generator) -> list[int]:
 
 
 def lpo_step(r: refl.Run, c: LPOConfig, step: int) -> dict:
-    """One LPO step on every rank's own prompts and noise, then VELR's buffer offer and alignment."""
-    prompts, noise = refl.draw_batch(c.seed, step, r.data_rank, r.prompts, c.batch_size, r.shape)
-    steps = train_steps(c.sample_steps, c.lpo_steps, refl.shared_generator(c.seed, step))
-    context, lengths = refl.text_batch(r.table, prompts, r.device)
-    g = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + r.data_rank + 15_485_863)
-    with sample.autocast(r.device):
-        out = lpo_loss(r.model, r.ref, r.lrm, noise.to(r.device), steps[0], steps[-1] + 1, context, lengths,
-                       r.neg, r.sigmas, g, guidance=c.guidance, k=c.lpo_k, eta=c.lpo_eta, dpo_beta=c.dpo_beta,
-                       threshold=c.lpo_threshold, temp=c.lpo_temp, agg=c.agg, lcb_k=c.lcb_k, beta=c.beta,
-                       clip=c.lpo_clip, train_steps=steps, cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
-    refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip)
-    rec = {"step": step, "loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
-           "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(), "lr": c.lr,
-           "pairs": out["pairs"], "pair_offers": out["pair_offers"], "score_range": out["score_range"]}
-    if c.align_every:
-        rec.update(refl.offer_to_buffer(r.buffer, out["z0"], out["members"], context, lengths, prompts, r.vae, r.reward_fn,
-                                        step, r.data_rank, r.data_world, r.bad, r.log, group=r.dp_group))
-        if step % c.align_every == 0:
-            rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
-                                      sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
-                                      bad=r.bad, log=r.log, refresh=c.refresh_variance,
-                                      delta=refl.alignment_delta(c, r.lrm)))
+    """One LPO update over --grad-accum micro-batches of every rank's own prompts and noise, each
+    offered to VELR's buffer; the alignment every --align-every updates."""
+    parts = []
+    for m in range(c.grad_accum):
+        key = refl.micro_key(step, m, c.grad_accum)
+        prompts, noise = refl.draw_batch(c.seed, key, r.data_rank, r.prompts, c.batch_size, r.shape)
+        prompts = refl.drop_prompts(prompts, c.prompt_dropout, c.seed, key, r.data_rank)
+        steps = train_steps(c.sample_steps, c.lpo_steps, refl.shared_generator(c.seed, key))
+        context, lengths = refl.text_batch(r.table, prompts, r.device)
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + key * 4099 + r.data_rank + 15_485_863)
+        with sample.autocast(r.device):
+            out = lpo_loss(r.model, r.ref, r.lrm, noise.to(r.device), steps[0], steps[-1] + 1, context, lengths,
+                           r.neg, r.sigmas, g, guidance=c.guidance, k=c.lpo_k, eta=c.lpo_eta, dpo_beta=c.dpo_beta,
+                           threshold=c.lpo_threshold, temp=c.lpo_temp, agg=c.agg, lcb_k=c.lcb_k, beta=c.beta,
+                           clip=c.lpo_clip, train_steps=steps, cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
+        refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip,
+                            micro=m, micros=c.grad_accum)
+        rec = {"loss": out["loss"].item(), "reward": out["reward"].nanmean().item(),
+               "reward_std": out["members"].float().std(0, correction=0).mean().item(), "kl": out["kl"].item(),
+               "pairs": out["pairs"], "pair_offers": out["pair_offers"], "score_range": out["score_range"]}
+        if c.align_every:
+            rec.update(refl.offer_to_buffer(r.buffer, out["z0"], out["members"], context, lengths, prompts, r.vae,
+                                            r.reward_fn, step, r.data_rank, r.data_world, r.bad, r.log, group=r.dp_group))
+        parts.append(rec)
+        del out
+    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr}
+    if c.align_every and step % c.align_every == 0:
+        rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
+                                  sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
+                                  bad=r.bad, log=r.log, refresh=c.refresh_variance, delta=refl.alignment_delta(c, r.lrm)))
     return rec
 
 

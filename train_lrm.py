@@ -10,7 +10,8 @@ Options beside the paper: `--model dollar` (the Dollar baseline), `--model dit` 
 first blocks + heads, PRFL's design, arXiv 2511.21541; lrm_dit.py), `--noise-aware` (DiNa-LRM's
 timestep-conditioned LRM on re-noised latents, arXiv 2602.11146; as there, a pair's two sides share
 sigma and noise, and Thurstone draws sigma ~ U[0, 1] snapped to the sampler's grid), `--loss
-bt|thurstone` (pairs of one prompt, or `--pairs FILE`), with per-noise-level metrics. The flags
+bce` (PRFL's binary cross-entropy on binary labels, `--label-threshold`), `--loss bt|thurstone`
+(pairs of one prompt, or `--pairs FILE`), with per-noise-level metrics. The flags
 are the fields of `LRMTrainConfig`. DDP over ranks; `--resume` continues bit for bit; files are
 written through runs.py.
 
@@ -81,8 +82,11 @@ class LRMTrainConfig:
     huber_delta: float = 1.0  # the Huber loss's delta
     seed: int = 0  # initialisation, split, data order and noise
     # noise awareness and pairs (options; the paper's LRM: neither)
-    loss: Literal["huber", "bt", "thurstone"] = "huber"  # huber: regress the reward (paper Eq. 6); bt:
-        # Bradley-Terry on pairs; thurstone: DiNa-LRM's noise-calibrated Thurstone fidelity loss on pairs
+    loss: Literal["huber", "bce", "bt", "thurstone"] = "huber"  # huber: regress the reward (paper Eq. 6); bce:
+        # binary cross-entropy on binary quality labels, the score a logit (PRFL); bt: Bradley-Terry on pairs;
+        # thurstone: DiNa-LRM's noise-calibrated Thurstone fidelity loss on pairs
+    label_threshold: float | None = None  # --loss bce: a reward above it is label 1, else 0; None: the rewards are
+        # the labels and must lie in [0, 1] (binary, or soft)
     pair_margin: float = 0.02  # pairs (same prompt) whose rewards differ by less are near-ties and dropped
     pairs: str | None = None  # preference file for --loss bt|thurstone: jsonl of {"a": source, "b": source,
         # "p": P(a preferred)}, sources as prepare_data.py recorded them in --data; None: pairs formed from the labels
@@ -125,6 +129,7 @@ CKPT_KEYS = ("model", "optimizer", "step")
 # (--epochs may grow; --allow-changed accepts others on purpose).
 RUN_KEYS = ("data", "synthetic", "synthetic_reward", "test_frac", "model", "config", "members", "dit_ckpt", "dit_blocks",
             "dit_trunk", "dit_trunk_lr", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
+            "label_threshold",
             "pair_margin", "pairs", "noise_aware", "clean_prob", "sigma_draw", "pair_noise", "sample_steps", "shift",
             "solver")
 
@@ -300,10 +305,10 @@ def split_pairs(pairs, indices) -> list[tuple[int, int, float]]:
 
 
 def pair_prob(d, sigma, objective, resid_var=None):
-    """P(a > b) an LRM gives for score differences d: sigmoid(d) (Bradley-Terry), DiNa-LRM's
+    """P(a > b) an LRM gives for score differences d: sigmoid(d) (Bradley-Terry, and BCE's logits), DiNa-LRM's
     Phi(d / sqrt(2 v(sigma))) (Thurstone), and for a Huber regressor Phi(d / sqrt(2 m)) with m its
     residual variance (its training MSE at that sigma): each side read as the label plus Gaussian noise."""
-    if objective == "bt":
+    if objective in ("bt", "bce"):  # bce: two binary-quality logits compared as Bradley-Terry scores
         return lrm.bt_prob(d, torch.zeros_like(d))
     if objective == "thurstone":
         return lrm.thurstone_prob(d, torch.zeros_like(d), sigma)
@@ -352,8 +357,9 @@ def sigma_metrics(model, data, train, test, args, device, amp) -> dict:
     out = {}
     for sigma in (args.eval_sigmas if args.noise_aware else [0.0]):
         pred, target = scores_at(model, data, test, sigma, args.batch_size, device, amp, args.seed)
-        keep = torch.isfinite(target)
-        mse, pcc = mse_pcc(sums(pred[keep][None], target[keep]))
+        seen, label = readout(pred, target, args)
+        keep = torch.isfinite(label)
+        mse, pcc = mse_pcc(sums(seen[keep][None], label[keep]))
         res = {"test_mse": mse.item(), "test_pcc": pcc.item()}
         if test_pairs:
             a = torch.tensor([pos[x] for x, _, _ in test_pairs])
@@ -393,16 +399,25 @@ def mse_pcc(s):
     return se / n, cov / (var_p * var_t).clamp_min(1e-30).sqrt()
 
 
+def readout(score, target, args):
+    """(what the metrics compare, against what): the score and the reward; --loss bce: the
+    probability sigmoid(score) and the binary label (lrm.bce_targets)."""
+    if getattr(args, "loss", "huber") != "bce":
+        return score, target
+    return score.float().sigmoid(), lrm.bce_targets(target, args.label_threshold)
+
+
 @torch.no_grad()
-def evaluate(model, data, indices, batch_size, device, amp):
+def evaluate(model, data, indices, batch_size, device, amp, args=None):
     """(M + 1, 7) sums over `indices` (this rank's share): one row per member, the last for the
-    ensemble mean."""
+    ensemble mean (of the scores; --loss bce: of the probabilities, against the labels)."""
     model.eval()
     total = torch.zeros(model.n_members + 1, 7, dtype=torch.float64, device=device)
     for i in range(0, len(indices), batch_size):
         z, context, lengths, target = collate([data[j] for j in indices[i : i + batch_size]], device)
         with amp:
             r = model(z, context, lengths).float()  # (M, B)
+        r, target = readout(r, target, args)
         keep = torch.isfinite(target)  # a sample without a finite label is not scored
         if keep.any():
             total += sums(torch.cat([r, r.mean(0, keepdim=True)])[:, keep], target[keep])
@@ -468,13 +483,15 @@ def parse_args(argv=None) -> LRMTrainConfig:
     if not 0 <= args.clean_prob <= 1 or not all(0 <= x < 1 for x in args.eval_sigmas) or args.pair_margin < 0:
         raise ValueError(f"need 0 <= --clean-prob <= 1, --eval-sigmas in [0, 1), --pair-margin >= 0; got "
                          f"{args.clean_prob}, {args.eval_sigmas}, {args.pair_margin}")
-    if args.pairs and (args.loss == "huber" or not args.data or not Path(args.pairs).is_file()):
+    if args.label_threshold is not None and (args.loss != "bce" or not math.isfinite(args.label_threshold)):
+        raise ValueError(f"--label-threshold {args.label_threshold} needs --loss bce and a finite number")
+    if args.pairs and (args.loss in lrm.POINTWISE or not args.data or not Path(args.pairs).is_file()):
         raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
     if args.sigma_draw and not args.noise_aware:
         raise ValueError(f"--sigma-draw {args.sigma_draw} needs --noise-aware")
-    if args.pair_noise != "shared" and not (args.noise_aware and args.loss != "huber"):
+    if args.pair_noise != "shared" and not (args.noise_aware and args.loss not in lrm.POINTWISE):
         raise ValueError(f"--pair-noise {args.pair_noise} needs --noise-aware and --loss bt|thurstone")
     if args.noise_aware and args.sigma_draw is None:  # DiNa-LRM's draw for its loss; the others keep the grid's
         args.sigma_draw = "uniform" if args.loss == "thurstone" else "grid"
@@ -512,6 +529,7 @@ def dit_lrm(args, members: int):
     return lrm_dit.dit_reward_model_from(dit, args.dit_blocks, members, args.seed, trunk=args.dit_trunk,
                                          lora_rank=args.dit_lora_rank, lora_alpha=float(args.dit_lora_rank),
                                          mlp_dims=mlp, objective=args.loss, huber_delta=args.huber_delta,
+                                         label_threshold=args.label_threshold,
                                          noise_aware=args.noise_aware,
                                          trunk_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dit_dtype])
 
@@ -520,7 +538,7 @@ def epoch_metrics(model, data, train, test, args, rank, world, device, amp):
     """{"train"|"test": {"mse": [...], "pcc": [...]}}, one entry per member and the ensemble last."""
     out = {}
     for name, indices in (("train", train), ("test", test)):
-        s = evaluate(model, data, indices[rank::world], args.batch_size, device, amp)
+        s = evaluate(model, data, indices[rank::world], args.batch_size, device, amp, args)
         if world > 1:
             dist.all_reduce(s)
         mse, pcc = mse_pcc(s)
@@ -542,8 +560,13 @@ def main(argv=None):
 
     data = shards.ShardRows(args.data) if args.data else synthetic_data(args.synthetic, args.seed, args.synthetic_reward)
     train, test = split(len(data), args.test_frac, args.seed)
+    if args.loss == "bce" and args.label_threshold is None:
+        outside = [r for r in prompts_and_rewards(data)[1] if math.isfinite(r) and not 0 <= r <= 1]
+        if outside:
+            raise ValueError(f"--loss bce takes labels in [0, 1]; {len(outside)} rewards of the data lie outside "
+                             f"(e.g. {outside[0]:.4g}): give --label-threshold to make binary labels of them")
     cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss,
-                  huber_delta=args.huber_delta)
+                  huber_delta=args.huber_delta, label_threshold=args.label_threshold)
     members = 1 if args.model == "dollar" else args.members
     if args.model == "dit":
         cfg = (model := dit_lrm(args, members)).cfg
@@ -564,13 +587,13 @@ def main(argv=None):
 
     # what an epoch walks: the training samples (Huber) or the preference pairs formed among them
     args.preferences = read_preferences(args.pairs, data) if args.pairs else None
-    if args.loss == "huber":
+    if args.loss in lrm.POINTWISE:
         units = train
     else:
         units = split_pairs(args.preferences, train) if args.pairs else form_pairs(data, train, args.pair_margin, args.seed)
     per_epoch = len(units) // (args.batch_size * world)  # the last partial batch is dropped
     if per_epoch == 0:
-        what = "samples" if args.loss == "huber" else f"pairs (same prompt, --pair-margin {args.pair_margin})"
+        what = "samples" if args.loss in lrm.POINTWISE else f"pairs (same prompt, --pair-margin {args.pair_margin})"
         raise ValueError(f"{len(units)} training {what} make no batch of {args.batch_size} x {world} ranks")
     total = args.epochs * per_epoch
     if args.resume and step >= total:
@@ -595,7 +618,7 @@ def main(argv=None):
         orders = [epoch_order(units, epoch, args.seed + MEMBER_SEED_STRIDE * m) for m in range(members)]
         start = (b * world + rank) * args.batch_size
         picks = [o[start : start + args.batch_size] for o in orders]
-        if args.loss == "huber":
+        if args.loss in lrm.POINTWISE:
             rows = {i: data[i] for i in set().union(*picks)}  # a sample several members drew is read once
             batch = member_batches([[rows[i] for i in p] for p in picks], device)
             sigma = None
@@ -603,7 +626,8 @@ def main(argv=None):
                 sigma, (noise,) = step_noise(args, step, rank, batch[0].shape)
                 batch = (renoise(batch[0], sigma, noise), *batch[1:])
                 sigma = sigma.to(device)
-            stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype, sigma=sigma)
+            stats = lrm.lrm_update(ddp, optimizer, *batch, delta=args.huber_delta, amp_dtype=amp_dtype, sigma=sigma,
+                                   objective=args.loss, label_threshold=args.label_threshold)
         else:
             za, zb, ctx, lens, p = batch = pair_batches(data, picks, device)
             sigma = None
@@ -626,12 +650,12 @@ def main(argv=None):
         if rank == 0 and (step % args.log_every == 0 or step == stop):
             loss = "skipped" if stats["skipped"] else f"{stats['loss']:.5f}"
             mse = "skipped" if stats["skipped"] else f"{stats['mse']:.5f}"
-            print(f"step {step:6d} | epoch {epoch} | {args.loss} {loss} | {'mse' if args.loss == 'huber' else 'pair acc'} "
+            print(f"step {step:6d} | epoch {epoch} | {args.loss} {loss} | {'mse' if args.loss in lrm.POINTWISE else 'pair acc'} "
                   f"{mse} | lr {args.lr:.1e} | "
                   f"skipped {sum(skipped.values())} | dropped {dropped} | {(time.time() - t0) / step:.3f} s/step")
         if step % per_epoch == 0:
             metrics = epoch_metrics(model, data, train, test, args, rank, world, device, amp)
-            if args.noise_aware or args.loss != "huber":
+            if args.noise_aware or args.loss not in lrm.POINTWISE:
                 metrics["sigma"] = sigma_metrics(model, data, train, test, args, device, amp)
             if rank == 0:
                 print(f"epoch {epoch}\n{table(metrics)}")

@@ -47,10 +47,11 @@ PRESETS = {
     # the whole schedule, one DiT step with gradient, the LRM on that step's noisy latent, the reward
     # loss 0.1 relu(2 - sigmoid(r)); trained without KL, without guidance, without online alignment,
     # fully fine-tuned at lr 5e-6 (the toy world keeps its own preset's lr), weight decay 0.01, gradient-norm
-    # clip 1. Not here: its gradient accumulation 5, SFT as separate alternating steps, 10% prompt dropout
+    # clip 1, gradient accumulation 5, 10% prompt dropout, and (with --sft-data) its supervised updates
+    # alternating with the reward updates
     "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window,
                  beta=0.0, guidance=1.0, align_every=0, full_finetune=True, lr=lambda c: c.lr if c.toy else 5e-6,
-                 weight_decay=0.01, grad_clip=1.0),
+                 weight_decay=0.01, grad_clip=1.0, grad_accum=5, prompt_dropout=0.1, sft_schedule="alternate"),
 }
 MODES = ("velr", "pixel", "lastk", "latestep", "dollar")
 
@@ -67,9 +68,11 @@ class ReFLConfig(refl.RunConfig):
     noise_ensemble: bool = False  # score z0 by DiNa-LRM's noise ensembling (lrm.noise_ensemble; a noise-aware LRM)
     sft_data: str | None = None  # real latents (a prepare_data.py dataset) for PRFL's supervised flow-matching term
     sft_weight: float = 1.0  # weight of that term beside the ReFL loss and the KL (ours: PRFL's is not stated)
+    sft_schedule: Literal["joint", "alternate"] = "joint"  # joint: the term joins each update's loss; alternate: a
+    #                                                       separate supervised update follows each reward update (PRFL)
 
 
-RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("reward_on", "noise_ensemble", "reward_loss", "sft_weight")
+RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("reward_on", "noise_ensemble", "reward_loss", "sft_weight", "sft_schedule")
 
 
 def parse_args(argv=None) -> ReFLConfig:
@@ -174,10 +177,12 @@ def objective(reward, kl, beta: float, reward_loss: str = "neg") -> tuple[torch.
     return -used + (beta * kl if beta > 0 else 0.0), int((~finite).sum())
 
 
-def sft_loss(model, rows, *, seed: int, step: int, data_rank: int, batch_size: int, shift: float, device) -> torch.Tensor:
+def sft_loss(model, rows, *, seed: int, step: int, data_rank: int, batch_size: int, shift: float, device,
+             prompt_dropout: float = 0.0, empty=None) -> torch.Tensor:
     """PRFL's supervised flow-matching regulariser: batch_size real latents drawn by (seed, step,
     data rank), re-noised as Wan was trained, x_s = (1 - s) z0 + s eps with s through the
-    sampler's shift, and the squared error of the model's velocity against eps - z0."""
+    sampler's shift, and the squared error of the model's velocity against eps - z0. With
+    prompt_dropout p, a sample's context is `empty` (the "" prompt's) with probability p."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + data_rank + 104_729)
     items = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=g).tolist()]
     z0 = torch.stack([it["latent"] for it in items]).float()
@@ -186,6 +191,8 @@ def sft_loss(model, rows, *, seed: int, step: int, data_rank: int, batch_size: i
         context[i, : it["context"].shape[0]] = it["context"]
     eps = torch.randn(z0.shape, generator=g)
     sigma = sample.shift_sigmas(torch.rand(len(items), generator=g), shift)
+    if prompt_dropout > 0:  # drawn last: the other draws stay those of a run without dropout
+        context[torch.rand(len(items), generator=g) < prompt_dropout] = empty.to(context.dtype)
     s = sigma.view(-1, 1, 1, 1, 1)
     x = ((1 - s) * z0 + s * eps).to(device)
     v = model(x, (sigma * 1000).long().to(device), context.to(device))
@@ -194,11 +201,13 @@ def sft_loss(model, rows, *, seed: int, step: int, data_rank: int, batch_size: i
 
 # ----------------------------------------------------------------------------- the step
 
-def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> dict:
-    """One step of VELR's Algorithm 1 on every rank's own prompts and noise; the baselines differ
-    only in their window (--mode lastk / latestep) and their `score` (pixel, dollar)."""
-    prompts, noise = refl.draw_batch(c.seed, step, r.data_rank, r.prompts, c.batch_size, r.shape)
-    grad_start, stop = window(c.mode, refl.shared_generator(c.seed, step), c.sample_steps, c.window, c.mid_min, c.mid_max)
+def micro_batch(r: refl.Run, c: ReFLConfig, score, key: int, sft_rows=None) -> dict:
+    """Algorithm 1's forward on one micro-batch of every rank's own prompts and noise, drawn by `key`
+    (refl.micro_key): the window's rollout, the reward, the KL and the loss, its graph kept for the
+    backward; (+ PRFL's supervised term, --sft-schedule joint)."""
+    prompts, noise = refl.draw_batch(c.seed, key, r.data_rank, r.prompts, c.batch_size, r.shape)
+    prompts = refl.drop_prompts(prompts, c.prompt_dropout, c.seed, key, r.data_rank)
+    grad_start, stop = window(c.mode, refl.shared_generator(c.seed, key), c.sample_steps, c.window, c.mid_min, c.mid_max)
     context, lengths = refl.text_batch(r.table, prompts, r.device)
     uncond = policy_velocity(r.model, r.neg, c.gradient_checkpointing) if r.neg is not None else None
     with sample.autocast(r.device):
@@ -215,26 +224,55 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
                            cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
         # 6. loss = -reward + beta KL (+ PRFL's supervised term on real latents)
         loss, dropped = objective(reward, kl, c.beta, c.reward_loss)
-        rec = {"step": step}
+        out = {"loss": loss, "z0": z0.detach(), "members": members.detach(), "context": context, "lengths": lengths,
+               "prompts": prompts, "dropped": dropped, "reward": reward.detach().nanmean().item(), "kl": kl.item(),
+               "reward_std": members.detach().float().std(0, correction=0).mean().item()}
         if sft_rows is not None:
-            sft = sft_loss(r.model, sft_rows, seed=c.seed, step=step, data_rank=r.data_rank, batch_size=c.batch_size,
-                           shift=c.shift, device=r.device)
-            loss, rec["sft"] = loss + c.sft_weight * sft, sft.item()
-    # under SP each rank holds its tokens' share of the gradient: x sp_size gives the data-parallel mean
-    refl.optimizer_step(r.model, r.opt, loss, r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip)
-    r.bad["rewards_dropped"] += dropped
-    rec.update(loss=loss.item(), reward=reward.detach().nanmean().item(), kl=kl.item(), lr=c.lr,
-               reward_std=members.detach().float().std(0, correction=0).mean().item())
-    if c.align_every and c.mode != "pixel":
-        # 7. offer z0 to the replay buffer, which admits the LRM's most uncertain (App. C.2)
-        rec.update(refl.offer_to_buffer(r.buffer, z0.detach(), members.detach(), context, lengths, prompts, r.vae,
-                                        r.reward_fn, step, r.data_rank, r.data_world, r.bad, r.log, group=r.dp_group))
-        # 8. every align_every steps, re-fit the LRM on the buffer (Algorithm 1's alignment)
-        if step % c.align_every == 0:
-            rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
-                                      sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
-                                      bad=r.bad, log=r.log, refresh=c.refresh_variance,
-                                      delta=refl.alignment_delta(c, r.lrm)))
+            sft = sft_loss(r.model, sft_rows, seed=c.seed, step=key, data_rank=r.data_rank, batch_size=c.batch_size,
+                           shift=c.shift, device=r.device, prompt_dropout=c.prompt_dropout, empty=r.table[""][0])
+            out["loss"], out["sft"] = loss + c.sft_weight * sft, sft.item()
+    return out
+
+
+def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> dict:
+    """One update of VELR's Algorithm 1: --grad-accum micro-batches, their gradients averaged into
+    one optimiser step; every micro-batch's z0 offered to the buffer; the alignment every
+    --align-every updates. The baselines differ only in their window (--mode lastk / latestep) and
+    their `score` (pixel, dollar). --sft-data with --sft-schedule alternate: a separate supervised
+    update (PRFL's) follows each reward update."""
+    joint = sft_rows if c.sft_schedule == "joint" else None
+    parts = []
+    for m in range(c.grad_accum):
+        out = micro_batch(r, c, score, refl.micro_key(step, m, c.grad_accum), joint)
+        # under SP each rank holds its tokens' share of the gradient: x sp_size gives the data-parallel mean
+        refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip,
+                            micro=m, micros=c.grad_accum)
+        r.bad["rewards_dropped"] += out["dropped"]
+        rec = {k: out[k] for k in ("reward", "kl", "reward_std", "sft") if k in out} | {"loss": out["loss"].item()}
+        if c.align_every and c.mode != "pixel":
+            # 7. offer z0 to the replay buffer, which admits the LRM's most uncertain (App. C.2)
+            rec.update(refl.offer_to_buffer(r.buffer, out["z0"], out["members"], out["context"], out["lengths"],
+                                            out["prompts"], r.vae, r.reward_fn, step, r.data_rank, r.data_world, r.bad,
+                                            r.log, group=r.dp_group))
+        parts.append(rec)
+        del out
+    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr}
+    if sft_rows is not None and c.sft_schedule == "alternate":
+        losses = []
+        for m in range(c.grad_accum):
+            with sample.autocast(r.device):
+                sft = sft_loss(r.model, sft_rows, seed=c.seed, step=refl.micro_key(step, m, c.grad_accum),
+                               data_rank=r.data_rank, batch_size=c.batch_size, shift=c.shift, device=r.device,
+                               prompt_dropout=c.prompt_dropout, empty=r.table[""][0])
+            refl.optimizer_step(r.model, r.opt, c.sft_weight * sft, r.world, r.bad, step, r.log, scale=c.sp_size,
+                                clip=c.grad_clip, micro=m, micros=c.grad_accum)
+            losses.append(sft.item())
+        rec["sft"] = sum(losses) / len(losses)
+    # 8. every align_every updates, re-fit the LRM on the buffer (Algorithm 1's alignment)
+    if c.align_every and c.mode != "pixel" and step % c.align_every == 0:
+        rec.update(refl.align_lrm(r.lrm, r.lrm_opt, r.buffer, rounds=c.align_rounds, batch_size=c.batch_size,
+                                  sigma_grid=r.sigmas[:-1], seed=c.seed, step=step, device=r.device, world=r.world,
+                                  bad=r.bad, log=r.log, refresh=c.refresh_variance, delta=refl.alignment_delta(c, r.lrm)))
     return rec
 
 

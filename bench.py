@@ -599,13 +599,15 @@ def bench_quality_noise(tmp):
     """The noise-aware ensemble per sigma (test MSE / PCC against the clean reward, same-prompt pair
     accuracy) next to a clean ensemble on the same data, and BT / Thurstone / Huber (all noise-aware)
     ranking accuracy and expected calibration error, each the mean over the noisy levels (sigma > 0)."""
+    import toy
     import train_lrm
 
+    world = toy.default_world()  # the watchable world: its own reward (the square's colour) labels the set
+    args = [toy.WORLDS[world].reward if a == "toy:calibrated_color" and world != "random" else a for a in QUALITY_NA_ARGS]
     runs = {}
     for name, extra in QUALITY_NA_MODELS.items():
         with open(Path(tmp) / f"na_{name}.log", "w") as log, redirect_stdout(log):
-            runs[name] = train_lrm.main([*QUALITY_NA_ARGS, *extra, "--out", str(Path(tmp) / f"na_{name}"),
-                                         "--log-every", "1000000"])
+            runs[name] = train_lrm.main([*args, *extra, "--out", str(Path(tmp) / f"na_{name}"), "--log-every", "1000000"])
     noisy = [k for k in runs["huber"]["sigma"] if float(k) > 0]
     pairwise = {name: {"pair_acc": sum(runs[name]["sigma"][k]["pair_acc"] for k in noisy) / len(noisy),
                        "ece": sum(runs[name]["sigma"][k]["ece"] for k in noisy) / len(noisy),
@@ -615,7 +617,7 @@ def bench_quality_noise(tmp):
 
     dit_rows = {key: per_sigma(name) for name, key in (("dit", "dit_lrm"), ("dit_random", "dit_lrm_random_trunk"))
                 if name in runs}
-    return {"args_noise": QUALITY_NA_ARGS, "clean_ensemble_test_mse": runs["clean"]["test"]["mse"][-1],
+    return {"args_noise": args, "clean_ensemble_test_mse": runs["clean"]["test"]["mse"][-1],
             "noise_aware": per_sigma("huber"), **dit_rows, "pairwise": pairwise}
 
 
@@ -701,9 +703,12 @@ def bench_toy(device, scale, seeds=TOY_SEEDS, world="random"):
     res = {"world": world}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        dit, vae, encoder, tokenizer, _ = toy.load_world(toy.WORLDS[world], cache_dir=tmp, log=lambda *a: None)
+        dit, vae, encoder, tokenizer, lrm = toy.load_world(toy.WORLDS[world], cache_dir=tmp, log=lambda *a: None)
         res["build_s"] = time.time() - t0
         res.update(toy.measure_world(dit, vae, encoder, tokenizer, toy.WORLDS[world]))
+        data = toy.shared_rollouts(dit, vae, encoder, tokenizer, toy.WORLDS[world], tmp)
+        if data is not None:  # the bootstrapped LRM on the rollouts it never trained on
+            res["lrm_heldout"] = toy.lrm_metrics(lrm, data, toy.heldout_split(len(data["z"]), toy.WORLDS[world])[1])
         res["runs"] = {}
         for seed in range(seeds):
             out = Path(tmp) / f"run{seed}"
@@ -726,6 +731,10 @@ def table_toy(res):
     rows += [[f"default run seed {s}: before -> after (gain)", f"{r['before']:.3f} -> {r['after']:.3f} ({r['gain']:+.3f})"]
              for s, r in res["runs"].items()]
     rows.append(["gain, mean ± std over seeds", f"{res['gain_mean']:+.3f} ± {res['gain_std']:.3f}"])
+    if "lrm_heldout" in res:
+        m = res["lrm_heldout"]
+        rows.append([f"bootstrap LRM on {m['samples']} held-out rollouts: MSE / PCC / pair acc",
+                     f"{m['mse']:.4f} / {m['pcc']:.3f} / {m['pair_acc']:.3f}"])
     world = res.get("world", "random")
     return f"### toy world {world} (python bench.py toy --toy-world {world})\n\n" + markdown(["measure", "value"], rows)
 
@@ -809,69 +818,129 @@ REFL_METHODS = {  # name -> train_refl (lpo: train_lpo) flags on top of the toy 
 }
 
 
-def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None):
+# The long run (VELR Fig. 8: what alignment is for): 300 steps, an evaluation every 25, the buffer's
+# admissions per step; --refresh-variance (rescoring the buffer's variances before each alignment)
+# beside the default, since stale variances can block the buffer.
+REFL_LONG = {"steps": 300, "eval_every": 25, "picture": ("velr", "velr_noalign"),
+             "methods": {"velr": [], "velr_noalign": ["--align-every", "0"], "velr_refresh": ["--refresh-variance"],
+                         "pixel": ["--mode", "pixel"]}}
+
+
+def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None, long=False, out_dir=None):
     """Every method of REFL_METHODS for seeds 0..seeds-1 in the toy world with its defaults (same
     steps, batch, window, lr): true-reward gain, the LRM's error against the true reward at every
     evaluation (|LRM - true| on the final latents of the 48 eval pairs), the LRM-minus-true gap at
-    the end, peak memory and time per step. The one-member and Dollar LRMs are bootstrapped like
-    the world's ensemble (same rollouts, steps and lr). methods: a subset of REFL_METHODS' names."""
+    every evaluation, peak memory, time per step and the buffer's admissions per step (mean over
+    seeds). The one-member and Dollar LRMs are bootstrapped like the world's ensemble (same
+    rollouts, steps and lr). methods: a subset of the names. long: REFL_LONG's methods, steps and
+    evaluations, and seed 0's before/after pictures of REFL_LONG["picture"] side by side in
+    out_dir/bench_refl_long_pictures.png."""
     import lrm as lrm_lib
     import toy
     import train_lpo
     import train_refl
 
-    cfg = toy.ToyConfig()
-    res = {"seeds": seeds, "methods": {}}
+    world = toy.default_world()
+    cfg = toy.WORLDS[world]
+    table = REFL_LONG["methods"] if long else REFL_METHODS
+    extra = ["--steps", str(REFL_LONG["steps"]), "--eval-every", str(REFL_LONG["eval_every"])] if long else []
+    res = {"world": world, "seeds": seeds, "methods": {}}
+    if long:
+        res.update(steps=REFL_LONG["steps"], eval_every=REFL_LONG["eval_every"])
     with tempfile.TemporaryDirectory() as tmp:
-        dit, vae, encoder, tokenizer, _ = toy.load_world(cache_dir=tmp, log=lambda *a: None)
+        dit, vae, encoder, tokenizer, _ = toy.load_world(cfg, cache_dir=tmp, log=lambda *a: None)
+        data = toy.shared_rollouts(dit, vae, encoder, tokenizer, cfg, tmp, log=lambda *a: None)
         lrms = {"@1member": lrm_lib.EnsembleLRM(toy.toy_lrm_config(cfg), n_members=1, seed=cfg.seed),
                 "@dollar": lrm_lib.DollarLRM(toy.toy_lrm_config(cfg), seed=cfg.seed)}
         for key, model in lrms.items():
+            if not any(key in f for name, flags in table.items() for f in flags if not methods or name in methods):
+                continue
             with open(os.devnull, "w") as null, redirect_stdout(null):
-                toy.bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, model=model)
+                toy.bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, model=model, data=data)
             lrm_lib.save_lrm(model.requires_grad_(False), Path(tmp) / f"{key[1:]}.safetensors")
-        for name, flags in REFL_METHODS.items():
+        pictures = []
+        for name, flags in table.items():
             if methods and name not in methods:
                 continue
             flags = [str(Path(tmp) / f"{f[1:]}.safetensors") if f.startswith("@") else f for f in flags]
-            runs = []
+            runs, admitted = [], []
             for seed in range(seeds):
                 out = Path(tmp) / f"{name}{seed}"
+                picture = long and seed == 0 and name in REFL_LONG["picture"]
                 with open(Path(tmp) / f"{name}{seed}.log", "w") as log, redirect_stdout(log):
-                    (train_lpo if name == "lpo" else train_refl).main(["--cache-dir", tmp, "--out", str(out), "--seed",
-                                                                       str(seed), "--picture-rows", "0", *flags])
+                    (train_lpo if name == "lpo" else train_refl).main(
+                        ["--cache-dir", tmp, "--out", str(out), "--seed", str(seed), *extra,
+                         *([] if picture else ["--picture-rows", "0"]), *flags])
                 runs.append(json.loads((out / "summary.json").read_text()))
+                lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+                admitted.append([r.get("labelled", 0) for r in lines if "step" in r and "changed" not in r])
+                if picture:
+                    pictures.append((name, out / "samples" / "before_after.png"))
             gains = torch.tensor([r["true_reward_after"] - r["true_reward_before"] for r in runs])
             steps = [e["step"] for e in runs[0]["eval_history"]]
             def curve(key):  # mean over seeds per evaluation; None where the method has no such value (pixel: no LRM)
                 values = [[r["eval_history"][i].get(key) for r in runs] for i in range(len(steps))]
                 return [None if None in v else sum(v) / len(v) for v in values]
 
+            per_step = [sum(a[i] for a in admitted) / seeds for i in range(min(map(len, admitted)))]
             res["methods"][name] = {
                 "gain_mean": gains.mean().item(), "gain_std": gains.std().item() if seeds > 1 else 0.0,
                 "gains": gains.tolist(), "steps": steps, "true_curve": curve("true_reward"),
                 "lrm_err_curve": curve("lrm_err"), "lrm_err_final": curve("lrm_err")[-1],
-                "latent_minus_true": curve("latent_minus_true")[-1],
+                "gap_curve": curve("latent_minus_true"), "latent_minus_true": curve("latent_minus_true")[-1],
+                "admitted_per_step": per_step,
                 "peak_mb": max(r["peak_mem_mb"] for r in runs), "sec_per_step": sum(r["sec_per_step"] for r in runs) / seeds}
-            print(f"refl {name}: {json.dumps(res['methods'][name])}", flush=True)
+            print(f"refl {name}: {json.dumps({k: v for k, v in res['methods'][name].items() if k != 'admitted_per_step'})}",
+                  flush=True)
+        if pictures and out_dir is not None:
+            res["pictures"] = str(side_by_side(pictures, Path(out_dir) / "bench_refl_long_pictures.png"))
     return res
 
 
+def side_by_side(pictures, path):
+    """The before/after PNGs [(label, file)] next to each other, each under its label (white gap,
+    bottom-padded to one height)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    import picture
+
+    images = [iio.imread(f)[..., :3] for _, f in pictures]
+    height = max(im.shape[0] for im in images)
+    columns = []
+    for (label, _), im in zip(pictures, images):
+        title = np.zeros((24, im.shape[1], 3), np.uint8)
+        picture.draw_text(title, label.replace("_", " "), 5, 8)
+        columns.append(np.pad(np.concatenate([title, im]), ((0, height - im.shape[0]), (0, 16), (0, 0)), constant_values=255))
+    iio.imwrite(path, np.concatenate(columns, axis=1))
+    return path
+
+
 def plot_refl(res, path):
-    """True reward and LRM error against step for every method (matplotlib, a bench-only dependency)."""
+    """True reward, LRM error, LRM - true and the buffer's admissions per step (moving mean over 10
+    steps) against step for every method (matplotlib, a bench-only dependency)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for i, (name, m) in enumerate(res["methods"].items()):
-        a.plot(m["steps"], m["true_curve"], marker="o", label=name, color=f"C{i}")
-        if None not in m["lrm_err_curve"]:  # pixel ReFL has no LRM
-            b.plot(m["steps"], m["lrm_err_curve"], marker="o", label=name, color=f"C{i}")
-    a.set(xlabel="ReFL step", ylabel="true reward (eval, 48 pairs)", title=f"mean over {res['seeds']} seeds")
-    b.set(xlabel="ReFL step", ylabel="|LRM - true| (eval latents)", title="LRM error")
-    a.legend(fontsize=8)
+        kw = dict(label=name, color=f"C{i}")
+        axes[0, 0].plot(m["steps"], m["true_curve"], marker="o", **kw)
+        for ax, key in ((axes[0, 1], "lrm_err_curve"), (axes[1, 0], "gap_curve")):
+            if key in m and None not in m[key]:  # pixel ReFL has no LRM
+                ax.plot(m["steps"], m[key], marker="o", **kw)
+        a = m.get("admitted_per_step") or []
+        if any(a):
+            smooth = [sum(a[max(0, j - 9) : j + 1]) / len(a[max(0, j - 9) : j + 1]) for j in range(len(a))]
+            axes[1, 1].plot(range(1, len(a) + 1), smooth, **kw)
+    world = res.get("world", "random")
+    axes[0, 0].set(xlabel="ReFL step", ylabel="true reward (eval, 48 pairs)", title=f"{world} world, mean over {res['seeds']} seeds")
+    axes[0, 1].set(xlabel="ReFL step", ylabel="|LRM - true| (eval latents)", title="LRM error")
+    axes[1, 0].set(xlabel="ReFL step", ylabel="LRM - true (eval latents)", title="proxy gap (over-optimisation)")
+    axes[1, 1].set(xlabel="ReFL step", ylabel="admitted per step (10-step mean)", title="replay buffer admissions")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return path
@@ -881,7 +950,13 @@ def table_refl(res):
     rows = [[n, f"{m['gain_mean']:+.3f} ± {m['gain_std']:.3f}", m["lrm_err_curve"][0] or "-", m["lrm_err_final"] or "-",
              m["latent_minus_true"] or "-", m["peak_mb"], m["sec_per_step"]] for n, m in res["methods"].items()]
     header = ["method", "true-reward gain", "LRM err step 0", "LRM err end", "LRM - true end", "peak MiB", "s/step"]
-    return f"### refl (toy world, {res['seeds']} seeds)\n\n" + markdown(header, rows)
+    if "steps" in res:  # the long run: the admissions at its end
+        header.append(f"admitted/step, last 50")
+        for row, m in zip(rows, res["methods"].values()):
+            tail = m["admitted_per_step"][-50:]
+            row.append(sum(tail) / max(len(tail), 1))
+    what = f"{res['steps']} steps" if "steps" in res else "100 steps"
+    return f"### refl ({res.get('world', 'random')} toy world, {res['seeds']} seeds, {what})\n\n" + markdown(header, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1047,6 +1122,7 @@ SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),
 }
+WORLD_SECTIONS = ("toy", "refl", "quality", "lpo-probe")  # the sections that train in a toy world
 QUICK = {"gpu-quick": (bench_gpu_quick, table_gpu_quick), "toy": (bench_toy, table_toy), "refl": (bench_refl, table_refl),
          "sp": (bench_sp, table_sp), "lpo-probe": (bench_lpo_probe, table_lpo_probe)}
 
@@ -1061,10 +1137,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
     p.add_argument("--methods", help=f"refl: comma-separated subset of {','.join(REFL_METHODS)}, merged into "
                    "the file's refl results (same --seeds)")
-    p.add_argument("--toy-world", default="random", choices=["random", "watchable"], help="the toy world of every section's train_refl runs (default random, the world "
-                   "BENCH.md's rows were measured in)")
+    p.add_argument("--toy-world", default="watchable", choices=["random", "watchable"],
+                   help="the toy world of the sections that train in one (toy, refl, quality, lpo-probe); the "
+                   "random world's results go under <section>_random (default watchable)")
+    p.add_argument("--long", action="store_true", help=f"refl: the long run ({REFL_LONG['steps']} steps, "
+                   f"{', '.join(REFL_LONG['methods'])}) under refl_long")
     args = p.parse_args(argv)
-    os.environ["VELR_TOY_WORLD"] = args.toy_world  # every section's train_refl runs, children included
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -1076,22 +1154,31 @@ def main(argv=None):
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     methods = args.methods.split(",") if args.methods else None
-    if methods and (args.section != "refl" or set(methods) - set(REFL_METHODS)):
-        raise ValueError(f"--methods needs section refl and names from {', '.join(REFL_METHODS)}, got {args.methods}")
+    names = REFL_LONG["methods"] if args.long else REFL_METHODS
+    if methods and (args.section != "refl" or set(methods) - set(names)):
+        raise ValueError(f"--methods needs section refl and names from {', '.join(names)}, got {args.methods}")
+    if args.long and args.section != "refl":
+        raise ValueError(f"--long is for section refl, not {args.section}")
     for name in SECTIONS if args.section == "all" else [args.section]:
         bench, table = {**SECTIONS, **QUICK}[name]
-        key = name if args.toy_world == "random" else f"{name}_{args.toy_world}"  # one entry per world
+        # the toy world of this section's runs, children included; the others keep the world their rows were measured in
+        os.environ["VELR_TOY_WORLD"] = args.toy_world if name in WORLD_SECTIONS else "random"
+        key = f"{name}_long" if args.long else name
+        if name in WORLD_SECTIONS and args.toy_world != "watchable":
+            key = f"{key}_{args.toy_world}"  # one entry per world
         if name == "toy":
             results[key] = bench(device, scale, args.seeds or TOY_SEEDS, args.toy_world)
-        elif methods:  # a few methods rerun, the others' rows kept
-            new, old = bench(device, scale, args.seeds or REFL_SEEDS, methods), results.get(key, {})
-            if old and old.get("seeds") != new["seeds"]:
+        elif name == "refl":
+            new = bench(device, scale, args.seeds or REFL_SEEDS, methods, long=args.long, out_dir=out.parent)
+            old = results.get(key, {})
+            if methods and old and old.get("seeds") != new["seeds"]:
                 raise ValueError(f"--methods: {out} holds refl rows of {old.get('seeds')} seeds, not {new['seeds']}")
-            results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}}
-        else:
-            results[key] = bench(device, scale, args.seeds or REFL_SEEDS) if name == "refl" else bench(device, scale)
-        if name == "refl":
+            results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}} if methods else new
             print(f"plot: {plot_refl(results[key], out.with_name(f'bench_{key}.png'))}")
+        else:
+            results[key] = bench(device, scale)
+        if name in WORLD_SECTIONS:
+            results[key]["world"] = args.toy_world
         print(table(results[key]) + "\n", flush=True)
         out.write_text(json.dumps(results, indent=2))
     return results

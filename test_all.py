@@ -4968,7 +4968,7 @@ def test_watchable_world_videos_show_their_square():
 def test_toy_dit_reads_a_short_context():
     """The watchable world's DiT reads 32 context rows: every toy caption fits, and the rows are
     those of Wan's 512-row encoding (padded keys are masked in the encoder)."""
-    cfg = toy.TOY_DITS["toy"]
+    cfg = toy.TOY_DITS[toy.WATCHABLE.dit]
     _, _, encoder, tok = toy.build_models(0)
     prompts = toy.prompt_list()
     ids, mask = tok(prompts, max_length=512)
@@ -5028,13 +5028,21 @@ def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch, capsys):
     assert toy._read_trained(tmp_path / "toy_dit.safetensors", cfg, toy.DIT_RECIPE) is None
 
 
-def test_train_assets_command(tmp_path):
-    res = toy.train_assets(["--vae-steps", "2", "--pretrain-steps", "2", "--vae-videos", "8", "--videos", "8",
-                            "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt")])
-    assert {p.name for p in tmp_path.iterdir()} - {"ckpt"} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json"}
+def test_train_assets_command(tmp_path, capsys):
+    flags = ["--vae-steps", "2", "--pretrain-steps", "2", "--vae-videos", "8", "--videos", "8", "--rollouts", "16",
+             "--lrm-steps", "4", "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt")]
+    res = toy.train_assets(flags)
+    assert {p.name for p in tmp_path.iterdir()} - {"ckpt"} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json",
+                                                              "toy_rollouts.safetensors"}
     saved = json.loads((tmp_path / "toy_assets.json").read_text())
     assert saved["recipe"]["vae_steps"] == 2 and 0 <= saved["square_every_frame"] <= 1 and saved["vae_psnr_db"] > 0
     assert saved == json.loads(json.dumps(res))
+    assert saved["rollouts"]["n"] == 16 and saved["rollouts"]["heldout"] == 4  # the LRMs' rows are on the held-out 4
+    assert set(saved["lrm"]) == {"ensemble", "noise_aware", "dit_trunk", "dit_random_trunk"}
+    assert saved["lrm"]["ensemble"]["heldout"]["samples"] == 4 and set(saved["lrm"]["noise_aware"]) >= {"0.0", "0.9"}
+    capsys.readouterr()
+    toy.train_assets(flags)  # the VAE of this recipe is in --out: reused, not retrained
+    assert "holds this recipe's VAE: only the DiT is trained" in capsys.readouterr().out
     for flags, msg in ((["--vae-steps", "-1"], "--vae-steps must be >= 1, got -1"),
                        (["--device", "nosuchdev"], "--device 'nosuchdev' is not a device"),
                        *([(["--device", "cuda"], "sees no CUDA GPU")] if not torch.cuda.is_available() else [])):
@@ -5046,15 +5054,19 @@ def test_train_assets_command(tmp_path):
 
 def test_shipped_watchable_assets_show_the_scene():
     """The committed assets/ are the watchable world's (its recipe), its VAE reconstructs held-out
-    videos at the floor's 25 dB (29.1 measured on 64), and the generator's samples show squares the
-    parser finds (2.6 of 5 frames on average over 48 samples; the random world's: 0.02)."""
+    videos at the floor's 25 dB (29.1 measured on 64), the 6-layer generator's samples show squares
+    the parser finds (3.6 of 5 frames on the first 8 samples, 2.9 on 48; the random world's: 0.02),
+    and the shipped rollouts are the world's 2,048 labelled samples."""
     assert toy.untrained_parts(toy.WATCHABLE, Path("/nonexistent-cache")) == []
     vae = toy.read_toy_vae(toy.ASSETS / "toy_vae.safetensors", toy.WATCHABLE)
     dit, _, encoder, tokenizer = toy.build_models(0, toy.WATCHABLE.dit)
     dit.load_state_dict(toy._read_trained(toy.ASSETS / "toy_dit.safetensors", toy.WATCHABLE, toy.DIT_RECIPE)[0])
     res = toy.measure_world(dit, vae, encoder, tokenizer, toy.WATCHABLE, n=8)
     assert res["vae_psnr_db"] >= 25
-    assert res["square_frames_mean"] >= 1.5  # frames with one square, per sample
+    assert res["square_frames_mean"] >= 2.5  # frames with one square, per sample
+    data = toy.read_rollouts(toy.ASSETS / "toy_rollouts.safetensors", toy.WATCHABLE, encoder, tokenizer, dit.cfg.text_len)
+    assert data is not None and len(data["z"]) == len(data["target"]) == len(data["prompts"]) == toy.WATCHABLE.lrm_rollouts
+    assert 0.5 < data["target"].mean().item() < 0.9 and data["target"].std().item() > 0.1  # rewards spread, not one value
 
 
 def test_default_toy_world(monkeypatch):
@@ -5099,6 +5111,66 @@ def test_toy_noise_aware_bootstrap_is_cached_and_noise_aware(tmp_path):
     again = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert (tmp_path / cfg.key() / "lrm_noise_aware.safetensors").exists()
+
+
+def test_toy_lrm_bootstrap_holds_out_and_stops_early(tmp_path, monkeypatch):
+    """With lrm_holdout, the bootstrap never trains on the held-out rollouts, reads their MSE every
+    lrm_eval_every steps, stops lrm_patience reads after the best, and returns the best weights."""
+    cfg = toy.ToyConfig(lrm_rollouts=16, lrm_holdout=0.25, lrm_steps=2000, lrm_eval_every=5, lrm_patience=2, lrm_batch=4,
+                        lrm_members=2, sample_steps=4, lrm_lr=3e-2)
+    dit, vae, encoder, tokenizer = toy.build_models(cfg.seed)
+    data = toy.world_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=lambda *a: None)
+    train_idx, test_idx = toy.heldout_split(16, cfg)
+    assert len(test_idx) == 4 and not set(train_idx.tolist()) & set(test_idx.tolist())
+    seen, real_update = [], lrm.lrm_update
+    monkeypatch.setattr(lrm, "lrm_update", lambda model, opt, z, *a, **kw: seen.append(z) or real_update(model, opt, z, *a, **kw))
+    model = toy.bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log=lambda *a: None, data=data)
+    held = data["z"][test_idx].flatten(1)
+    assert all((torch.cdist(z.flatten(1), held) > 0).all() for z in seen)  # no held-out rollout was trained on
+    log = model.bootstrap_log
+    steps, mses = zip(*log["heldout_mse_curve"])
+    assert steps[0] == 5 and len(seen) == steps[-1] < cfg.lrm_steps  # stopped early, at a read
+    assert len(steps) - 1 - mses.index(min(mses)) == cfg.lrm_patience and log["best_step"] == steps[mses.index(min(mses))]
+    assert toy.lrm_metrics(model, data, test_idx)["mse"] == pytest.approx(log["best_heldout_mse"], rel=1e-5)  # the best kept
+    assert toy.shared_rollouts(dit, vae, encoder, tokenizer, toy.ToyConfig(), tmp_path) is None  # no split: none shared
+
+
+def test_toy_rollouts_file_roundtrip(tmp_path):
+    cfg = toy.ToyConfig(lrm_rollouts=6, sample_steps=2)
+    dit, vae, encoder, tokenizer = toy.build_models(cfg.seed)
+    logged = []
+    data = toy.world_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=logged.append)
+    again = toy.world_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir=tmp_path, log=logged.append)
+    assert len(logged) == 1 and (tmp_path / cfg.key() / "rollouts.safetensors").exists()  # sampled once, then read
+    assert torch.equal(data["z"], again["z"]) and torch.equal(data["target"], again["target"]) and data["prompts"] == again["prompts"]
+    torch.testing.assert_close(again["context"], data["context"])
+    assert toy.read_rollouts(tmp_path / cfg.key() / "rollouts.safetensors", replace(cfg, sample_steps=3), encoder,
+                             tokenizer, dit.cfg.text_len) is None  # another recipe
+
+
+def test_toy_lrm_metrics_by_hand():
+    """MSE, PCC and the within-prompt pair accuracy of lrm_metrics against a scorer that reads the
+    reward written into the latent (exact), its negative (every pair wrong) and a hand count of pairs."""
+    class Reads(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, z, context, lengths, sigma=None):
+            v = self.sign * z[:, 0, 0, 0, 0]
+            return torch.stack([v - 0.1, v + 0.1])  # two members around it: the mean is v
+
+    target = torch.tensor([0.1, 0.5, 0.3, 0.3, 0.9, 0.2])
+    z = torch.zeros(6, 16, 2, 4, 4)
+    z[:, 0, 0, 0, 0] = target
+    data = {"z": z, "target": target, "context": torch.zeros(6, 4, 8), "lengths": torch.full((6,), 4),
+            "prompts": ["a", "a", "a", "a", "b", "c"]}
+    idx = torch.arange(6)
+    exact, flipped = toy.lrm_metrics(Reads(1.0), data, idx), toy.lrm_metrics(Reads(-1.0), data, idx)
+    assert exact["pairs"] == 5  # prompt "a": 6 pairs, less the tie 0.3 / 0.3; "b" and "c" have none
+    assert exact["mse"] == pytest.approx(0.0, abs=1e-12) and exact["pcc"] == pytest.approx(1.0) and exact["pair_acc"] == 1.0
+    assert exact["member_mse"] == pytest.approx([0.01, 0.01])
+    assert flipped["pair_acc"] == 0.0 and flipped["pcc"] == pytest.approx(-1.0)
 
 
 def test_toy_training_resumes_bit_identically(tmp_path, monkeypatch):
@@ -5253,7 +5325,7 @@ def test_bench_refl_methods_merge_into_the_earlier_rows(tmp_path, monkeypatch):
     out.write_text(json.dumps({"refl": {"seeds": 3, "methods": {"velr": row(0.1), "lpo": row(0.0)}}}))
     ran = []
 
-    def fake_refl(device, scale, seeds, methods=None):
+    def fake_refl(device, scale, seeds, methods=None, long=False, out_dir=None):
         ran.append(methods)
         return {"seeds": seeds, "methods": {m: row(0.5) for m in methods}}
 
@@ -5267,6 +5339,11 @@ def test_bench_refl_methods_merge_into_the_earlier_rows(tmp_path, monkeypatch):
         bench.main(["refl", "--methods", "lpo", "--seeds", "2", "--out", str(out)])
     with pytest.raises(ValueError, match="--methods"):
         bench.main(["refl", "--methods", "nope", "--out", str(out)])
+    bench.main(["refl", "--methods", "velr", "--toy-world", "random", "--out", str(out)])  # the random world's own entry
+    data = json.loads(out.read_text())
+    assert data["refl_random"]["world"] == "random" and data["refl"]["methods"]["velr"] == row(0.1)
+    with pytest.raises(ValueError, match="velr_refresh"):  # the long run has its own methods
+        bench.main(["refl", "--long", "--methods", "lpo", "--out", str(out)])
 
 
 def _bench_fake_step(step_mb, resident_mb=1000.0):

@@ -7,10 +7,13 @@ ends; a randomly initialised DiT does not, so the offline runs use small worlds 
     over a background of another; captions name a palette colour UNRELATED to the video, so the
     pretrained generator does not already satisfy the prompt-dependent reward;
   - "watchable" (the README's default): visible, anti-aliased squares; the "tiny" Wan VAE trained
-    as an autoencoder on them and the "toy" DiT pretrained on its latents, both shipped in assets/
-    (`python toy.py train-assets`); reward `toy:square_color`, from decoded pixels only;
+    as an autoencoder on them and the 6-layer "toy-l" DiT pretrained on its latents, shipped in
+    assets/ with 2,048 labelled rollouts of that DiT (`python toy.py train-assets`); its LRMs are
+    bootstrapped on 3/4 of the rollouts and early-stopped on the held-out 1/4; reward
+    `toy:square_color`, from decoded pixels only;
   - "random" (the tests' world): hard-edged squares, the tiny VAE with random weights, the "tiny"
-    DiT pretrained at first use; reward `toy:calibrated_color`, calibrated to that decoder;
+    DiT pretrained at first use, its LRM bootstrapped on 256 rollouts without a held-out split;
+    reward `toy:calibrated_color`, calibrated to that decoder;
   - pretraining: the generator with Wan's flow-matching loss (x_sigma = (1 - sigma) x0 + sigma eps,
     target v = eps - x0); an ensemble LRM bootstrapped on its labelled rollouts as VELR pretrains
     one (§4.1). The worlds' sampler: 20 Euler steps, shift 5 (ToyConfig).
@@ -62,6 +65,9 @@ class ToyConfig:
     lrm_steps: int = 400
     lrm_batch: int = 32
     lrm_lr: float = 1e-3
+    lrm_holdout: float = 0.0  # > 0: this share of the rollouts is held out for early stopping (bootstrap_lrm)
+    lrm_eval_every: int = 50  # bootstrap steps between held-out reads
+    lrm_patience: int = 4  # held-out reads without a new best before the bootstrap stops
     reward: str = "toy:calibrated_color"
     seed: int = 0
     # The watchable world (TRAINED below): a trained VAE, a larger DiT, visible squares.
@@ -80,8 +86,9 @@ class ToyConfig:
 # The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy" DiT
 # pretrained on its latents (both shipped in assets/ once trained: `python toy.py train-assets`),
 # and a reward on the square's colour. WORLDS names the worlds `train_refl.py --toy-world` offers.
-WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, vae_steps=14000, vae_batch=16, dit="toy",
-                      min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color")
+WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, vae_steps=14000, vae_batch=16, dit="toy-l",
+                      min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color",
+                      lrm_rollouts=2048, lrm_holdout=0.25, lrm_steps=5000)
 WORLDS = {"random": ToyConfig(), "watchable": WATCHABLE}
 # The toy world a script uses unless told: $VELR_TOY_WORLD, else this one (the README's main command).
 # The tests and bench.py set the variable, so their worlds, subprocesses included, stay fixed.
@@ -254,7 +261,11 @@ TOY_DITS = {"tiny": DIT_CONFIGS["tiny"],
             # text_len 32, not Wan's 512: the toy captions are at most 18 tokens, and 512 padded context
             # rows would outnumber the 32 video tokens many times over
             "toy": DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=64, patch_size=(1, 1, 1),
-                             text_len=32)}
+                             text_len=32),
+            # the watchable world's generator: "toy" 1.5x wider and 1.5x deeper, whose samples show the
+            # square in every frame far more often than "toy"'s
+            "toy-l": DiTConfig(dim=192, ffn_dim=768, num_heads=4, num_layers=6, text_dim=64, patch_size=(1, 1, 1),
+                               text_len=32)}
 
 
 def build_models(seed: int = 0, dit: str = "tiny"):
@@ -398,11 +409,9 @@ def latent_shape(cfg: ToyConfig) -> tuple[int, int, int, int]:
     return vae_lib.latent_shape(cfg.frames, cfg.size, cfg.size)
 
 
-def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model=None, noise_aware=False):
-    """Ensemble LRM (or the given `model`, e.g. a one-member ensemble or a Dollar LRM) fitted to the
-    pixel reward of the generator's own decoded rollouts. noise_aware=True: a timestep-conditioned
-    ensemble fitted on the rollouts re-noised at levels of the toy sampler's schedule (0 with
-    probability NOISE_AWARE_CLEAN_PROB), the label the clean rollout's reward (train_lrm.py --noise-aware)."""
+def bootstrap_data(dit, vae, encoder, tokenizer, cfg: ToyConfig) -> dict:
+    """cfg.lrm_rollouts labelled samples of the generator: {"z" final latents, "context", "lengths",
+    "target" the pixel reward of the decoded latent, "prompts"}, seeded by cfg.seed + 1."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     reward_fn = rewards.load_reward(cfg.reward)
     prompts = toy_prompts(cfg.lrm_rollouts, g)
@@ -412,12 +421,129 @@ def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model
             rollout(dit, context[i : i + 64], torch.randn(len(prompts[i : i + 64]), *latent_shape(cfg), generator=g), cfg)
             for i in range(0, len(prompts), 64)
         ])
-        target = reward_fn(vae.decode(z), prompts).float()
+        target = torch.cat([reward_fn(vae.decode(z[i : i + 256]), prompts[i : i + 256]).float() for i in range(0, len(z), 256)])
+    return {"z": z, "context": context, "lengths": lengths, "target": target, "prompts": prompts, "generator": g}
+
+
+ROLLOUT_RECIPE_EXTRA = ("lrm_rollouts", "sample_steps", "reward")
+
+
+def save_rollouts(data: dict, path: Path, cfg: ToyConfig):
+    """bootstrap_data's latents and rewards (fp32) with their prompts and recipe in the metadata."""
+    _save_atomic({"z": data["z"], "target": data["target"]}, Path(path),
+                 {"prompts": json.dumps(data["prompts"]), "recipe": recipe(cfg, DIT_RECIPE + ROLLOUT_RECIPE_EXTRA)})
+
+
+def read_rollouts(path: Path, cfg: ToyConfig, encoder, tokenizer, text_len: int):
+    """The rollouts file at path as bootstrap_data's dict (contexts re-encoded from the prompts), or
+    None when it was made with another recipe than cfg's."""
+    found = _read_trained(path, cfg, DIT_RECIPE + ROLLOUT_RECIPE_EXTRA)
+    if found is None:
+        return None
+    state, meta = found
+    prompts = json.loads(meta["prompts"])
+    if len(prompts) != len(state["z"]) or len(state["target"]) != len(state["z"]):
+        raise ValueError(f"{path}: {len(state['z'])} latents, {len(state['target'])} rewards and {len(prompts)} prompts")
+    with torch.no_grad():
+        context, lengths = text_encoder.encode_prompts(prompts, tokenizer, encoder, text_len)
+    return {"z": state["z"], "target": state["target"], "prompts": prompts, "context": context, "lengths": lengths}
+
+
+def world_rollouts(dit, vae, encoder, tokenizer, cfg: ToyConfig, cache_dir=None, log=print) -> dict:
+    """The world's labelled rollouts (bootstrap_data): from its cache folder, else from assets/
+    (train-assets ships the watchable world's), else made here and cached."""
+    path = Path(cache_dir or default_cache_dir()) / cfg.key() / "rollouts.safetensors"
+    for candidate in (path, ASSETS / "toy_rollouts.safetensors"):
+        if candidate.exists():
+            try:
+                data = read_rollouts(candidate, cfg, encoder, tokenizer, dit.cfg.text_len)
+            except Exception as err:
+                raise ValueError(f"{candidate} is unreadable ({type(err).__name__}: {err}); delete it (cache) or restore "
+                                 f"it (git checkout -- assets/) and rerun") from err
+            if data is not None:
+                return data
+    log(f"toy world: sampling {cfg.lrm_rollouts} labelled rollouts of the generator, cached at {path}")
+    data = bootstrap_data(dit, vae, encoder, tokenizer, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_rollouts(data, path, cfg)
+    return data
+
+
+def shared_rollouts(dit, vae, encoder, tokenizer, cfg: ToyConfig, cache_dir=None, log=print):
+    """The rollouts every LRM of a world with a held-out split is bootstrapped on (world_rollouts), so
+    they all see the same data and split; None for a world without one (each bootstrap samples its own)."""
+    return world_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir, log) if cfg.lrm_holdout > 0 else None
+
+
+def heldout_split(n: int, cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices of the bootstrap rollouts: a seeded cfg.lrm_holdout share held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))
+    k = round(n * cfg.lrm_holdout)
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+@torch.no_grad()
+def lrm_metrics(model, data: dict, idx: torch.Tensor, sigma: float = 0.0, batch: int = 256) -> dict:
+    """The paper's Table 3 metrics of the ensemble mean on the samples idx of bootstrap_data: MSE and
+    Pearson correlation against the true reward (each member's too), and the pair accuracy within a prompt (every two
+    samples of one prompt with different rewards: is the higher-scored one the higher-rewarded?).
+    sigma > 0: the latents are re-noised at sigma (seeded noise), as a process reward model sees x_t."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(99)
+    scores = []
+    for i in range(0, len(idx), batch):
+        j = idx[i : i + batch]
+        z = data["z"][j]
+        sig = None
+        if sigma > 0:
+            sig = torch.full((len(j),), float(sigma))
+            z = lrm_lib.noise_latents(z, sig, torch.randn(z.shape, generator=g))
+        scores.append(model(z, data["context"][j], data["lengths"][j], sigma=sig).float())
+    model.train(was_training)
+    members, t = torch.cat(scores, 1).double(), data["target"][idx].double()
+    s = members.mean(0)
+    pcc = torch.corrcoef(torch.stack([s, t]))[0, 1].item()
+    member_pcc = [torch.corrcoef(torch.stack([m, t]))[0, 1].item() for m in members]
+    a, b, p = lrm_lib.make_pairs([data["prompts"][k] for k in idx.tolist()], t, 0.0, torch.Generator().manual_seed(0))
+    pair_acc = ((s[a] > s[b]).double() == p.double()).double().mean().item() if len(a) else float("nan")
+    return {"mse": (s - t).pow(2).mean().item(), "pcc": pcc, "pair_acc": pair_acc, "samples": len(idx), "pairs": len(a),
+            "member_pcc": member_pcc, "member_mse": (members - t).pow(2).mean(1).tolist()}
+
+
+def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model=None, noise_aware=False, data=None):
+    """Ensemble LRM (or the given `model`, e.g. a one-member ensemble, a Dollar LRM or a DiT-trunk
+    LRM) fitted to the pixel reward of the generator's own decoded rollouts (bootstrap_data, or
+    `data` from it). noise_aware=True: fitted on the rollouts re-noised at levels of the toy
+    sampler's schedule (0 with probability NOISE_AWARE_CLEAN_PROB), the label the clean rollout's
+    reward (train_lrm.py --noise-aware). cfg.lrm_holdout > 0: that share of the rollouts is held
+    out, the held-out MSE (at fixed noise draws when noise-aware) is read every cfg.lrm_eval_every
+    steps, and training stops after cfg.lrm_patience reads without a new best, keeping the best
+    weights; `model.bootstrap_log` then records the curve and the stopping step."""
+    data = data or bootstrap_data(dit, vae, encoder, tokenizer, cfg)
+    g = data.get("generator") or torch.Generator().manual_seed(cfg.seed + 3)  # read from a file: a fresh seeded one
+    z, context, lengths, target = data["z"], data["context"], data["lengths"], data["target"]
     model = model or lrm_lib.EnsembleLRM(toy_lrm_config(cfg, noise_aware), n_members=cfg.lrm_members, seed=cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lrm_lr)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lrm_lr)
     grid = sample.get_sigmas(cfg.sample_steps, cfg.shift, "euler")[:-1]
+    train_idx, test_idx = heldout_split(len(z), cfg) if cfg.lrm_holdout > 0 else (torch.arange(len(z)), None)
+    if test_idx is not None:  # fixed held-out inputs: the noise levels and noise of a noise-aware read are drawn once
+        hg = torch.Generator().manual_seed(cfg.seed + 8)
+        test_sigma = lrm_lib.draw_sigmas((len(test_idx),), grid, NOISE_AWARE_CLEAN_PROB, hg) if noise_aware else None
+        test_z = z[test_idx] if test_sigma is None else lrm_lib.noise_latents(z[test_idx], test_sigma, torch.randn(z[test_idx].shape, generator=hg))
+    best, curve, stale = (float("inf"), 0, None), [], 0
+
+    def heldout_mse():
+        model.eval()
+        with torch.no_grad():
+            s = torch.cat([model(test_z[i : i + 256], context[test_idx[i : i + 256]], lengths[test_idx[i : i + 256]],
+                                 sigma=None if test_sigma is None else test_sigma[i : i + 256]).float().mean(0)
+                           for i in range(0, len(test_idx), 256)])
+        model.train()
+        return (s - target[test_idx]).pow(2).mean().item()
+
     for step in range(cfg.lrm_steps):
-        idx = torch.randint(len(prompts), (cfg.lrm_batch,), generator=g)
+        idx = train_idx[torch.randint(len(train_idx), (cfg.lrm_batch,), generator=g)]
         zb, sigma = z[idx], None
         if noise_aware:
             sigma = lrm_lib.draw_sigmas((len(idx),), grid, NOISE_AWARE_CLEAN_PROB, g)
@@ -425,6 +551,21 @@ def bootstrap_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, model
         out = lrm_lib.lrm_update(model, opt, zb, context[idx], lengths[idx], target[idx], generator=g, sigma=sigma)
         if step % 100 == 0 or step == cfg.lrm_steps - 1:
             log(f"toy LRM bootstrap step {step:4d} | huber {out['loss']:.4f} | mse {out['mse']:.4f}")
+        if test_idx is not None and ((step + 1) % cfg.lrm_eval_every == 0 or step == cfg.lrm_steps - 1):
+            mse = heldout_mse()
+            curve.append((step + 1, mse))
+            if mse < best[0]:
+                best, stale = (mse, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()}), 0
+            else:
+                stale += 1
+            if stale >= cfg.lrm_patience:
+                log(f"toy LRM bootstrap: held-out MSE has not improved for {stale} reads; stopping at step {step + 1}")
+                break
+    if test_idx is not None:
+        model.load_state_dict(best[2])
+        model.bootstrap_log = {"heldout_mse_curve": curve, "best_step": best[1], "best_heldout_mse": best[0],
+                               "train": len(train_idx), "heldout": len(test_idx)}
+        log(f"toy LRM bootstrap: kept step {best[1]}, held-out MSE {best[0]:.4f} ({len(test_idx)} held-out rollouts)")
     return model
 
 
@@ -451,7 +592,8 @@ def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, ca
             raise ValueError(f"toy cache file {path} is unreadable ({type(err).__name__}: {err}); delete it and rerun") from err
     log(f"toy world: bootstrapping a noise-aware LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True)
+    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True,
+                          data=shared_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir, log))
     model.zero_grad(set_to_none=True)
     lrm_lib.save_lrm(model, path)  # atomic
     return model
@@ -629,13 +771,41 @@ def load_world(cfg: ToyConfig = None, cache_dir=None, log=print, train=False):
             raise unreadable(lrm_path, err) from err
     else:
         log(f"toy world: bootstrapping the LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {lrm_path}")
-        model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log)
+        model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log,
+                              data=shared_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir, log))
         model.zero_grad(set_to_none=True)
         lrm_lib.save_lrm(model, lrm_path)  # atomic
     return dit, vae, encoder, tokenizer, model
 
 
 # ----------------------------------------------------------------------------- measuring a world
+
+MEASURE_SIGMAS = (0.0, 0.3, 0.6, 0.9)  # noise levels of the process-reward rows
+
+
+def measure_lrms(dit, vae, encoder, tokenizer, cfg: ToyConfig, data: dict, log=print) -> dict:
+    """The paper's Table 3 metrics (lrm_metrics) on the held-out rollouts of cfg's split for the
+    LRMs a world bootstraps on `data`: the ensemble (train rows too, and its early-stopping record),
+    the noise-aware ensemble per sigma of MEASURE_SIGMAS, and DiT-trunk LRMs (PRFL's design: the
+    generator's blocks frozen under 5 heads, noise-aware) on the pretrained generator and on the
+    same blocks at their random init."""
+    import lrm_dit
+
+    train_idx, test_idx = heldout_split(len(data["z"]), cfg)
+    res = {}
+    ensemble = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, data=data)
+    res["ensemble"] = {"heldout": lrm_metrics(ensemble, data, test_idx), "train": lrm_metrics(ensemble, data, train_idx),
+                       "best_step": ensemble.bootstrap_log["best_step"]}
+    models = {"noise_aware": None,
+              "dit_trunk": lrm_dit.dit_reward_model_from(dit, None, cfg.lrm_members, cfg.seed, noise_aware=True, mlp_dims=(64, 32)),
+              "dit_random_trunk": lrm_dit.dit_reward_model_from(build_models(cfg.seed, cfg.dit)[0], None, cfg.lrm_members,
+                                                                cfg.seed, noise_aware=True, mlp_dims=(64, 32))}
+    for name, model in models.items():
+        model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, model=model, noise_aware=True, data=data)
+        res[name] = {str(sig): lrm_metrics(model, data, test_idx, sigma=sig) for sig in MEASURE_SIGMAS}
+        res[name]["best_step"] = model.bootstrap_log["best_step"]
+    return res
+
 
 def measure_world(dit, vae, encoder, tokenizer, cfg: ToyConfig, n: int = 48) -> dict:
     """What a user sees: the VAE's reconstruction PSNR on 64 held-out procedural videos, and on n
@@ -654,7 +824,9 @@ def measure_world(dit, vae, encoder, tokenizer, cfg: ToyConfig, n: int = 48) -> 
 
 def train_assets(argv=None):
     """`python toy.py train-assets [--device cuda]`: train the watchable world's VAE and DiT and write
-    them (fp16, recipe in the metadata) to assets/, with what they measure in assets/toy_assets.json."""
+    them (fp16, recipe in the metadata) to assets/, with the generator's labelled rollouts the world's
+    LRMs are bootstrapped on (toy_rollouts.safetensors), and what they all measure in
+    assets/toy_assets.json (the LRMs' rows on the held-out rollouts)."""
     import argparse
     import time
 
@@ -664,11 +836,16 @@ def train_assets(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=WATCHABLE.pretrain_steps, help=f"default {WATCHABLE.pretrain_steps}")
     p.add_argument("--vae-videos", type=int, default=WATCHABLE.vae_videos, help=f"default {WATCHABLE.vae_videos}")
     p.add_argument("--videos", type=int, default=WATCHABLE.num_videos, help=f"the DiT's (default {WATCHABLE.num_videos})")
+    p.add_argument("--rollouts", type=int, default=WATCHABLE.lrm_rollouts,
+                   help=f"labelled generator rollouts the LRMs are bootstrapped on (default {WATCHABLE.lrm_rollouts})")
+    p.add_argument("--lrm-steps", type=int, default=WATCHABLE.lrm_steps,
+                   help=f"most bootstrap steps of each LRM, early-stopped on the held-out rollouts (default {WATCHABLE.lrm_steps})")
+    p.add_argument("--dit", default=WATCHABLE.dit, choices=sorted(TOY_DITS), help=f"the DiT's size (default {WATCHABLE.dit})")
     p.add_argument("--out", default=str(ASSETS), help="output folder (default assets/ of the repository)")
     p.add_argument("--ckpt-dir", default=str(default_cache_dir() / "train_assets"),
                    help="training checkpoints, every 500 steps; a rerun resumes from them (default <cache>/toy/train_assets)")
     args = p.parse_args(argv)
-    for flag in ("vae_steps", "pretrain_steps", "vae_videos", "videos"):
+    for flag in ("vae_steps", "pretrain_steps", "vae_videos", "videos", "rollouts", "lrm_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     try:
@@ -678,24 +855,39 @@ def train_assets(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch build sees no CUDA GPU")
     cfg = replace(WATCHABLE, vae_steps=args.vae_steps, pretrain_steps=args.pretrain_steps, vae_videos=args.vae_videos,
-                  num_videos=args.videos)
+                  num_videos=args.videos, dit=args.dit, lrm_rollouts=args.rollouts, lrm_steps=args.lrm_steps)
     if cfg != WATCHABLE:
         print("note: other steps than toy.WATCHABLE's: load_world will not use these files for that world")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ckpt = Path(args.ckpt_dir)
-    vae = train_vae(cfg, device=args.device, ckpt=ckpt / "vae.pt")
-    save_toy_vae(vae, out / "toy_vae.safetensors", cfg, torch.float16)
-    vae = read_toy_vae(out / "toy_vae.safetensors", cfg)  # what users get: the fp16 file
-    t_vae = time.time() - t0
+    vae_file = out / "toy_vae.safetensors"
+    if vae_file.exists() and not recipe_difference(vae_file, cfg, VAE_RECIPE):
+        print(f"{vae_file} holds this recipe's VAE: only the DiT is trained")
+        t_vae = json.loads((out / "toy_assets.json").read_text()).get("vae_seconds", 0.0) if (out / "toy_assets.json").exists() else 0.0
+    else:
+        save_toy_vae(train_vae(cfg, device=args.device, ckpt=ckpt / "vae.pt"), vae_file, cfg, torch.float16)
+        t_vae = time.time() - t0
+    vae = read_toy_vae(vae_file, cfg)  # what users get: the fp16 file
+    t_dit = time.time()
     dit, _, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
     pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt")
     save_toy_dit(dit, out / "toy_dit.safetensors", cfg, torch.float16)
     dit.load_state_dict(_read_trained(out / "toy_dit.safetensors", cfg, DIT_RECIPE)[0])
-    res = measure_world(dit.cpu(), vae.cpu(), encoder, tokenizer, cfg)
-    res.update(vae_seconds=round(t_vae, 1), dit_seconds=round(time.time() - t0 - t_vae, 1), device=args.device,
+    dit = dit.cpu().eval()
+    res = measure_world(dit, vae.cpu(), encoder, tokenizer, cfg)
+    res.update(vae_seconds=round(t_vae, 1), dit_seconds=round(time.time() - t_dit, 1), device=args.device,
                recipe=json.loads(recipe(cfg, DIT_RECIPE)))
+    if cfg.lrm_holdout > 0:  # the labelled rollouts every LRM of the world is bootstrapped on, and those LRMs' metrics
+        t_rollouts = time.time()
+        data = bootstrap_data(dit, vae, encoder, tokenizer, cfg)
+        save_rollouts(data, out / "toy_rollouts.safetensors", cfg)
+        data = read_rollouts(out / "toy_rollouts.safetensors", cfg, encoder, tokenizer, dit.cfg.text_len)  # as users get them
+        res["rollouts"] = {"n": len(data["z"]), "heldout": round(len(data["z"]) * cfg.lrm_holdout),
+                           "reward_mean": data["target"].mean().item(), "reward_std": data["target"].std().item(),
+                           "seconds": round(time.time() - t_rollouts, 1)}
+        res["lrm"] = measure_lrms(dit, vae, encoder, tokenizer, cfg, data)
     runs.write_text(out / "toy_assets.json", json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
     return res

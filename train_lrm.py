@@ -160,13 +160,17 @@ class TooManyBadSteps(RuntimeError):
 
 @torch.no_grad()
 def synthetic_data(n, seed, reward="color", batch=32):
-    """n rows from the toy world (toy.py): procedural videos through the tiny VAE (random weights),
-    toy captions through the tiny UMT5, target = the built-in pixel reward of the decoded latent."""
-    world = toy.ToyConfig()  # its video size: 5 frames of 32x32 -> latents 16x2x4x4
+    """n rows from the toy world ($VELR_TOY_WORLD, toy.py): its procedural videos through its tiny VAE
+    (random weights; the watchable world's trained one from assets/), toy captions through the tiny
+    UMT5, target = the built-in pixel reward of the decoded latent."""
+    world = toy.WORLDS[toy.default_world()]  # its video size: 5 frames of 32x32 -> latents 16x2x4x4
     _, vae, encoder, tokenizer = toy.build_models(seed)
+    if world.vae_steps:
+        toy.check_trained(world)
+        vae = toy.read_toy_vae(toy.ASSETS / "toy_vae.safetensors", world)
     reward_fn, g, rows = rewards.load_reward(reward), torch.Generator().manual_seed(seed), []
     for i in range(0, n, batch):
-        videos = toy.procedural_videos(min(batch, n - i), world.frames, world.size, g)
+        videos = toy.world_videos(min(batch, n - i), world, g)
         prompts = toy.toy_prompts(len(videos), g)
         z = vae.encode(videos)
         target = reward_fn(vae.decode(z), prompts).float()

@@ -951,10 +951,10 @@ def table_refl(res):
              m["latent_minus_true"] or "-", m["peak_mb"], m["sec_per_step"]] for n, m in res["methods"].items()]
     header = ["method", "true-reward gain", "LRM err step 0", "LRM err end", "LRM - true end", "peak MiB", "s/step"]
     if "steps" in res:  # the long run: the admissions at its end
-        header.append(f"admitted/step, last 50")
+        header.append("admitted/step, last 50")
         for row, m in zip(rows, res["methods"].values()):
             tail = m["admitted_per_step"][-50:]
-            row.append(sum(tail) / max(len(tail), 1))
+            row.append(sum(tail) / len(tail) if tail and m["lrm_err_final"] is not None else "-")  # no buffer without an LRM
     what = f"{res['steps']} steps" if "steps" in res else "100 steps"
     return f"### refl ({res.get('world', 'random')} toy world, {res['seeds']} seeds, {what})\n\n" + markdown(header, rows)
 

@@ -66,8 +66,8 @@ class ToyConfig:
     lrm_batch: int = 32
     lrm_lr: float = 1e-3
     lrm_holdout: float = 0.0  # > 0: this share of the rollouts is held out for early stopping (bootstrap_lrm)
-    lrm_eval_every: int = 50  # bootstrap steps between held-out reads
-    lrm_patience: int = 4  # held-out reads without a new best before the bootstrap stops
+    lrm_eval_every: int = 100  # bootstrap steps between held-out reads
+    lrm_patience: int = 5  # held-out reads without a new best before the bootstrap stops (the curve is noisy: 500 steps)
     reward: str = "toy:calibrated_color"
     seed: int = 0
     # The watchable world (TRAINED below): a trained VAE, a larger DiT, visible squares.

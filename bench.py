@@ -422,24 +422,38 @@ def bench_dit(device, scale, timeout=1800):
 # vae: our WanVAE vs diffusers' AutoencoderKLWan, identical weights
 
 
-def vae_setup(scale):
-    """(diffusers constructor kwargs, video (frames, height, width)): the Wan 2.1 VAE on 5 frames
-    at 480x832 ("cuda"), 240x416 ("quick") or 64x64 ("cpu"); "tiny": a width-8 VAE at 16x16."""
-    return {"cuda": ({}, (5, 480, 832)), "quick": ({}, (5, 240, 416)), "cpu": ({}, (5, 64, 64)),
-            "tiny": ({"base_dim": 8, "num_res_blocks": 1}, (5, 16, 16))}[scale]
+def vae_setup(scale, version="2.1"):
+    """(diffusers constructor kwargs, video (frames, height, width), our VAEConfig name): the Wan 2.1
+    or 2.2 VAE on 5 frames at 480x832 ("cuda"), 240x416 ("quick"; 256x416 for 2.2, whose sizes are
+    multiples of 32) or 64x64 ("cpu"); "tiny": a width-8 VAE at 16x16 (32x32 for 2.2)."""
+    from vae import LATENTS_MEAN_22, LATENTS_STD_22
+
+    if version == "2.1":
+        return {"cuda": ({}, (5, 480, 832), "wan2.1"), "quick": ({}, (5, 240, 416), "wan2.1"),
+                "cpu": ({}, (5, 64, 64), "wan2.1"),
+                "tiny": ({"base_dim": 8, "num_res_blocks": 1}, (5, 16, 16), "tiny")}[scale]
+    wan22 = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in_channels=12,
+                 out_channels=12, latents_mean=list(LATENTS_MEAN_22), latents_std=list(LATENTS_STD_22))
+    return {"cuda": (wan22, (5, 480, 832), "wan2.2"), "quick": (wan22, (5, 256, 416), "wan2.2"),
+            "cpu": (wan22, (5, 64, 64), "wan2.2"),
+            "tiny": ({**wan22, "base_dim": 8, "decoder_base_dim": 12, "num_res_blocks": 1}, (5, 32, 32), "tiny2.2")}[scale]
 
 
 def child_vae(args, device, base_mb):
-    """encode (no grad, as when caching latents) or decode forward+backward (pixel ReFL)."""
+    """encode (no grad, as when caching latents) or decode forward+backward (pixel ReFL);
+    "decode_ckpt": ours with decode(checkpoint=True), as train_refl's pixel paradigm runs it."""
+    from vae import VAE_CONFIGS
+
     t, h, w = args["shape"]
     g = torch.Generator().manual_seed(0)
     video = (torch.rand(1, 3, t, h, w, generator=g) * 2 - 1).to(device)
-    z = torch.randn(1, *latent_shape(t, h, w), generator=g).to(device).requires_grad_(True)
+    z = torch.randn(1, *latent_shape(t, h, w, VAE_CONFIGS[args.get("config", "wan2.1")]), generator=g)
+    z = z.to(device).requires_grad_(True)
     if args["impl"] == "ours":
         from vae import load_vae
 
         vae = load_vae(args["path"], device=device)
-        encode, decode = vae.encode, vae.decode
+        encode, decode = vae.encode, (lambda z: vae.decode(z, checkpoint=args["op"] == "decode_ckpt"))
     else:
         from diffusers import AutoencoderKLWan
 
@@ -458,18 +472,40 @@ def child_vae(args, device, base_mb):
 
 
 def bench_vae(device, scale, timeout=1800):
+    """The Wan 2.1 VAE (top-level keys) and the Wan 2.2 VAE (`wan22`), ours vs diffusers with the
+    same random weights; for 2.2 also our checkpointed decode (diffusers has none)."""
     from diffusers import AutoencoderKLWan
 
-    kwargs, shape = vae_setup(scale)
-    res = {"shape": list(shape)}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        AutoencoderKLWan(**kwargs).save_pretrained(tmp)  # Wan 2.1 architecture, random weights
-        for op in ("encode", "decode"):
-            res[op] = {impl: run_child("vae", {"impl": impl, "op": op, "path": tmp, "shape": res["shape"]}, timeout)
-                       for impl in IMPLS}
-    res.update(ratios(res["encode"], res["decode"]))
+    res = {}
+    for version in ("2.1", "2.2"):
+        kwargs, shape, config = vae_setup(scale, version)
+        part = {"shape": list(shape)}
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            AutoencoderKLWan(**kwargs).save_pretrained(tmp)  # the architecture, random weights
+            job = {"path": tmp, "shape": part["shape"], "config": config}
+            for op in ("encode", "decode"):
+                part[op] = {impl: run_child("vae", {**job, "impl": impl, "op": op}, timeout) for impl in IMPLS}
+            if version == "2.2":
+                part["decode_ckpt"] = {"ours": run_child("vae", {**job, "impl": "ours", "op": "decode_ckpt"}, timeout)}
+        part.update(ratios(part["encode"], part["decode"]))
+        part["ratio_decode_peak"] = part["decode"]["ours"]["peak_mb"] / part["decode"]["diffusers"]["peak_mb"]
+        if version == "2.1":
+            res.update(part)
+        else:
+            res["wan22"] = part
     return res
+
+
+def table_vae(res):
+    text = table_vs_diffusers("vae (Wan 2.1)", res, ("encode", "decode"))
+    if "wan22" in res:
+        r = res["wan22"]
+        text += "\n\n" + table_vs_diffusers("vae (Wan 2.2)", r, ("encode", "decode"))
+        c = r["decode_ckpt"]["ours"]
+        text += (f"\n\nWan 2.2 decode peak ours/diffusers: {r['ratio_decode_peak']:.3f}; ours with "
+                 f"decode(checkpoint=True): {c['time_s']:.3g} s, {c['peak_mb']:.0f} MiB")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +679,7 @@ def table_quality(res):
 # ---------------------------------------------------------------------------------------------
 # gpu-quick: VELR vs pixel ReFL at the real config plus dit / vae at a modest size, ~10 minutes
 
-QUICK_TIMEOUT_S = {"refl": 270, "dit": 90, "vae": 60}  # per child (2 refl, 2 dit, 4 vae children): a hung
+QUICK_TIMEOUT_S = {"refl": 270, "dit": 90, "vae": 60}  # per child (2 refl, 2 dit, 9 vae children): a hung
 # child costs its limit, not the run; run it under `timeout 590` too, what printed before stays
 
 
@@ -679,8 +715,10 @@ def table_gpu_quick(res):
     parts = [f"{name} failed: {res[name]['error']}" for name in ("velr", "pixel", "dit", "vae") if "error" in res[name]]
     if len(modes) == 2:
         parts.append(table_memory(res, modes))
-    parts += [table_vs_diffusers(n, res[n], ops) for n, ops in (("dit", ("fwd_bwd",)), ("vae", ("encode", "decode")))
-              if "error" not in res[n]]
+    if "error" not in res["dit"]:
+        parts.append(table_vs_diffusers("dit", res["dit"], ("fwd_bwd",)))
+    if "error" not in res["vae"]:
+        parts.append(table_vae(res["vae"]))
     return "\n\n".join(parts)
 
 
@@ -1118,7 +1156,7 @@ CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": ch
 SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "memory": (bench_memory, table_memory),
     "dit": (bench_dit, lambda r: table_vs_diffusers("dit", r, ("fwd_bwd",))),
-    "vae": (bench_vae, lambda r: table_vs_diffusers("vae", r, ("encode", "decode"))),
+    "vae": (bench_vae, table_vae),
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),
 }

@@ -540,6 +540,120 @@ def test_vae_parity_diffusers_tiny_batched(tmp_path):
     _vae_check_parity(ours, theirs, batch=2, sizes=((24, 16), (2, 3)))
 
 
+def _vae22_diffusers(seed, **kw):
+    """A tiny diffusers Wan 2.2 VAE (residual stages, 2x2 patchify, decoder wider than encoder)."""
+    torch.manual_seed(seed)
+    cfg = dict(base_dim=8, decoder_base_dim=12, num_res_blocks=1, z_dim=48, is_residual=True, patch_size=2,
+               in_channels=12, out_channels=12, latents_mean=list(vae_lib.LATENTS_MEAN_22),
+               latents_std=list(vae_lib.LATENTS_STD_22))
+    return _vae_perturb_(AutoencoderKLWan(**{**cfg, **kw}), seed=seed + 1)
+
+
+def test_vae22_config_and_official_keys():
+    with torch.device("meta"):
+        state = WanVAE(VAE_CONFIGS["wan2.2"]).state_dict()
+    # Wan2.2_VAE.pth: 196 tensors, 704.7M parameters (149.6M encoder, 555.0M decoder).
+    assert len(state) == 196 and sum(v.numel() for v in state.values()) == 704_688_668
+    assert sum(v.numel() for k, v in state.items() if k.startswith("encoder.")) == 149_627_776
+    shapes = {
+        "conv1.weight": (96, 96, 1, 1, 1),
+        "conv2.weight": (48, 48, 1, 1, 1),
+        "encoder.conv1.weight": (160, 12, 3, 3, 3),
+        "encoder.downsamples.0.downsamples.2.resample.1.weight": (160, 160, 3, 3),
+        "encoder.downsamples.1.downsamples.0.shortcut.weight": (320, 160, 1, 1, 1),
+        "encoder.downsamples.1.downsamples.2.time_conv.weight": (320, 320, 3, 1, 1),
+        "encoder.head.2.weight": (96, 640, 3, 3, 3),
+        "decoder.conv1.weight": (1024, 48, 3, 3, 3),
+        "decoder.middle.1.to_qkv.weight": (3072, 1024, 1, 1),
+        "decoder.upsamples.0.upsamples.3.resample.1.weight": (1024, 1024, 3, 3),
+        "decoder.upsamples.0.upsamples.3.time_conv.weight": (2048, 1024, 3, 1, 1),
+        "decoder.upsamples.2.upsamples.0.shortcut.weight": (512, 1024, 1, 1, 1),
+        "decoder.upsamples.2.upsamples.3.resample.1.weight": (512, 512, 3, 3),
+        "decoder.upsamples.3.upsamples.0.shortcut.weight": (256, 512, 1, 1, 1),
+        "decoder.head.2.weight": (12, 256, 3, 3, 3),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert not any("avg_shortcut" in k for k in state)  # the shortcuts have no parameters
+    # Both layouts' configs are recovered from keys and shapes alone, whatever the file is called.
+    for name in ("wan2.1", "wan2.2", "tiny", "tiny2.2"):
+        with torch.device("meta"):
+            assert vae_lib.config_from_state(WanVAE(VAE_CONFIGS[name]).state_dict()) == VAE_CONFIGS[name], name
+    # Every tensor maps onto diffusers' AutoencoderKLWan of the 5B's vae/config.json, shape for shape.
+    with torch.device("meta"):
+        theirs = AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2,
+                                  in_channels=12, out_channels=12).state_dict()
+    mapped = {vae_lib.to_diffusers_name(k, VAE_CONFIGS["wan2.2"]): v.shape for k, v in state.items()}
+    assert mapped == {k: v.shape for k, v in theirs.items()}
+
+
+def test_vae22_patchify_channel_order():
+    x = torch.arange(2 * 1 * 4 * 6, dtype=torch.float32).view(1, 2, 1, 4, 6)
+    y = vae_lib.patchify(x, 2)
+    assert y.shape == (1, 8, 1, 2, 3)
+    for c in range(2):
+        for r in range(2):  # column offset: the slower index
+            for q in range(2):  # row offset
+                assert torch.equal(y[0, c * 4 + r * 2 + q, 0], x[0, c, 0, q::2, r::2]), (c, r, q)
+    assert torch.equal(vae_lib.unpatchify(y, 2), x)
+
+
+def test_vae22_parity_diffusers_1_9_17_frames(tmp_path):
+    theirs = _vae22_diffusers(seed=3)
+    theirs.save_pretrained(tmp_path / "vae")
+    ours = load_vae(tmp_path / "vae")  # the config comes from config.json: is_residual, patch 2, widths 8 / 12
+    assert ours.cfg == VAE_CONFIGS["tiny2.2"]
+    mean, std = _vae_stats(ours.cfg)
+    with torch.no_grad():
+        for t in (1, 9, 17):
+            video = _vae_video(2, t, 32, 48, seed=t)
+            z = ours.encode(video)
+            ref = (theirs.encode(video).latent_dist.mean - mean) / std
+            assert z.shape == (2, 48, 1 + (t - 1) // 4, 2, 3)
+            assert (z - ref).abs().max() <= 1e-5 * ref.abs().max(), t
+
+            z = torch.randn(2, 48, 1 + (t - 1) // 4, 2, 3, generator=torch.Generator().manual_seed(10 + t))
+            out = ours.decode(z)
+            ref = theirs.decode(z * std + mean).sample
+            assert out.shape == (2, 3, t, 32, 48)
+            assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), t
+            assert (out.abs() < 0.999).float().mean() > 0.5
+
+
+def test_vae22_loads_original_layout_and_checkpointed_decode(tmp_path):
+    theirs = _vae22_diffusers(seed=4)
+    theirs.save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    torch.save(vae.state_dict(), tmp_path / "Wan2.2_VAE.pth")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp_path / "renamed.safetensors")
+    video = _vae_video(1, 5, 32, 32, seed=5)
+    with torch.no_grad():
+        z_ref = vae.encode(video)
+        for name in ("Wan2.2_VAE.pth", "renamed.safetensors"):  # no config: told from the keys and shapes
+            loaded = load_vae(tmp_path / name)
+            assert loaded.cfg == VAE_CONFIGS["tiny2.2"] and torch.equal(loaded.encode(video), z_ref), name
+    with pytest.raises(ValueError, match=r"layout guessed: original.*missing [1-9]"):
+        load_vae(tmp_path / "Wan2.2_VAE.pth", config=VAE_CONFIGS["tiny"])
+
+    # The DupUp3D first-chunk trim runs inside the checkpointed chunk too: same frames, same gradients.
+    z0 = torch.randn(1, 48, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1))
+    param = vae.decoder.upsamples[0].upsamples[-1].time_conv.weight
+    vae.requires_grad_(True)
+    grads = []
+    for checkpoint in (False, True):
+        z = z0.clone().requires_grad_(True)
+        vae.zero_grad()
+        out = vae.decode(z, checkpoint=checkpoint)
+        (out * weight).sum().backward()
+        grads.append((out.detach(), z.grad.clone(), param.grad.clone()))
+    (out_a, gz_a, gp_a), (out_b, gz_b, gp_b) = grads
+    assert gz_a.abs().sum() > 0 and gp_a.abs().sum() > 0
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    torch.testing.assert_close(gz_b, gz_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp_b, gp_a, rtol=1e-5, atol=1e-6)
+
+
 def test_vae_encode_is_causal_per_chunk():
     vae = _vae_tiny()
     video = _vae_video(1, 13, 16, 16, seed=0)  # chunks: frame 0, 1-4, 5-8, 9-12
@@ -620,9 +734,11 @@ def test_vae_loads_original_layouts(tmp_path):
         assert z.dtype == torch.float32 and (z - z_ref).abs().max() < 0.25 * z_ref.abs().max()
         assert loaded.decode(z).dtype == torch.float32
 
-    # Original-layout files carry no config: the tiny file does not fit the Wan 2.1 default.
+    # Original-layout files carry no config: it is read from the keys and shapes; a wrong one is refused.
+    loaded = load_vae(tmp_path / "Wan2.1_VAE.pth")
+    assert loaded.cfg == tiny and torch.equal(loaded.conv1.weight, state["conv1.weight"])
     with pytest.raises(ValueError, match=r"layout guessed: original.*mis-shaped [1-9]"):
-        load_vae(tmp_path / "Wan2.1_VAE.pth")
+        load_vae(tmp_path / "Wan2.1_VAE.pth", config=VAEConfig())
 
 
 def test_vae_bad_inputs_raise_clear_errors(tmp_path):
@@ -631,7 +747,7 @@ def test_vae_bad_inputs_raise_clear_errors(tmp_path):
         vae.encode(torch.zeros(1, 3, 8, 16, 16))
     with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\), got shape \(1, 4, 5, 16, 16\)"):
         vae.encode(torch.zeros(1, 4, 5, 16, 16))
-    with pytest.raises(ValueError, match=r"multiples of 8, got 12x16"):
+    with pytest.raises(ValueError, match=r"multiples of 8 \(the VAE.s stride\), got 12x16"):
         vae.encode(torch.zeros(1, 3, 5, 12, 16))
     with pytest.raises(ValueError, match=r"latent must be \(B, 16, T, H, W\), got shape \(1, 4, 2, 2, 2\)"):
         vae.decode(torch.zeros(1, 4, 2, 2, 2))
@@ -642,14 +758,20 @@ def test_vae_bad_inputs_raise_clear_errors(tmp_path):
         "head.modulation": torch.zeros(1, 2, 8),
     }
     save_file(dit, tmp_path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"missing 194 .*unexpected 3 .*patch_embedding\.weight"):
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: not a Wan VAE .*holds 3 .*patch_embedding\.weight"):
         load_vae(tmp_path / "diffusion_pytorch_model.safetensors")
 
-    AutoencoderKLWan(base_dim=8, num_res_blocks=1, is_residual=True).save_pretrained(tmp_path / "wan22_vae")
-    with pytest.raises(ValueError, match=r"'is_residual': True"):
-        load_vae(tmp_path / "wan22_vae")
-    with pytest.raises(ValueError, match=r"'decoder_base_dim': 64"):
+    with pytest.raises(ValueError, match=r"not a Wan VAE config: .*needs is_residual .*dec_dim 64, dim 96"):
         config_from_diffusers({"base_dim": 96, "decoder_base_dim": 64})
+    with pytest.raises(ValueError, match=r"\{'in_channels': 3\} with patch_size 2 \(expected 12 channels\)"):
+        config_from_diffusers({"patch_size": 2, "in_channels": 3})
+    with pytest.raises(ValueError, match=r"z_dim \(48\) latent means and stds, got patch_size 1, 16 means"):
+        config_from_diffusers({"z_dim": 48})
+    vae22 = WanVAE(VAE_CONFIGS["tiny2.2"])
+    with pytest.raises(ValueError, match=r"multiples of 16 \(the VAE.s stride\), got 24x32"):
+        vae22.encode(torch.zeros(1, 3, 1, 24, 32))
+    with pytest.raises(ValueError, match=r"latent must be \(B, 48, T, H, W\), got shape \(1, 16, 1, 2, 2\)"):
+        vae22.decode(torch.zeros(1, 16, 1, 2, 2))
     assert config_from_diffusers({"base_dim": 8, "decoder_base_dim": 8, "num_res_blocks": 1}) == VAE_CONFIGS["tiny"]
 
 
@@ -951,6 +1073,13 @@ def test_vae_latent_shape_and_size_rule():
         vae_lib.latent_shape(80, 480, 832)
     with pytest.raises(ValueError, match="frames must be 4k\\+1, got 0"):
         vae_lib.check_size(0, 32, 32)
+    # Wan 2.2: 48 channels at stride 16; generated sizes are multiples of 32 (VAE 16x, DiT 2x2 patches).
+    cfg22 = VAE_CONFIGS["wan2.2"]
+    assert (cfg22.stride, cfg22.size_multiple, VAEConfig().size_multiple) == (16, 32, 16)
+    assert vae_lib.latent_shape(121, 704, 1280, cfg22) == (48, 31, 44, 80)
+    with pytest.raises(ValueError, match=r"multiples of 32 \(VAE 16x, DiT 2x2 patches\), got 1280x720"):
+        vae_lib.latent_shape(81, 720, 1280, cfg22)
+    assert vae_lib.parse_size("1280x704", cfg22.size_multiple) == (1280, 704)
 
 
 def test_model_paths_one_rule_for_every_script(tmp_path):
@@ -5239,6 +5368,18 @@ def test_bench_vae_workload_runs_both_implementations(tmp_path, impl, op):
     path = _bench_tiny_vae(tmp_path)
     base = bench.proc_status_mb("VmRSS")
     r = bench.child_vae({"impl": impl, "op": op, "path": path, "shape": [5, 16, 16], "repeats": 1}, CPU, base)
+    assert r["time_s"] > 0 and r["peak_mb"] > -base
+
+
+@pytest.mark.parametrize("impl,op", [("ours", "decode_ckpt"), ("diffusers", "decode"), ("ours", "encode")])
+def test_bench_vae22_workload(tmp_path, impl, op):
+    kwargs, shape, config = bench.vae_setup("tiny", "2.2")
+    torch.manual_seed(0)
+    AutoencoderKLWan(**kwargs).save_pretrained(tmp_path)
+    assert load_vae(tmp_path).cfg == VAE_CONFIGS[config]  # the bench's diffusers config is our tiny 2.2
+    base = bench.proc_status_mb("VmRSS")
+    args = {"impl": impl, "op": op, "path": str(tmp_path), "shape": list(shape), "config": config, "repeats": 1}
+    r = bench.child_vae(args, CPU, base)
     assert r["time_s"] > 0 and r["peak_mb"] > -base
 
 

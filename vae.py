@@ -1,22 +1,26 @@
-"""Wan 2.1 causal 3-D video VAE (z_dim 16), written from scratch.
+"""Wan 2.1 (z_dim 16) and Wan 2.2 (z_dim 48) causal 3-D video VAEs, written from scratch.
 
-Follows `wan/modules/vae.py` of Wan-Video/Wan2.1 (commit 9737cba9): the same module tree and
-parameter names, so the official `Wan2.1_VAE.pth` loads with a strict `load_state_dict`, and the
-same chunked causal procedure, which *is* the model (the modules called once on a whole clip skip
-the temporal resampling and give something else):
+Follows `wan/modules/vae.py` of Wan-Video/Wan2.1 (commit 9737cba9) and `wan/modules/vae2_2.py` of
+Wan-Video/Wan2.2: the same module trees and parameter names, so `Wan2.1_VAE.pth` and
+`Wan2.2_VAE.pth` load with a strict `load_state_dict`, and the same chunked causal procedure, which
+*is* the model (the modules called once on a whole clip skip the temporal resampling and give
+something else):
 - encode: the first frame alone, then chunks of 4 frames; each chunk gives one latent frame;
 - decode: one latent frame per chunk; chunk 0 gives 1 frame, every later chunk gives 4;
 - every causal 3-tap conv carries the last 2 frames of its input to the next chunk, and the
   temporal down/upsamplers carry their own state, upstream's first-chunk quirks included.
-Latents are normalised per channel, (mu - mean) / std with Wan's 16 constants; decode undoes that
-and clamps to [-1, 1]. The cache is a dict created inside encode/decode and handed down (upstream
-keeps it in mutable default arguments), so the model holds no state between calls and is safe
-across threads. `decode(z, checkpoint=True)` recomputes each chunk in the backward, so gradients
-through the decoder cost the chunk inputs and caches plus one chunk.
+Wan 2.2 adds three things: a 2x2 pixel patchify in front of the encoder (3 -> 12 channels) and
+its inverse after the decoder, so space is compressed 16x; a parameter-free shortcut around every
+down/up stage (`AvgDown3D` averages channel groups of the space-to-depth input, `DupUp3D`
+repeats channels into depth-to-space); and a decoder wider than the encoder (256 vs 160).
+Latents are normalised per channel, (mu - mean) / std with the model's constants; decode undoes
+that and clamps to [-1, 1]. The cache is a dict created inside encode/decode and handed down
+(upstream keeps it in mutable default arguments), so the model holds no state between calls and
+is safe across threads. `decode(z, checkpoint=True)` recomputes each chunk in the backward, so
+gradients through the decoder cost the chunk inputs and caches plus one chunk.
 
 Left out: sampling from the posterior (encode returns its mean), attention blocks outside the
-middle (`attn_scales`, empty in Wan 2.1), the non-chunked forward, spatial tiling, and the Wan 2.2
-VAE (`is_residual`, patchified input).
+middle (`attn_scales`, empty in both), the non-chunked forward, and spatial tiling.
 """
 
 import json
@@ -52,20 +56,59 @@ class VAEConfig:
         2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
     )  # fmt: skip
+    dec_dim: int | None = None  # decoder base width; None = dim (Wan 2.1)
+    is_residual: bool = False  # Wan 2.2: AvgDown3D / DupUp3D shortcuts around each stage
+    patch_size: int = 1  # Wan 2.2: 2x2 pixel patchify before the encoder, unpatchify after the decoder
+
+    @property
+    def stride(self) -> int:
+        """Spatial compression: 8 from the three 2x downsamples, times the pixel patch."""
+        return 8 * self.patch_size
+
+    @property
+    def size_multiple(self) -> int:
+        """Video heights and widths a Wan pipeline generates: the VAE stride times the DiT's 2x2 patch."""
+        return 2 * self.stride
 
 
-VAE_CONFIGS = {"wan2.1": VAEConfig(), "tiny": VAEConfig(dim=8, num_res_blocks=1)}
+# Wan 2.2's 48 latent constants (`Wan2_2_VAE.__init__`; the same in the TI2V-5B diffusers vae/config.json).
+LATENTS_MEAN_22 = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+LATENTS_STD_22 = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+_WAN22 = dict(z_dim=48, is_residual=True, patch_size=2, latents_mean=LATENTS_MEAN_22, latents_std=LATENTS_STD_22)
+
+VAE_CONFIGS = {
+    "wan2.1": VAEConfig(),
+    "wan2.2": VAEConfig(dim=160, dec_dim=256, **_WAN22),
+    "tiny": VAEConfig(dim=8, num_res_blocks=1),
+    "tiny2.2": VAEConfig(dim=8, dec_dim=12, num_res_blocks=1, **_WAN22),
+}
 
 
 def check_config(cfg: VAEConfig):
     """The chunk procedure assumes 8x spatial and 4x temporal compression (3 + 2 resamples)."""
     if cfg.attn_scales:
-        raise ValueError(f"attn_scales must be empty (Wan 2.1 has attention only in the middle), got {cfg.attn_scales}")
+        raise ValueError(f"attn_scales must be empty (Wan has attention only in the middle), got {cfg.attn_scales}")
     if len(cfg.dim_mult) != 4 or len(cfg.temperal_downsample) != 3 or sum(cfg.temperal_downsample) != 2:
         raise ValueError(
             f"need 4 stages with 2 temporal downsamples, got dim_mult {cfg.dim_mult}, "
             f"temperal_downsample {cfg.temperal_downsample}"
         )
+    if cfg.patch_size not in (1, 2) or len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+        raise ValueError(f"need patch_size 1 or 2 and z_dim ({cfg.z_dim}) latent means and stds, got patch_size "
+                         f"{cfg.patch_size}, {len(cfg.latents_mean)} means, {len(cfg.latents_std)} stds")
+    if not cfg.is_residual and cfg.dec_dim not in (None, cfg.dim):
+        raise ValueError(f"a decoder width apart from the encoder's needs is_residual (Wan 2.2), got dec_dim "
+                         f"{cfg.dec_dim}, dim {cfg.dim}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +150,7 @@ def run_chunk(layers, x, cache):
     for layer in layers:
         if isinstance(layer, CausalConv3d):
             x = cached_conv(layer, x, cache)
-        elif isinstance(layer, (ResidualBlock, Resample)):
+        elif isinstance(layer, (ResidualBlock, Resample, DownResidualBlock)):
             x = layer(x, cache)
         else:
             x = layer(x)
@@ -177,12 +220,13 @@ class AttentionBlock(nn.Module):
 class Resample(nn.Module):
     """2x spatial down/upsampling per frame; the '3d' modes also halve/double T."""
 
-    def __init__(self, dim, mode):
+    def __init__(self, dim, mode, up_dim=None):
         super().__init__()
         self.mode = mode
-        if mode in ("upsample2d", "upsample3d"):
+        if mode in ("upsample2d", "upsample3d"):  # Wan 2.1 halves the channels here, Wan 2.2 keeps them
             self.resample = nn.Sequential(
-                Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+                Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                nn.Conv2d(dim, dim // 2 if up_dim is None else up_dim, 3, padding=1),
             )
         else:  # pad right and bottom by 1, then a stride-2 conv
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
@@ -230,6 +274,99 @@ class Resample(nn.Module):
         return x.reshape(b, c2 // 2, t * 2, h, w)
 
 
+class AvgDown3D(nn.Module):
+    """Wan 2.2's parameter-free stage shortcut on the way down: space-to-depth by (ft, fs, fs),
+    then the mean of each group of consecutive channels down to out_dim. A chunk whose length is
+    not a multiple of ft gets zero frames in front (chunk 0, a single frame, averages with zero)."""
+
+    def __init__(self, in_dim, out_dim, factor_t, factor_s):
+        super().__init__()
+        self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
+        self.group, rest = divmod(in_dim * factor_t * factor_s**2, out_dim)
+        if rest:
+            raise ValueError(f"AvgDown3D: {in_dim} channels x {factor_t * factor_s**2} do not split into {out_dim}")
+
+    def forward(self, x):
+        ft, fs = self.ft, self.fs
+        x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))
+        b, c, t, h, w = x.shape
+        x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return x.reshape(b, self.out_dim, self.group, t // ft, h // fs, w // fs).mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Wan 2.2's parameter-free stage shortcut on the way up: each channel repeated, then
+    depth-to-space by (ft, fs, fs). On decode chunk 0 the first ft - 1 frames are dropped, as the
+    main path's temporal upsampler leaves chunk 0 at one frame."""
+
+    def __init__(self, in_dim, out_dim, factor_t, factor_s):
+        super().__init__()
+        self.out_dim, self.ft, self.fs = out_dim, factor_t, factor_s
+        self.repeats, rest = divmod(out_dim * factor_t * factor_s**2, in_dim)
+        if rest:
+            raise ValueError(f"DupUp3D: {out_dim} channels x {factor_t * factor_s**2} are not a multiple of {in_dim}")
+
+    def forward(self, x, first_chunk=False):
+        ft, fs = self.ft, self.fs
+        b, _, t, h, w = x.shape
+        x = x.repeat_interleave(self.repeats, dim=1).view(b, self.out_dim, ft, fs, fs, t, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_dim, t * ft, h * fs, w * fs)
+        return x[:, :, ft - 1 :] if first_chunk else x
+
+
+class DownResidualBlock(nn.Module):
+    """A Wan 2.2 encoder stage: residual blocks then a Resample (`downsamples`), plus AvgDown3D
+    of the stage input (`avg_shortcut`). The last stage does not downsample: its shortcut is the
+    identity."""
+
+    def __init__(self, in_dim, out_dim, num_res_blocks, dropout, temporal, down):
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
+        blocks = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim, dropout) for j in range(num_res_blocks)]
+        if down:
+            blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.downsamples = nn.Sequential(*blocks)
+
+    def forward(self, x, cache):
+        return run_chunk(self.downsamples, x, cache) + self.avg_shortcut(x)
+
+
+class UpResidualBlock(nn.Module):
+    """A Wan 2.2 decoder stage: num_res_blocks + 1 residual blocks then a channel-keeping Resample
+    (`upsamples`), plus DupUp3D of the stage input (`avg_shortcut`; none on the last stage)."""
+
+    def __init__(self, in_dim, out_dim, num_res_blocks, dropout, temporal, up):
+        super().__init__()
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+        blocks = [ResidualBlock(in_dim if j == 0 else out_dim, out_dim, dropout) for j in range(num_res_blocks + 1)]
+        if up:
+            blocks.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", up_dim=out_dim))
+        self.upsamples = nn.Sequential(*blocks)
+
+    def forward(self, x, cache, first_chunk):
+        y = run_chunk(self.upsamples, x, cache)
+        return y if self.avg_shortcut is None else y + self.avg_shortcut(x, first_chunk)
+
+
+def patchify(x, p):
+    """(B, C, T, H, W) -> (B, C*p*p, T, H/p, W/p) in Wan 2.2's (c r q) channel order: channel
+    c*p*p + r*p + q holds row offset q and column offset r (the column offset is the slower one)."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 1, 6, 4, 2, 3, 5)  # (B, C, r, q, T, H', W')
+    return x.reshape(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x, p):
+    """The exact inverse of `patchify`."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)  # (B, C, T, H', q, W', r)
+    return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoder, decoder, VAE
 
@@ -245,11 +382,15 @@ def head_block(in_dim, out_dim):
 class Encoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        dims = [cfg.dim * u for u in (1, *cfg.dim_mult)]  # 96, 96, 192, 384, 384
-        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
-        downsamples = []
+        dims = [cfg.dim * u for u in (1, *cfg.dim_mult)]  # 2.1: 96, 96, 192, 384, 384; 2.2: 160, ..., 640
+        self.conv1 = CausalConv3d(3 * cfg.patch_size**2, dims[0], 3, padding=1)
+        downsamples, last = [], len(cfg.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(cfg.num_res_blocks):
+            if cfg.is_residual:  # one module per stage, named downsamples.{i}.downsamples.{j}
+                temporal = i < last and cfg.temperal_downsample[i]
+                downsamples.append(DownResidualBlock(in_dim, out_dim, cfg.num_res_blocks, cfg.dropout, temporal, i < last))
+                continue
+            for _ in range(cfg.num_res_blocks):  # Wan 2.1: one flat list, named downsamples.{k}
                 downsamples.append(ResidualBlock(in_dim, out_dim, cfg.dropout))
                 in_dim = out_dim
             if i < len(cfg.dim_mult) - 1:
@@ -265,12 +406,17 @@ class Encoder3d(nn.Module):
 class Decoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        dims = [cfg.dim * u for u in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]  # 384, 384, 384, 192, 96
+        dim = cfg.dec_dim or cfg.dim
+        dims = [dim * u for u in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]  # 2.1: 384, 384, 384, 192, 96
         temperal_upsample = cfg.temperal_downsample[::-1]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.middle = middle_block(dims[0], cfg.dropout)
-        upsamples = []
+        upsamples, last = [], len(cfg.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if cfg.is_residual:  # one module per stage, named upsamples.{i}.upsamples.{j}
+                temporal = i < last and temperal_upsample[i]
+                upsamples.append(UpResidualBlock(in_dim, out_dim, cfg.num_res_blocks, cfg.dropout, temporal, i < last))
+                continue
             if i > 0:
                 in_dim //= 2  # the previous stage's Resample halved the channels
             for _ in range(cfg.num_res_blocks + 1):
@@ -279,10 +425,14 @@ class Decoder3d(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 upsamples.append(Resample(out_dim, "upsample3d" if temperal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*upsamples)
-        self.head = head_block(out_dim, 3)
+        self.head = head_block(out_dim, 3 * cfg.patch_size**2)
 
     def forward(self, x, cache):
-        return run_chunk([self.conv1, *self.middle, *self.upsamples, *self.head], x, cache)
+        first_chunk = not cache  # decode chunk 0 meets an empty cache; Wan 2.2's DupUp3D trims frames there
+        x = run_chunk([self.conv1, *self.middle], x, cache)
+        for layer in self.upsamples:
+            x = layer(x, cache, first_chunk) if isinstance(layer, UpResidualBlock) else run_chunk([layer], x, cache)
+        return run_chunk(self.head, x, cache)
 
 
 def latent_stats(cfg: VAEConfig, device):
@@ -292,50 +442,56 @@ def latent_stats(cfg: VAEConfig, device):
     return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
 
-def check_video(video):
+def check_video(video, stride=8):
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be (B, 3, T, H, W), got shape {tuple(video.shape)}")
     t, h, w = video.shape[2:]
     if (t - 1) % 4:
         raise ValueError(f"frames must be 4k+1, got {t}")
-    if h % 8 or w % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {h}x{w}")
+    if h % stride or w % stride:
+        raise ValueError(f"height and width must be multiples of {stride} (the VAE's stride), got {h}x{w}")
 
 
-# Video sizes a Wan 2.1 text-to-video pipeline accepts: the VAE compresses time 4x (the first
-# frame alone) and space 8x, and the DiT cuts the latent into 2x2 patches, so frames = 4k+1 and
-# height, width are multiples of 16. The VAE alone would take multiples of 8 (check_video), but
-# latents of such a size cannot be generated, so every script uses this stricter rule.
-SIZE_MULTIPLE = 16
+# Video sizes a Wan pipeline accepts: the VAE compresses time 4x (the first frame alone) and space
+# by its stride (8 for Wan 2.1, 16 for Wan 2.2), and the DiT cuts the latent into 2x2 patches, so
+# frames = 4k+1 and height, width are multiples of 16 (2.1) or 32 (2.2). The VAE alone takes
+# multiples of its stride (check_video), but latents of such a size cannot be generated, so every
+# script uses this stricter rule.
+SIZE_MULTIPLE = VAEConfig().size_multiple
 
 
-def check_size(frames: int, height: int, width: int):
-    """Raise a ValueError naming the value if (frames, height, width) is not a Wan video size."""
+def check_size(frames: int, height: int, width: int, multiple: int = SIZE_MULTIPLE):
+    """Raise a ValueError naming the value if (frames, height, width) is not a Wan video size
+    (`multiple`: the VAE's `size_multiple`, 16 for Wan 2.1, 32 for Wan 2.2)."""
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"frames must be 4k+1, got {frames}")
-    if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        raise ValueError(f"width and height must be positive multiples of {SIZE_MULTIPLE} "
-                         f"(VAE 8x, DiT 2x2 patches), got {width}x{height}")
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"width and height must be positive multiples of {multiple} "
+                         f"(VAE {multiple // 2}x, DiT 2x2 patches), got {width}x{height}")
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     """"832x480" -> (832, 480), checked by check_size."""
     w, _, h = str(text).lower().partition("x")
     if not (w.strip().isdigit() and h.strip().isdigit()):
         raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 832x480, got {text!r}")
     width, height = int(w), int(h)
-    check_size(1, height, width)
+    check_size(1, height, width, multiple)
     return width, height
 
 
-def latent_shape(frames: int, height: int, width: int, z_dim: int = 16) -> tuple[int, int, int, int]:
-    """The latent (C, T', H', W') of a video of `frames` x height x width: (16, 1 + (T-1)/4, H/8, W/8)."""
-    check_size(frames, height, width)
-    return z_dim, 1 + (frames - 1) // 4, height // 8, width // 8
+def latent_shape(frames: int, height: int, width: int, cfg: VAEConfig | None = None) -> tuple[int, int, int, int]:
+    """The latent (C, T', H', W') of a video of `frames` x height x width under the VAE `cfg`
+    (default Wan 2.1): (z_dim, 1 + (T-1)/4, H/stride, W/stride), 16 channels at stride 8 for
+    Wan 2.1, 48 at stride 16 for Wan 2.2."""
+    cfg = cfg or VAEConfig()
+    check_size(frames, height, width, cfg.size_multiple)
+    return cfg.z_dim, 1 + (frames - 1) // 4, height // cfg.stride, width // cfg.stride
 
 
 class WanVAE(nn.Module):
-    """encode: video (B, 3, T, H, W) -> latent (B, 16, 1 + (T-1)/4, H/8, W/8); decode: back."""
+    """encode: video (B, 3, T, H, W) -> latent (B, z_dim, 1 + (T-1)/4, H/s, W/s); decode: back.
+    Wan 2.1: z_dim 16, s = 8; Wan 2.2: z_dim 48, s = 16."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -347,9 +503,9 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(cfg)
 
     def encode(self, video):
-        """video in [-1, 1], T = 4k+1, H and W multiples of 8 -> normalised posterior mean (fp32)."""
-        check_video(video)
-        x = video.to(self.conv1.weight.dtype)
+        """video in [-1, 1], T = 4k+1, H and W multiples of the stride -> normalised posterior mean (fp32)."""
+        check_video(video, self.cfg.stride)
+        x = patchify(video.to(self.conv1.weight.dtype), self.cfg.patch_size)
         chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
         cache = {}
         h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
@@ -358,8 +514,8 @@ class WanVAE(nn.Module):
         return (mu - mean) * (1.0 / std)  # upstream multiplies by 1/std
 
     def decode(self, z, checkpoint=False):
-        """Normalised latent (B, 16, T', H', W') -> video (B, 3, 1 + 4(T'-1), 8H', 8W') in [-1, 1]
-        (fp32). Differentiable; checkpoint=True recomputes each chunk during backward."""
+        """Normalised latent (B, z_dim, T', H', W') -> video (B, 3, 1 + 4(T'-1), s*H', s*W') in
+        [-1, 1] (fp32). Differentiable; checkpoint=True recomputes each chunk during backward."""
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"latent must be (B, {self.cfg.z_dim}, T, H, W), got shape {tuple(z.shape)}")
         mean, std = latent_stats(self.cfg, z.device)
@@ -372,7 +528,7 @@ class WanVAE(nn.Module):
             else:  # the cache updated in place: each old slot is freed as its new one is written
                 y = self.decoder(chunk, cache)
             frames.append(y)
-        out = torch.cat(frames, dim=2)
+        out = unpatchify(torch.cat(frames, dim=2), self.cfg.patch_size)
         del frames
         return out.clamp(-1.0, 1.0).float()
 
@@ -405,9 +561,10 @@ TO_DIFFUSERS = [
     (r"\.shortcut\.", ".conv_shortcut."),
 ]
 
-# Diffusers config.json field -> VAEConfig field. Fields not listed must keep Wan 2.1's value.
+# Diffusers config.json field -> VAEConfig field.
 DIFFUSERS_CONFIG = {
     "base_dim": "dim",
+    "decoder_base_dim": "dec_dim",
     "z_dim": "z_dim",
     "dim_mult": "dim_mult",
     "num_res_blocks": "num_res_blocks",
@@ -416,29 +573,97 @@ DIFFUSERS_CONFIG = {
     "dropout": "dropout",
     "latents_mean": "latents_mean",
     "latents_std": "latents_std",
+    "is_residual": "is_residual",
+    "patch_size": "patch_size",
 }
-DIFFUSERS_WAN21_ONLY = {"is_residual": (False,), "in_channels": (3,), "out_channels": (3,), "patch_size": (None,)}
 
 
-def to_diffusers_name(key, num_res_blocks):
+def to_diffusers_name(key, cfg: VAEConfig):
+    n = cfg.num_res_blocks
+    m = re.match(r"(encoder|decoder)\.(down|up)samples\.(\d+)\.(down|up)samples\.(\d+)\.(.*)", key)
+    if m:  # Wan 2.2 stages: n (encoder) or n + 1 (decoder) residual blocks, then the Resample
+        side, stage, j, rest = m[1], m[3], int(m[5]), m[6]
+        blocks = n if side == "encoder" else n + 1
+        part = f"resnets.{j}" if j < blocks else ("downsampler" if side == "encoder" else "upsampler")
+        key = f"{side}.{'down' if side == 'encoder' else 'up'}_blocks.{stage}.{part}.{rest}"
     for pattern, repl in TO_DIFFUSERS:
         key = re.sub(pattern, repl, key)
     m = re.match(r"decoder\.upsamples\.(\d+)\.(.*)", key)
-    if m:  # each decoder stage: num_res_blocks + 1 residual blocks, then a Resample
-        stage, j = divmod(int(m[1]), num_res_blocks + 2)
-        part = f"resnets.{j}" if j <= num_res_blocks else "upsamplers.0"
+    if m:  # Wan 2.1: each decoder stage is n + 1 residual blocks, then a Resample, in one flat list
+        stage, j = divmod(int(m[1]), n + 2)
+        part = f"resnets.{j}" if j <= n else "upsamplers.0"
         key = f"decoder.up_blocks.{stage}.{part}.{m[2]}"
     return key
 
 
+def _config(**fields) -> VAEConfig:
+    """A VAEConfig from loose fields: lists -> tuples, a decoder width equal to the encoder's -> None."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if fields.get("patch_size", 1) is None:
+        fields["patch_size"] = 1
+    if fields.get("dec_dim") == fields.get("dim", VAEConfig.dim):
+        fields["dec_dim"] = None
+    cfg = VAEConfig(**fields)
+    check_config(cfg)
+    return cfg
+
+
 def config_from_diffusers(d):
-    bad = {k: d[k] for k, ok in DIFFUSERS_WAN21_ONLY.items() if k in d and d[k] not in ok}
-    if d.get("decoder_base_dim") not in (None, d.get("base_dim", VAEConfig.dim)):
-        bad["decoder_base_dim"] = d["decoder_base_dim"]
-    if bad:
-        raise ValueError(f"not a Wan 2.1 VAE config, unsupported values: {bad}")
+    """A diffusers `AutoencoderKLWan` config.json (Wan 2.1 or Wan 2.2) -> VAEConfig."""
     fields = {ours: d[theirs] for theirs, ours in DIFFUSERS_CONFIG.items() if theirs in d}
-    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    p = fields.get("patch_size") or 1
+    bad = {k: d[k] for k in ("in_channels", "out_channels") if k in d and d[k] != 3 * p * p}
+    if bad:
+        raise ValueError(f"not a Wan VAE config: {bad} with patch_size {p} (expected {3 * p * p} channels)")
+    try:
+        return _config(**fields)
+    except ValueError as err:
+        raise ValueError(f"not a Wan VAE config: {err}") from err
+
+
+def config_from_state(state: dict) -> VAEConfig:
+    """Infer the VAEConfig of an original-layout state dict (Wan2.1_VAE.pth, Wan2.2_VAE.pth, or
+    any size of either) from its keys and shapes. Wan 2.2 is told by its nested stage keys
+    (`encoder.downsamples.0.downsamples.0...`); the latent constants follow z_dim (16: Wan 2.1's,
+    48: Wan 2.2's)."""
+    need = ("encoder.conv1.weight", "conv2.weight", "decoder.head.2.weight")
+    if not all(k in state for k in need):
+        raise ValueError(f"not a Wan VAE in the original layout or the diffusers one: no "
+                         f"{[k for k in need if k not in state]}; it holds {_names(sorted(state))}")
+    conv_in, z_dim = state["encoder.conv1.weight"].shape, state["conv2.weight"].shape[0]
+    dim, patch = conv_in[0], round((conv_in[1] / 3) ** 0.5)
+    residual = any(k.startswith("encoder.downsamples.0.downsamples.") for k in state)
+    enc = re.compile(r"encoder\.downsamples\.(\d+)\.(?:downsamples\.(\d+)\.)?(residual\.2|time_conv|resample\.1)\.weight")
+    stages, res_out, times, flat = {}, [], [], []
+    for k in sorted(state, key=lambda k: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", k)]):
+        m = enc.fullmatch(k)
+        if not m:
+            continue
+        if residual:
+            stage = stages.setdefault(int(m[1]), {"out": None, "blocks": 0, "time": False})
+            if m[3] == "residual.2":
+                stage["blocks"] += 1
+                stage["out"] = state[k].shape[0]
+            stage["time"] |= m[3] == "time_conv"
+        else:
+            flat.append((int(m[1]), m[3], state[k].shape[0]))
+    if residual:
+        order = [stages[i] for i in sorted(stages)]
+        outs, num_res = [s["out"] for s in order], order[0]["blocks"]
+        times = [s["time"] for s in order[:-1]]
+    else:  # Wan 2.1: blocks k of one flat list; a Resample (resample.1) closes each stage but the last
+        resamples = sorted({i for i, kind, _ in flat if kind == "resample.1"})
+        num_res = sum(1 for i, kind, _ in flat if kind == "residual.2" and i < resamples[0]) if resamples else 0
+        ends = resamples + [max(i for i, _, _ in flat) + 1]
+        outs = [next(o for i, kind, o in flat if kind == "residual.2" and i == e - 1) for e in ends]
+        times = [any(i == r and kind == "time_conv" for i, kind, _ in flat) for r in resamples]
+    dim_mult = tuple(o // dim for o in outs)
+    dec_dim = state["decoder.head.2.weight"].shape[1] // dim_mult[0]
+    consts = {16: {}, 48: {"latents_mean": LATENTS_MEAN_22, "latents_std": LATENTS_STD_22}}
+    if z_dim not in consts:
+        raise ValueError(f"a Wan VAE with z_dim {z_dim} has no known latent mean/std; pass config=")
+    return _config(dim=dim, dec_dim=dec_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res,
+                   temperal_downsample=tuple(times), is_residual=residual, patch_size=patch, **consts[z_dim])
 
 
 def _names(keys, limit=8):
@@ -458,7 +683,7 @@ def check_state_dict(model, state, path, layout):
     ]
     if missing or unexpected or misshaped:
         raise ValueError(
-            f"{path} does not match the Wan 2.1 VAE for {model.cfg} (layout guessed: {layout}): "
+            f"{path} does not match the Wan VAE for {model.cfg} (layout guessed: {layout}): "
             f"missing {_names(missing)}; unexpected {_names(unexpected)}; mis-shaped {_names(misshaped)}"
         )
 
@@ -520,12 +745,13 @@ def _read(file: Path):
 
 
 def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:
-    """Load `Wan2.1_VAE.pth`, an original-layout .safetensors (fp32 or a 16-bit repack) or a
-    Diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors), cast to `dtype`.
-    `config` defaults to the folder's config.json, or for original-layout files (which carry
-    none) to Wan 2.1's; a tiny file needs config=VAE_CONFIGS["tiny"]. A .pth holding
-    {"model": state_dict} or {"state_dict": state_dict} and nothing else is unwrapped. Returns the
-    model in eval mode with frozen parameters (gradients still flow to a z that requires them)."""
+    """Load a Wan 2.1 or Wan 2.2 VAE: `Wan2.1_VAE.pth`, `Wan2.2_VAE.pth`, an original-layout
+    .safetensors (fp32 or a 16-bit repack) or a Diffusers `vae/` folder (config.json +
+    diffusion_pytorch_model.safetensors), cast to `dtype`. `config` defaults to the folder's
+    config.json, or for original-layout files (which carry none) to what their keys and shapes
+    say (`config_from_state`), never to the file name. A .pth holding {"model": state_dict} or
+    {"state_dict": state_dict} and nothing else is unwrapped. Returns the model in eval mode with
+    frozen parameters (gradients still flow to a z that requires them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -541,11 +767,16 @@ def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:
         state = _read(path / "diffusion_pytorch_model.safetensors")
     else:  # .safetensors, or any other file as a torch checkpoint (Wan2.1_VAE.pth)
         state = _read(path)
+    layout = "diffusers" if "quant_conv.weight" in state else "original"
+    if config is None and layout == "original":
+        try:
+            config = config_from_state(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
     with torch.device("meta"):
         model = WanVAE(config or VAEConfig())
-    layout = "diffusers" if "quant_conv.weight" in state else "original"
     if layout == "diffusers":
-        table = {to_diffusers_name(k, model.cfg.num_res_blocks): k for k in model.state_dict()}
+        table = {to_diffusers_name(k, model.cfg): k for k in model.state_dict()}
         state = {table.get(k, k): v for k, v in state.items()}
     check_state_dict(model, state, path, layout)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)

@@ -336,11 +336,22 @@ def table_memory(res, modes=None):
 # dit: our WanDiT vs diffusers' WanTransformer3DModel, identical weights
 
 
-def dit_setup(scale):
+def dit_setup(scale, version="2.1"):
     """(diffusers constructor kwargs, latent (C, F, H, W)) at `scale`: "cuda", the real 1.3B at
     480x832x81 (bf16, gradient checkpointing on a GPU); "quick", 4 of its 30 blocks at that size;
     "cpu", two 1.3B-width blocks on a small latent (per-block cost is what differs, so two blocks
-    show it); "tiny", a 2-layer DiT of width 64 (a smoke test)."""
+    show it); "tiny", a 2-layer DiT of width 64 (a smoke test). version "2.2": the TI2V-5B's width
+    (24 heads, FFN 14336, 48 latent channels) at 1280x704x121 on a GPU, run with per-token t."""
+    if version == "2.2":
+        width = {"num_attention_heads": 24, "attention_head_dim": 128, "ffn_dim": 14336, "text_dim": 4096,
+                 "in_channels": 48, "out_channels": 48}
+        return {
+            "cuda": ({**width, "num_layers": 30}, (48, 31, 44, 80)),
+            "quick": ({**width, "num_layers": 4}, (48, 31, 44, 80)),
+            "cpu": ({**width, "num_layers": 2}, (48, 3, 8, 14)),
+            "tiny": ({"num_attention_heads": 2, "attention_head_dim": 32, "ffn_dim": 128, "text_dim": 64,
+                      "in_channels": 48, "out_channels": 48, "num_layers": 2}, (48, 2, 4, 4)),
+        }[scale]
     width = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "text_dim": 4096}
     return {
         "cuda": ({**width, "num_layers": 30}, latent_shape(81, 480, 832)),
@@ -352,11 +363,16 @@ def dit_setup(scale):
 
 
 def child_dit(args, device, base_mb):
-    """Forward + backward to every weight of one denoising call."""
+    """Forward + backward to every weight of one denoising call; per_token: the TI2V-5B's
+    image-to-video timesteps (the first latent frame's tokens at 0, the rest at t)."""
     gpu = device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, *args["shape"], generator=g).to(device)
     t = torch.tensor([700.0], device=device)
+    if args.get("per_token"):
+        from model_dit import first_frame_timesteps
+
+        t = first_frame_timesteps(t, (args["shape"][1], args["shape"][2] // 2, args["shape"][3] // 2))
     context = torch.randn(1, 512, args["text_dim"], generator=g).to(device)  # zero-padded length 512
     if args["impl"] in ("ours", "ours_compiled"):
         from model_dit import load_dit
@@ -415,7 +431,28 @@ def bench_dit(device, scale, timeout=1800):
     res["compile"] = {"ours_compiled": compiled}
     if "error" not in compiled:  # on a GPU the peak is the allocator's; on the CPU RSS, which compilation inflates
         res["compile"].update(ratio_time=compiled["time_s"] / diffusers["time_s"], ratio_peak=compiled["peak_mb"] / diffusers["peak_mb"])
+    kwargs, shape = dit_setup(scale, "2.2")  # the TI2V-5B's blocks with per-token t
+    part = {"shape": list(shape), "num_layers": kwargs["num_layers"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.save_pretrained(tmp)
+        del model
+        job = {"shape": shape, "text_dim": kwargs["text_dim"], "per_token": True, "path": tmp}
+        part["fwd_bwd"] = {impl: run_child("dit", {**job, "impl": impl}, timeout) for impl in IMPLS}
+    part.update(ratios(part["fwd_bwd"]))
+    res["ti2v"] = part
     return res
+
+
+def table_dit(res):
+    text = table_vs_diffusers("dit (Wan 2.1 1.3B blocks)", res, ("fwd_bwd",))
+    if "ti2v" in res:
+        text += "\n\n" + table_vs_diffusers("dit (Wan 2.2 TI2V-5B blocks, per-token t)", res["ti2v"], ("fwd_bwd",))
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +495,8 @@ def child_vae(args, device, base_mb):
         from diffusers import AutoencoderKLWan
 
         vae = AutoencoderKLWan.from_pretrained(args["path"]).to(device).eval().requires_grad_(False)
+        for p in vae.parameters():  # read every weight once, as load_vae's NaN/inf check does: on the CPU the
+            p.detach().sum()  # weights are memory-mapped, and only pages read count in the resident memory
         encode, decode = (lambda v: vae.encode(v).latent_dist.mean), (lambda z: vae.decode(z).sample)
 
     def step():
@@ -716,7 +755,7 @@ def table_gpu_quick(res):
     if len(modes) == 2:
         parts.append(table_memory(res, modes))
     if "error" not in res["dit"]:
-        parts.append(table_vs_diffusers("dit", res["dit"], ("fwd_bwd",)))
+        parts.append(table_dit(res["dit"]))
     if "error" not in res["vae"]:
         parts.append(table_vae(res["vae"]))
     return "\n\n".join(parts)
@@ -1059,6 +1098,10 @@ def sp_worker(args):
     shape = args.get("latent", SP_LATENT)
     x, target = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
     t = torch.linspace(900, 300, shape[0], device=device)
+    if args.get("per_token_t"):  # Wan 2.2 TI2V: the first latent frame's tokens at t = 0, split across ranks
+        from model_dit import first_frame_timesteps
+
+        t = first_frame_timesteps(t, tuple(s // p for s, p in zip(shape[2:], cfg.patch_size)))
     context = torch.randn(shape[0], cfg.text_len, cfg.text_dim, generator=gen).to(device)
     params = [prm for prm in dit.parameters() if prm.requires_grad]
 
@@ -1155,7 +1198,7 @@ CHILD_IMPORTS = {"refl": ["train_refl", "train_lpo"], "dit": ["model_dit"], "vae
 CHILD_TASKS = {"refl": child_refl, "dit": child_dit, "vae": child_vae, "lrm": child_lrm}
 SECTIONS = {  # `all` runs these; gpu-quick and toy (QUICK) only when asked
     "memory": (bench_memory, table_memory),
-    "dit": (bench_dit, lambda r: table_vs_diffusers("dit", r, ("fwd_bwd",))),
+    "dit": (bench_dit, table_dit),
     "vae": (bench_vae, table_vae),
     "lrm": (bench_lrm, table_lrm),
     "quality": (bench_quality, table_quality),

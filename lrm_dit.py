@@ -222,7 +222,7 @@ class DiTRewardModel(nn.Module):
         if self.cfg.trunk_dtype != "float32" and not torch.is_autocast_enabled(device):
             with torch.autocast(device, dtype=TRUNK_DTYPES[self.cfg.trunk_dtype]):  # as the generator runs in bf16
                 return self.trunk_tokens(x, t, context)
-        trunk._check_inputs(x, t, context)
+        trunk._check_inputs(x, t, context, None, None)
         dtype = trunk.patch_embedding.weight.dtype
         x = trunk.patch_embedding(x.to(dtype))
         grid = tuple(x.shape[2:])
@@ -230,13 +230,14 @@ class DiTRewardModel(nn.Module):
         freqs = rope_freqs(cfg.head_dim, *grid, device=x.device)
         with torch.amp.autocast(device, enabled=False):
             e = trunk.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float())
-            e0 = trunk.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D) fp32
+            e0 = trunk.time_projection(e).unflatten(1, (6, cfg.dim))[None]  # (1, B, 6, D) fp32: one token run
+        runs = ((0, x.shape[1]),)
         context = trunk.text_embedding(context.to(dtype))
         for block in trunk.blocks:
             if trunk.gradient_checkpointing and torch.is_grad_enabled():  # recompute each block in the backward
-                x = checkpoint(block, x, e0, context, freqs, use_reentrant=False)
+                x = checkpoint(block, x, e0, context, freqs, runs, use_reentrant=False)
             else:
-                x = block(x, e0, context, freqs)
+                x = block(x, e0, context, freqs, runs)
         return x.float()
 
     def forward(self, z, context, lengths, sigma=None):

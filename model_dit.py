@@ -1,7 +1,12 @@
-"""Wan 2.1 text-to-video DiT (1.3B / 14B), written from the spec, loading every official layout.
+"""The Wan DiT, written from the spec, loading every official layout: Wan 2.1 T2V 1.3B / 14B and
+I2V-14B, Wan 2.2 TI2V-5B and the A14B experts (T2V, I2V).
 
-Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (WanModel, model_type 't2v'): parameter names
+Follows `wan/modules/model.py` of Wan-Video/Wan2.1 and Wan-Video/Wan2.2 (WanModel): parameter names
 and shapes equal the original checkpoint, so `state_dict()` is the official layout key for key.
+The Wan 2.2 models are Wan 2.1 DiTs of other sizes; what they add to the forward is per-token
+timesteps, t of shape (B, L) (the TI2V-5B's first latent frame at t = 0), and, for the I2V models,
+a conditioning latent y concatenated to x on channels (mask 4 + image latent 16). Wan 2.1 I2V-14B
+also cross-attends to 257 rows of CLIP image features (`img_emb`, `k_img` / `v_img` per block).
 The numerics follow the original, not diffusers: the timestep sinusoid in float64, cos first; the
 time MLP, modulation, gates, residual stream and head as fp32 islands (autocast off); q/k RMSNorm
 across all heads, in fp32; 3-D RoPE (interleaved pairs, 22/21/21 split for head_dim 128) in
@@ -16,7 +21,7 @@ and Ulysses sequence parallelism (`set_sequence_parallel`; DeepSpeed-Ulysses, ar
 config.json), `diffusion_model.`-prefixed repacks and the Diffusers WanTransformer3DModel layout,
 all through one reader, `_read`, whose errors name the file and what was expected.
 
-Left out: image-to-video / FLF2V parts (img_emb, k_img/v_img), sliding-window attention, and the
+Left out: FLF2V's image position embedding (`img_emb.emb_pos`), sliding-window attention, and the
 padding of variable-length token lists: samples of one batch share one latent shape.
 """
 
@@ -48,6 +53,7 @@ class DiTConfig:
     text_len: int = 512
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
+    image_dim: int | None = None  # Wan 2.1 I2V: width of the CLIP image features it cross-attends to (1280)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)  # a config read back from JSON carries a list
@@ -59,14 +65,54 @@ class DiTConfig:
         return self.dim // self.num_heads
 
 
+_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 DIT_CONFIGS = {
-    "1.3B": DiTConfig(),
-    "14B": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "1.3B": DiTConfig(),  # Wan 2.1 T2V-1.3B
+    "14B": DiTConfig(**_14B),  # Wan 2.1 T2V-14B
+    "i2v-14B": DiTConfig(**_14B, in_dim=36, image_dim=1280),  # Wan 2.1 I2V-14B: y (mask 4 + image 16), CLIP
+    "t2v-A14B": DiTConfig(**_14B),  # each Wan 2.2 T2V-A14B expert
+    "i2v-A14B": DiTConfig(**_14B, in_dim=36),  # each Wan 2.2 I2V-A14B expert: y, no CLIP
+    "ti2v-5B": DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64),
 }
 
 
 # ----------------------------------------------------------------------------- pure math
+
+def time_runs(t: torch.Tensor, n_tokens: int):
+    """Timesteps t (B,) or per token (B, L) -> (runs, values): the token runs ((a, b), ...) on which
+    every sample's timestep is constant, and values (S, B), the timestep of each run. The pipelines
+    give one run (text-to-video) or two (the TI2V first frame at t = 0), so the time MLP runs on
+    S*B rows and the modulations are applied per run, never materialised per token."""
+    if t.ndim == 1:
+        return ((0, n_tokens),), t[None]
+    change = (t[:, 1:] != t[:, :-1]).any(0).nonzero().flatten().tolist()
+    starts = [0] + [c + 1 for c in change]
+    return tuple(zip(starts, starts[1:] + [n_tokens])), t[:, starts].T
+
+
+def first_frame_timesteps(t: torch.Tensor, grid: tuple[int, int, int], frames: int = 1) -> torch.Tensor:
+    """t (B,) -> (B, f*h*w) per-token timesteps with the first `frames` latent frames' tokens at 0
+    (Wan 2.2 TI2V image-to-video: the image's latent frame is clean). grid: the DiT's token grid."""
+    f, h, w = grid
+    out = t[:, None].expand(t.shape[0], f * h * w).clone()
+    out[:, : frames * h * w] = 0
+    return out
+
+
+def modulate(x: torch.Tensor, runs, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D) * (1 + scale) + shift, with shift and scale (S, B, 1, D) constant on each run."""
+    if len(runs) == 1:
+        return x * (1 + scale[0]) + shift[0]
+    return torch.cat([x[:, a:b] * (1 + scale[i]) + shift[i] for i, (a, b) in enumerate(runs)], dim=1)
+
+
+def gated(y: torch.Tensor, runs, gate: torch.Tensor) -> torch.Tensor:
+    """y (B, L, D) * gate, gate (S, B, 1, D) constant on each run."""
+    if len(runs) == 1:
+        return y * gate[0]
+    return torch.cat([y[:, a:b] * gate[i] for i, (a, b) in enumerate(runs)], dim=1)
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Timesteps (B,) -> (B, dim) float64 [cos(t*w_j), sin(t*w_j)], w_j = 10000^(-j/(dim/2))."""
@@ -231,12 +277,28 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    def forward(self, x, context):
+    """Attention to the text rows; with `image` (Wan 2.1 I2V) also to the image rows that precede
+    them in the context, through their own k_img / v_img / norm_k_img, the two outputs summed."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool = False):
+        super().__init__(dim, num_heads, eps)
+        if image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
+
+    def forward(self, x, context, n_img: int = 0):
         n = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # (B, L, N, d)
+        if n_img:  # (sliced only then: a slice's backward would reorder the text gradient's sums)
+            img, context = context[:, :n_img], context[:, n_img:]
         k = self.norm_k(self.k(context)).unflatten(2, (n, -1))  # (B, text_len, N, d)
         v = self.v(context).unflatten(2, (n, -1))
-        return self.o(attention(q, k, v))
+        out = attention(q, k, v)
+        if n_img:
+            k_img = self.norm_k_img(self.k_img(img)).unflatten(2, (n, -1))
+            out = out + attention(q, k_img, self.v_img(img).unflatten(2, (n, -1)))
+        return self.o(out)
 
 
 class WanAttentionBlock(nn.Module):
@@ -246,21 +308,22 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.eps)
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.eps, image=cfg.image_dim is not None)
         self.norm2 = WanLayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, freqs):
-        """x (B, L, D) residual stream, e0 (B, 6, D) fp32 time projection, context (B, text_len, D)."""
+    def forward(self, x, e0, context, freqs, runs, n_img=0):
+        """x (B, L, D) residual stream, e0 (S, B, 6, D) fp32 time projection of the S token runs
+        (`time_runs`), context (B, n_img + text_len, D)."""
         assert e0.dtype == torch.float32, f"time projection must be float32, got {e0.dtype}"
         # fp32 modulation, shifts, scales and gates (autocast leaves elementwise ops alone)
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).chunk(6, dim=1)
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_msa) + shift_msa, freqs)
-        x = x + y * gate_msa  # fp32 from here on: the gate is fp32
-        x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn(self.norm2(x).float() * (1 + scale_ffn) + shift_ffn)
-        return x + y * gate_ffn
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation + e0).chunk(6, dim=2)
+        y = self.self_attn(modulate(self.norm1(x).float(), runs, shift_msa, scale_msa), freqs)
+        x = x + gated(y, runs, gate_msa)  # fp32 from here on: the gate is fp32
+        x = x + self.cross_attn(self.norm3(x), context, n_img)
+        y = self.ffn(modulate(self.norm2(x).float(), runs, shift_ffn, scale_ffn))
+        return x + gated(y, runs, gate_ffn)
 
 
 class Head(nn.Module):
@@ -270,10 +333,23 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e):
-        """x (B, L, D) fp32, e (B, D) fp32 time embedding (not the 6-way projection)."""
-        shift, scale = (self.modulation + e[:, None]).chunk(2, dim=1)
-        return self.head(self.norm(x) * (1 + scale) + shift)
+    def forward(self, x, e, runs):
+        """x (B, L, D) fp32, e (S, B, D) fp32 time embedding of the S token runs (not the 6-way projection)."""
+        shift, scale = (self.modulation + e[:, :, None]).chunk(2, dim=2)
+        return self.head(modulate(self.norm(x), runs, shift, scale))
+
+
+class MLPProj(nn.Module):
+    """Wan 2.1 I2V's projection of the CLIP features to the model width: LayerNorm, Linear, GELU,
+    Linear, LayerNorm (`img_emb.proj.{0,1,3,4}`); the norms in fp32."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(WanLayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), WanLayerNorm(out_dim))
+
+    def forward(self, x):
+        return self.proj(x)
 
 
 def check_sequence_parallel(cfg: DiTConfig, sp_size: int, latent_shape=None):
@@ -289,7 +365,8 @@ def check_sequence_parallel(cfg: DiTConfig, sp_size: int, latent_shape=None):
 
 
 class WanDiT(nn.Module):
-    """forward(x (B, in_dim, F, H, W), t (B,) in [0, 1000], context (B, text_len, text_dim)) -> fp32 velocity."""
+    """forward(x (B, C, F, H, W), t (B,) or (B, L) in [0, 1000], context (B, text_len, text_dim),
+    y=None (B, in_dim - C, F, H, W), clip=None (B, 257, image_dim)) -> fp32 velocity (B, out_dim, F, H, W)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -303,6 +380,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.image_dim is not None:
+            self.img_emb = MLPProj(cfg.image_dim, dim)
         self.sp_group = None
         self.init_weights()
 
@@ -336,45 +415,127 @@ class WanDiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
-    def _check_inputs(self, x, t, context):
+    def _check_inputs(self, x, t, context, y, clip):
         cfg = self.cfg
         b = x.shape[0]
-        if x.ndim != 5 or x.shape[1] != cfg.in_dim or any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
-            raise ValueError(f"x must be (B, {cfg.in_dim}, F, H, W) with F, H, W divisible by {cfg.patch_size}, "
-                             f"got {tuple(x.shape)}")
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
+        if y is not None and (y.ndim != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]):
+            raise ValueError(f"y must be (B, C, F, H, W) with x's B, F, H, W {(b, *x.shape[2:])}, got {tuple(y.shape)}")
+        channels = x.shape[1] + (0 if y is None else y.shape[1])
+        if x.ndim == 5 and y is None and x.shape[1] < cfg.in_dim:
+            raise ValueError(f"this DiT takes {cfg.in_dim} input channels and x has {x.shape[1]}: pass y, the "
+                             f"other {cfg.in_dim - x.shape[1]} (image-to-video: mask 4 + image latent 16)")
+        if x.ndim != 5 or channels != cfg.in_dim or any(s % p for s, p in zip(x.shape[2:], cfg.patch_size)):
+            raise ValueError(f"x must be (B, {cfg.in_dim}, F, H, W) (with y: x and y together) with F, H, W "
+                             f"divisible by {cfg.patch_size}, got {tuple(x.shape)}"
+                             + ("" if y is None else f" and y {tuple(y.shape)}"))
+        tokens = math.prod(s // p for s, p in zip(x.shape[2:], cfg.patch_size))
+        if t.shape not in ((b,), (b, tokens)):
+            raise ValueError(f"t must have shape ({b},) or per token ({b}, {tokens}), got {tuple(t.shape)}")
         if context.shape != (b, cfg.text_len, cfg.text_dim):
             raise ValueError(f"context must be zero-padded to ({b}, {cfg.text_len}, {cfg.text_dim}), "
                              f"got {tuple(context.shape)}")
+        if (clip is None) != (cfg.image_dim is None):
+            raise ValueError(f"clip image features (B, 257, {cfg.image_dim}) are needed by a DiT with image_dim"
+                             if clip is None else "clip given to a DiT without image cross-attention (image_dim None)")
+        if clip is not None and (clip.ndim != 3 or clip.shape[0] != b or clip.shape[2] != cfg.image_dim):
+            raise ValueError(f"clip must be ({b}, N, {cfg.image_dim}), got {tuple(clip.shape)}")
 
-    def forward(self, x, t, context):
-        self._check_inputs(x, t, context)
+    def forward(self, x, t, context, y=None, clip=None):
+        self._check_inputs(x, t, context, y, clip)
         cfg, device = self.cfg, x.device.type
         dtype = self.patch_embedding.weight.dtype
+        if y is not None:  # image-to-video: [noisy latent, mask, image latent] on channels
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
         x = self.patch_embedding(x.to(dtype))  # (B, D, f, h, w)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) row-major order
         freqs = rope_freqs(cfg.head_dim, *grid, device=x.device)
-        if self.sp_group is not None:  # this rank's contiguous share of the tokens and their rotations
+        runs, values = time_runs(t, x.shape[1])
+        with torch.amp.autocast(device, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(values.flatten(), cfg.freq_dim).float())  # (S*B, D)
+            e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, values.shape)  # (S, B, 6, D)
+            e = e.unflatten(0, values.shape)  # (S, B, D); both from 2-D matmuls, as Wan 2.1 computes them
+        if self.sp_group is not None:  # this rank's contiguous share of the tokens, rotations and runs
             s, r = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
             if x.shape[1] % s:
                 raise ValueError(f"{x.shape[1]} tokens (grid {grid}) do not split over sequence parallel size {s}")
+            n = x.shape[1] // s
             x, freqs = x.chunk(s, dim=1)[r], freqs.chunk(s, dim=0)[r]
-        with torch.amp.autocast(device, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).float())  # (B, D)
-            e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # (B, 6, D)
+            lo, hi = r * n, (r + 1) * n
+            mine = [i for i, (a, b) in enumerate(runs) if a < hi and b > lo]
+            runs = tuple((max(a, lo) - lo, min(b, hi) - lo) for a, b in (runs[i] for i in mine))
+            e, e0 = e[mine], e0[mine]
         context = self.text_embedding(context.to(dtype))  # (B, text_len, D); padded rows are not masked
+        n_img = 0
+        if clip is not None:  # Wan 2.1 I2V: the image rows go in front of the text rows
+            context = torch.cat([self.img_emb(clip.to(dtype)), context], dim=1)
+            n_img = clip.shape[1]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, context, freqs, use_reentrant=False)
+                x = checkpoint(block, x, e0, context, freqs, runs, n_img, use_reentrant=False)
             else:
-                x = block(x, e0, context, freqs)
+                x = block(x, e0, context, freqs, runs, n_img)
         with torch.amp.autocast(device, enabled=False):
-            x = self.head(x.float(), e)  # (B, L, pt*ph*pw*C)
+            x = self.head(x.float(), e, runs)  # (B, L, pt*ph*pw*C)
         if self.sp_group is not None:
             x = _GatherTokens.apply(x, self.sp_group)
         return unpatchify(x, grid, cfg.patch_size).float()
+
+
+class TwoExpertDiT(nn.Module):
+    """Wan 2.2 A14B: a high-noise and a low-noise expert, two DiTs of one shape. A call at integer
+    timestep t runs the high-noise expert while t >= boundary * 1000 and the low-noise one after
+    (the official `_prepare_model_for_timestep`; diffusers' `transformer` and `transformer_2`), so
+    it stands wherever one WanDiT does. guidance = (low, high), as the official configs write it;
+    `guidance_at(t)` is the one of the expert that runs at t. Every sample of one call must be at
+    the same step."""
+
+    def __init__(self, high: WanDiT, low: WanDiT, boundary: float, guidance=(1.0, 1.0)):
+        super().__init__()
+        if high.cfg != low.cfg:
+            raise ValueError(f"the two experts must have one shape, got high {high.cfg} and low {low.cfg}")
+        if not 0 < boundary < 1:
+            raise ValueError(f"boundary must be in (0, 1), a fraction of the 1000 training timesteps, got {boundary}")
+        self.high, self.low, self.boundary, self.guidance = high, low, boundary, tuple(guidance)
+
+    @property
+    def cfg(self) -> DiTConfig:
+        return self.high.cfg
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.high.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        self.high.gradient_checkpointing = self.low.gradient_checkpointing = on
+
+    def is_high(self, t) -> bool:
+        """Whether the high-noise expert runs at t (an int, or a tensor (B,) / (B, L) of one step)."""
+        if torch.is_tensor(t):
+            per_sample = t.reshape(t.shape[0], -1).amax(1) if t.ndim else t.reshape(1)
+            if bool((per_sample != per_sample[0]).any()):
+                raise ValueError(f"the samples of one call are at different timesteps {per_sample.tolist()}: "
+                                 f"the experts switch by timestep, so call them one step at a time")
+            t = per_sample[0].item()
+        return t >= self.boundary * 1000
+
+    def expert(self, t) -> WanDiT:
+        return self.high if self.is_high(t) else self.low
+
+    def guidance_at(self, t) -> float:
+        return self.guidance[1] if self.is_high(t) else self.guidance[0]
+
+    def forward(self, x, t, context, **kwargs):
+        return self.expert(t)(x, t, context, **kwargs)
+
+    def compile_blocks(self, **kwargs):
+        self.high.compile_blocks(**kwargs)
+        self.low.compile_blocks(**kwargs)
+
+    def set_sequence_parallel(self, group):
+        self.high.set_sequence_parallel(group)
+        self.low.set_sequence_parallel(group)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -407,6 +568,14 @@ _DIFFUSERS_TO_ORIGINAL = {
     "blocks.*.attn2.norm_k.": "blocks.*.cross_attn.norm_k.",
     "blocks.*.ffn.net.0.proj.": "blocks.*.ffn.0.",
     "blocks.*.ffn.net.2.": "blocks.*.ffn.2.",
+    # Wan 2.1 I2V: the CLIP projection and each block's image keys and values
+    "condition_embedder.image_embedder.norm1.": "img_emb.proj.0.",
+    "condition_embedder.image_embedder.ff.net.0.proj.": "img_emb.proj.1.",
+    "condition_embedder.image_embedder.ff.net.2.": "img_emb.proj.3.",
+    "condition_embedder.image_embedder.norm2.": "img_emb.proj.4.",
+    "blocks.*.attn2.add_k_proj.": "blocks.*.cross_attn.k_img.",
+    "blocks.*.attn2.add_v_proj.": "blocks.*.cross_attn.v_img.",
+    "blocks.*.attn2.norm_added_k.": "blocks.*.cross_attn.norm_k_img.",
 }
 
 # config.json field -> DiTConfig field, for the original WanModel config and the Diffusers one.
@@ -414,16 +583,17 @@ _CONFIG_JSON_FIELDS = {
     "dim": "dim", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "num_heads": "num_heads",
     "num_layers": "num_layers", "in_dim": "in_dim", "out_dim": "out_dim", "text_dim": "text_dim",
     "text_len": "text_len", "patch_size": "patch_size", "eps": "eps",
-    "num_attention_heads": "num_heads", "in_channels": "in_dim", "out_channels": "out_dim",
+    "num_attention_heads": "num_heads", "in_channels": "in_dim", "out_channels": "out_dim", "image_dim": "image_dim",
 }
 
 # Tensors whose shapes give the config when no config is passed (original names).
 _SHAPE_KEYS = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
                "blocks.0.ffn.0.weight", "head.modulation", "head.head.weight")
 
-_DIT_MODULES = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "blocks.", "head.")
+_DIT_MODULES = ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "blocks.", "head.",
+                "img_emb.")
 
-WAN_HEAD_DIM = 128  # every released Wan 2.1 DiT; num_heads = dim // 128 when no config says otherwise
+WAN_HEAD_DIM = 128  # every released Wan 2.1 / 2.2 DiT; num_heads = dim // 128 when no config says otherwise
 
 
 def _diffusers_to_original(key: str) -> str:
@@ -503,6 +673,8 @@ def _state_dict_of(obj, file: Path) -> dict:
 def _check_finite(path, state: dict) -> dict:
     """One pass over the loaded tensors: a weight file holding NaN or inf is refused, naming the first."""
     for k, v in state.items():
+        if "float8" in str(getattr(v, "dtype", "")):  # refused by name in load_dit (_refuse_fp8)
+            continue
         if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
                              f"re-download it)")
@@ -556,6 +728,8 @@ def _infer_config(shapes: dict, config_json: dict) -> DiTConfig:
               num_layers=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")),
               in_dim=shapes["patch_embedding.weight"][1], out_dim=shapes["head.head.weight"][0] // math.prod(patch),
               text_dim=shapes["text_embedding.0.weight"][1], patch_size=patch)
+    if "img_emb.proj.1.weight" in shapes:  # Wan 2.1 I2V's CLIP projection
+        kw["image_dim"] = shapes["img_emb.proj.1.weight"][1]
     kw.update(_config_from_json(config_json))
     if "num_heads" not in kw:
         if kw["dim"] % WAN_HEAD_DIM:
@@ -570,7 +744,7 @@ def _short(keys: list) -> str:
 
 
 def _raise_load_error(path, layout: str, missing: list, unexpected: list, wrong: list):
-    raise ValueError(f"cannot load a Wan 2.1 DiT from {path}\n  layout guessed: {layout}\n"
+    raise ValueError(f"cannot load a Wan DiT from {path}\n  layout guessed: {layout}\n"
                      f"  missing keys ({len(missing)}): {_short(missing)}\n"
                      f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}\n"
                      f"  wrong shapes ({len(wrong)}): {_short(wrong)}")
@@ -588,8 +762,16 @@ def _check_keys(path, layout: str, expected: dict, shapes: dict):
 
 def keeps_fp32(key: str) -> bool:
     """Weights of the fp32 islands (time MLP, modulations, norms, head) stay fp32 whatever the dtype."""
-    island = key.startswith(("time_embedding.", "time_projection.", "head."))
+    island = key.startswith(("time_embedding.", "time_projection.", "head.", "img_emb.proj.0.", "img_emb.proj.4."))
     return island or key.endswith("modulation") or ".norm" in key
+
+
+def _refuse_fp8(path, sd: dict):
+    """fp8-scaled repacks store float8 weights with per-tensor scales; this loader reads real-valued weights only."""
+    fp8 = [k for k, v in sd.items() if k.endswith("scale_weight") or "float8" in str(v.dtype)]
+    if fp8:
+        raise ValueError(f"{path}: an fp8-scaled checkpoint ({len(fp8)} float8 or scale_weight tensors, e.g. "
+                         f"{fp8[0]}); load the fp16 / bf16 / fp32 release of this model instead")
 
 
 def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
@@ -601,7 +783,9 @@ def cast_dit(model: WanDiT, dtype: torch.dtype) -> WanDiT:
 
 
 def load_dit(path, config=None, device="cpu", dtype=torch.float32, num_layers=None) -> WanDiT:
-    """Load a Wan 2.1 DiT from any official layout (see the module docstring); returns it in eval mode.
+    """Load a Wan 2.1 or 2.2 DiT from any official layout (see the module docstring): a file, a sharded
+    index, an official folder (an A14B expert's high_noise_model/ or low_noise_model/), a Diffusers
+    transformer/ or transformer_2/ folder; returns it in eval mode. fp8-scaled repacks are refused.
 
     config: a DiTConfig, a DIT_CONFIGS name, or None to infer it from the weights (and a folder's
     config.json). Without a config.json, num_heads = dim // 128, Wan's fixed head_dim.
@@ -621,6 +805,7 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32, num_layers=No
     sd = {}
     for file in files:
         sd.update(_read(file, skip))
+    _refuse_fp8(path, sd)
     sd, layout = _to_original_keys(sd)
     layout = f"{layout}, {source}"
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -638,3 +823,9 @@ def load_dit(path, config=None, device="cpu", dtype=torch.float32, num_layers=No
     sd = {k: v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
+
+
+def load_two_experts(high, low, boundary: float, guidance=(1.0, 1.0), **kwargs) -> TwoExpertDiT:
+    """The A14B experts from their folders or files (official high_noise_model/ and low_noise_model/,
+    or diffusers transformer/ = high and transformer_2/ = low); kwargs go to load_dit for both."""
+    return TwoExpertDiT(load_dit(high, **kwargs), load_dit(low, **kwargs), boundary, guidance).eval()

@@ -1,6 +1,7 @@
-"""Wan 2.1 flow-matching sampling: the sigma grids, Wan's UniPC and Euler, classifier-free guidance,
+"""Wan flow-matching sampling: the sigma grids, Wan's UniPC and Euler, classifier-free guidance,
 the one `denoise()` loop that sampling, data generation and ReFL share (all of it needs torch alone),
-and the text-to-video command line (`main`, which imports its packages when it runs).
+image-to-video conditioning, and the command line for every Wan 2.1 / 2.2 model (`MODELS`; `main`,
+which imports its packages when it runs).
 
 Follows `wan/utils/fm_solvers_unipc.py` and `wan/text2video.py` of Wan-Video/Wan2.1 (spec §5):
 - flow matching: x_sigma = (1 - sigma) x0 + sigma noise, the model predicts v = noise - x0, so
@@ -17,8 +18,14 @@ Under torchrun, without --sp-size the ranks never communicate (rank r samples pr
 ...); with --sp-size S each group of S consecutive ranks samples its share of the prompts together,
 each prompt's tokens split over the group (Ulysses all-to-alls around self-attention).
 
-Left out: Wan's DPM++ solver (Euler is kept as the simple, stateless alternative), image-to-video,
-prompt extension and CPU offloading of the models.
+Wan 2.2 (`wan/text2video.py`, `image2video.py`, `textimage2video.py` of Wan-Video/Wan2.2): the
+A14B's two experts switch inside one `denoise` call (the solver's history carries over), each with
+its own guidance; I2V models read y = [mask 4, image latent] on the DiT's channels (Wan 2.1 I2V-14B
+also CLIP features of the image, `clip.py`); the TI2V-5B's image is its clean first latent frame,
+whose tokens get t = 0.
+
+Left out: Wan's DPM++ solver (Euler is kept as the simple, stateless alternative), first-last-frame
+video, prompt extension and CPU offloading of the models.
 """
 
 import argparse
@@ -174,6 +181,9 @@ def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=
 
     velocity_fn(x, t) / uncond_fn(x, t): conditional / unconditional velocity, t = int64 (B,).
     With uncond_fn and guidance != 1 the velocity is guided (CFG); otherwise only velocity_fn runs.
+    guidance is a number or a function of the integer timestep (Wan 2.2's two experts each have
+    their own: model_dit.TwoExpertDiT.guidance_at); the solver's history runs on across an expert
+    switch, as in one call of the official sampler.
     Steps before grad_start run under no_grad (grad_start=None: every step), steps from grad_start
     on keep the graph. cfg_grad "both": there the unconditional branch keeps it too, so the guided
     velocity's gradient is the exact g dv_c + (1 - g) dv_u; "cond": it runs without (g dv_c only).
@@ -201,11 +211,12 @@ def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=
     for i in range(start, stop):
         with torch.set_grad_enabled(grad_start is not None and i >= grad_start):
             t = torch.full((x.shape[0],), ts[i], dtype=torch.int64, device=x.device)
+            g = guidance(ts[i]) if callable(guidance) else guidance
             v = velocity_fn(x, t)
-            if uncond_fn is not None and guidance != 1.0:
+            if uncond_fn is not None and g != 1.0:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and cfg_grad == "both"):
                     v_uncond = uncond_fn(x, t)
-                v = guided_velocity(v, v_uncond, guidance)
+                v = guided_velocity(v, v_uncond, g)
             x0 = x0s[i] = x0_from_velocity(x, sig[i], v)
             if trace and i >= trace_from:
                 records.append({"step": i, "t": ts[i], "sigma": sig[i], "x": x, "v": v})
@@ -224,19 +235,191 @@ def denoise(velocity_fn, x, sigmas, *, solver="unipc", uncond_fn=None, guidance=
 
 
 # ---------------------------------------------------------------------------------------------
+# Image-to-video: sizes, the image's conditioning, the TI2V-5B's clean first frame
+
+
+def i2v_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """Wan I2V-A14B / I2V-14B output (height, width) for an image of height x width: its aspect
+    ratio at about max_area pixels, the latent a multiple of the DiT patch (official `image2video.py`:
+    lat = round(sqrt(area * aspect) // stride // patch * patch)). No crop: the image is stretched to it."""
+    aspect = height / width
+    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
+    if lat_h < patch or lat_w < patch:
+        raise ValueError(f"image {width}x{height} at max area {max_area} leaves no latent (aspect too extreme?)")
+    return stride * lat_h, stride * lat_w
+
+
+def best_output_size(width: int, height: int, dw: int, dh: int, area: int) -> tuple[int, int]:
+    """Wan 2.2 TI2V-5B output (width, height) for an image: multiples of (dw, dh) within `area`,
+    rounding the width first or the height first, whichever keeps the image's aspect ratio closer
+    (official `utils.best_output_size`)."""
+    ratio = width / height
+    ow = (area * ratio) ** 0.5
+    oh = area / ow
+    w1 = int(ow // dw * dw)
+    h1 = int(area / w1 // dh * dh)
+    h2 = int(oh // dh * dh)
+    w2 = int(area / h2 // dw * dw)
+    off = lambda w, h: max(ratio / (w / h), (w / h) / ratio)  # noqa: E731
+    return (w1, h1) if off(w1, h1) < off(w2, h2) else (w2, h2)
+
+
+def load_image(path) -> torch.Tensor:
+    """An image file -> (3, H, W) float32 in [-1, 1] (RGB; grey and RGBA are converted)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        a = iio.imread(path)
+    except Exception as err:  # imageio raises many kinds for a file it cannot decode
+        raise ValueError(f"{path}: not a readable image: {type(err).__name__}: {err}") from err
+    if a.ndim == 2:
+        a = a[..., None].repeat(3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"{path}: expected an RGB image, got an array of shape {a.shape}")
+    img = torch.from_numpy(a[..., :3].copy()).permute(2, 0, 1).float()
+    return img / 255.0 * 2 - 1
+
+
+def resize_stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) -> (3, height, width), bicubic, aspect not kept: the A14B / 14B I2V resize."""
+    return _bicubic(image[None], (height, width), antialias=False)[0]
+
+
+def resize_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) -> (3, height, width): scaled to cover, then centre-cropped (the TI2V-5B's resize).
+    Wan resizes with PIL's LANCZOS; this is torch's antialiased bicubic, so pixels differ slightly
+    (no Pillow: the runtime needs none)."""
+    ih, iw = image.shape[1:]
+    scale = max(width / iw, height / ih)
+    h, w = round(ih * scale), round(iw * scale)
+    image = _bicubic(image[None], (h, w), antialias=True)[0]
+    top, left = (h - height) // 2, (w - width) // 2
+    return image[:, top : top + height, left : left + width]
+
+
+def _bicubic(x, size, antialias):
+    """Bicubic resize of (B, C, H, W) to size (align_corners False, Wan's F.interpolate setting)."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=antialias)
+
+
+def i2v_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """I2V-A14B / I2V-14B conditioning y (B, 4 + z_dim, F', H', W') of images (B, 3, H, W) in [-1, 1]:
+    a 4-channel mask, 1 on latent frame 0 (its 4 channels are the 4 pixel frames a latent frame
+    holds, the first pixel frame counted 4 times), then the latent of the image followed by
+    frames - 1 black frames. The DiT reads [x, y] on channels."""
+    b, _, h, w = image.shape
+    video = torch.cat([image[:, :, None], image.new_zeros(b, 3, frames - 1, h, w)], dim=2)
+    with torch.no_grad():
+        latent = vae.encode(video)
+    mask = torch.zeros_like(latent[:, :4])
+    mask[:, :, 0] = 1
+    return torch.cat([mask, latent], dim=1)
+
+
+def ti2v_image_latent(vae, image: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> the TI2V-5B's clean first latent frame (B, z_dim, 1, H', W')."""
+    with torch.no_grad():
+        return vae.encode(image[:, :, None])
+
+
+def with_first_frame(velocity_fn, z_image: torch.Tensor, patch_size=(1, 2, 2)):
+    """The TI2V-5B's image-to-video: the model sees latent frame 0 replaced by the image latent,
+    its tokens at t = 0, every other token at t (diffusers' form of the official re-imposed
+    latent: the solver's state stays unmixed, and frame 0 is replaced at the end, `put_first_frame`)."""
+    import model_dit
+
+    def fn(x, t):
+        grid = tuple(s // p for s, p in zip(x.shape[2:], patch_size))
+        return velocity_fn(put_first_frame(x, z_image), model_dit.first_frame_timesteps(t, grid))
+    return fn
+
+
+def put_first_frame(z: torch.Tensor, z_image: torch.Tensor) -> torch.Tensor:
+    """z (B, C, F', H', W') with latent frame 0 replaced by the image latent (1 or B, C, 1, H', W')."""
+    return torch.cat([z_image.to(z.dtype).expand(z.shape[0], -1, -1, -1, -1), z[:, :, 1:]], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Models: checkpoint folders, precision
 
 
-def checkpoint_paths(ckpt_dir):
-    """A Wan2.1-T2V repo folder, or its -Diffusers twin -> {"dit", "vae", "text_encoder", "tokenizer"}."""
+# Every Wan model this repo samples, with its official defaults (Wan 2.1 / 2.2 configs and
+# generate.py). guidance: one number, or (low, high) for the two experts; size: the default
+# WIDTHxHEIGHT, for image-to-video the area the image's aspect is fitted to; image: whether the
+# model takes an image ("required", "optional": the TI2V-5B is also text-to-video) or not (None).
+MODELS = {
+    "t2v-1.3B": dict(dit="1.3B", vae="wan2.1", steps=50, shift=5.0, guidance=5.0, frames=81, fps=16,
+                     size="832x480", image=None),
+    "t2v-14B": dict(dit="14B", vae="wan2.1", steps=50, shift=5.0, guidance=5.0, frames=81, fps=16,
+                    size="1280x720", image=None),
+    "i2v-14B": dict(dit="i2v-14B", vae="wan2.1", steps=40, shift=5.0, guidance=5.0, frames=81, fps=16,
+                    size="1280x720", image="required"),
+    "t2v-A14B": dict(dit="t2v-A14B", vae="wan2.1", steps=40, shift=12.0, guidance=(3.0, 4.0), boundary=0.875,
+                     frames=81, fps=16, size="1280x720", image=None),
+    "i2v-A14B": dict(dit="i2v-A14B", vae="wan2.1", steps=40, shift=5.0, guidance=(3.5, 3.5), boundary=0.9,
+                     frames=81, fps=16, size="1280x720", image="required"),
+    "ti2v-5B": dict(dit="ti2v-5B", vae="wan2.2", steps=50, shift=5.0, guidance=5.0, frames=121, fps=24,
+                    size="1280x704", image="optional"),
+}
+
+_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+def _json(path: Path) -> dict:
+    """A config.json / model_index.json as a dict; {} when it is absent or not a JSON object."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def detect_model(ckpt_dir) -> str:
+    """Which MODELS entry a checkpoint folder holds, official or -Diffusers layout, from its
+    folders and config files (never from its name)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint folder {d} does not exist")
+    if (d / "high_noise_model").is_dir() or (d / "transformer_2").is_dir():  # Wan 2.2 A14B: two experts
+        high = _json(d / "high_noise_model" / "config.json") or _json(d / "transformer" / "config.json")
+        i2v = high.get("model_type") == "i2v" or 36 in (high.get("in_dim"), high.get("in_channels"))
+        i2v |= _json(d / "model_index.json").get("_class_name") == "WanImageToVideoPipeline"
+        return "i2v-A14B" if i2v else "t2v-A14B"
+    if (d / "Wan2.2_VAE.pth").exists() or _json(d / "vae" / "config.json").get("z_dim") == 48:
+        return "ti2v-5B"
+    cfg = _json(d / "config.json") or _json(d / "transformer" / "config.json")
+    if (d / _CLIP).exists() or (d / "image_encoder").is_dir() or cfg.get("model_type") == "i2v" or cfg.get("image_dim"):
+        return "i2v-14B"
+    dim = cfg.get("dim") or cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
+    return "t2v-14B" if dim == 5120 else "t2v-1.3B"
+
+
+def checkpoint_paths(ckpt_dir, model=None):
+    """A Wan repo folder, official or -Diffusers layout, -> its files: {"dit", "vae", "text_encoder",
+    "tokenizer"}, plus "dit_low" for the A14B's low-noise expert ("dit" is then the high-noise one)
+    and "clip" for Wan 2.1 I2V's image encoder. model: a MODELS name, default detect_model's."""
+    d = Path(ckpt_dir)
+    model = model or detect_model(d)
     if any((d / sub).is_dir() for sub in ("transformer", "vae", "text_encoder")):  # Diffusers layout
-        return {"dit": d / "transformer", "vae": d / "vae", "text_encoder": d / "text_encoder",
-                "tokenizer": d / "tokenizer"}
-    return {"dit": d, "vae": d / "Wan2.1_VAE.pth", "text_encoder": d / "models_t5_umt5-xxl-enc-bf16.pth",
-            "tokenizer": d / "google" / "umt5-xxl"}
+        paths = {"dit": d / "transformer", "vae": d / "vae", "text_encoder": d / "text_encoder",
+                 "tokenizer": d / "tokenizer"}
+        extra = {"dit_low": d / "transformer_2", "clip": d / "image_encoder"}
+    else:
+        vae = "Wan2.2_VAE.pth" if MODELS[model]["vae"] == "wan2.2" else "Wan2.1_VAE.pth"
+        paths = {"dit": d, "vae": d / vae, "text_encoder": d / _T5, "tokenizer": d / "google" / "umt5-xxl"}
+        extra = {"dit_low": d / "low_noise_model", "clip": d / _CLIP}
+        if "boundary" in MODELS[model]:
+            paths["dit"] = d / "high_noise_model"
+    if "boundary" in MODELS[model]:
+        paths["dit_low"] = extra["dit_low"]
+    if model == "i2v-14B":
+        paths["clip"] = extra["clip"]
+    return paths
 
 
 MODEL_PARTS = ("dit", "vae", "text_encoder", "tokenizer")
@@ -245,8 +428,11 @@ MODEL_PARTS = ("dit", "vae", "text_encoder", "tokenizer")
 def model_paths(args, parts=MODEL_PARTS) -> dict:
     """The files of `parts` from --ckpt-dir (either layout) with --dit/--vae/--text-encoder/--tokenizer
     on top; {} when none of these flags is given (the scripts' offline default). Every path of
-    `parts` must exist: the error names each missing one before any model is loaded."""
-    paths = checkpoint_paths(args.ckpt_dir) if getattr(args, "ckpt_dir", None) else {}
+    `parts` must exist: the error names each missing one before any model is loaded. The A14B's
+    low-noise expert ("dit_low") and Wan 2.1 I2V's CLIP ("clip") come along when the folder has them."""
+    model = getattr(args, "model", None) if getattr(args, "model", None) in MODELS else None
+    paths = checkpoint_paths(args.ckpt_dir, model) if getattr(args, "ckpt_dir", None) else {}
+    parts = tuple(parts) + tuple(k for k in ("dit_low", "clip") if k in paths and "dit" in parts)
     for k in MODEL_PARTS:
         if getattr(args, k, None) is not None:
             paths[k] = Path(getattr(args, k))
@@ -278,37 +464,56 @@ def autocast(device):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-# spec §5.2 for the real models; the tiny random-weight run is sized to take seconds on a CPU
-REAL_DEFAULTS = {"steps": 50, "size": "832x480", "frames": 81}
-TINY_DEFAULTS = {"steps": 8, "size": "32x32", "frames": 5}
+# The tiny random-weight run (no checkpoint) is sized to take seconds on a CPU; real models take
+# their MODELS defaults.
+TINY_DEFAULTS = {"steps": 8, "shift": 5.0, "guidance": 5.0, "size": "32x32", "frames": 5, "fps": 16}
+
+
+def parse_guidance(text: str):
+    """"5" -> 5.0; "3,4" -> (3.0, 4.0), the two experts' (low, high)."""
+    parts = [float(v) for v in str(text).split(",")]
+    if len(parts) not in (1, 2) or not all(math.isfinite(v) for v in parts):
+        raise ValueError(f"--guidance must be a finite number, or LOW,HIGH for the two experts, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def parse_args(argv=None):
     import vae as vae_lib
 
-    p = argparse.ArgumentParser(description="Wan 2.1 text-to-video sampling")
+    p = argparse.ArgumentParser(description="Wan 2.1 / 2.2 text-to-video and image-to-video sampling")
     g = p.add_argument_group("models (none given: tiny presets with random weights)")
-    g.add_argument("--ckpt-dir", help="Wan2.1-T2V-{1.3B,14B} folder, original or -Diffusers layout")
-    g.add_argument("--dit", help="DiT file or folder (overrides --ckpt-dir)")
-    g.add_argument("--vae", help="Wan2.1_VAE.pth or a Diffusers vae/ folder")
+    g.add_argument("--ckpt-dir", help="a Wan repo folder, official or -Diffusers layout (" + ", ".join(MODELS)
+                   + "); which model it holds is read from its files")
+    g.add_argument("--model", choices=list(MODELS), help="the model, when the folder cannot tell (default: detected)")
+    g.add_argument("--dit", help="DiT file or folder; for the A14B the high-noise expert (overrides --ckpt-dir)")
+    g.add_argument("--dit-low", help="the A14B's low-noise expert (overrides --ckpt-dir)")
+    g.add_argument("--vae", help="Wan2.1_VAE.pth, Wan2.2_VAE.pth or a Diffusers vae/ folder")
     g.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or a Diffusers text_encoder/ folder")
     g.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
+    g.add_argument("--clip", help="Wan 2.1 I2V's CLIP: " + _CLIP + " or a Diffusers image_encoder/ folder")
     g.add_argument("--lora", help="community-format Wan LoRA (.safetensors) merged into the DiT")
     g.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA delta (default 1.0)")
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (defaults: the model's own, see MODELS)")
     g.add_argument("--prompt", default="A corgi running on a beach at sunset, cinematic.", help="the one prompt")
-    g.add_argument("--prompts", help="text file, one prompt per line (overrides --prompt)")
+    g.add_argument("--prompts", help="text file, one prompt per line, or .jsonl of {\"prompt\", \"image\"} per line "
+                   "(overrides --prompt)")
+    g.add_argument("--image", help="the first frame, for image-to-video (i2v models; the TI2V-5B without it is "
+                   "text-to-video)")
     g.add_argument("--negative-prompt", default=None, help="default: Wan's Chinese negative prompt")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; tiny: 8)")
-    g.add_argument("--shift", type=float, default=5.0, help="timestep shift (default 5.0)")
-    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale, 1 = no guidance (default 5.0)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps")
+    g.add_argument("--shift", type=float, default=None, help="timestep shift")
+    g.add_argument("--guidance", type=parse_guidance, default=None,
+                   help="CFG scale, 1 = no guidance; for the A14B one number for both experts or LOW,HIGH")
+    g.add_argument("--boundary", type=float, default=None, help="A14B: the high-noise expert runs while t >= "
+                   "boundary * 1000 (default 0.875 T2V, 0.9 I2V)")
     g.add_argument("--solver", choices=("unipc", "euler"), default="unipc", help="default unipc")
     g.add_argument("--seed", type=int, default=42, help="prompt k of a --prompts file uses seed + k (default 42)")
-    g.add_argument("--size", default=None, help="WxH, multiples of 16 (default 832x480; tiny: 32x32)")
-    g.add_argument("--frames", type=int, default=None, help="4k+1 (default 81; tiny: 5)")
+    g.add_argument("--size", default=None, help="WxH (multiples of 16; 32 for the TI2V-5B); image-to-video: the "
+                   "area the image's aspect is fitted to")
+    g.add_argument("--frames", type=int, default=None, help="4k+1")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="samples", help="a .mp4 file (one prompt) or a folder (default samples)")
-    g.add_argument("--fps", type=int, default=16, help="default 16")
+    g.add_argument("--fps", type=int, default=None, help="default 16; 24 for the TI2V-5B")
     g.add_argument("--save-latents", help="folder for the final latents + prompts (reward-model data)")
     g.add_argument("--device", help="default: this rank's GPU, else the CPU")
     g = p.add_argument_group("speed")
@@ -317,16 +522,40 @@ def parse_args(argv=None):
                    "tokens split over this many ranks (default 1: off); must divide the world size and the heads")
     args = p.parse_args(argv)
 
-    args.tiny = not (args.ckpt_dir or args.dit or args.vae or args.text_encoder or args.tokenizer)
-    for k, v in (TINY_DEFAULTS if args.tiny else REAL_DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.tiny = not (args.ckpt_dir or args.dit or args.dit_low or args.vae or args.text_encoder or args.tokenizer)
     try:
-        args.width, args.height = vae_lib.parse_size(args.size)
-        vae_lib.check_size(args.frames, args.height, args.width)
+        if args.tiny:
+            if args.model or args.image:
+                raise ValueError("--model and --image need a checkpoint (--ckpt-dir); the tiny random-weight run "
+                                 "is text-to-video")
+            defaults, multiple = TINY_DEFAULTS, vae_lib.SIZE_MULTIPLE
+        else:
+            args.model = args.model or (detect_model(args.ckpt_dir) if args.ckpt_dir else "t2v-1.3B")
+            defaults = MODELS[args.model]
+            multiple = vae_lib.VAE_CONFIGS[defaults["vae"]].size_multiple
+        for k in ("steps", "shift", "guidance", "size", "frames", "fps", "boundary"):
+            if getattr(args, k) is None:
+                setattr(args, k, defaults.get(k))
+        image = None if args.tiny else defaults["image"]
+        args.width, args.height = vae_lib.parse_size(args.size, 16 if image == "required" else multiple)
+        vae_lib.check_size(args.frames, args.height, args.width, multiple)
+        two = args.boundary is not None
+        if two and "boundary" not in defaults:
+            raise ValueError(f"--boundary is for the two-expert A14B models, not {args.model or 'the tiny run'}")
+        if isinstance(args.guidance, tuple) and not two:
+            raise ValueError(f"--guidance {args.guidance}: a LOW,HIGH pair is for the two-expert A14B models, "
+                             f"not {args.model or 'the tiny run'}")
+        if two and not isinstance(args.guidance, tuple):
+            args.guidance = (args.guidance, args.guidance)
+        if image is None and args.image:
+            raise ValueError(f"{args.model} is text-to-video: it takes no --image")
+        jsonl = str(args.prompts or "").endswith(".jsonl")
+        if image == "required" and not (args.image or jsonl):
+            raise ValueError(f"{args.model} is image-to-video: give --image (or a .jsonl --prompts with an \"image\" "
+                             f"per line)")
     except ValueError as e:
         p.error(str(e))
-    for k in ("shift", "guidance", "lora_scale"):
+    for k in ("shift", "lora_scale"):
         if not math.isfinite(getattr(args, k)):
             p.error(f"--{k.replace('_', '-')} must be a finite number, got {getattr(args, k)}")
     if args.steps < 1 or args.shift <= 0 or args.fps < 1:
@@ -337,12 +566,14 @@ def parse_args(argv=None):
 
 
 def load_models(args, device):
-    """-> (dit, vae, tokenizer, text encoder). No checkpoint: the tiny presets, seeded random weights."""
+    """-> (dit, vae, tokenizer, text encoder, clip or None). The dit is a model_dit.TwoExpertDiT for
+    the A14B. No checkpoint: the tiny presets, seeded random weights."""
     import lora
     import model_dit
     import text_encoder as text_encoder_lib
     import vae as vae_lib
 
+    clip = None
     if args.tiny:
         print("no checkpoint given: tiny presets with RANDOM weights; the video is noise, this run only "
               "exercises the pipeline (give --ckpt-dir for real samples)")
@@ -354,13 +585,34 @@ def load_models(args, device):
         tokenizer = text_encoder_lib.load_tokenizer(None)
     else:
         paths, dt = model_paths(args), dtypes(device)
-        dit = model_dit.load_dit(paths["dit"], device=device, dtype=dt["dit"])
         vae = vae_lib.load_vae(paths["vae"], device=device, dtype=dt["vae"])
+        dit = model_dit.load_dit(paths["dit"], device=device, dtype=dt["dit"])
+        check_pairing(args.model, dit.cfg, vae.cfg)
+        if args.boundary is not None:
+            low = model_dit.load_dit(paths["dit_low"], device=device, dtype=dt["dit"])
+            dit = model_dit.TwoExpertDiT(dit, low, args.boundary, args.guidance)
+        if "clip" in paths:
+            import clip as clip_lib
+
+            clip = clip_lib.load_clip(paths["clip"], device=device, dtype=dt["vae"])
         encoder = text_encoder_lib.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer = text_encoder_lib.load_tokenizer(paths["tokenizer"])
     if args.lora:
+        if isinstance(dit, model_dit.TwoExpertDiT):  # an A14B LoRA is one file per expert
+            raise ValueError("--lora merges one file into one DiT; for the A14B merge each expert's file with "
+                             "lora.merge_lora(dit.high, ...) and lora.merge_lora(dit.low, ...)")
         print(f"merged LoRA {args.lora} into {lora.merge_lora(dit, args.lora, args.lora_scale)} layers")
-    return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, encoder.eval()
+    return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, encoder.eval(), clip
+
+
+def check_pairing(model: str, dit_cfg, vae_cfg):
+    """A DiT and a VAE that cannot work together are refused before sampling: the DiT reads the
+    VAE's latent channels (I2V: latent + mask 4 + image latent)."""
+    want = vae_cfg.z_dim if MODELS[model]["image"] != "required" else 2 * vae_cfg.z_dim + 4
+    if dit_cfg.in_dim != want:
+        kind = "Wan 2.2 VAE (48 channels)" if vae_cfg.z_dim == 48 else f"Wan 2.1 VAE ({vae_cfg.z_dim} channels)"
+        raise ValueError(f"the DiT takes {dit_cfg.in_dim} input channels but {model} with the {kind} gives {want}: "
+                         f"Wan2.2_VAE.pth goes with the TI2V-5B, Wan2.1_VAE.pth with every other model")
 
 
 def output_paths(args, index, count):
@@ -386,19 +638,35 @@ def write_video(path, video, fps):
             writer.append_data(frame)
 
 
-def make_velocity_fn(dit, context):
-    """(x, t) -> velocity for one prompt embedding, under the precision policy's autocast."""
+def make_velocity_fn(dit, context, **cond):
+    """(x, t) -> velocity for one prompt embedding (and the image conditioning `cond`: y, clip),
+    under the precision policy's autocast."""
     def velocity(x, t):
         with autocast(x.device):
-            return dit(x, t, context)
+            return dit(x, t, context, **cond)
     return velocity
 
 
-def generate(dit, context, neg_context, args, seed, device):
-    """One prompt -> final normalised latent (1, 16, T', H', W'), with a progress line per step."""
+def generate(dit, context, neg_context, args, seed, device, vae=None, image=None, clip=None):
+    """One prompt (and, for image-to-video, its image (3, H, W) in [-1, 1]) -> final normalised
+    latent (1, z_dim, T', H', W'), with a progress line per step. The output size: --size for
+    text-to-video; for image-to-video the image's aspect fitted to the area of --size."""
+    import model_dit
     import vae as vae_lib
 
-    shape = (1, *vae_lib.latent_shape(args.frames, args.height, args.width))
+    vae_cfg = vae.cfg if vae is not None else vae_lib.VAE_CONFIGS["tiny"]
+    cond, z_image, (height, width) = {}, None, (args.height, args.width)
+    if image is not None:
+        area, (ih, iw) = args.width * args.height, image.shape[1:]
+        if args.model == "ti2v-5B":
+            width, height = best_output_size(iw, ih, vae_cfg.size_multiple, vae_cfg.size_multiple, area)
+            z_image = ti2v_image_latent(vae, resize_crop(image, height, width)[None].to(device))
+        else:
+            height, width = i2v_size(ih, iw, area, vae_cfg.stride)
+            cond["y"] = i2v_condition(vae, resize_stretch(image, height, width)[None].to(device), args.frames)
+            if clip is not None:
+                cond["clip"] = clip.encode_image(image[None].to(device))
+    shape = (1, *vae_lib.latent_shape(args.frames, height, width, vae_cfg))
     noise = torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
     sigmas = get_sigmas(args.steps, args.shift, args.solver)
     ts, t0 = timesteps_from_sigmas(sigmas), time.time()
@@ -407,9 +675,13 @@ def generate(dit, context, neg_context, args, seed, device):
         elapsed = time.time() - t0
         print(f"  step {i + 1}/{args.steps} t={ts[i].item()} sigma={sigmas[i].item():.4f} {elapsed:.1f}s", flush=True)
 
-    z, _ = denoise(make_velocity_fn(dit, context), noise, sigmas, solver=args.solver,
-                   uncond_fn=make_velocity_fn(dit, neg_context), guidance=args.guidance, progress=progress)
-    return z
+    cond_fn, uncond_fn = make_velocity_fn(dit, context, **cond), make_velocity_fn(dit, neg_context, **cond)
+    if z_image is not None:
+        cond_fn, uncond_fn = with_first_frame(cond_fn, z_image), with_first_frame(uncond_fn, z_image)
+    guidance = dit.guidance_at if isinstance(dit, model_dit.TwoExpertDiT) else args.guidance
+    z, _ = denoise(cond_fn, noise, sigmas, solver=args.solver, uncond_fn=uncond_fn, guidance=guidance,
+                   progress=progress)
+    return z if z_image is None else put_first_frame(z, z_image)
 
 
 def read_prompts(path) -> list[str]:
@@ -423,21 +695,49 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
+def read_prompt_images(path) -> tuple[list[str], list]:
+    """A .jsonl prompts file, one {"prompt": ..., "image": ...} per line (image optional for the
+    TI2V-5B; a relative image path is read from the file's folder) -> (prompts, image paths or None);
+    a .txt file -> (prompts, [None, ...]). Errors name the file and line."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        prompts = read_prompts(path)
+        return prompts, [None] * len(prompts)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts, images = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path} line {n}: not JSON: {err}") from err
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path} line {n}: expected {{\"prompt\": str, \"image\": path}}, got {line.strip()[:80]}")
+        prompts.append(row["prompt"])
+        images.append(path.parent / row["image"] if row.get("image") else None)
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts, images
+
+
 def settings(args):
-    keys = ("ckpt_dir", "dit", "vae", "text_encoder", "lora", "lora_scale", "negative_prompt", "steps", "shift",
-            "guidance", "solver", "width", "height", "frames", "fps")
+    keys = ("model", "ckpt_dir", "dit", "dit_low", "vae", "text_encoder", "clip", "lora", "lora_scale",
+            "negative_prompt", "steps", "shift", "guidance", "boundary", "solver", "width", "height", "frames", "fps")
     return {"random_weights": args.tiny, **{k: getattr(args, k) for k in keys}}
 
 
-def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True):
-    """Sample prompts[k] for k in mine: an mp4 + json each (and the latent with --save-latents).
-    With sp_group every rank of the group samples the same prompts, their tokens split; the rank
-    given write=True writes."""
+def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True, images=None):
+    """Sample prompts[k] (with images[k], for image-to-video) for k in mine: an mp4 + json each (and
+    the latent with --save-latents). With sp_group every rank of the group samples the same prompts,
+    their tokens split; the rank given write=True writes."""
     from safetensors.torch import save_file
 
     import text_encoder as text_encoder_lib
 
-    dit, vae, tokenizer, encoder = load_models(args, device)
+    images = images or [None] * len(prompts)
+    dit, vae, tokenizer, encoder, clip = load_models(args, device)
     if sp_group is not None:
         dit.set_sequence_parallel(sp_group)
     if args.compile:
@@ -451,14 +751,16 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
     for k, (context, length) in zip(mine, embeddings):
         seed = args.seed + k
         print(f"[rank {rank}] prompt {k + 1}/{len(prompts)} seed {seed}: {prompts[k]}", flush=True)
-        z = generate(dit, context.to(device), neg_context, args, seed, device)
+        image = load_image(images[k]) if images[k] is not None else None
+        z = generate(dit, context.to(device), neg_context, args, seed, device, vae=vae, image=image, clip=clip)
         if not write:
             continue
         with torch.no_grad():
             video = vae.decode(z)[0]  # (3, T, H, W)
         video_path, json_path = output_paths(args, k, len(prompts))
         write_video(video_path, video, args.fps)
-        info = {"prompt": prompts[k], "seed": seed, **settings(args)}
+        info = {"prompt": prompts[k], "seed": seed, **({"image": str(images[k])} if images[k] else {}),
+                **settings(args)}
         json_path.write_text(json.dumps(info, indent=1, ensure_ascii=False))
         if args.save_latents:
             Path(args.save_latents).mkdir(parents=True, exist_ok=True)
@@ -469,10 +771,14 @@ def sample_prompts(args, prompts, mine, rank, device, sp_group=None, write=True)
 
 
 def main(argv=None):
-    """The command line. Writes `out.mp4` at 16 fps and `out.json` with the prompt, seed and settings:
+    """The command line. Writes `out.mp4` (16 fps; 24 for the TI2V-5B) and `out.json` with the prompt,
+    seed and settings:
 
         python sample.py                                  # tiny presets, RANDOM weights, offline
         python sample.py --ckpt-dir Wan2.1-T2V-1.3B --prompt "a cat surfing" --out cat.mp4
+        python sample.py --ckpt-dir Wan2.2-T2V-A14B --prompt "a cat surfing" --out cat.mp4
+        python sample.py --ckpt-dir Wan2.2-I2V-A14B --image cat.png --prompt "the cat surfs" --out cat.mp4
+        python sample.py --ckpt-dir Wan2.2-TI2V-5B --image cat.png --prompt "the cat surfs" --out cat.mp4
         python sample.py --ckpt-dir Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt --out samples/ \\
             --save-latents latents/ --lora my_lora.safetensors
         torchrun --nproc_per_node=8 sample.py --ckpt-dir Wan2.1-T2V-14B --prompts prompts.txt --out samples/
@@ -488,7 +794,14 @@ def main(argv=None):
     import distributed
 
     args = parse_args(argv)
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    prompts, images = read_prompt_images(args.prompts) if args.prompts else ([args.prompt], [args.image])
+    if args.image and args.prompts:
+        images = [im or Path(args.image) for im in images]  # --image for the lines that name none
+    if not args.tiny and MODELS[args.model]["image"] == "required" and None in images:
+        raise ValueError(f"{args.model} is image-to-video: prompt {images.index(None) + 1} has no image")
+    for im in images:
+        if im is not None and not Path(im).is_file():
+            raise FileNotFoundError(f"image {im} does not exist")
     model_paths(args)  # a missing model file is refused before anything loads
     if args.sp_size < 1:
         raise ValueError(f"--sp-size must be >= 1, got {args.sp_size}")
@@ -505,7 +818,7 @@ def main(argv=None):
     for k in mine:  # fail on a bad --out before loading anything
         output_paths(args, k, len(prompts))
     if mine:
-        sample_prompts(args, prompts, mine, rank, device, sp_group, write=rank % args.sp_size == 0)
+        sample_prompts(args, prompts, mine, rank, device, sp_group, write=rank % args.sp_size == 0, images=images)
     else:
         print(f"[rank {rank}] no prompts left for this rank ({len(prompts)} prompts, {world} ranks)")
     if sp_group is not None:

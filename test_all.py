@@ -32,6 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import T5TokenizerFast, UMT5Config as HFUMT5Config, UMT5EncoderModel
 
 import bench
+import clip as clip_lib
 import distributed
 import lora
 import lrm
@@ -218,6 +219,97 @@ def test_dit_matches_diffusers_fp32(cfg, tmp_path):
         # exact GELU in place of tanh GELU (~3e-5), which 1e-4 would let through
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (f, h, w)
         assert not torch.allclose(got[0], got[1])  # the two samples really differ
+
+
+_DIT22_NUMBERS = {  # tensors, parameters, parameters per block (spec: Wan 2.2 configs on the meta device)
+    "ti2v-5B": (825, 4_999_787_712, 163_656_704),
+    "t2v-A14B": (1095, 14_288_491_584, 351_394_304),
+    "i2v-A14B": (1095, 14_288_901_184, 351_394_304),
+    "i2v-14B": (1303, 16_394_878_784, 403_838_464),
+}
+
+
+@pytest.mark.parametrize("name", list(_DIT22_NUMBERS))
+def test_dit22_and_i2v_presets_build_and_infer(name):
+    with torch.device("meta"):
+        model = WanDiT(DIT_CONFIGS[name])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    n_tensors, n_params, per_block = _DIT22_NUMBERS[name]
+    assert len(shapes) == n_tensors and sum(map(math.prod, shapes.values())) == n_params
+    assert sum(math.prod(v) for k, v in shapes.items() if k.startswith("blocks.0.")) == per_block
+    assert _infer_config(shapes, {}) == DIT_CONFIGS[name]  # every preset comes back from its shapes
+    cfg = DIT_CONFIGS[name]
+    assert shapes["patch_embedding.weight"] == (cfg.dim, cfg.in_dim, 1, 2, 2)
+    assert ("img_emb.proj.1.weight" in shapes) == (name == "i2v-14B")
+    if name == "i2v-14B":
+        assert shapes["img_emb.proj.3.weight"] == (5120, 1280) and shapes["blocks.39.cross_attn.k_img.weight"] == (5120, 5120)
+
+
+def test_dit_per_token_timesteps_match_diffusers_2d(tmp_path):
+    cfg = replace(DIT_CONFIGS["tiny"], in_dim=12, out_dim=12)  # a small TI2V-5B: latent channels in = out
+    ref = _dit_diffusers(cfg)
+    ref.save_pretrained(tmp_path / "transformer")
+    model = load_dit(tmp_path / "transformer")
+    x, t, context = _dit_inputs(cfg, 3, 4, 6, [999, 420], [7, 300])
+    grid = (3, 2, 3)
+    t_tok = model_dit.first_frame_timesteps(t, grid)
+    assert t_tok.shape == (2, 18) and (t_tok[:, :6] == 0).all() and torch.equal(t_tok[:, 6:], t[:, None].expand(2, 12))
+    mixed = t_tok.clone()
+    mixed[1, -6:] = 17.0  # sample 1's last frame too: runs [0, 6), [6, 12), [12, 18)
+    assert model_dit.time_runs(mixed, 18)[0] == ((0, 6), (6, 12), (12, 18))
+    with torch.no_grad():
+        for tt in (t_tok, mixed):
+            want = ref(hidden_states=x, timestep=tt, encoder_hidden_states=context, return_dict=False)[0]
+            got = model(x, tt, context)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        # all tokens of a sample at one t: bit for bit the (B,) path
+        assert torch.equal(model(x, t[:, None].expand(2, 18), context), model(x, t, context))
+        # the clean first frame changes frame 0 the most (the rest only through attention)
+        delta = (model(x, t_tok, context) - model(x, t, context)).abs()
+        assert delta[:, :, 0].max() > 10 * delta[:, :, 1:].max() > 0
+
+
+def test_dit_i2v_conditioning_and_clip_match_diffusers(tmp_path):
+    """Wan 2.1 I2V (y on channels, CLIP rows in front of the text) and Wan 2.2 I2V (y only)."""
+    for image_dim in (32, None):
+        cfg = replace(DIT_CONFIGS["tiny"], in_dim=36, image_dim=image_dim)
+        torch.manual_seed(0)
+        ref = WanTransformer3DModel(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
+                                    attention_head_dim=cfg.head_dim, in_channels=36, out_channels=16,
+                                    text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                                    num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                    eps=cfg.eps, image_dim=image_dim, added_kv_proj_dim=cfg.dim if image_dim else None)
+        ref = _dit_perturb(ref.eval())
+        ref.save_pretrained(tmp_path / f"transformer{image_dim}")
+        model = load_dit(tmp_path / f"transformer{image_dim}")
+        assert model.cfg == cfg
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 16, 3, 4, 6, generator=gen)
+        y = torch.randn(2, 20, 3, 4, 6, generator=gen)
+        context = torch.randn(2, cfg.text_len, cfg.text_dim, generator=gen)
+        clip = torch.randn(2, 257, image_dim, generator=gen) if image_dim else None
+        t = torch.tensor([999.0, 300.0])
+        with torch.no_grad():
+            want = ref(hidden_states=torch.cat([x, y], 1), timestep=t, encoder_hidden_states=context,
+                       encoder_hidden_states_image=clip, return_dict=False)[0]
+            got = model(x, t, context, y=y, clip=clip)
+            assert got.shape == x.shape and (got - want).abs().max() <= 1e-5 * want.abs().max(), image_dim
+            if image_dim:  # the image rows are read
+                assert not torch.allclose(model(x, t, context, y=y, clip=clip.flip(0)), got)
+        sd = model.state_dict()
+        assert ("img_emb.proj.0.weight" in sd) == bool(image_dim)
+        if image_dim:
+            bf16 = load_dit(tmp_path / f"transformer{image_dim}", dtype=torch.bfloat16)
+            assert bf16.img_emb.proj[0].weight.dtype == torch.float32 and bf16.img_emb.proj[1].weight.dtype == torch.bfloat16
+
+
+def test_dit_refuses_fp8_scaled_files(tmp_path):
+    sd = _dit_perturb(WanDiT(DIT_CONFIGS["tiny"])).state_dict()
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in sd.items()}
+    fp8["blocks.0.self_attn.q.scale_weight"] = torch.ones(1)
+    save_file(fp8, tmp_path / "wan2.2_ti2v_5B_fp8_scaled.safetensors")
+    with pytest.raises(ValueError, match=r"fp8_scaled\.safetensors: an fp8-scaled checkpoint .*fp16 / bf16 / fp32 release"):
+        load_dit(tmp_path / "wan2.2_ti2v_5B_fp8_scaled.safetensors")
 
 
 def test_dit_original_layouts_load_identically(tmp_path):
@@ -443,8 +535,17 @@ def test_dit_init_config_and_input_checks():
     assert not model.gradient_checkpointing
     with pytest.raises(ValueError, match=r"x must be \(B, 16, F, H, W\).*got \(1, 16, 1, 3, 4\)"):
         model(x[..., :3, :], t, context)
-    with pytest.raises(ValueError, match=r"t must have shape \(1,\), got \(\)"):
+    with pytest.raises(ValueError, match=r"t must have shape \(1,\) or per token \(1, 4\), got \(\)"):
         model(x, t[0], context)
+    with pytest.raises(ValueError, match=r"or per token \(1, 4\), got \(1, 5\)"):
+        model(x, t.expand(1, 5), context)
+    with pytest.raises(ValueError, match=r"clip given to a DiT without image cross-attention"):
+        model(x, t, context, clip=torch.zeros(1, 257, 8))
+    i2v = WanDiT(replace(cfg, in_dim=36))
+    with pytest.raises(ValueError, match=r"takes 36 input channels and x has 16: pass y, the other 20"):
+        i2v(x, t, context)
+    with pytest.raises(ValueError, match=r"y must be \(B, C, F, H, W\) with x's B, F, H, W"):
+        i2v(x, t, context, y=torch.zeros(1, 20, 1, 4, 2))
     with pytest.raises(ValueError, match=r"zero-padded to \(1, 512, 64\), got \(1, 3, 64\)"):
         model(x, t, context[:, :3])
 
@@ -1264,6 +1365,250 @@ def _sample_tiny_dit():
     return dit
 
 
+def test_sample_two_experts_match_diffusers_transformer_2(tmp_path):
+    """Wan 2.2 T2V-A14B: one denoise call across the expert switch, each expert with its own guidance,
+    against WanPipeline(transformer = high, transformer_2 = low, boundary_ratio) on Wan's grid."""
+    from diffusers import WanPipeline
+
+    cfg = DIT_CONFIGS["tiny"]
+    high, low = _dit_diffusers(cfg, seed=0), _dit_diffusers(cfg, seed=1)
+    high.save_pretrained(tmp_path / "transformer")
+    low.save_pretrained(tmp_path / "transformer_2")
+    steps, shift, boundary, guidance = 12, 12.0, 0.875, (3.0, 4.0)  # guidance (low, high), official order
+    sch = UniPCMultistepScheduler(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift,
+                                  prediction_type="flow_prediction", solver_order=2, solver_type="bh2",
+                                  predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+    wan_grid = sch.set_timesteps
+    sch.set_timesteps = lambda n, device=None: wan_grid(sigmas=np.linspace(0.999, 0, n + 1)[:-1], device=device)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sch, transformer=high,
+                       transformer_2=low, boundary_ratio=boundary)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 2, 4, 6, generator=gen)
+    context, neg = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        want = pipe(prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=32, width=48,
+                    num_frames=5, num_inference_steps=steps, guidance_scale=guidance[1], guidance_scale_2=guidance[0],
+                    output_type="latent").frames
+
+    experts = model_dit.load_two_experts(tmp_path / "transformer", tmp_path / "transformer_2", boundary, guidance)
+    ran = []
+    sigmas = sample.get_sigmas(steps, shift)
+
+    def velocity(ctx):
+        def fn(x, t):
+            ran.append("H" if experts.is_high(t) else "L")
+            return experts(x, t, ctx)
+        return fn
+
+    with torch.no_grad():
+        got, _ = sample.denoise(velocity(context), x, sigmas, uncond_fn=velocity(neg), guidance=experts.guidance_at)
+    assert "".join(ran[::2]) == "HHHHHHHHLLLL"  # the spec's switch for 12 steps at shift 12 (t 895 | 856)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # split into two calls at the switch, UniPC restarts at first order: a different result
+    with torch.no_grad():
+        mid, _ = sample.denoise(velocity(context), x, sigmas, uncond_fn=velocity(neg), guidance=experts.guidance_at,
+                                stop=8)
+        split, _ = sample.denoise(velocity(context), mid, sigmas, uncond_fn=velocity(neg),
+                                  guidance=experts.guidance_at, start=8)
+    assert (split - want).abs().max() > 100 * (got - want).abs().max()
+    with pytest.raises(ValueError, match=r"different timesteps \[900, 800\]"):
+        experts(torch.zeros(2, 16, 1, 4, 4), torch.tensor([900, 800]), torch.zeros(2, cfg.text_len, cfg.text_dim))
+    with pytest.raises(ValueError, match="one shape"):
+        model_dit.TwoExpertDiT(WanDiT(cfg), WanDiT(replace(cfg, num_layers=1)), 0.875)
+
+
+def _sample_wan_unipc(shift):
+    """diffusers' UniPC stepped on Wan's grid whatever set_timesteps is asked (as the pipelines call it)."""
+    sch = UniPCMultistepScheduler(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift,
+                                  prediction_type="flow_prediction", solver_order=2, solver_type="bh2",
+                                  predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+    wan_grid = sch.set_timesteps
+    sch.set_timesteps = lambda n, device=None: wan_grid(sigmas=np.linspace(0.999, 0, n + 1)[:-1], device=device)
+    return sch
+
+
+def test_sample_i2v_a14b_matches_diffusers_image_to_video(tmp_path):
+    """Wan 2.2 I2V-A14B: y = [mask 4, image latent 16] on the DiT's channels, two experts, against
+    WanImageToVideoPipeline's prepare_latents and its whole denoising loop."""
+    from diffusers import WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    theirs_vae = _vae_perturb_(AutoencoderKLWan(base_dim=8, num_res_blocks=1), seed=5)
+    theirs_vae.save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    cfg = replace(DIT_CONFIGS["tiny"], in_dim=36)
+    high, low = _dit_diffusers(cfg, seed=0), _dit_diffusers(cfg, seed=1)
+    for name, m in (("high", high), ("low", low)):
+        m.save_pretrained(tmp_path / name)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=theirs_vae, scheduler=_sample_wan_unipc(5.0),
+                                   transformer=high, transformer_2=low, boundary_ratio=0.9)
+    gen = torch.Generator().manual_seed(3)
+    image01 = torch.rand(1, 3, 32, 48, generator=gen)
+    x = torch.randn(1, 16, 2, 4, 6, generator=gen)
+    context, neg = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) for _ in range(2))
+    y = sample.i2v_condition(vae, image01 * 2 - 1, frames=5)
+    with torch.no_grad():
+        _, y_ref = pipe.prepare_latents(image01 * 2 - 1, 1, 16, 32, 48, 5, torch.float32, CPU, None, latents=x)
+    assert y.shape == (1, 20, 2, 4, 6) and torch.equal(y[:, :4], y_ref[:, :4])  # the mask
+    assert y[:, :4, 0].eq(1).all() and y[:, :4, 1:].eq(0).all()
+    assert (y - y_ref).abs().max() <= 1e-5 * y_ref.abs().max()
+    with torch.no_grad():
+        want = pipe(image=image01, prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=32,
+                    width=48, num_frames=5, num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0,
+                    output_type="latent").frames
+        experts = model_dit.load_two_experts(tmp_path / "high", tmp_path / "low", 0.9, guidance=(3.0, 4.0))
+        got, _ = sample.denoise(lambda x, t: experts(x, t, context, y=y), x, sample.get_sigmas(8, 5.0),
+                                uncond_fn=lambda x, t: experts(x, t, neg, y=y), guidance=experts.guidance_at)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_sample_ti2v_5b_image_to_video_matches_diffusers(tmp_path):
+    """Wan 2.2 TI2V-5B: the image latent as latent frame 0 with its tokens at t = 0, against
+    WanImageToVideoPipeline(expand_timesteps=True) end to end."""
+    from diffusers import WanImageToVideoPipeline
+
+    theirs_vae = _vae22_diffusers(seed=6, scale_factor_spatial=16)
+    theirs_vae.save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    cfg = replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48)
+    dit_ref = _dit_diffusers(cfg, seed=2)
+    dit_ref.save_pretrained(tmp_path / "transformer")
+    dit = load_dit(tmp_path / "transformer")
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=theirs_vae, scheduler=_sample_wan_unipc(5.0),
+                                   transformer=dit_ref, expand_timesteps=True)
+    gen = torch.Generator().manual_seed(4)
+    image01 = torch.rand(1, 3, 64, 96, generator=gen)
+    x = torch.randn(1, 48, 2, 4, 6, generator=gen)
+    context, neg = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) for _ in range(2))
+    z_image = sample.ti2v_image_latent(vae, image01 * 2 - 1)
+    with torch.no_grad():
+        _, z_ref, mask = pipe.prepare_latents(image01 * 2 - 1, 1, 48, 64, 96, 5, torch.float32, CPU, None, latents=x)
+        want = pipe(image=image01, prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=64,
+                    width=96, num_frames=5, num_inference_steps=8, guidance_scale=5.0, output_type="latent").frames
+    assert z_image.shape == (1, 48, 1, 4, 6) and (z_image - z_ref).abs().max() <= 1e-5 * z_ref.abs().max()
+    seen = []
+
+    def velocity(ctx):
+        def fn(x, t):
+            seen.append(t)
+            return dit(x, t, ctx)
+        return sample.with_first_frame(fn, z_image)
+
+    with torch.no_grad():
+        got, _ = sample.denoise(velocity(context), x, sample.get_sigmas(8, 5.0), uncond_fn=velocity(neg), guidance=5.0)
+    got = sample.put_first_frame(got, z_image)
+    assert seen[0].shape == (1, 12) and (seen[0][:, :6] == 0).all() and (seen[0][:, 6:] == 999).all()
+    assert torch.equal(got[:, :, :1], z_image)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_sample_i2v_sizes():
+    # I2V-A14B / 14B: the image's aspect at max area 1280*720, latent a multiple of 2, stretched (no crop)
+    assert sample.i2v_size(1080, 1920, 1280 * 720) == (720, 1280)
+    assert sample.i2v_size(1000, 1000, 1280 * 720) == (960, 960)
+    # sqrt(832*480 * 480/832) is 479.99999999999994 in float64, so Wan's own formula gives 464, not 480
+    assert sample.i2v_size(480, 832, 832 * 480) == (464, 832)
+    # TI2V-5B: multiples of 32 within 704*1280, the rounding that keeps the aspect closer
+    assert sample.best_output_size(1280, 704, 32, 32, 704 * 1280) == (1280, 704)
+    assert sample.best_output_size(1920, 1080, 32, 32, 704 * 1280) == (1248, 704)
+    assert sample.best_output_size(704, 1280, 32, 32, 704 * 1280) == (704, 1280)
+    for w, h in ((1920, 1080), (640, 480), (500, 1500)):
+        ow, oh = sample.best_output_size(w, h, 32, 32, 704 * 1280)
+        assert ow % 32 == 0 and oh % 32 == 0 and ow * oh <= 704 * 1280 and abs(ow / oh / (w / h) - 1) < 0.06
+    img = torch.linspace(-1, 1, 3 * 40 * 60).view(3, 40, 60)
+    out = sample.resize_crop(img, 32, 32)  # cover 40x60 -> 32x48, then the middle 32 columns
+    assert out.shape == (3, 32, 32)
+    assert sample.resize_stretch(img, 32, 32).shape == (3, 32, 32)
+
+
+def _clip_hf(seed=0):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=28, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    return _dit_perturb(CLIPVisionModel(cfg).eval(), seed)
+
+
+def test_clip_features_match_transformers_and_official_layout(tmp_path):
+    hf = _clip_hf()
+    hf.save_pretrained(tmp_path / "image_encoder")
+    ours = clip_lib.load_clip(tmp_path / "image_encoder")
+    assert ours.cfg == clip_lib.CLIP_CONFIGS["tiny"] and len(ours.transformer) == 2  # 3 blocks, the last unused
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, 28, 28, generator=gen)
+    with torch.no_grad():
+        want = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # the first 2 of 3 blocks
+        got = ours.features(pixels)
+    assert got.shape == (2, 5, 64) and (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert not torch.allclose(got[0], got[1])
+    # Wan's preprocessing: bicubic to 224 (here 28) from [-1, 1], then CLIP's mean and std
+    image = torch.rand(1, 3, 40, 60, generator=gen) * 2 - 1
+    x = F.interpolate(image, size=(28, 28), mode="bicubic", align_corners=False) * 0.5 + 0.5
+    x = (x - torch.tensor(clip_lib.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(clip_lib.CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(ours.encode_image(image), ours.features(x))
+    # the official .pth: visual.* (all blocks, post-norm, head) beside the text tower, which is skipped
+    sd = {f"visual.{k}": v for k, v in ours.state_dict().items()}
+    sd |= {f"visual.transformer.2.{k}": v for k, v in ours.transformer[1].state_dict().items()}
+    sd |= {"visual.post_norm.weight": torch.ones(64), "visual.post_norm.bias": torch.zeros(64),
+           "visual.head": torch.zeros(64, 32), "textual.token_embedding.weight": torch.zeros(10, 32),
+           "log_scale": torch.tensor(2.6)}
+    torch.save(sd, tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    # (the heads are not in the shapes: 16 at ViT-H's width 1280, i.e. head_dim 80; a tiny file says them)
+    official = clip_lib.load_clip(tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", ours.cfg)
+    assert torch.equal(official.features(pixels), got)
+    with pytest.raises(ValueError, match=r"not a CLIP vision tower"):
+        torch.save({"textual.x": torch.zeros(1)}, tmp_path / "text_only.pth")
+        clip_lib.load_clip(tmp_path / "text_only.pth")
+    with torch.device("meta"):
+        full = clip_lib.CLIPVisionEncoder(clip_lib.CLIP_CONFIGS["vit-h-14"])
+    assert full.pos_embedding.shape == (1, 257, 1280) and len(full.transformer) == 31
+    shapes = {k: torch.empty(v.shape, device="meta") for k, v in full.state_dict().items()}
+    shapes |= {k.replace("transformer.30.", "transformer.31."): v for k, v in shapes.items() if "transformer.30." in k}
+    assert clip_lib._config_of(shapes) == clip_lib.CLIP_CONFIGS["vit-h-14"]  # the real file's config from its shapes
+
+
+def test_sample_i2v_14b_with_clip_matches_diffusers(tmp_path):
+    """Wan 2.1 I2V-14B: y on channels and CLIP features cross-attended through k_img / v_img, against
+    WanImageToVideoPipeline with a CLIPVisionModel image encoder. Diffusers' CLIP processor crops and
+    resizes with PIL, Wan interpolates: the pipeline is handed Wan's preprocessing of the image."""
+    from diffusers import WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    theirs_vae = _vae_perturb_(AutoencoderKLWan(base_dim=8, num_res_blocks=1), seed=7)
+    theirs_vae.save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    hf_clip = _clip_hf(seed=1)
+    hf_clip.save_pretrained(tmp_path / "image_encoder")
+    ours_clip = clip_lib.load_clip(tmp_path / "image_encoder")
+    cfg = replace(DIT_CONFIGS["tiny"], in_dim=36, image_dim=64)
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
+                                attention_head_dim=cfg.head_dim, in_channels=36, out_channels=16, text_dim=cfg.text_dim,
+                                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=64,
+                                added_kv_proj_dim=cfg.dim)
+    ref = _dit_perturb(ref.eval())
+    ref.save_pretrained(tmp_path / "transformer")
+    dit = load_dit(tmp_path / "transformer")
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=theirs_vae, scheduler=_sample_wan_unipc(5.0),
+                                   image_encoder=hf_clip, image_processor=None, transformer=ref)
+    gen = torch.Generator().manual_seed(8)
+    image01 = torch.rand(1, 3, 32, 48, generator=gen)
+    image = image01 * 2 - 1
+    pipe.encode_image = lambda img, device: hf_clip(pixel_values=ours_clip.preprocess(image),
+                                                    output_hidden_states=True).hidden_states[-2]
+    x = torch.randn(1, 16, 2, 4, 6, generator=gen)
+    context, neg = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        want = pipe(image=image01, prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=32,
+                    width=48, num_frames=5, num_inference_steps=6, guidance_scale=5.0, output_type="latent").frames
+        y, feats = sample.i2v_condition(vae, image, frames=5), ours_clip.encode_image(image)
+        got, _ = sample.denoise(lambda x, t: dit(x, t, context, y=y, clip=feats), x, sample.get_sigmas(6, 5.0),
+                                uncond_fn=lambda x, t: dit(x, t, neg, y=y, clip=feats), guidance=5.0)
+    assert feats.shape == (1, 5, 64) and (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_sample_sigmas_match_spec_50_steps_shift_5():
     sigmas = sample.get_sigmas(50, 5.0)
     ts = sample.timesteps_from_sigmas(sigmas)
@@ -1487,6 +1832,159 @@ def test_sample_checkpoint_paths_for_both_layouts(tmp_path):
         (diff / name).mkdir(parents=True)
     assert sample.checkpoint_paths(diff) == {k: diff / n for k, n in [("dit", "transformer"), ("vae", "vae"),
                                              ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer")]}
+
+
+def _touch(folder, *names, config=None, sub=None):
+    (folder / (sub or "")).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    if config is not None:
+        (folder / (sub or "") / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sample_detects_every_checkpoint_folder(tmp_path):
+    t5, clip_pth = "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+    official = {
+        "t2v-1.3B": _touch(tmp_path / "a", "Wan2.1_VAE.pth", t5, config={"model_type": "t2v", "dim": 1536}),
+        "t2v-14B": _touch(tmp_path / "b", "Wan2.1_VAE.pth", t5, config={"model_type": "t2v", "dim": 5120}),
+        "i2v-14B": _touch(tmp_path / "c", "Wan2.1_VAE.pth", t5, clip_pth, config={"model_type": "i2v", "dim": 5120}),
+        "ti2v-5B": _touch(tmp_path / "d", "Wan2.2_VAE.pth", t5, config={"model_type": "ti2v", "dim": 3072}),
+    }
+    for name, in_dim in (("t2v-A14B", 16), ("i2v-A14B", 36)):
+        root = tmp_path / name
+        for expert in ("high_noise_model", "low_noise_model"):
+            _touch(root, config={"model_type": name[:3], "in_dim": in_dim}, sub=expert)
+        official[name] = _touch(root, "Wan2.1_VAE.pth", t5)
+    for name, root in official.items():
+        assert sample.detect_model(root) == name, name
+    p = sample.checkpoint_paths(official["t2v-A14B"])
+    assert (p["dit"].name, p["dit_low"].name, p["vae"].name) == ("high_noise_model", "low_noise_model", "Wan2.1_VAE.pth")
+    assert sample.checkpoint_paths(official["ti2v-5B"])["vae"].name == "Wan2.2_VAE.pth"
+    assert sample.checkpoint_paths(official["i2v-14B"])["clip"].name == clip_pth
+    assert set(sample.checkpoint_paths(official["t2v-1.3B"])) == {"dit", "vae", "text_encoder", "tokenizer"}
+
+    def diffusers(name, index, transformer, vae=None, extra=()):
+        root = tmp_path / f"{name}-Diffusers"
+        _touch(root, config=transformer, sub="transformer")
+        _touch(root, config=vae or {"z_dim": 16}, sub="vae")
+        for sub in ("text_encoder", "tokenizer", *extra):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / "model_index.json").write_text(json.dumps(index))
+        return root
+
+    heads = lambda n: {"num_attention_heads": n, "attention_head_dim": 128}  # noqa: E731
+    folders = {
+        "t2v-1.3B": diffusers("t2v-1.3B", {"_class_name": "WanPipeline"}, heads(12)),
+        "t2v-14B": diffusers("t2v-14B", {"_class_name": "WanPipeline"}, heads(40)),
+        "i2v-14B": diffusers("i2v-14B", {"_class_name": "WanImageToVideoPipeline"}, {**heads(40), "image_dim": 1280},
+                             extra=("image_encoder",)),
+        "t2v-A14B": diffusers("t2v-A14B", {"_class_name": "WanPipeline", "boundary_ratio": 0.875}, heads(40),
+                              extra=("transformer_2",)),
+        "i2v-A14B": diffusers("i2v-A14B", {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9},
+                              {**heads(40), "in_channels": 36}, extra=("transformer_2",)),
+        "ti2v-5B": diffusers("ti2v-5B", {"_class_name": "WanPipeline", "expand_timesteps": True}, heads(24),
+                             vae={"z_dim": 48}),
+    }
+    for name, root in folders.items():
+        assert sample.detect_model(root) == name, name
+    p = sample.checkpoint_paths(folders["i2v-A14B"])
+    assert (p["dit"].name, p["dit_low"].name, p["vae"].name) == ("transformer", "transformer_2", "vae")
+    assert sample.checkpoint_paths(folders["i2v-14B"])["clip"].name == "image_encoder"
+
+    # each model's official defaults, and the mistakes refused in one line
+    args = sample.parse_args(["--ckpt-dir", str(official["ti2v-5B"])])
+    assert (args.model, args.steps, args.shift, args.guidance, args.frames, args.fps, args.width, args.height) == (
+        "ti2v-5B", 50, 5.0, 5.0, 121, 24, 1280, 704)
+    args = sample.parse_args(["--ckpt-dir", str(folders["t2v-A14B"])])
+    assert (args.steps, args.shift, args.guidance, args.boundary, args.width) == (40, 12.0, (3.0, 4.0), 0.875, 1280)
+    args = sample.parse_args(["--ckpt-dir", str(official["i2v-A14B"]), "--image", "x.png", "--guidance", "4"])
+    assert (args.guidance, args.boundary, args.shift) == ((4.0, 4.0), 0.9, 5.0)
+    for argv, msg in (
+        (["--ckpt-dir", str(official["ti2v-5B"]), "--size", "1280x720"], "multiples of 32 (VAE 16x, DiT 2x2 patches)"),
+        (["--ckpt-dir", str(official["i2v-A14B"])], "i2v-A14B is image-to-video: give --image"),
+        (["--ckpt-dir", str(official["t2v-14B"]), "--image", "x.png"], "t2v-14B is text-to-video"),
+        (["--ckpt-dir", str(official["t2v-14B"]), "--guidance", "3,4"], "LOW,HIGH pair is for the two-expert"),
+        (["--ckpt-dir", str(official["t2v-14B"]), "--boundary", "0.9"], "--boundary is for the two-expert"),
+        (["--image", "x.png"], "need a checkpoint"),
+    ):
+        with pytest.raises(SystemExit):
+            sample.parse_args(argv)
+        assert msg in capsys_err(argv), argv
+
+
+def capsys_err(argv):
+    """The one-line error parse_args prints for argv."""
+    buf = io.StringIO()
+    with mock.patch("sys.stderr", buf), pytest.raises(SystemExit):
+        sample.parse_args(argv)
+    return buf.getvalue()
+
+
+def _sample_text_files(folder):
+    """A tiny UMT5 .pth and a word-level tokenizer in Wan's original layout."""
+    (folder / "google" / "umt5-xxl").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3)
+    torch.save(text_encoder.UMT5Encoder(text_encoder.UMT5_CONFIGS["tiny"]).state_dict(),
+               folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "red": 4, "ball": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "google" / "umt5-xxl" / "tokenizer.json"))
+
+
+def test_sample_cli_i2v_a14b_and_ti2v_5b_folders(tmp_path, capsys):
+    """The command line on tiny official-layout folders: an I2V-A14B (two experts, y) and a TI2V-5B
+    (Wan 2.2 VAE, the image as the clean first frame), each with a jsonl of prompts and images."""
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    imageio.imwrite(tmp_path / "cat.png", img)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "a red ball", "image": "cat.png"}) + "\n")
+
+    a14b = tmp_path / "Wan2.2-I2V-A14B-tiny"
+    cfg = replace(DIT_CONFIGS["tiny"], in_dim=36)
+    for i, expert in enumerate(("high_noise_model", "low_noise_model")):
+        (a14b / expert).mkdir(parents=True)
+        torch.manual_seed(i)
+        save_file(_dit_perturb(WanDiT(cfg)).state_dict(), str(a14b / expert / "diffusion_pytorch_model.safetensors"))
+        (a14b / expert / "config.json").write_text(json.dumps({"model_type": "i2v", "in_dim": 36, "num_heads": 2}))
+    torch.save(_vae_tiny().state_dict(), a14b / "Wan2.1_VAE.pth")  # a tiny VAE: its config read from the shapes
+    _sample_text_files(a14b)
+    sample.main(["--ckpt-dir", str(a14b), "--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "3",
+                 "--size", "64x32", "--frames", "5", "--out", str(tmp_path / "a14b"), "--save-latents",
+                 str(tmp_path / "a14b_latents")])
+    info = json.loads((tmp_path / "a14b" / "00000.json").read_text())
+    assert info["model"] == "i2v-A14B" and info["image"].endswith("cat.png") and info["guidance"] == [3.5, 3.5]
+    h, w = sample.i2v_size(40, 56, 64 * 32)  # the image's aspect at the area of --size
+    with safe_open(str(tmp_path / "a14b_latents" / "00000.safetensors"), "pt") as f:
+        assert f.get_tensor("latent").shape == (16, 2, h // 8, w // 8)
+    assert imageio.mimread(tmp_path / "a14b" / "00000.mp4")[0].shape == (h, w, 3)
+
+    five = tmp_path / "Wan2.2-TI2V-5B-tiny"
+    five.mkdir()
+    torch.manual_seed(2)
+    save_file(_dit_perturb(WanDiT(replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48))).state_dict(),
+              str(five / "diffusion_pytorch_model.safetensors"))
+    (five / "config.json").write_text(json.dumps({"model_type": "ti2v", "num_heads": 2}))
+    vae22 = _vae_perturb_(WanVAE(VAE_CONFIGS["tiny2.2"]), seed=3)
+    torch.save(vae22.state_dict(), five / "Wan2.2_VAE.pth")
+    _sample_text_files(five)
+    sample.main(["--ckpt-dir", str(five), "--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "3",
+                 "--size", "64x64", "--frames", "5", "--out", str(tmp_path / "five"), "--save-latents",
+                 str(tmp_path / "five_latents")])
+    w, h = sample.best_output_size(56, 40, 32, 32, 64 * 64)
+    with safe_open(str(tmp_path / "five_latents" / "00000.safetensors"), "pt") as f:
+        z = f.get_tensor("latent")
+    image = sample.resize_crop(sample.load_image(tmp_path / "cat.png"), h, w)
+    assert z.shape == (48, 2, h // 16, w // 16)
+    torch.testing.assert_close(z[:, :1], sample.ti2v_image_latent(vae22, image[None])[0], rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "five" / "00000.json").read_text())["fps"] == 24
+    # the 5B without an image is text-to-video; a Wan 2.2 VAE with a Wan 2.1 DiT is refused
+    sample.main(["--ckpt-dir", str(five), "--prompt", "a red ball", "--steps", "2", "--size", "32x32", "--frames", "5",
+                 "--out", str(tmp_path / "five_t2v.mp4")])
+    assert imageio.mimread(tmp_path / "five_t2v.mp4")[0].shape == (32, 32, 3)
+    with pytest.raises(ValueError, match=r"the DiT takes 36 input channels but i2v-A14B with the Wan 2.2 VAE"):
+        sample.main(["--ckpt-dir", str(a14b), "--vae", str(five / "Wan2.2_VAE.pth"), "--image", str(tmp_path / "cat.png"),
+                     "--steps", "2", "--size", "64x32", "--frames", "5", "--out", str(tmp_path / "bad.mp4")])
 
 
 def test_sample_cli_rejects_bad_frames_and_size(capsys):
@@ -4474,7 +4972,7 @@ def test_refl_sft_loss_targets_eps_minus_z0(monkeypatch):
 def test_sequence_parallel_two_ranks_equal_one_process():
     """2 ranks (gloo) split every sample's 96 tokens: the same output and LoRA gradients (summed over
     the group) as one process, with and without gradient checkpointing."""
-    for flags in ({}, {"checkpointing": True}):
+    for flags in ({}, {"checkpointing": True}, {"per_token_t": True}):
         res = bench.run_sp(flags, timeout=300)
         assert res["sp"] == 2 and res["lora_tensors"] > 0
         assert res["out_rel_diff"] <= 1e-5 and res["grad_rel_diff"] <= 1e-5, res
@@ -5392,6 +5890,11 @@ def test_bench_dit_workload_runs_both_implementations(tmp_path, impl):
     args = {"impl": impl, "path": str(tmp_path), "shape": [16, 1, 4, 4], "text_dim": 64, "repeats": 1}
     r = bench.child_dit(args, CPU, bench.proc_status_mb("VmRSS"))
     assert r["time_s"] > 0
+    kwargs, shape = bench.dit_setup("tiny", "2.2")  # the TI2V-5B's per-token t, both implementations
+    WanTransformer3DModel(**kwargs).save_pretrained(tmp_path / "ti2v")
+    args = {"impl": impl, "path": str(tmp_path / "ti2v"), "shape": list(shape), "text_dim": 64, "repeats": 1,
+            "per_token": True}
+    assert bench.child_dit(args, CPU, bench.proc_status_mb("VmRSS"))["time_s"] > 0
 
 
 def test_bench_saved_tensor_bytes_labels_modules_and_keeps_outputs():
@@ -5613,7 +6116,7 @@ def _robust_sgd(model):
 # ==================================================================================================
 
 
-@pytest.mark.parametrize("name", ["model_dit", "vae", "text_encoder", "lora", "lrm", "replay", "rewards",
+@pytest.mark.parametrize("name", ["model_dit", "vae", "text_encoder", "clip", "lora", "lrm", "replay", "rewards",
                                   "distributed", "sample"])
 def test_component_file_imports_alone_in_an_empty_folder(name, tmp_path):
     (tmp_path / f"{name}.py").write_bytes((Path(__file__).resolve().parent / f"{name}.py").read_bytes())
@@ -5634,12 +6137,12 @@ import importlib, sys
 for name in {_ROBUST_BLOCKED!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 import torch, safetensors.torch, numpy
-project = {{"model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed", "toy",
+project = {{"model_dit", "vae", "text_encoder", "clip", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed", "toy",
             "sample", "prepare_data", "train_lrm", "train_refl", "train_lpo", "refl", "runs", "picture", "shards",
             "bench"}}
 allowed = {{"lrm_dit": {{"lrm", "model_dit", "lora"}}}}  # the DiT-backbone LRM: the generator's blocks, a LoRA trunk
 ok = set(sys.stdlib_module_names) | {{"torch", "safetensors", "numpy"}}
-for name in ("model_dit", "vae", "text_encoder", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed",
+for name in ("model_dit", "vae", "text_encoder", "clip", "lrm", "lrm_dit", "lora", "replay", "rewards", "distributed",
              "shards", "sample"):
     for m in [m for m in sys.modules if m.split(".")[0] in project]:
         del sys.modules[m]

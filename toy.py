@@ -620,7 +620,9 @@ def recipe(cfg: ToyConfig, fields) -> str:
     its architecture, text_len included, which the weights' shapes do not show)."""
     settings = {k: getattr(cfg, k) for k in fields}
     if "dit" in fields:
-        settings["dit_config"] = asdict(TOY_DITS[cfg.dit])
+        # the architecture; fields left None are parts not built (no image cross-attention), left out
+        # so that a DiTConfig gaining such an optional part keeps every shipped recipe
+        settings["dit_config"] = {k: v for k, v in asdict(TOY_DITS[cfg.dit]).items() if v is not None}
     return json.dumps(settings, sort_keys=True)
 
 

@@ -1891,6 +1891,9 @@ def test_sample_detects_every_checkpoint_folder(tmp_path):
     p = sample.checkpoint_paths(folders["i2v-A14B"])
     assert (p["dit"].name, p["dit_low"].name, p["vae"].name) == ("transformer", "transformer_2", "vae")
     assert sample.checkpoint_paths(folders["i2v-14B"])["clip"].name == "image_encoder"
+    for root in (official["t2v-A14B"], folders["ti2v-5B"]):  # training is Wan 2.1 T2V only, for now: said so
+        with pytest.raises(ValueError, match=r"holds (t2v-A14B|ti2v-5B): training runs the Wan 2.1 text-to-video"):
+            refl.load_models(types.SimpleNamespace(ckpt_dir=str(root)), CPU, 0)
 
     # each model's official defaults, and the mistakes refused in one line
     args = sample.parse_args(["--ckpt-dir", str(official["ti2v-5B"])])

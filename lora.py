@@ -16,6 +16,10 @@ and a missing alpha means alpha = r (scale 1). Imports only torch and safetensor
     save_lora(dit, "lora.safetensors")
     merge_lora(model_dit.load_dit(...), "lora.safetensors")   # W += scale alpha / r  B A
 
+Wan 2.2's A14B (two experts, model_dit.TwoExpertDiT) has one file per expert, as ComfyUI and
+diffusers load them: `lora_high_noise.safetensors` and `lora_low_noise.safetensors` (diffusers:
+the low-noise file with `load_into_transformer_2=True`); `save_expert_loras` / `merge_expert_loras`.
+
 Left out: adapters outside the blocks' Linears (embeddings, head, convolutions), LoRA dropout,
 and variants such as DoRA; files with Diffusers module names (`attn1.to_q`, ...) are not read.
 """
@@ -170,3 +174,46 @@ def merge_lora(dit: nn.Module, path, scale: float = 1.0) -> int:
             raise ValueError(f"{path}: LoRA of {name} gives {tuple(delta.shape)}, the weight is {tuple(layer.weight.shape)}")
         layer.weight += delta.to(layer.weight)
     return len(groups)
+
+
+# Wan 2.2 A14B: one community-format file per expert
+EXPERT_FILES = {"high": "lora_high_noise.safetensors", "low": "lora_low_noise.safetensors"}
+
+
+def save_expert_loras(experts: nn.Module, folder, metadata: dict | None = None) -> list[Path]:
+    """Write the adapters of each expert of a two-expert DiT (`.high`, `.low`) to folder/EXPERT_FILES;
+    an expert without adapters gets no file. Returns the files written."""
+    folder, written = Path(folder), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, file in EXPERT_FILES.items():
+        expert = getattr(experts, name)
+        if lora_state_dict(expert):
+            save_lora(expert, folder / file, {**(metadata or {}), "expert": name})
+            written.append(folder / file)
+    if not written:
+        raise ValueError("neither expert has LoRA adapters to save")
+    return written
+
+
+def expert_lora_files(source) -> dict:
+    """The pair of files of an A14B LoRA: a folder holding EXPERT_FILES (one of them may be missing:
+    an expert that was not trained), or "HIGH,LOW" paths (one side may be empty). -> {"high": path, ...}."""
+    text = str(source)
+    if "," in text:
+        high, low = (p.strip() for p in text.split(",", 1))
+        files = {k: Path(p) for k, p in (("high", high), ("low", low)) if p}
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ValueError(f"an A14B LoRA is a pair of files: give the folder holding {' and '.join(EXPERT_FILES.values())}, "
+                             f"or HIGH,LOW paths; got {source}")
+        files = {k: folder / f for k, f in EXPERT_FILES.items() if (folder / f).is_file()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing or not files:
+        raise FileNotFoundError(f"LoRA files not found: {missing or [str(Path(source) / f) for f in EXPERT_FILES.values()]}")
+    return files
+
+
+def merge_expert_loras(experts: nn.Module, source, scale: float = 1.0) -> dict:
+    """merge_lora of each expert's file (expert_lora_files) into that expert; -> {expert: layers changed}."""
+    return {name: merge_lora(getattr(experts, name), path, scale) for name, path in expert_lora_files(source).items()}

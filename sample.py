@@ -491,7 +491,8 @@ def parse_args(argv=None):
     g.add_argument("--text-encoder", help="models_t5_umt5-xxl-enc-bf16.pth or a Diffusers text_encoder/ folder")
     g.add_argument("--tokenizer", help="google/umt5-xxl tokenizer folder")
     g.add_argument("--clip", help="Wan 2.1 I2V's CLIP: " + _CLIP + " or a Diffusers image_encoder/ folder")
-    g.add_argument("--lora", help="community-format Wan LoRA (.safetensors) merged into the DiT")
+    g.add_argument("--lora", help="community-format Wan LoRA (.safetensors) merged into the DiT; for the A14B "
+                   "the folder holding lora_high_noise / lora_low_noise.safetensors, or HIGH,LOW")
     g.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA delta (default 1.0)")
     g = p.add_argument_group("sampling (defaults: the model's own, see MODELS)")
     g.add_argument("--prompt", default="A corgi running on a beach at sunset, cinematic.", help="the one prompt")
@@ -597,10 +598,10 @@ def load_models(args, device):
             clip = clip_lib.load_clip(paths["clip"], device=device, dtype=dt["vae"])
         encoder = text_encoder_lib.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer = text_encoder_lib.load_tokenizer(paths["tokenizer"])
-    if args.lora:
-        if isinstance(dit, model_dit.TwoExpertDiT):  # an A14B LoRA is one file per expert
-            raise ValueError("--lora merges one file into one DiT; for the A14B merge each expert's file with "
-                             "lora.merge_lora(dit.high, ...) and lora.merge_lora(dit.low, ...)")
+    if args.lora and isinstance(dit, model_dit.TwoExpertDiT):  # an A14B LoRA is one file per expert
+        for expert, n in lora.merge_expert_loras(dit, args.lora, args.lora_scale).items():
+            print(f"merged LoRA {lora.expert_lora_files(args.lora)[expert]} into {n} layers of the {expert}-noise expert")
+    elif args.lora:
         print(f"merged LoRA {args.lora} into {lora.merge_lora(dit, args.lora, args.lora_scale)} layers")
     return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, encoder.eval(), clip
 

@@ -1609,6 +1609,58 @@ def test_sample_i2v_14b_with_clip_matches_diffusers(tmp_path):
     assert feats.shape == (1, 5, 64) and (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_lora_pair_per_expert_matches_diffusers_transformer_2(tmp_path):
+    """An A14B LoRA is two community-format files; the low-noise one goes to diffusers' transformer_2
+    (what load_lora_weights(..., load_into_transformer_2=True) does; peft, which that needs, is not a
+    test dependency, so the converted weights are merged by hand). Ours and diffusers' sample alike."""
+    from diffusers import WanPipeline
+
+    cfg = DIT_CONFIGS["tiny"]
+    high_ref, low_ref = _dit_diffusers(cfg, seed=0), _dit_diffusers(cfg, seed=1)
+    high_ref.save_pretrained(tmp_path / "transformer")
+    low_ref.save_pretrained(tmp_path / "transformer_2")
+    experts = model_dit.load_two_experts(tmp_path / "transformer", tmp_path / "transformer_2", 0.875, (3.0, 4.0))
+    gen = torch.Generator().manual_seed(0)
+    for i, expert in enumerate((experts.high, experts.low)):
+        lora.add_lora(expert, 4, 8.0, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            for name, p in expert.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    with pytest.raises(ValueError, match="an A14B LoRA is a pair of files"):
+        lora.expert_lora_files(tmp_path / "nothing.safetensors")
+    written = lora.save_expert_loras(experts, tmp_path / "run")
+    assert [p.name for p in written] == ["lora_high_noise.safetensors", "lora_low_noise.safetensors"]
+    files = lora.expert_lora_files(tmp_path / "run")
+    assert lora.expert_lora_files(f"{files['high']},{files['low']}") == files
+
+    x = torch.randn(1, 16, 2, 4, 6, generator=gen)
+    context, neg = (torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen) for _ in range(2))
+    sigmas = sample.get_sigmas(12, 12.0)
+    run = lambda m: sample.denoise(lambda x, t: m(x, t, context), x, sigmas,  # noqa: E731
+                                   uncond_fn=lambda x, t: m(x, t, neg), guidance=m.guidance_at)[0]
+    with torch.no_grad():
+        trained = run(experts)
+        fresh = model_dit.load_two_experts(tmp_path / "transformer", tmp_path / "transformer_2", 0.875, (3.0, 4.0))
+        plain = run(fresh)
+        assert lora.merge_expert_loras(fresh, tmp_path / "run") == {"high": 20, "low": 20}
+        merged = run(fresh)
+        for ref, expert in ((high_ref, "high"), (low_ref, "low")):
+            converted = WanLoraLoaderMixin.lora_state_dict(str(files[expert]))
+            for key in [k for k in converted if k.endswith(".lora_A.weight")]:
+                layer = ref.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
+                layer.weight += converted[key.replace("lora_A", "lora_B")] @ converted[key]
+        sch = _sample_wan_unipc(12.0)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sch, transformer=high_ref,
+                           transformer_2=low_ref, boundary_ratio=0.875)
+        want = pipe(prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=32, width=48,
+                    num_frames=5, num_inference_steps=12, guidance_scale=4.0, guidance_scale_2=3.0,
+                    output_type="latent").frames
+    assert (merged - trained).abs().max() <= 1e-5 * trained.abs().max()
+    assert (merged - plain).abs().max() > 1e-2 * plain.abs().max()  # the adapters matter
+    assert (merged - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_sample_sigmas_match_spec_50_steps_shift_5():
     sigmas = sample.get_sigmas(50, 5.0)
     ts = sample.timesteps_from_sigmas(sigmas)
@@ -1957,6 +2009,12 @@ def test_sample_cli_i2v_a14b_and_ti2v_5b_folders(tmp_path, capsys):
                  str(tmp_path / "a14b_latents")])
     info = json.loads((tmp_path / "a14b" / "00000.json").read_text())
     assert info["model"] == "i2v-A14B" and info["image"].endswith("cat.png") and info["guidance"] == [3.5, 3.5]
+    experts = model_dit.load_two_experts(a14b / "high_noise_model", a14b / "low_noise_model", 0.9)
+    lora.add_lora(experts.low, 2, 2.0)  # a LoRA of the low-noise expert only: one file of the pair
+    lora.save_expert_loras(experts, tmp_path / "lora")
+    sample.main(["--ckpt-dir", str(a14b), "--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "2",
+                 "--size", "64x32", "--frames", "5", "--out", str(tmp_path / "a14b_lora"), "--lora", str(tmp_path / "lora")])
+    assert "lora_low_noise.safetensors into 20 layers of the low-noise expert" in capsys.readouterr().out
     h, w = sample.i2v_size(40, 56, 64 * 32)  # the image's aspect at the area of --size
     with safe_open(str(tmp_path / "a14b_latents" / "00000.safetensors"), "pt") as f:
         assert f.get_tensor("latent").shape == (16, 2, h // 8, w // 8)

@@ -139,7 +139,7 @@ def encode_video(item, vae, args, device):
 
 
 def load_saved_latent(item):
-    """A `sample.py --save-latents` file -> (latent (16, T', H', W'), prompt)."""
+    """A `sample.py --save-latents` file -> (latent (C, T', H', W'), prompt)."""
     with safe_open(item["latent"], "pt") as f:
         return f.get_tensor("latent").float(), f.metadata()["prompt"]
 
@@ -244,7 +244,12 @@ def parse_args(argv):
         vae_lib.check_size(args.frames, args.size[1], args.size[0])
         if args.frames < 5:
             raise ValueError(f"--frames {args.frames} is a still image, not a video: a video reward model needs at least 5 frames")
-        sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))  # refused before any work
+        paths = sample.model_paths(args, parts=("vae", "text_encoder", "tokenizer"))  # refused before any work
+        if paths:  # the VAE's size rule: multiples of 16 (Wan 2.1 VAE), 32 (Wan 2.2, the TI2V-5B's)
+            m = vae_lib.read_config(paths["vae"]).size_multiple
+            if args.size[0] % m or args.size[1] % m:
+                raise ValueError(f"--size {args.size[0]}x{args.size[1]}: {paths['vae']} is a Wan "
+                                 f"{'2.2' if m == 32 else '2.1'} VAE, whose videos are multiples of {m}")
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if args.shard_size < 1:

@@ -735,6 +735,8 @@ def test_vae22_loads_original_layout_and_checkpointed_decode(tmp_path):
             assert loaded.cfg == VAE_CONFIGS["tiny2.2"] and torch.equal(loaded.encode(video), z_ref), name
     with pytest.raises(ValueError, match=r"layout guessed: original.*missing [1-9]"):
         load_vae(tmp_path / "Wan2.2_VAE.pth", config=VAE_CONFIGS["tiny"])
+    for name in ("Wan2.2_VAE.pth", "renamed.safetensors", "vae"):  # the config without loading the weights
+        assert vae_lib.read_config(tmp_path / name) == VAE_CONFIGS["tiny2.2"], name
 
     # The DupUp3D first-chunk trim runs inside the checkpointed chunk too: same frames, same gradients.
     z0 = torch.randn(1, 48, 3, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -3688,6 +3690,54 @@ def test_train_lrm_refuses_shards_of_mixed_shapes(tmp_path):
     data = _lrm_shards(tmp_path / "d2", [(2, 4, 4), (2, 4, 4)], widths=[64, 32])
     with pytest.raises(ValueError, match=r"shard_00001\.safetensors.*width 32.*64"):
         train_lrm.main(_data_train_argv(tmp_path / "r2", "--data", str(data), "--members", "2", "--epochs", "1"))
+
+
+def test_train_lrm_takes_channels_and_grid_from_its_data(tmp_path):
+    """The TI2V-5B's latents (Wan 2.2 VAE: 48 channels, 31 latent frames at 121) give a 48-channel
+    LRM with position tables that cover them; a 16-channel LRM (every Wan 2.1-VAE model, the A14B
+    included) still fits a 16-channel generator; refl refuses either for the other's latents."""
+    out = tmp_path / "d48"
+    out.mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"latent": torch.randn(48, 25, 2, 2, generator=g), "context": torch.randn(3, 64, generator=g),
+             "reward": float(j), "prompt": f"p{j}", "source": f"s{j}"} for j in range(4)]
+    shards.write_shard(shards.shard_path(out, 0), rows, [])
+    shards.write_index(out, 1, 4)
+    assert train_lrm.fit_to_latents(lrm.LRM_CONFIGS["tiny"], (48, 31, 44, 80)).max_frames == 31
+    train_lrm.main(_data_train_argv(tmp_path / "r48", "--data", str(out), "--config", "tiny", "--members", "2",
+                                    "--epochs", "1", "--batch-size", "2", "--test-frac", "0.25"))
+    model = lrm.load_lrm(tmp_path / "r48" / "lrm.safetensors")
+    assert model.cfg.in_channels == 48 and model.cfg.max_frames == 25
+    five, a14b = replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48), replace(DIT_CONFIGS["tiny"], in_dim=36)
+    refl.check_lrm_fits(model, five, "r48", print)
+    with pytest.raises(ValueError, match=r"reads 48-channel latents .* the generator makes 16"):
+        refl.check_lrm_fits(model, a14b, "r48", print)
+    with torch.no_grad():
+        assert model(torch.randn(2, 48, 25, 2, 2), torch.randn(2, 3, 64), torch.tensor([3, 3])).shape == (2, 2)
+    sixteen = lrm.EnsembleLRM(lrm.LRM_CONFIGS["tiny"], n_members=2)
+    refl.check_lrm_fits(sixteen, a14b, "a 16-channel LRM", print)  # the A14B's latents are Wan 2.1's
+    with pytest.raises(ValueError, match=r"reads 16-channel latents .* the generator makes 48"):
+        refl.check_lrm_fits(sixteen, five, "a 16-channel LRM", print)
+
+
+def test_prepare_data_with_the_wan22_vae(tmp_path, capsys):
+    """A TI2V-5B folder: prepare_data encodes with its Wan 2.2 VAE (48 channels at /16); sizes are
+    multiples of 32, refused in one line otherwise."""
+    five = tmp_path / "Wan2.2-TI2V-5B-tiny"
+    five.mkdir()
+    torch.save(_vae_perturb_(WanVAE(VAE_CONFIGS["tiny2.2"]), seed=3).state_dict(), five / "Wan2.2_VAE.pth")
+    _sample_text_files(five)
+    videos = _data_video_folder(tmp_path / "videos")
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--out", str(tmp_path / "bad"), "--size", "48x32", "--frames", "5", "--fps", "4",
+                           "--videos", str(videos), "--ckpt-dir", str(five)])
+    err = capsys.readouterr().err
+    assert "--size 48x32: " in err and "Wan2.2_VAE.pth is a Wan 2.2 VAE, whose videos are multiples of 32" in err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    prepare_data.main(["--out", str(tmp_path / "d"), "--size", "64x32", "--frames", "5", "--fps", "4",
+                       "--videos", str(videos), "--ckpt-dir", str(five)])
+    data = shards.ShardRows(tmp_path / "d")
+    assert len(data) == 3 and data[0]["latent"].shape == (48, 2, 2, 4)
 
 
 def test_train_lrm_names_bad_data_folders_and_flags(tmp_path):

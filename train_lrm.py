@@ -151,6 +151,15 @@ def saved_settings(run: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+def fit_to_latents(cfg, shape):
+    """The LRM config for latents of `shape` (C, T, H, W): in_channels from the data (16 for every
+    Wan 2.1-VAE model, the A14B included; 48 for the TI2V-5B's Wan 2.2 VAE), and position tables
+    grown to cover the latent grid where the config's are smaller (the 5B's 121 frames give 31)."""
+    c, t, h, w = shape
+    return replace(cfg, in_channels=c, max_frames=max(cfg.max_frames, t), max_height=max(cfg.max_height, h),
+                   max_width=max(cfg.max_width, w))
+
+
 # Data: rows {"latent", "context" (L, C) without padding, "reward"} (shards.ShardRows or synthetic)
 
 
@@ -571,6 +580,7 @@ def main(argv=None):
                              f"(e.g. {outside[0]:.4g}): give --label-threshold to make binary labels of them")
     cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss,
                   huber_delta=args.huber_delta, label_threshold=args.label_threshold)
+    cfg = fit_to_latents(cfg, tuple(data[0]["latent"].shape))
     members = 1 if args.model == "dollar" else args.members
     if args.model == "dit":
         cfg = (model := dit_lrm(args, members)).cfg

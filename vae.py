@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 CACHE_T = 2  # frames a causal 3-tap conv carries over from the previous chunk
@@ -742,6 +742,31 @@ def _read(file: Path):
         raise ValueError(f"{file}: not a readable torch checkpoint (truncated, corrupt, or holding more than "
                          f"tensors?): {type(err).__name__}: {err}") from err
     return _check_finite(file, _state_dict_of(obj, file))
+
+
+def read_config(path) -> VAEConfig:
+    """The VAEConfig of a VAE file or folder without loading its weights (a folder's config.json; a
+    file's tensor names and shapes), e.g. to check sizes against its stride before any work."""
+    path = Path(path)
+    if path.is_dir():
+        settings = _read(path / "config.json")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path / 'config.json'}: expected a JSON object of VAE settings")
+        return config_from_diffusers(settings)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    else:
+        shapes = _read(path)
+    if "quant_conv.weight" in shapes:
+        raise ValueError(f"{path}: a diffusers-layout file without its config.json; give the vae/ folder")
+    try:
+        return config_from_state(shapes)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:

@@ -798,8 +798,11 @@ def main(argv=None):
     prompts, images = read_prompt_images(args.prompts) if args.prompts else ([args.prompt], [args.image])
     if args.image and args.prompts:
         images = [im or Path(args.image) for im in images]  # --image for the lines that name none
-    if not args.tiny and MODELS[args.model]["image"] == "required" and None in images:
+    kind = None if args.tiny else MODELS[args.model]["image"]
+    if kind == "required" and None in images:
         raise ValueError(f"{args.model} is image-to-video: prompt {images.index(None) + 1} has no image")
+    if kind is None and any(images):
+        raise ValueError(f"{args.model or 'the tiny run'} is text-to-video: {args.prompts} names images")
     for im in images:
         if im is not None and not Path(im).is_file():
             raise FileNotFoundError(f"image {im} does not exist")

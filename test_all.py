@@ -2045,6 +2045,8 @@ def test_sample_cli_i2v_a14b_and_ti2v_5b_folders(tmp_path, capsys):
     sample.main(["--ckpt-dir", str(five), "--prompt", "a red ball", "--steps", "2", "--size", "32x32", "--frames", "5",
                  "--out", str(tmp_path / "five_t2v.mp4")])
     assert imageio.mimread(tmp_path / "five_t2v.mp4")[0].shape == (32, 32, 3)
+    with pytest.raises(ValueError, match=r"the tiny run is text-to-video: .*prompts.jsonl names images"):
+        sample.main(["--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "t2v")])
     with pytest.raises(ValueError, match=r"the DiT takes 36 input channels but i2v-A14B with the Wan 2.2 VAE"):
         sample.main(["--ckpt-dir", str(a14b), "--vae", str(five / "Wan2.2_VAE.pth"), "--image", str(tmp_path / "cat.png"),
                      "--steps", "2", "--size", "64x32", "--frames", "5", "--out", str(tmp_path / "bad.mp4")])

@@ -173,13 +173,22 @@ def _read(file: Path) -> dict:
         raise ValueError(f"{file}: missing or empty; expected {file.name} holding CLIP weights")
     try:
         if file.suffix == ".safetensors":
-            return load_file(file)
+            return _check_finite(file, load_file(file))
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         raise ValueError(f"{file}: not a readable weight file (truncated or corrupt?): {err}") from err
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"{file}: expected a state dict (name -> tensor)")
-    return obj
+    return _check_finite(file, obj)
+
+
+def _check_finite(path, state: dict) -> dict:
+    """A weight file holding NaN or inf is refused, naming the first such tensor."""
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k} holds NaN or inf; the weight file is corrupt (re-export or "
+                             f"re-download it)")
+    return state
 
 
 def _config_of(state: dict) -> CLIPConfig:

@@ -204,8 +204,9 @@ def load_models(c, device, rank, noise_aware_flag=None):
     """(dit, vae, text encoder, tokenizer, LRM or None, training prompts) for config `c`. Every file
     named on the command line is checked before the first model loads (a 14B DiT takes minutes).
     noise_aware_flag: the flag that needs a noise-aware LRM (None: any LRM will do)."""
-    if c.ckpt_dir and sample.detect_model(c.ckpt_dir) not in ("t2v-1.3B", "t2v-14B"):
-        raise ValueError(f"{c.ckpt_dir} holds {sample.detect_model(c.ckpt_dir)}: training runs the Wan 2.1 "
+    held = sample.detect_model(c.ckpt_dir) if c.ckpt_dir else None
+    if held not in (None, "t2v-1.3B", "t2v-14B"):
+        raise ValueError(f"{c.ckpt_dir} holds {held}: training runs the Wan 2.1 "
                          f"text-to-video models (t2v-1.3B, t2v-14B); sample the others with sample.py")
     paths = sample.model_paths(c)
     prompts = sample.read_prompts(c.prompts) if c.prompts else (toy.prompt_list() if c.toy else None)

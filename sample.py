@@ -599,8 +599,10 @@ def load_models(args, device):
         encoder = text_encoder_lib.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         tokenizer = text_encoder_lib.load_tokenizer(paths["tokenizer"])
     if args.lora and isinstance(dit, model_dit.TwoExpertDiT):  # an A14B LoRA is one file per expert
-        for expert, n in lora.merge_expert_loras(dit, args.lora, args.lora_scale).items():
-            print(f"merged LoRA {lora.expert_lora_files(args.lora)[expert]} into {n} layers of the {expert}-noise expert")
+        files = lora.expert_lora_files(args.lora)
+        for expert, path in files.items():
+            print(f"merged LoRA {path} into {lora.merge_lora(getattr(dit, expert), path, args.lora_scale)} layers "
+                  f"of the {expert}-noise expert")
     elif args.lora:
         print(f"merged LoRA {args.lora} into {lora.merge_lora(dit, args.lora, args.lora_scale)} layers")
     return dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), tokenizer, encoder.eval(), clip

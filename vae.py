@@ -785,10 +785,7 @@ def load_vae(path, config=None, device="cpu", dtype=torch.float32) -> WanVAE:
         if not all((path / name).is_file() for name in wanted):
             raise ValueError(f"{path}: expected a Diffusers vae/ folder holding {' and '.join(wanted)}, found "
                              f"{sorted(p.name for p in path.iterdir())[:8]}")
-        settings = _read(path / "config.json")
-        if not isinstance(settings, dict):
-            raise ValueError(f"{path / 'config.json'}: expected a JSON object of VAE settings")
-        config = config or config_from_diffusers(settings)
+        config = config or read_config(path)
         state = _read(path / "diffusion_pytorch_model.safetensors")
     else:  # .safetensors, or any other file as a torch checkpoint (Wan2.1_VAE.pth)
         state = _read(path)

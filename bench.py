@@ -217,6 +217,12 @@ def child_refl(args, device, base_mb):
     dit_lrm = args.get("lrm") == "dit"  # VELR with the DiT-backbone LRM, scoring x_t (--reward-on zt)
     lpo = args["mode"] == "lpo"
     flags = [*cfg["flags"], "--align-every", "0", *(["--reward-on", "zt"] if dit_lrm else [])]
+    choice = args.get("experts")  # two experts: the window from one start, split half and half at the boundary
+    if choice:
+        base = train_refl.parse_args(flags)
+        start = (base.mid_min + base.mid_max) // 2
+        boundary = expert_window(sample.get_sigmas(base.sample_steps, base.shift, base.solver), start, base.window)
+        flags += ["--mid-min", str(start), "--mid-max", str(start), "--experts", choice, "--boundary", str(boundary)]
     window = train_refl.parse_args(flags).window  # LPO trains as many steps as VELR's window: a like-for-like step
     targs = (train_lpo.parse_args([*flags, "--lpo-steps", str(window)]) if lpo
              else train_refl.parse_args(["--mode", args["mode"], *flags]))
@@ -225,9 +231,24 @@ def child_refl(args, device, base_mb):
     if device.type == "cuda":  # frozen bf16 base under LoRA, Wan's fp32 islands kept (load_dit's rule)
         cast_dit(dit, sample.dtypes(device)["dit"])
     dit.gradient_checkpointing = targs.gradient_checkpointing
-    model, ref = refl.wrap(dit, device, 1, full_finetune=False, lora_rank=targs.lora_rank, lora_alpha=targs.lora_alpha,
-                           lora_targets=targs.lora_targets, seed=targs.seed)
-    modules = {"dit": [dit]}
+    lora_kwargs = dict(full_finetune=False, lora_rank=targs.lora_rank, lora_alpha=targs.lora_alpha,
+                       lora_targets=targs.lora_targets, seed=targs.seed)
+    pair = experts = opts = None
+    if choice:
+        from model_dit import TwoExpertDiT
+
+        with device:
+            low = WanDiT(DiTConfig(**cfg["dit"]))
+        if device.type == "cuda":
+            cast_dit(low, sample.dtypes(device)["dit"])
+        pair = TwoExpertDiT(dit, low, targs.boundary, (targs.guidance, targs.guidance))
+        pair.gradient_checkpointing = targs.gradient_checkpointing
+        model, ref, experts = refl.wrap_experts(pair, refl.trained_experts(choice), device, 1, **lora_kwargs)
+        opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=targs.lr)
+                for n, m in experts.items()}
+    else:
+        model, ref = refl.wrap(dit, device, 1, **lora_kwargs)
+    modules = {"dit": [dit] + ([pair.low] if pair is not None else [])}
     vae = rm = lrm = None
     if args["mode"] == "pixel":  # only what the step uses is built: the decoder and the pixel RM ...
         vae = WanVAE(VAE_CONFIGS["wan2.1"]).to(device).eval().requires_grad_(False)
@@ -249,7 +270,7 @@ def child_refl(args, device, base_mb):
         lrm_cfg = replace(LRM_CONFIGS["default"], timestep_cond=args["mode"] == "lpo")
         lrm = EnsembleLRM(lrm_cfg, 10).to(device).requires_grad_(False)
         modules.update(lrm=[lrm])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr) if pair is None else None
     sigmas = sample.get_sigmas(targs.sample_steps, targs.shift, targs.solver)
     context = torch.randn(1, 512, dit.cfg.text_dim, device=device)  # precomputed prompt embedding
     lengths = torch.tensor([20], device=device)
@@ -258,7 +279,10 @@ def child_refl(args, device, base_mb):
     run = SimpleNamespace(model=model, ref=ref, lrm=lrm, vae=vae, neg=None, sigmas=sigmas, device=device, data_rank=0,
                           prompts=prompts, table={prompts[0]: (context[0], lengths[0])}, opt=opt, world=1,
                           shape=vae_lib.latent_shape(targs.frames, targs.height, targs.width), bad=refl.new_bad_counts(),
-                          log=print)
+                          log=print, pair=pair, experts=experts, opts=opts, guidance=targs.guidance,
+                          mid=(targs.mid_min, targs.mid_max), first_low=None)
+    if pair is not None:
+        *run.mid, run.first_low = train_refl.expert_plan(targs, pair, sigmas, print)
     score = None if lpo else train_refl.make_reward(targs.mode, lrm, vae, rm, reward_on=targs.reward_on)
 
     def step():
@@ -292,7 +316,17 @@ def bench_memory(device, scale):
     res["velr_dit_lrm"] = run_child("refl", {"mode": "velr", "lrm": "dit", "config": cfg, "repeats": 1})
     res["lpo"] = run_child("refl", {"mode": "lpo", "config": cfg, "repeats": 1})  # k = 4 candidates per window step
     res.update(guidance_rows(cfg))
+    for choice in ("both", "low", "high"):
+        res[f"velr_experts_{choice}"] = run_child("refl", {"mode": "velr", "experts": choice, "config": cfg, "repeats": 1})
     return res
+
+
+def expert_window(sigmas, start: int, window: int) -> float:
+    """The boundary that splits the window starting at `start` in half: its first window // 2 steps
+    run the high-noise expert, the rest the low-noise one."""
+    ts = sample.timesteps_from_sigmas(sigmas).tolist()
+    mid = start + window // 2
+    return (ts[mid - 1] + ts[mid]) / 2000
 
 
 def guidance_rows(cfg) -> dict:
@@ -311,7 +345,8 @@ def guidance_rows(cfg) -> dict:
 
 def table_memory(res, modes=None):
     modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm", "lpo", "velr_cfg_both", "velr_cfg_cond",
-                                  "velr_cfg_both_beta0") if m in res]
+                                  "velr_cfg_both_beta0", "velr_experts_both", "velr_experts_low", "velr_experts_high")
+                      if m in res]
     parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
     rows = [
         [mode, res[mode]["time_s"], res[mode]["peak_mb"], res[mode]["resident_mb"], res[mode]["step_mb"]]
@@ -321,7 +356,9 @@ def table_memory(res, modes=None):
     ]
     header = (["mode", "step s", "peak MiB", "resident MiB", "step MiB"] + [f"saved {k} MiB" for k in parts]
               + [f"weights {k} MiB" for k in ("dit", "decoder", "pixel_rm", "lrm")])
-    note = ("peak = resident (weights, optimiser state) + step (activations, gradients, temporaries). pixel = decoder "
+    note = ("velr_experts_*: two DiTs of this shape as the A14B's experts, the window (one start, mid step of the "
+            "range) split half high-noise, half low-noise, --experts both / low / high. "
+            "peak = resident (weights, optimiser state) + step (activations, gradients, temporaries). pixel = decoder "
             "(checkpointed) + a ViT-B/16-sized stand-in pixel RM in the backward; the paper's VLM RMs are ~100x larger "
             "(paper Table 1, Wan 1.3B: pixel ReFL 105.76 GB, VELR 22.18 GB = 20.97%)")
     return (f"### memory: one ReFL step, {res['device']}, {' '.join(res['config']['flags'])}, DiT {res['config']['dit'] or '1.3B'}"
@@ -892,6 +929,11 @@ REFL_METHODS = {  # name -> train_refl (lpo: train_lpo) flags on top of the toy 
     "pixel": ["--mode", "pixel"],
     "lastk": ["--mode", "lastk"],
     "latestep": ["--mode", "latestep"],
+    # two experts: the toy generator twice, split at boundary 0.875 (windows start at steps 6..10, its
+    # first low-noise step is 9), each --experts choice
+    "velr_experts_both": ["--boundary", "0.875"],
+    "velr_experts_low": ["--boundary", "0.875", "--experts", "low"],
+    "velr_experts_high": ["--boundary", "0.875", "--experts", "high"],
 }
 
 

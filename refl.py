@@ -11,6 +11,7 @@ over --sp-size ranks (distributed.py). The buffer and the LRM stay identical on 
 """
 
 import copy
+import gc
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distributed
@@ -43,7 +45,11 @@ from model_dit import load_dit
 from vae import load_vae
 
 ALIGN_CLEAN_PROB = 0.1  # share of clean latents when a noise-aware LRM is aligned (train_lrm.py's --clean-prob default)
-RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", "summary.json", "sync.json", "samples")
+RUN_FILES = ("args.json", "metrics.jsonl", "ckpt.pt", "lora.safetensors", *lora.EXPERT_FILES.values(), "summary.json",
+             "sync.json", "samples")
+# VELR's window starts, mid steps 15..25 of its 50-step UniPC grid at shift 5 (§4.3, App. C.2), as
+# sigmas: the default window of a model with another grid (the A14B's 40 steps at shift 12)
+VELR_MID_SIGMA = tuple(float(s) for s in sample.get_sigmas(50, 5.0, "unipc")[[25, 15]])
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -76,6 +82,8 @@ class RunConfig:
     #                                             gradient (g dv_c only, one DiT backward less per step, biased)
     mid_min: int = 15  # first step the window may start at
     mid_max: int = 25  # last step the window may start at
+    mid_sigma: tuple[float, float] | None = None  # LO HI: the window starts at the steps whose sigma is in [LO, HI]
+    #                                               (sets --mid-min/--mid-max from the grid; the A14B: VELR's range)
     window: int = 10  # K, the steps with gradient
     beta: float = 10.0  # KL weight, 0 = no KL
     agg: Literal["mean", "min", "max", "lcb"] = "mean"  # ensemble aggregation
@@ -88,6 +96,14 @@ class RunConfig:
     gradient_checkpointing: bool = False  # recompute each window step and DiT block in backward
     grad_clip: float = 0.0  # clip the gradients' global norm to this before each update; 0 = off (VELR states none)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay of the trained weights (VELR states none)
+    # two experts (Wan 2.2 A14B, or the toy world split with --boundary)
+    experts: Literal["both", "low", "high"] = "both"  # which experts train. both: each its own adapters and optimiser,
+    #                                                  stepped only when it ran with gradient (exact); low: the window's
+    #                                                  high-noise steps run without gradient; high: the gradient runs
+    #                                                  back through the frozen low-noise expert's steps
+    boundary: float | None = None  # t >= boundary * 1000 runs the high-noise expert (None: the model's; a value in the
+    #                                toy world splits its generator into two experts, both starting as it)
+    guidance_high: float | None = None  # the high-noise expert's CFG scale (None: --guidance; --guidance is the low one's)
     # trainable weights
     full_finetune: bool = False  # train every DiT weight (FSDP2 under torchrun)
     lora_rank: int = 256  # LoRA rank (VELR App. C.3)
@@ -139,7 +155,8 @@ class RunConfig:
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
             "grad_clip", "weight_decay", "grad_accum", "prompt_dropout", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr",
-            "lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts")
+            "lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts",
+            "mid_sigma", "experts", "boundary", "guidance_high")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
 # generator was trained and its LRM bootstrapped with).
@@ -156,6 +173,19 @@ def base_preset(given: dict) -> str:
     return "paper" if given.get("ckpt_dir") or given.get("dit") else "toy"
 
 
+# Wan 2.2 T2V-A14B: its own sampler (40 UniPC steps at shift 12), guidance pair and expert boundary
+# (sample.MODELS), and VELR's window carried over by sigma; goes on top of `paper`.
+A14B = sample.MODELS["t2v-A14B"]
+A14B_PRESET = dict(sample_steps=A14B["steps"], shift=A14B["shift"], guidance=A14B["guidance"][0],
+                   guidance_high=A14B["guidance"][1], boundary=A14B["boundary"], mid_sigma=VELR_MID_SIGMA)
+
+
+def model_presets(given: dict) -> list[str]:
+    """["t2v-A14B"] when --ckpt-dir holds that model (its A14B_PRESET), else []."""
+    d = given.get("ckpt_dir")
+    return ["t2v-A14B"] if d and Path(d).is_dir() and sample.detect_model(d) == "t2v-A14B" else []
+
+
 def validate(c: RunConfig):
     """The checks of the shared settings: a one-line error naming the flag."""
     for k in ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
@@ -169,6 +199,12 @@ def validate(c: RunConfig):
     def f(k):
         return runs.flag(c, k)
 
+    if c.mid_sigma is not None:
+        c.mid_min, c.mid_max = starts_in_sigma(c.mid_sigma, sample.get_sigmas(c.sample_steps, c.shift, c.solver), c.window)
+    if c.boundary is not None and not 0 < c.boundary < 1:
+        raise ValueError(f"--boundary must be in (0, 1), a fraction of the 1000 training timesteps, got {c.boundary}")
+    if c.guidance_high is not None and not math.isfinite(c.guidance_high):
+        raise ValueError(f"--guidance-high must be a finite number, got {c.guidance_high}")
     if not 0 <= c.mid_min <= c.mid_max:
         raise ValueError(f"need 0 <= {f('mid_min')} <= {f('mid_max')}, got {c.mid_min}, {c.mid_max}")
     if c.mid_max + c.window >= c.sample_steps:
@@ -191,6 +227,18 @@ def validate(c: RunConfig):
                          f"got {c.lora_alpha}")
 
 
+def starts_in_sigma(mid_sigma, sigmas, window: int) -> tuple[int, int]:
+    """(mid_min, mid_max): the first and last sampler step whose sigma lies in [LO, HI] and whose
+    window of `window` steps fits the grid."""
+    lo, hi = sorted(mid_sigma)
+    n = len(sigmas) - 1
+    steps = [i for i in range(n - window) if lo <= float(sigmas[i]) <= hi]
+    if not steps:
+        raise ValueError(f"--mid-sigma {lo} {hi}: no step of the {n}-step grid (sigmas {float(sigmas[0]):.3f} .. "
+                         f"{float(sigmas[n - 1]):.3f}) starts a {window}-step window in that range")
+    return steps[0], steps[-1]
+
+
 def check_noise_aware(cfg, flag: str, name):
     """A reward on noisy latents (flag) needs an LRM trained on them: refuse one trained on clean latents."""
     if not cfg.timestep_cond:
@@ -200,14 +248,22 @@ def check_noise_aware(cfg, flag: str, name):
 
 # ----------------------------------------------------------------------------- models and prompts
 
-def load_models(c, device, rank, noise_aware_flag=None):
+def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
     """(dit, vae, text encoder, tokenizer, LRM or None, training prompts) for config `c`. Every file
     named on the command line is checked before the first model loads (a 14B DiT takes minutes).
-    noise_aware_flag: the flag that needs a noise-aware LRM (None: any LRM will do)."""
+    noise_aware_flag: the flag that needs a noise-aware LRM (None: any LRM will do). The dit is a
+    model_dit.TwoExpertDiT for the A14B, and for the toy world with --boundary (its generator
+    twice, the experts starting equal); two_experts: whether the caller trains one."""
     held = sample.detect_model(c.ckpt_dir) if c.ckpt_dir else None
-    if held not in (None, "t2v-1.3B", "t2v-14B"):
-        raise ValueError(f"{c.ckpt_dir} holds {held}: training runs the Wan 2.1 "
-                         f"text-to-video models (t2v-1.3B, t2v-14B); sample the others with sample.py")
+    if held not in (None, "t2v-1.3B", "t2v-14B", "t2v-A14B"):
+        raise ValueError(f"{c.ckpt_dir} holds {held}: training runs the text-to-video models (t2v-1.3B, t2v-14B, "
+                         f"t2v-A14B); sample the others with sample.py")
+    two = held == "t2v-A14B" or (c.toy and c.boundary is not None)
+    if c.boundary is not None and not two:
+        raise ValueError(f"--boundary {c.boundary} splits two experts; {c.ckpt_dir or c.dit} holds one DiT")
+    if two and not two_experts:
+        raise ValueError(f"{c.ckpt_dir or 'the toy world with --boundary'} is a two-expert model; this trainer runs "
+                         f"one DiT (train_refl.py trains both)")
     paths = sample.model_paths(c)
     prompts = sample.read_prompts(c.prompts) if c.prompts else (toy.prompt_list() if c.toy else None)
     if not prompts:
@@ -227,6 +283,8 @@ def load_models(c, device, rank, noise_aware_flag=None):
         log = print if rank == 0 else lambda s: None
         world_cfg = toy.WORLDS[c.toy_world]
         dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(world_cfg, cache_dir=c.cache_dir, log=log)
+        if two:
+            dit = model_dit.TwoExpertDiT(dit, copy.deepcopy(dit), c.boundary, expert_guidance(c))
         if lrm is None and noise_aware_flag and not dollar:
             toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=c.cache_dir, log=log)
         if rank == 0:
@@ -235,7 +293,11 @@ def load_models(c, device, rank, noise_aware_flag=None):
     else:
         tokenizer, dt = text_encoder.load_tokenizer(paths["tokenizer"]), sample.dtypes(device)
         # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
-        dit = load_dit(paths["dit"], dtype=torch.float32 if c.full_finetune else dt["dit"])
+        dtype = torch.float32 if c.full_finetune else dt["dit"]
+        dit = load_dit(paths["dit"], dtype=dtype)
+        if two:
+            low = load_dit(paths["dit_low"], dtype=dtype)
+            dit = model_dit.TwoExpertDiT(dit, low, c.boundary or A14B["boundary"], expert_guidance(c))
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
     if lrm is not None and noise_aware_flag:
@@ -243,6 +305,11 @@ def load_models(c, device, rank, noise_aware_flag=None):
     if lrm is not None:
         check_lrm_fits(lrm, dit.cfg, c.lrm or "the toy world's LRM", print if rank == 0 else lambda s: None)
     return dit, vae.to(device), encoder, tokenizer, lrm, prompts
+
+
+def expert_guidance(c) -> tuple[float, float]:
+    """(low, high) CFG scales of a two-expert model: --guidance and --guidance-high (default: the same)."""
+    return c.guidance, c.guidance if c.guidance_high is None else c.guidance_high
 
 
 def check_lrm_fits(lrm, dit_cfg, name, log):
@@ -314,7 +381,11 @@ def velocity(model, x, t, context, neg_context, guidance, cfg_grad="both", check
     """Guided velocity v_u + g (v_c - v_u) of `model`. cfg_grad "both": both branches keep the graph
     (the exact derivative g dv_c + (1 - g) dv_u); "cond": the unconditional branch without gradient
     (g dv_c only). checkpoint: each branch's DiT call is recomputed in the backward, one at a time,
-    so guidance with gradient costs the memory of one call's activations, not two."""
+    so guidance with gradient costs the memory of one call's activations, not two. guidance: a number,
+    or a function of the integer timestep (two experts: the scale of the one that runs at t)."""
+    if callable(guidance):
+        guidance = guidance(int(t.reshape(-1)[0]))
+
     def call(ctx):
         if checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(model, x, t, ctx, use_reentrant=False)
@@ -329,7 +400,34 @@ def velocity(model, x, t, context, neg_context, guidance, cfg_grad="both", check
 
 
 def unwrap(model):
+    """The module under the training wrappers: DDP's module, the raw pair under an ExpertCall."""
+    if isinstance(model, ExpertCall):
+        return model.pair
     return model.module if isinstance(model, DDP) else model
+
+
+class ExpertCall(torch.nn.Module):
+    """Two experts as one velocity model while they train: a call at t goes to the high-noise or the
+    low-noise module by the pair's rule (model_dit.TwoExpertDiT.is_high), each module the expert as
+    its run wraps it (DDP, FSDP2, or the bare expert). The dispatch is a pure function of t, so the
+    recompute of a checkpointed step runs the expert that ran it. `ran` collects the experts called
+    with gradient enabled since it was last cleared: the ones whose optimiser may step."""
+
+    def __init__(self, high, low, pair):
+        super().__init__()
+        self.high, self.low = high, low
+        object.__setattr__(self, "pair", pair)  # not a child: its parameters are the wrapped ones
+        self.ran = set()
+
+    @property
+    def cfg(self):
+        return self.pair.cfg
+
+    def forward(self, x, t, context, **kwargs):
+        name = "high" if self.pair.is_high(t) else "low"
+        if torch.is_grad_enabled():
+            self.ran.add(name)
+        return getattr(self, name)(x, t, context, **kwargs)
 
 
 def initial_model(model, ref):
@@ -362,6 +460,39 @@ def wrap(dit, device, world, *, full_finetune: bool, lora_rank: int, lora_alpha:
     if world > 1:
         return DDP(dit, device_ids=[device.index] if device.type == "cuda" else None), None
     return dit, None
+
+
+EXPERT_SEED = {"high": 0, "low": 1}  # added to --seed for each expert's adapters: two independent initialisations
+
+
+def wrap_experts(pair, trained: tuple, device, world, *, full_finetune: bool, **lora_kwargs):
+    """(ExpertCall, reference pair or None, {name: wrapped expert}) for a model_dit.TwoExpertDiT whose
+    experts `trained` learn: each wrapped on its own as `wrap` does one DiT (its own adapters, seeded
+    per expert; DDP, or FSDP2 per block with its own frozen copy). An expert that does not train is
+    frozen, and under full fine-tuning with torchrun sharded too; it is its own reference."""
+    seed = lora_kwargs.pop("seed")
+    wrapped, refs = {}, {}
+    for name in ("high", "low"):
+        expert = getattr(pair, name)
+        if name in trained:
+            wrapped[name], refs[name] = wrap(expert, device, world, full_finetune=full_finetune,
+                                             seed=seed + EXPERT_SEED[name], **lora_kwargs)
+            continue
+        expert.requires_grad_(False).to(device)
+        if full_finetune and world > 1:
+            from torch.distributed.fsdp import fully_shard
+            for block in expert.blocks:
+                fully_shard(block)
+            fully_shard(expert)
+        refs[name] = expert
+    call = ExpertCall(wrapped.get("high", pair.high), wrapped.get("low", pair.low), pair)
+    ref = model_dit.TwoExpertDiT(refs["high"], refs["low"], pair.boundary, pair.guidance) if full_finetune else None
+    return call, ref, wrapped
+
+
+def trained_experts(choice: str) -> tuple:
+    """--experts -> the names of the experts that train."""
+    return ("high", "low") if choice == "both" else (choice,)
 
 
 # ----------------------------------------------------------------------------- online alignment
@@ -591,6 +722,46 @@ def optimizer_step(model, opt, loss, world, bad, step, log, scale: float = 1.0, 
         log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
 
 
+def experts_step(call: ExpertCall, experts: dict, opts: dict, loss, world, bad, step, log, scale: float = 1.0,
+                 clip: float = 0.0, micro: int = 0, micros: int = 1) -> dict:
+    """optimizer_step for two experts, each with its own optimiser (`experts` / `opts`: the trained
+    ones by name). Every backward synchronises the gradients of the experts it reached (their DDP /
+    FSDP2 wrappers, each on its own): which expert a micro-batch's window reaches differs between
+    micro-batches, so no backward may leave them local. The last micro-batch steps the optimiser of
+    each expert that ran with gradient in any micro-batch of the update (call.ran, the same on every
+    rank: the window is shared) and no other: Adam moves weights on a zero gradient (momentum,
+    weight decay, its step count). clip: the global norm over the experts that ran. Returns
+    {"trained_<name>": 0/1, "grad_norm_<name>": its gradients' norm before clipping} per expert."""
+    if micro == 0:
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        call.finite = True
+    call.finite &= bool(torch.isfinite(loss.detach()).all())
+    if loss.requires_grad:  # a window that reached no trained expert leaves the loss without a graph
+        (loss * (scale / micros)).backward()
+    if micro != micros - 1:
+        return {}
+    ran = [name for name in experts if name in call.ran]
+    call.ran.clear()
+    rec = {f"trained_{name}": float(name in ran) for name in experts}
+    ok = torch.tensor(1.0 if call.finite else float("nan"))
+    params = {name: [p for p in experts[name].parameters() if p.grad is not None] for name in ran}
+    if not gradients_finite(call, loss.detach() * ok.to(loss.device), world):
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        bad["refl_skipped"] += 1
+        log(f"step {step}: non-finite ReFL loss or gradients; the step is skipped")
+        return rec
+    for name in ran:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params[name]])
+        rec[f"grad_norm_{name}"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    if clip > 0 and ran:
+        torch.nn.utils.clip_grad_norm_([p for name in ran for p in params[name]], clip)
+    for name in ran:
+        opts[name].step()
+    return rec
+
+
 def mean_records(parts: list[dict], sums=("labelled", "pairs", "pair_offers")) -> dict:
     """One record of an update's micro-batches: each value's mean over the micro-batches that have
     it; the counts in `sums` add up."""
@@ -612,11 +783,11 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def rank_difference(model, lrm, buffer) -> float:
-    """Largest difference of the full trainable weights, the LRM and the replay buffer between the
-    ranks (0.0: in sync). A collective: every rank calls it."""
+def rank_difference(models: list, lrm, buffer) -> float:
+    """Largest difference of the full trainable weights (of each of `models`), the LRM and the replay
+    buffer between the ranks (0.0: in sync). A collective: every rank calls it."""
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)  # gathered on every rank
-    tensors = list(get_model_state_dict(model, options=options).values())
+    tensors = [t for m in models for t in get_model_state_dict(m, options=options).values()]
     tensors += list(lrm.parameters()) if lrm is not None else []
     tensors += list(buffer.data.values()) + [buffer.arrival] if buffer.data is not None else []
     return distributed.max_rank_difference(tensors)
@@ -629,8 +800,10 @@ def format_line(r: dict) -> str:
     err = f"{r['lrm_error']:.4f}" if "lrm_error" in r else "  -   "
     pairs = f"pairs {r['pairs']}/{r['pair_offers']} (range {r['score_range']:.3g}) | " if "pairs" in r else ""
     evaluation = f" | eval true reward {r['eval_true_reward']:.4f}" if "eval_true_reward" in r else ""
+    trained = [e for e in ("high", "low") if r.get(f"trained_{e}")]
+    experts = f"experts {'+'.join(trained) or 'none'} | " if any(f"trained_{e}" in r for e in ("high", "low")) else ""
     return (f"step {r['step']:5d} | loss {r['loss']:+.4f} | r_lrm {r['reward']:.4f} ± {r['reward_std']:.4f} | "
-            f"kl {r['kl']:.2e} | {pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
+            f"kl {r['kl']:.2e} | {experts}{pairs}labelled {r.get('labelled', 0):3d} | r_true {true} | lrm_err {err} | "
             f"lr {r['lr']:.1e} | {r['sec']:.2f} s | mem {r['peak_mem_mb']:.0f} MB{evaluation}")
 
 
@@ -639,7 +812,7 @@ class Run:
     folder's files. `settings` are the config fields that define the run (a checkpoint resumes only
     under the same ones); `noise_aware_flag` names the flag that needs a noise-aware LRM, if any."""
 
-    def __init__(self, c, settings: tuple, noise_aware_flag=None, before_load=None):
+    def __init__(self, c, settings: tuple, noise_aware_flag=None, before_load=None, expert_plan=None):
         self.c, self.settings = c, settings
         self.rank, self.world, self.device = distributed.setup_distributed()
         torch.manual_seed(c.seed + self.rank)
@@ -666,9 +839,16 @@ class Run:
                                  f"give --steps > {at} to train on")
         self.reward_fn = rewards.load_reward(c.reward)
         self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
-        dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag)
+        dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag,
+                                                                              expert_plan is not None)
         self.shape = vae_lib.latent_shape(c.frames, c.height, c.width)
         model_dit.check_sequence_parallel(dit.cfg, c.sp_size, self.shape)
+        self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
+        # the window's start range, and for two experts where the windows land (expert_plan(c, pair, sigmas, log)
+        # -> (mid_min, mid_max, first low-noise step); it refuses an --experts choice no window reaches)
+        self.mid, self.first_low = (c.mid_min, c.mid_max), None
+        if isinstance(dit, model_dit.TwoExpertDiT):
+            *self.mid, self.first_low = expert_plan(c, dit, self.sigmas, print if self.rank == 0 else lambda s: None)
         distributed.barrier()  # every rank has checked and loaded before rank 0 writes: a refused run leaves --out alone
         if self.rank == 0:
             if c.overwrite and not c.resume:
@@ -680,19 +860,33 @@ class Run:
         self.table = embed_prompts(self.prompts + [sample.WAN_NEGATIVE_PROMPT, ""], tokenizer, encoder, self.device,
                                    dit.cfg.text_len)
         del encoder  # prompts are embedded once; the encoder is not needed again
+        self.pair = dit if isinstance(dit, model_dit.TwoExpertDiT) else None
+        # a number, or for two experts a function of t (sample.denoise, velocity)
+        self.guidance = self.pair.guidance_at if self.pair is not None else c.guidance
+        guided = expert_guidance(c) if self.pair is not None else (c.guidance,)
         self.neg = (text_batch(self.table, [sample.WAN_NEGATIVE_PROMPT] * c.batch_size, self.device)[0]
-                    if c.guidance != 1.0 else None)
+                    if any(g != 1.0 for g in guided) else None)
         dit = dit.to(self.device)
         dit.gradient_checkpointing = c.gradient_checkpointing
-        self.model, self.ref = wrap(dit, self.device, self.world, full_finetune=c.full_finetune, lora_rank=c.lora_rank,
-                                    lora_alpha=c.lora_alpha, lora_targets=c.lora_targets, seed=c.seed)
+        kwargs = dict(full_finetune=c.full_finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                      lora_targets=c.lora_targets, seed=c.seed)
+        if self.pair is not None:  # each trained expert: its own wrapper, optimiser and step count (Adam's per-weight)
+            self.model, self.ref, self.experts = wrap_experts(dit, trained_experts(c.experts), self.device, self.world,
+                                                              **kwargs)
+        else:
+            self.model, self.ref = wrap(dit, self.device, self.world, **kwargs)
+            self.experts = None
         for m in (dit, self.ref):  # after wrap: the frozen copy of full fine-tuning is a deepcopy
             if m is not None and self.sp_group is not None:
                 m.set_sequence_parallel(self.sp_group)
             if m is not None and c.compile:
                 m.compile_blocks()
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=c.lr,
+
+        def adamw(module):
+            return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=c.lr,
                                      weight_decay=c.weight_decay)
+        self.opt = adamw(self.model) if self.experts is None else None
+        self.opts = {name: adamw(m) for name, m in self.experts.items()} if self.experts is not None else None
         self.lrm_opt = None
         if self.lrm is not None:
             self.lrm = self.lrm.to(self.device).requires_grad_(False)
@@ -702,7 +896,6 @@ class Run:
                 self.lrm.compile()  # in place: its state_dict keys, saves and broadcasts stay the same
             self.lrm_opt = torch.optim.AdamW(self.lrm.parameters(), lr=c.align_lr, weight_decay=0.0)
         self.buffer = replay.ReplayBuffer(c.buffer_size, policy=buffer_policy(self.lrm))
-        self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
         self.eval_lrm = self.lrm
         self.metrics = None
 
@@ -714,7 +907,7 @@ class Run:
     def rollout(self, model):
         c = self.c
         return lambda pairs, latents=False: sample_pairs(model, self.vae, pairs, self.table, self.neg, shape=self.shape,
-                                                         sigmas=self.sigmas, solver=c.solver, guidance=c.guidance,
+                                                         sigmas=self.sigmas, solver=c.solver, guidance=self.guidance,
                                                          device=self.device, latents=latents)
 
     def evaluate(self, step: int) -> dict:
@@ -786,12 +979,14 @@ class Run:
         if c.picture_rows:
             self.log(f"before/after picture: {self.picture()}")
         if self.world > 1:  # every rank must end with the same weights, LRM and buffer (else N models were trained)
-            diff = rank_difference(self.model, self.lrm, self.buffer)
+            diff = rank_difference(self.trained_modules(), self.lrm, self.buffer)
             if rank == 0:
                 runs.write_json(self.out / "sync.json", {"world": self.world, "max_diff": diff}, indent=None)
             self.log(f"largest weight / LRM / buffer difference between ranks: {diff:.3g}")
         if rank == 0:
-            if not c.full_finetune:
+            if not c.full_finetune and self.pair is not None:  # the community's pair: one file per trained expert
+                lora.save_expert_loras(self.pair, self.out)
+            elif not c.full_finetune:
                 lora.save_lora(unwrap(self.model), self.out / "lora.safetensors")
             summary = {"true_reward_before": self.before, "true_reward_after": after, "eval_history": self.history,
                        "steps": c.steps, "train_seconds": seconds, "sec_per_step": seconds / max(c.steps - self.first, 1),
@@ -814,8 +1009,14 @@ class Run:
                                f"{self.c.reward} and the models")
 
     def close(self):
+        """Close the metrics file and end the process group. The DDP wrapper goes first: its reducer
+        holds the group, and a group freed at interpreter exit instead (gloo threads still joinable)
+        aborts the process after a finished run."""
         if self.metrics:
             self.metrics.close()
+        if isinstance(self.model, DDP):
+            self.model = self.model.module
+            gc.collect()
         distributed.cleanup()
 
     def picture(self):
@@ -839,12 +1040,27 @@ class Run:
 
     # -------------------------------------------------------------- checkpoints
 
+    def trained_modules(self) -> list:
+        """The wrapped modules that train: the model, or each trained expert."""
+        return [self.model] if self.experts is None else list(self.experts.values())
+
     def save_checkpoint(self, step: int):
         """Trainable weights, optimiser, step, RNG, LRM + optimiser, buffer, evaluation history, the
         run's settings; rank 0 writes atomically. get_state_dict gathers full state dicts under FSDP2
-        (a collective: every rank calls it)."""
+        (a collective: every rank calls it). Two experts: "model" and "optimizer" hold one state per
+        trained expert, {"high": ..., "low": ...}."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        model_state, opt_state = get_state_dict(self.model, self.opt, options=options)
+        if self.experts is None:
+            model_state, opt_state = get_state_dict(self.model, self.opt, options=options)
+            weights = model_state
+        else:
+            # an optimiser that never stepped is saved as None: get_state_dict would first initialise its
+            # state by a zero-gradient step (torch.distributed.checkpoint), a step count the expert never took
+            model_state, opt_state = {}, {}
+            for name, m in self.experts.items():
+                model_state[name] = get_model_state_dict(m, options=options)
+                opt_state[name] = get_state_dict(m, self.opts[name], options=options)[1] if self.opts[name].state else None
+            weights = {f"{name}.{k}": v for name, sd in model_state.items() for k, v in sd.items()}
         if self.rank == 0:
             rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
             if torch.cuda.is_available():
@@ -853,14 +1069,21 @@ class Run:
             state = {"step": step, "model": model_state, "optimizer": opt_state, "lrm": lrm.state_dict() if lrm else None,
                      "lrm_optimizer": lrm_opt.state_dict() if lrm_opt else None, "buffer": self.buffer.state_dict(),
                      "rng": rng, "history": self.history, "nonfinite": dict(self.bad), "run": self.run_settings()}
-            runs.write_checkpoint(self.out / "ckpt.pt", state, {**model_state, **(state["lrm"] or {})}, step)
+            runs.write_checkpoint(self.out / "ckpt.pt", state, {**weights, **(state["lrm"] or {})}, step)
         distributed.barrier()
 
     def load_checkpoint(self, state) -> tuple[int, list, dict]:
         """Restore what save_checkpoint saved -> (step, evaluation history, non-finite counters)."""
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=options)
+        if self.experts is None:
+            set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=options)
+        for name, m in (self.experts or {}).items():
+            if state["optimizer"][name] is None:  # never stepped: the fresh optimiser is its state
+                set_model_state_dict(m, state["model"][name], options=options)
+            else:
+                set_state_dict(m, self.opts[name], model_state_dict=state["model"][name],
+                               optim_state_dict=state["optimizer"][name], options=options)
         if self.lrm is not None:
             self.lrm.load_state_dict(state["lrm"])
             self.lrm_opt.load_state_dict(state["lrm_optimizer"])

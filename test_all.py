@@ -1944,9 +1944,18 @@ def test_sample_detects_every_checkpoint_folder(tmp_path):
     p = sample.checkpoint_paths(folders["i2v-A14B"])
     assert (p["dit"].name, p["dit_low"].name, p["vae"].name) == ("transformer", "transformer_2", "vae")
     assert sample.checkpoint_paths(folders["i2v-14B"])["clip"].name == "image_encoder"
-    for root in (official["t2v-A14B"], folders["ti2v-5B"]):  # training is Wan 2.1 T2V only, for now: said so
-        with pytest.raises(ValueError, match=r"holds (t2v-A14B|ti2v-5B): training runs the Wan 2.1 text-to-video"):
-            refl.load_models(types.SimpleNamespace(ckpt_dir=str(root)), CPU, 0)
+    # training runs the text-to-video models (image conditioning is not in the trainers yet): said so;
+    # the A14B only in a trainer of two experts (train_refl.py; train_lpo.py runs one DiT)
+    for root, error in ((folders["ti2v-5B"], "holds ti2v-5B: training runs the text-to-video models"),
+                        (official["t2v-A14B"], "is a two-expert model; this trainer runs one DiT")):
+        with pytest.raises(ValueError, match=error):
+            refl.load_models(types.SimpleNamespace(ckpt_dir=str(root), toy=False, boundary=None), CPU, 0)
+    # train_refl on an A14B folder: the model's sampler, guidance pair and boundary, VELR's window by sigma
+    c = train_refl.parse_args(["--ckpt-dir", str(official["t2v-A14B"]), "--reward", "x:y", "--lrm", "lrm.safetensors"])
+    assert (c.sample_steps, c.shift, c.guidance, c.guidance_high, c.boundary) == (40, 12.0, 3.0, 4.0, 0.875)
+    sigmas = sample.get_sigmas(40, 12.0, "unipc")
+    assert (c.mid_min, c.mid_max) == (21, 28) and c.presets == ["paper", "t2v-A14B"]
+    assert sigmas[20] > refl.VELR_MID_SIGMA[1] >= sigmas[21] and sigmas[28] >= refl.VELR_MID_SIGMA[0] > sigmas[29]
 
     # each model's official defaults, and the mistakes refused in one line
     args = sample.parse_args(["--ckpt-dir", str(official["ti2v-5B"])])
@@ -4546,6 +4555,61 @@ def test_refl_kl_gradient_is_the_finite_difference_of_the_kl_at_the_cut_state():
     assert no_grad.item() == pytest.approx(got.item(), rel=1e-12) and not no_grad.requires_grad
 
 
+def test_refl_two_experts_each_get_the_gradient_of_the_steps_they_ran():
+    """--experts both: each expert's gradient is the finite difference of the window's loss (reward of
+    z0 + beta KL) along that expert's weights alone, through the guided steps it ran with its own
+    guidance; the KL reaches only the expert of the last step. A window wholly past the boundary
+    gives the high-noise expert no gradient, and the call records that only the low one ran."""
+    high, low = _Field(seed=0), _Field(seed=1)
+    ref_high, ref_low = _Field(seed=2).requires_grad_(False), _Field(seed=3).requires_grad_(False)
+    for m in (high, low, ref_high, ref_low):
+        m.cfg = "field"  # TwoExpertDiT asks its experts for one shape
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 3, 1, 2, 2, generator=g, dtype=torch.float64)
+    context, neg = torch.randn(2, 4, 5, generator=g, dtype=torch.float64), torch.zeros(1, 4, 5, dtype=torch.float64)
+    sigmas = sample.get_sigmas(6, 3.0, "euler").double()
+    ts = sample.timesteps_from_sigmas(sigmas).tolist()
+    boundary = (ts[2] + ts[3]) / 2000  # steps 0-2 high, 3-5 low
+    pair = model_dit.TwoExpertDiT(high, low, boundary, guidance=(2.0, 5.0))
+    ref = model_dit.TwoExpertDiT(ref_high, ref_low, boundary, guidance=(2.0, 5.0))
+    call = refl.ExpertCall(high, low, pair)
+    weight = torch.linspace(-1, 1, 12, dtype=torch.float64).view(1, 3, 1, 2, 2)
+
+    def loss(grad_start, stop, last=None):
+        """The window's loss; last: the KL's state (its graph cut: kl_to_initial), else this rollout's."""
+        _, z0, trace = sample.denoise(train_refl.policy_velocity(call, context, False), noise, sigmas, solver="euler",
+                                      uncond_fn=train_refl.policy_velocity(call, neg, False), guidance=pair.guidance_at,
+                                      stop=stop, grad_start=grad_start, trace=True)
+        kl = train_refl.kl_to_initial(call, ref, last or trace[-1], context, neg, pair.guidance_at, grad=True)
+        return (z0 * weight).sum() + 0.5 * kl
+
+    with torch.no_grad():
+        last = sample.denoise(lambda x, t: call(x, t, context), noise, sigmas, solver="euler",
+                              uncond_fn=lambda x, t: call(x, t, neg), guidance=pair.guidance_at, stop=5, trace=True)[2][-1]
+    for expert, seed in ((high, 5), (low, 6)):
+        direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                     for p in expert.parameters()]
+        fd = _directional_fd(expert, lambda: loss(0, 5, last), direction)
+        for m in (high, low):
+            m.zero_grad()
+        loss(0, 5).backward()
+        exact = sum((p.grad * d).sum() for p, d in zip(expert.parameters(), direction)).item()
+        assert exact == pytest.approx(fd, rel=1e-6) and abs(fd) > 1e-3
+    # each step's guidance is its expert's: velocity() reads the scale at t
+    x = noise.clone()
+    for i, (expert, scale) in ((1, (high, 5.0)), (4, (low, 2.0))):
+        t = torch.full((2,), ts[i], dtype=torch.int64)
+        with torch.no_grad():
+            want = sample.guided_velocity(expert(x, t, context), expert(x, t, neg), scale)
+            assert torch.equal(refl.velocity(call, x, t, context, neg, pair.guidance_at), want)
+    call.ran.clear()
+    for m in (high, low):
+        m.zero_grad(set_to_none=True)
+    loss(3, 5).backward()  # the window 3..4: the low-noise expert's steps only
+    assert call.ran == {"low"} and all(p.grad is None for p in high.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in low.parameters())
+
+
 def test_refl_beta_moves_the_update_by_beta_times_the_kl_gradient(refl_cache, tmp_path):
     """beta > 0 changes the step's gradient, linearly in beta (a KL without gradient would not)."""
     s = _refl_setup(tmp_path, refl_cache, "--beta", "0", "--lr", "1e-3")
@@ -4627,6 +4691,79 @@ def test_refl_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
         [(r["loss"], r["labelled"], r.get("lrm_error")) for r in lines[1]]
     summaries = [json.loads((d / "summary.json").read_text()) for d in (full, cut)]
     assert summaries[0]["eval_history"] == summaries[1]["eval_history"]  # "before" survives the resume
+
+
+def test_refl_experts_low_and_high_train_one_expert_and_place_the_windows(refl_cache, tmp_path, capsys):
+    """The toy world split at 0.875 (first low-noise step 9; windows start 6..10, K = 5). low: the
+    high expert gets no adapters and the window's high-noise steps run without gradient; high: the
+    low expert is frozen, the gradient reaches the high one back through the low steps, and only the
+    windows that reach a high-noise step are drawn. An expert no window reaches is refused (low,
+    high) or warned about (both)."""
+    def run(*flags):
+        c = train_refl.parse_args(["--cache-dir", str(refl_cache), "--out", str(tmp_path / "run"), "--batch-size", "2",
+                                   "--align-every", "0", "--boundary", "0.875", "--overwrite", *flags])
+        return c, refl.Run(c, train_refl.RUN_KEYS, expert_plan=train_refl.expert_plan)
+
+    straddling = next(k for k in range(1, 50) if train_refl.window("velr", refl.shared_generator(0, k), 20, 5, 6, 10)[0] <= 7)
+    for choice, mid, ran in (("low", [6, 10], {"low"}), ("high", [6, 8], {"high", "low"})):
+        c, r = run("--experts", choice)
+        assert r.mid == mid and r.first_low == 9 and r.experts.keys() == {choice}
+        other = r.pair.low if choice == "high" else r.pair.high
+        assert not any(p.requires_grad for p in other.parameters())
+        assert not any(isinstance(m, lora.LoRALinear) for m in other.modules())
+        score = train_refl.make_reward(c.mode, r.lrm, r.vae, r.reward_fn)
+        r.model.ran.clear()
+        out = train_refl.micro_batch(r, c, score, straddling)
+        out["loss"].backward()
+        assert r.model.ran == ran
+        trained = getattr(r.pair, choice)
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in trained.named_parameters()
+                   if ".lora_B." in n)
+    assert "windows start at steps 6..8" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no window of --mode velr reaches the high-noise expert"):
+        run("--experts", "high", "--mid-min", "9", "--mid-max", "10")
+    run("--mid-min", "9", "--mid-max", "10")
+    assert "warning: no window reaches the high-noise expert" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="two-expert model; this trainer runs one DiT"):
+        train_lpo.main(_refl_flags(refl_cache, tmp_path / "lpo", "--boundary", "0.875"))
+
+
+def test_refl_two_experts_resume_and_an_expert_that_did_not_run_is_untouched(refl_cache, tmp_path):
+    """The toy world split into two experts at 0.875 (its first low-noise step is 9; windows start at
+    6..10, K = 5). A seed whose first window reaches the high-noise expert and whose second does not:
+    after step 2 the high expert's adapters and Adam state are step 1's, bit for bit, while the low
+    one trained on. A run killed after step 1 and resumed ends bit-identical to the uninterrupted one,
+    and each expert's adapters land in the community's pair of files."""
+    def start(seed, step):
+        return train_refl.window("velr", refl.shared_generator(seed, step), 20, 5, 6, 10)[0]
+    seed = next(s for s in range(100) if start(s, 1) <= 8 and start(s, 2) >= 9)
+    flags = ["--boundary", "0.875", "--seed", str(seed), "--save-every", "1", "--align-every", "1", "--align-rounds",
+             "1", "--picture-rows", "0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
+    step1 = torch.load(cut / "ckpt.pt", weights_only=True)
+    with pytest.raises(ValueError, match="--boundary 0.875 -> 0.9"):
+        train_refl.main(_refl_flags(refl_cache, cut, *flags, "--boundary", "0.9", "--resume", str(cut / "ckpt.pt")))
+    train_refl.main(_refl_flags(refl_cache, cut, *flags, "--resume", str(cut / "ckpt.pt")))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, cut))
+    for key in ("model", "optimizer", "lrm", "lrm_optimizer", "buffer", "rng", "history"):
+        _refl_assert_same(a[key], b[key], key)
+    assert a["model"].keys() == {"high", "low"} and a["run"]["experts"] == "both" and a["run"]["boundary"] == 0.875
+    _refl_assert_same(step1["model"]["high"], a["model"]["high"], "high")
+    _refl_assert_same(step1["optimizer"]["high"], a["optimizer"]["high"], "high optimizer")
+    assert any(not torch.equal(step1["model"]["low"][k], v) for k, v in a["model"]["low"].items())
+    steps = {e: {int(v["step"]) for v in a["optimizer"][e]["state"].values()} for e in ("high", "low")}
+    assert steps == {"high": {1}, "low": {2}}
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["trained_high"], r["trained_low"]) for r in metrics] == [(1.0, 1.0), (0.0, 1.0)]
+    assert "grad_norm_high" in metrics[0] and "grad_norm_high" not in metrics[1]
+    for expert, file in lora.EXPERT_FILES.items():
+        state = load_file(str(full / file))
+        with safe_open(str(full / file), "pt") as f:
+            assert f.metadata()["expert"] == expert
+        assert any(v.abs().max() > 0 for k, v in state.items() if ".lora_B." in k)
+    assert not (full / "lora.safetensors").exists()
 
 
 def test_refl_resume_refuses_changed_settings_unless_allowed(refl_cache, tmp_path):
@@ -4732,23 +4869,28 @@ def test_refl_ranks_draw_their_own_data_and_share_the_window():
     assert torch.equal(again[1], n0) and again[0] == p0
 
 
-@pytest.mark.parametrize("flags", [[], ["--gradient-checkpointing", "--grad-accum", "2"],
-                                   ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2"]],
-                         ids=["ddp-lora", "ddp-lora-ckpt-accum", "fsdp2-full-accum"])
+@pytest.mark.parametrize("flags", [["--boundary", "0.875"], ["--gradient-checkpointing", "--grad-accum", "2"],
+                                   ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2"],
+                                   ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2", "--boundary", "0.875"]],
+                         ids=["ddp-lora-experts", "ddp-lora-ckpt-accum", "fsdp2-full-accum", "fsdp2-full-accum-experts"])
 def test_refl_two_process_ranks_stay_identical(refl_cache, tmp_path, flags):
     """Ranks draw different data (test above), so equal weights mean the gradients were synchronised
-    (with --grad-accum 2: only in the last micro-batch's backward, refl.gradient_sync)."""
+    (with --grad-accum 2: only in the last micro-batch's backward, refl.gradient_sync). With two
+    experts (--boundary: the toy generator split in two) each is wrapped on its own, DDP or FSDP2."""
     sync = _refl_torchrun(refl_cache, tmp_path, "--align-every", "1", "--align-rounds", "1", *flags)
     assert sync == {"world": 2, "max_diff": 0.0}
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics] == [1, 2] and all("lrm_error" in r for r in metrics)
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
-    if "--full-finetune" in flags:
-        initial = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].state_dict()
-        assert trained.keys() == initial.keys()
-        assert any(not torch.equal(trained[k], initial[k]) for k in trained)
-    else:
-        assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)
+    experts = "--boundary" in flags
+    assert (trained.keys() == {"high", "low"}) == experts
+    initial = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].state_dict()
+    for state in trained.values() if experts else [trained]:
+        if "--full-finetune" in flags:
+            assert state.keys() == initial.keys()
+            assert any(not torch.equal(state[k], initial[k]) for k in state)
+        else:
+            assert any(v.abs().max() > 0 for k, v in state.items() if ".lora_B." in k)
 
 
 def _refl_diffusers_dit(seed=0):
@@ -4983,7 +5125,7 @@ def test_refl_checkpoint_write_failure_names_the_file_and_keeps_the_old_one(tmp_
     opt = torch.optim.AdamW(model.parameters())
     args = train_refl.parse_args(["--out", str(tmp_path)])
     # what Run.save_checkpoint reads of its run (the rest of a refl.Run is not needed to write one)
-    run = types.SimpleNamespace(model=model, opt=opt, rank=0, lrm=None, lrm_opt=None, buffer=replay.ReplayBuffer(4),
+    run = types.SimpleNamespace(model=model, opt=opt, experts=None, rank=0, lrm=None, lrm_opt=None, buffer=replay.ReplayBuffer(4),
                                 history=[], bad=refl.new_bad_counts(), out=tmp_path,
                                 run_settings=lambda: {k: getattr(args, k) for k in train_refl.RUN_KEYS})
     path = tmp_path / "ckpt.pt"

@@ -22,6 +22,7 @@ Left out: gradient accumulation (the paper uses none), learning-rate schedules (
 """
 
 import dataclasses
+import gc
 import json
 import math
 import time
@@ -690,6 +691,8 @@ def main(argv=None):
             raise RuntimeError(f"ranks ended with different weights (max difference {diff})")
     if rank == 0 and step == total:
         lrm.save_lrm(model, out / "lrm.safetensors")
+    del ddp  # the DDP reducer holds the process group: free it before the group ends (see refl.Run.close)
+    gc.collect()
     distributed.cleanup()
     return metrics
 

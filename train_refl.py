@@ -43,6 +43,7 @@ import shards
 PRESETS = {
     "paper": {},
     "toy": refl.TOY_PRESET,
+    "t2v-A14B": refl.A14B_PRESET,  # on top of paper when --ckpt-dir holds the Wan 2.2 T2V-A14B
     # PRFL (arXiv 2511.21541 and its public code, HY-Video-PRFL): a no-grad rollout to a random step of
     # the whole schedule, one DiT step with gradient, the LRM on that step's noisy latent, the reward
     # loss 0.1 relu(2 - sigmoid(r)); trained without KL, without guidance, without online alignment,
@@ -77,7 +78,7 @@ RUN_KEYS = ("mode",) + refl.RUN_KEYS + ("reward_on", "noise_ensemble", "reward_l
 
 def parse_args(argv=None) -> ReFLConfig:
     def choose(given):
-        return [refl.base_preset(given)] + (["prfl"] if given.get("preset") == "prfl" else [])
+        return [refl.base_preset(given)] + refl.model_presets(given) + (["prfl"] if given.get("preset") == "prfl" else [])
 
     c, names = runs.parse_config(ReFLConfig, argv, " ".join(__doc__.split("\n\n")[0].split()), PRESETS, choose)
     c.presets = names
@@ -86,6 +87,9 @@ def parse_args(argv=None) -> ReFLConfig:
         raise ValueError(f"--sft-weight must be a finite number >= 0, got {c.sft_weight}")
     if c.mode == "pixel" and (c.reward_on != "z0" or c.noise_ensemble):
         raise ValueError("--mode pixel decodes z0: --reward-on zt and --noise-ensemble need an LRM")
+    if c.boundary is not None and c.sft_data:
+        raise ValueError("--sft-data draws a timestep per sample, and two experts switch by timestep: it does not "
+                         "combine with a two-expert model")
     if c.reward_on == "zt" and c.noise_ensemble:
         raise ValueError("--noise-ensemble re-noises a clean z0; it does not combine with --reward-on zt")
     if c.lrm and noise_aware_flag(c) and Path(c.lrm).is_file():
@@ -114,6 +118,39 @@ def window(mode: str, g: torch.Generator, n: int, k: int, mid_min: int, mid_max:
         return start, start + 1
     start = int(torch.randint(mid_min, mid_max + 1, (1,), generator=g))
     return start, start + k  # exactly K DiT calls with gradient; z0 from the velocity of the last
+
+
+def expert_plan(c: ReFLConfig, pair, sigmas, log) -> tuple[int, int, int]:
+    """Where the windows of a two-expert run land: (mid_min, mid_max, first low-noise step). --experts
+    low keeps the windows that reach a low-noise step (their high-noise steps run without gradient),
+    high the ones that reach a high-noise step; both keeps all. Logs which experts the windows touch,
+    warns when --experts both trains an expert no window reaches, and refuses a choice no window
+    reaches at all."""
+    n, k = c.sample_steps, c.window
+    ts = sample.timesteps_from_sigmas(sigmas).tolist()
+    first_low = next((i for i in range(n) if not pair.is_high(ts[i])), n)
+    starts = {"velr": range(c.mid_min, c.mid_max + 1), "lastk": [n - k], "latestep": range(n - k, n)}[c.mode]
+    size = k if c.mode != "latestep" else 1
+
+    def touched(s):
+        return "+".join(e for e, hit in (("high", s < first_low), ("low", s + size > first_low)) if hit)
+
+    log(f"two experts: boundary {pair.boundary} (t >= {pair.boundary * 1000:g} runs the high-noise one), first "
+        f"low-noise step {first_low} of {n}, guidance low {pair.guidance[0]:g} / high {pair.guidance[1]:g}; window "
+        f"starts {', '.join(f'{s}: {touched(s)}' for s in starts)}")
+    keep = [s for s in starts if c.experts == "both" or c.experts in touched(s).split("+")]
+    if not keep:
+        raise ValueError(f"--experts {c.experts}: no window of --mode {c.mode} reaches the {c.experts}-noise expert "
+                         f"(its first low-noise step is {first_low}); move the window (--mid-sigma, --mid-min/--mid-max) "
+                         f"or train the other expert")
+    for e in ("high", "low") if c.experts == "both" else ():
+        if not any(e in touched(s).split("+") for s in starts):
+            log(f"warning: no window reaches the {e}-noise expert: its adapters will not train")
+    if c.mode == "velr" and len(keep) < len(starts):
+        log(f"--experts {c.experts}: windows start at steps {keep[0]}..{keep[-1]}, the ones that reach that expert")
+    elif len(keep) < len(starts):
+        raise ValueError(f"--experts {c.experts}: some windows of --mode {c.mode} do not reach that expert")
+    return keep[0], keep[-1], first_low
 
 
 def policy_velocity(model, context, checkpoint: bool):
@@ -207,7 +244,9 @@ def micro_batch(r: refl.Run, c: ReFLConfig, score, key: int, sft_rows=None) -> d
     backward; (+ PRFL's supervised term, --sft-schedule joint)."""
     prompts, noise = refl.draw_batch(c.seed, key, r.data_rank, r.prompts, c.batch_size, r.shape)
     prompts = refl.drop_prompts(prompts, c.prompt_dropout, c.seed, key, r.data_rank)
-    grad_start, stop = window(c.mode, refl.shared_generator(c.seed, key), c.sample_steps, c.window, c.mid_min, c.mid_max)
+    grad_start, stop = window(c.mode, refl.shared_generator(c.seed, key), c.sample_steps, c.window, *r.mid)
+    if r.pair is not None and c.experts == "low":  # the window's high-noise steps need no graph: nothing before them trains
+        grad_start = max(grad_start, r.first_low)
     context, lengths = refl.text_batch(r.table, prompts, r.device)
     uncond = policy_velocity(r.model, r.neg, c.gradient_checkpointing) if r.neg is not None else None
     with sample.autocast(r.device):
@@ -215,12 +254,12 @@ def micro_batch(r: refl.Run, c: ReFLConfig, score, key: int, sft_rows=None) -> d
         #      predict z0 = x_t - sigma_t v from the last of them (§4.3; sample.denoise)
         xt, z0, trace = sample.denoise(policy_velocity(r.model, context, c.gradient_checkpointing),
                                        noise.to(r.device), r.sigmas, solver=c.solver, uncond_fn=uncond,
-                                       guidance=c.guidance, cfg_grad=c.cfg_grad, stop=stop, grad_start=grad_start,
+                                       guidance=r.guidance, cfg_grad=c.cfg_grad, stop=stop, grad_start=grad_start,
                                        trace=True)
         # 4. reward: the ensemble LRM on z0, aggregated over its members (Eq. 7), or the mode's source
         reward, members = score(z0, xt, float(r.sigmas[stop]), context, lengths, prompts)
         # 5. KL to the initial model at the window's last step (App. C.2)
-        kl = kl_to_initial(r.model, r.ref, trace[-1], context, r.neg, c.guidance, grad=c.beta > 0,
+        kl = kl_to_initial(r.model, r.ref, trace[-1], context, r.neg, r.guidance, grad=c.beta > 0,
                            cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
         # 6. loss = -reward + beta KL (+ PRFL's supervised term on real latents)
         loss, dropped = objective(reward, kl, c.beta, c.reward_loss)
@@ -245,8 +284,12 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
     for m in range(c.grad_accum):
         out = micro_batch(r, c, score, refl.micro_key(step, m, c.grad_accum), joint)
         # under SP each rank holds its tokens' share of the gradient: x sp_size gives the data-parallel mean
-        refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size, clip=c.grad_clip,
-                            micro=m, micros=c.grad_accum)
+        if r.pair is None:
+            refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size,
+                                clip=c.grad_clip, micro=m, micros=c.grad_accum)
+        else:
+            experts = refl.experts_step(r.model, r.experts, r.opts, out["loss"], r.world, r.bad, step, r.log,
+                                        scale=c.sp_size, clip=c.grad_clip, micro=m, micros=c.grad_accum)
         r.bad["rewards_dropped"] += out["dropped"]
         rec = {k: out[k] for k in ("reward", "kl", "reward_std", "sft") if k in out} | {"loss": out["loss"].item()}
         if c.align_every and c.mode != "pixel":
@@ -256,7 +299,7 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
                                             r.log, group=r.dp_group))
         parts.append(rec)
         del out
-    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr}
+    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr, **(experts if r.pair is not None else {})}
     if sft_rows is not None and c.sft_schedule == "alternate":
         losses = []
         for m in range(c.grad_accum):
@@ -287,7 +330,7 @@ def main(argv=None):
             raise ValueError(f"--sft-data {c.sft_data} holds no samples")
         return rows
 
-    r = refl.Run(c, RUN_KEYS, noise_aware_flag(c), before_load=read_sft)
+    r = refl.Run(c, RUN_KEYS, noise_aware_flag(c), before_load=read_sft, expert_plan=expert_plan)
     r.eval_lrm = r.lrm if c.mode != "pixel" else None
     score = make_reward(c.mode, r.lrm, r.vae, r.reward_fn, reward_on=c.reward_on, noise_ensemble=c.noise_ensemble,
                         agg=c.agg, lcb_k=c.lcb_k, seed=c.seed)

@@ -180,10 +180,17 @@ A14B_PRESET = dict(sample_steps=A14B["steps"], shift=A14B["shift"], guidance=A14
                    guidance_high=A14B["guidance"][1], boundary=A14B["boundary"], mid_sigma=VELR_MID_SIGMA)
 
 
+# Wan 2.2 TI2V-5B, trained as text-to-video: its official frames and size (sample.MODELS; the
+# sampler, 50 UniPC steps at shift 5 with CFG 5, is the paper's); the 2.2 VAE's latents, 48 channels at /16.
+TI2V_5B_PRESET = dict(frames=sample.MODELS["ti2v-5B"]["frames"], size=sample.MODELS["ti2v-5B"]["size"])
+MODEL_PRESETS = {"t2v-A14B": A14B_PRESET, "ti2v-5B": TI2V_5B_PRESET}
+
+
 def model_presets(given: dict) -> list[str]:
-    """["t2v-A14B"] when --ckpt-dir holds that model (its A14B_PRESET), else []."""
+    """[the model's name] when --ckpt-dir holds one of MODEL_PRESETS, else []."""
     d = given.get("ckpt_dir")
-    return ["t2v-A14B"] if d and Path(d).is_dir() and sample.detect_model(d) == "t2v-A14B" else []
+    held = sample.detect_model(d) if d and Path(d).is_dir() else None
+    return [held] if held in MODEL_PRESETS else []
 
 
 def validate(c: RunConfig):
@@ -255,9 +262,9 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
     model_dit.TwoExpertDiT for the A14B, and for the toy world with --boundary (its generator
     twice, the experts starting equal); two_experts: whether the caller trains one."""
     held = sample.detect_model(c.ckpt_dir) if c.ckpt_dir else None
-    if held not in (None, "t2v-1.3B", "t2v-14B", "t2v-A14B"):
+    if held not in (None, "t2v-1.3B", "t2v-14B", "t2v-A14B", "ti2v-5B"):
         raise ValueError(f"{c.ckpt_dir} holds {held}: training runs the text-to-video models (t2v-1.3B, t2v-14B, "
-                         f"t2v-A14B); sample the others with sample.py")
+                         f"t2v-A14B, and ti2v-5B without images); sample the others with sample.py")
     two = held == "t2v-A14B" or (c.toy and c.boundary is not None)
     if c.boundary is not None and not two:
         raise ValueError(f"--boundary {c.boundary} splits two experts; {c.ckpt_dir or c.dit} holds one DiT")
@@ -291,6 +298,8 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
             distributed.barrier()
         lrm = toy_lrm if lrm is None else lrm
     else:
+        vae_cfg = vae_lib.read_config(paths["vae"])  # the size rule of its stride, before the DiT loads
+        vae_lib.check_size(c.frames, c.height, c.width, vae_cfg.size_multiple)
         tokenizer, dt = text_encoder.load_tokenizer(paths["tokenizer"]), sample.dtypes(device)
         # LoRA trains fp32 adapters on the policy's (bf16 on GPU) frozen base; full fine-tuning keeps fp32 master weights
         dtype = torch.float32 if c.full_finetune else dt["dit"]
@@ -298,6 +307,9 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
         if two:
             low = load_dit(paths["dit_low"], dtype=dtype)
             dit = model_dit.TwoExpertDiT(dit, low, c.boundary or A14B["boundary"], expert_guidance(c))
+        if dit.cfg.in_dim != vae_cfg.z_dim:
+            raise ValueError(f"the DiT {paths['dit']} reads {dit.cfg.in_dim}-channel latents and the VAE {paths['vae']} "
+                             f"makes {vae_cfg.z_dim} (the Wan 2.1 VAE: 16, Wan 2.2's: 48)")
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
     if lrm is not None and noise_aware_flag:
@@ -841,7 +853,7 @@ class Run:
         self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
         dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag,
                                                                               expert_plan is not None)
-        self.shape = vae_lib.latent_shape(c.frames, c.height, c.width)
+        self.shape = vae_lib.latent_shape(c.frames, c.height, c.width, self.vae.cfg)  # Wan 2.2's VAE: 48 ch, /16
         model_dit.check_sequence_parallel(dit.cfg, c.sp_size, self.shape)
         self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
         # the window's start range, and for two experts where the windows land (expert_plan(c, pair, sigmas, log)

@@ -3728,6 +3728,55 @@ def test_train_lrm_takes_channels_and_grid_from_its_data(tmp_path):
         refl.check_lrm_fits(sixteen, five, "a 16-channel LRM", print)
 
 
+def test_refl_trains_a14b_and_5b_folders(tmp_path, capsys):
+    """train_refl on tiny official-layout folders. T2V-A14B: both experts load, the model's preset
+    (40 steps, shift 12, guidance 3 / 4, boundary 0.875, VELR's window by sigma: steps 21..28), CFG
+    per expert, and the pair of LoRA files. TI2V-5B as text-to-video: the Wan 2.2 VAE's 48-channel
+    latents at /16 with a 48-channel LRM; a 16-channel LRM and a size off the 32 grid are refused."""
+    (tmp_path / "prompts.txt").write_text("a red ball\nred ball\n")
+    common = ["--reward", "color", "--prompts", str(tmp_path / "prompts.txt"), "--size", "64x32", "--frames", "5",
+              "--batch-size", "1", "--steps", "2", "--eval-samples", "1", "--eval-every", "0", "--save-every", "0",
+              "--lora-rank", "2", "--picture-rows", "0", "--align-every", "1", "--align-rounds", "1"]
+    a14b = tmp_path / "Wan2.2-T2V-A14B-tiny"
+    for i, expert in enumerate(("high_noise_model", "low_noise_model")):
+        (a14b / expert).mkdir(parents=True)
+        torch.manual_seed(i)
+        save_file(_dit_perturb(WanDiT(DIT_CONFIGS["tiny"])).state_dict(), str(a14b / expert / "diffusion_pytorch_model.safetensors"))
+        (a14b / expert / "config.json").write_text(json.dumps({"model_type": "t2v", "num_heads": 2}))
+    torch.save(_vae_tiny().state_dict(), a14b / "Wan2.1_VAE.pth")
+    _sample_text_files(a14b)
+    torch.manual_seed(4)
+    lrm16, lrm48 = tmp_path / "lrm16.safetensors", tmp_path / "lrm48.safetensors"
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(lrm_lib.LRM_CONFIGS["tiny"], n_members=2), lrm16)
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], in_channels=48), n_members=2), lrm48)
+    train_refl.main(["--ckpt-dir", str(a14b), "--lrm", str(lrm16), "--out", str(tmp_path / "a14b"), *common])
+    out = capsys.readouterr().out
+    assert "two experts: boundary 0.875" in out and "guidance low 3 / high 4" in out and "21: high+low" in out
+    args = json.loads((tmp_path / "a14b" / "args.json").read_text())
+    assert args["presets"] == ["paper", "t2v-A14B"] and (args["mid_min"], args["mid_max"]) == (21, 28)
+    assert all((tmp_path / "a14b" / f).is_file() for f in lora.EXPERT_FILES.values())
+
+    five = tmp_path / "Wan2.2-TI2V-5B-tiny"
+    five.mkdir()
+    torch.manual_seed(2)
+    save_file(_dit_perturb(WanDiT(replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48))).state_dict(),
+              str(five / "diffusion_pytorch_model.safetensors"))
+    (five / "config.json").write_text(json.dumps({"model_type": "ti2v", "num_heads": 2}))
+    torch.save(_vae_perturb_(WanVAE(VAE_CONFIGS["tiny2.2"]), seed=3).state_dict(), five / "Wan2.2_VAE.pth")
+    _sample_text_files(five)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        train_refl.main(["--ckpt-dir", str(five), "--lrm", str(lrm48), "--out", str(tmp_path / "bad"), *common,
+                         "--size", "48x32"])
+    with pytest.raises(ValueError, match="reads 16-channel latents .* the generator makes 48"):
+        train_refl.main(["--ckpt-dir", str(five), "--lrm", str(lrm16), "--out", str(tmp_path / "bad"), *common])
+    assert not (tmp_path / "bad").exists()
+    _, _, buffer = train_refl.main(["--ckpt-dir", str(five), "--lrm", str(lrm48), "--out", str(tmp_path / "five"),
+                                    *common])
+    assert buffer.data["z"].shape[1:] == (48, 2, 2, 4)  # 5 frames of 32x64 at /16: the 2.2 VAE's latents
+    assert json.loads((tmp_path / "five" / "args.json").read_text())["presets"] == ["paper", "ti2v-5B"]
+    assert (tmp_path / "five" / "lora.safetensors").is_file()
+
+
 def test_prepare_data_with_the_wan22_vae(tmp_path, capsys):
     """A TI2V-5B folder: prepare_data encodes with its Wan 2.2 VAE (48 channels at /16); sizes are
     multiples of 32, refused in one line otherwise."""
@@ -4575,12 +4624,14 @@ def test_refl_two_experts_each_get_the_gradient_of_the_steps_they_ran():
     call = refl.ExpertCall(high, low, pair)
     weight = torch.linspace(-1, 1, 12, dtype=torch.float64).view(1, 3, 1, 2, 2)
 
-    def loss(grad_start, stop, last=None):
-        """The window's loss; last: the KL's state (its graph cut: kl_to_initial), else this rollout's."""
-        _, z0, trace = sample.denoise(train_refl.policy_velocity(call, context, False), noise, sigmas, solver="euler",
-                                      uncond_fn=train_refl.policy_velocity(call, neg, False), guidance=pair.guidance_at,
-                                      stop=stop, grad_start=grad_start, trace=True)
-        kl = train_refl.kl_to_initial(call, ref, last or trace[-1], context, neg, pair.guidance_at, grad=True)
+    def loss(grad_start, stop, last=None, checkpoint=False):
+        """The window's loss; last: the KL's state (its graph cut: kl_to_initial), else this rollout's;
+        checkpoint: each step recomputed in the backward (whole-step checkpointing)."""
+        _, z0, trace = sample.denoise(train_refl.policy_velocity(call, context, checkpoint), noise, sigmas,
+                                      solver="euler", uncond_fn=train_refl.policy_velocity(call, neg, checkpoint),
+                                      guidance=pair.guidance_at, stop=stop, grad_start=grad_start, trace=True)
+        kl = train_refl.kl_to_initial(call, ref, last or trace[-1], context, neg, pair.guidance_at, grad=True,
+                                      checkpoint=checkpoint)
         return (z0 * weight).sum() + 0.5 * kl
 
     with torch.no_grad():
@@ -4595,6 +4646,12 @@ def test_refl_two_experts_each_get_the_gradient_of_the_steps_they_ran():
         loss(0, 5).backward()
         exact = sum((p.grad * d).sum() for p, d in zip(expert.parameters(), direction)).item()
         assert exact == pytest.approx(fd, rel=1e-6) and abs(fd) > 1e-3
+        grads = [p.grad.clone() for p in expert.parameters()]
+        for m in (high, low):
+            m.zero_grad()
+        loss(0, 5, checkpoint=True).backward()  # each step recomputed by the expert that ran it
+        for p, want in zip(expert.parameters(), grads):
+            torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=0)
     # each step's guidance is its expert's: velocity() reads the scale at t
     x = noise.clone()
     for i, (expert, scale) in ((1, (high, 5.0)), (4, (low, 2.0))):
@@ -4740,7 +4797,7 @@ def test_refl_two_experts_resume_and_an_expert_that_did_not_run_is_untouched(ref
     flags = ["--boundary", "0.875", "--seed", str(seed), "--save-every", "1", "--align-every", "1", "--align-rounds",
              "1", "--picture-rows", "0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train_refl.main(_refl_flags(refl_cache, full, *flags))
+    model, _, _ = train_refl.main(_refl_flags(refl_cache, full, *flags))
     train_refl.main(_refl_flags(refl_cache, cut, *flags, "--stop-after", "1"))
     step1 = torch.load(cut / "ckpt.pt", weights_only=True)
     with pytest.raises(ValueError, match="--boundary 0.875 -> 0.9"):
@@ -4764,6 +4821,16 @@ def test_refl_two_experts_resume_and_an_expert_that_did_not_run_is_untouched(ref
             assert f.metadata()["expert"] == expert
         assert any(v.abs().max() > 0 for k, v in state.items() if ".lora_B." in k)
     assert not (full / "lora.safetensors").exists()
+    # the pair, merged into two fresh copies of the toy generator, is the trained pair (sample.py --lora FOLDER)
+    base = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].eval()
+    fresh = model_dit.TwoExpertDiT(base, copy.deepcopy(base), 0.875)
+    assert lora.merge_expert_loras(fresh, full) == {"high": 20, "low": 20}
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, base.cfg.text_len, base.cfg.text_dim, generator=g)
+    with torch.no_grad():
+        for t in (950, 500):
+            t = torch.tensor([t, t])
+            assert (fresh(x, t, context) - model(x, t, context)).abs().max() < 1e-5
 
 
 def test_refl_resume_refuses_changed_settings_unless_allowed(refl_cache, tmp_path):
@@ -4869,7 +4936,8 @@ def test_refl_ranks_draw_their_own_data_and_share_the_window():
     assert torch.equal(again[1], n0) and again[0] == p0
 
 
-@pytest.mark.parametrize("flags", [["--boundary", "0.875"], ["--gradient-checkpointing", "--grad-accum", "2"],
+@pytest.mark.parametrize("flags", [["--boundary", "0.875", "--gradient-checkpointing"],
+                                   ["--gradient-checkpointing", "--grad-accum", "2"],
                                    ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2"],
                                    ["--full-finetune", "--lr", "1e-4", "--grad-accum", "2", "--boundary", "0.875"]],
                          ids=["ddp-lora-experts", "ddp-lora-ckpt-accum", "fsdp2-full-accum", "fsdp2-full-accum-experts"])

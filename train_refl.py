@@ -43,7 +43,7 @@ import shards
 PRESETS = {
     "paper": {},
     "toy": refl.TOY_PRESET,
-    "t2v-A14B": refl.A14B_PRESET,  # on top of paper when --ckpt-dir holds the Wan 2.2 T2V-A14B
+    **refl.MODEL_PRESETS,  # t2v-A14B, ti2v-5B: on top of paper when --ckpt-dir holds that model
     # PRFL (arXiv 2511.21541 and its public code, HY-Video-PRFL): a no-grad rollout to a random step of
     # the whole schedule, one DiT step with gradient, the LRM on that step's noisy latent, the reward
     # loss 0.1 relu(2 - sigmoid(r)); trained without KL, without guidance, without online alignment,

@@ -1004,8 +1004,13 @@ class Run:
                        "steps": c.steps, "train_seconds": seconds, "sec_per_step": seconds / max(c.steps - self.first, 1),
                        "peak_mem_mb": peak_memory_mb(self.device), "world_size": self.world, "mode": mode,
                        "nonfinite": self.bad}
+            if self.opts is not None:
+                summary["expert_updates"] = self.expert_updates()
             runs.write_json(self.out / "summary.json", summary)
         self.log(f"true reward (eval, {len(self.pairs)} fixed prompt/seed pairs): before {self.before:.4f} -> after {after:.4f}")
+        if self.opts is not None:
+            self.log("optimiser steps per expert: " + ", ".join(f"{e} {n} of {c.steps}"
+                                                                for e, n in self.expert_updates().items()))
         bad = self.bad
         if any(bad.values()):
             self.log(f"non-finite values: {bad['rewards_dropped']} training and {bad['eval_dropped']} evaluation rewards "
@@ -1051,6 +1056,10 @@ class Run:
             return path
 
     # -------------------------------------------------------------- checkpoints
+
+    def expert_updates(self) -> dict:
+        """{expert: optimiser steps taken}, read from Adam's step count (the same for all its weights)."""
+        return {name: int(next(iter(opt.state.values()))["step"]) if opt.state else 0 for name, opt in self.opts.items()}
 
     def trained_modules(self) -> list:
         """The wrapped modules that train: the model, or each trained expert."""

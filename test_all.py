@@ -4815,6 +4815,7 @@ def test_refl_two_experts_resume_and_an_expert_that_did_not_run_is_untouched(ref
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [(r["trained_high"], r["trained_low"]) for r in metrics] == [(1.0, 1.0), (0.0, 1.0)]
     assert "grad_norm_high" in metrics[0] and "grad_norm_high" not in metrics[1]
+    assert json.loads((full / "summary.json").read_text())["expert_updates"] == {"high": 1, "low": 2}
     for expert, file in lora.EXPERT_FILES.items():
         state = load_file(str(full / file))
         with safe_open(str(full / file), "pt") as f:

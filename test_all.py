@@ -1946,7 +1946,7 @@ def test_sample_detects_every_checkpoint_folder(tmp_path):
     assert sample.checkpoint_paths(folders["i2v-14B"])["clip"].name == "image_encoder"
     # training runs the text-to-video models (image conditioning is not in the trainers yet): said so;
     # the A14B only in a trainer of two experts (train_refl.py; train_lpo.py runs one DiT)
-    for root, error in ((folders["ti2v-5B"], "holds ti2v-5B: training runs the text-to-video models"),
+    for root, error in ((official["i2v-A14B"], "holds i2v-A14B: training runs the text-to-video models"),
                         (official["t2v-A14B"], "is a two-expert model; this trainer runs one DiT")):
         with pytest.raises(ValueError, match=error):
             refl.load_models(types.SimpleNamespace(ckpt_dir=str(root), toy=False, boundary=None), CPU, 0)

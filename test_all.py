@@ -4750,6 +4750,38 @@ def test_refl_resume_after_kill_equals_uninterrupted_run(refl_cache, tmp_path):
     assert summaries[0]["eval_history"] == summaries[1]["eval_history"]  # "before" survives the resume
 
 
+def test_refl_expert_plan_on_the_a14b_grids():
+    """Where VELR's windows land on the A14B grids (40 UniPC steps). T2V (shift 12, boundary 0.875):
+    by sigma the starts are 21..28, 21-25 straddle the boundary; --experts high keeps those. I2V
+    (shift 5, boundary 0.9): VELR's step range 15..25 lies wholly in the low-noise expert, so high is
+    refused and both warns; by sigma the starts are 12..20 and 12-14 reach the high expert."""
+    class Pair:  # what expert_plan reads of a model_dit.TwoExpertDiT
+        def __init__(self, boundary):
+            self.boundary, self.guidance = boundary, (3.5, 3.5)
+
+        def is_high(self, t):
+            return t >= self.boundary * 1000
+
+    def plan(shift, boundary, mid, experts, mode="velr"):
+        sigmas = sample.get_sigmas(40, shift, "unipc")
+        mid = mid or refl.starts_in_sigma(refl.VELR_MID_SIGMA, sigmas, 10)
+        c = types.SimpleNamespace(sample_steps=40, window=10, mid_min=mid[0], mid_max=mid[1], mode=mode, experts=experts)
+        lines = []
+        return train_refl.expert_plan(c, Pair(boundary), sigmas, lines.append), "\n".join(lines)
+
+    assert plan(12.0, 0.875, None, "both")[0] == (21, 28, 26)
+    assert plan(12.0, 0.875, None, "high")[0] == (21, 25, 26)
+    assert plan(12.0, 0.875, None, "low")[0] == (21, 28, 26)
+    with pytest.raises(ValueError, match="--experts high: no window of --mode velr reaches the high-noise expert"):
+        plan(5.0, 0.9, (15, 25), "high")
+    (lo, hi, first_low), log = plan(5.0, 0.9, (15, 25), "both")
+    assert first_low == 15 and "warning: no window reaches the high-noise expert" in log
+    assert plan(5.0, 0.9, None, "high")[0] == (12, 14, 15)
+    with pytest.raises(ValueError, match="no window of --mode latestep reaches the high-noise expert"):
+        plan(12.0, 0.875, None, "high", mode="latestep")
+    assert "window starts 30: low" in plan(12.0, 0.875, None, "both", mode="lastk")[1]
+
+
 def test_refl_experts_low_and_high_train_one_expert_and_place_the_windows(refl_cache, tmp_path, capsys):
     """The toy world split at 0.875 (first low-noise step 9; windows start 6..10, K = 5). low: the
     high expert gets no adapters and the window's high-noise steps run without gradient; high: the

@@ -5333,12 +5333,16 @@ def test_sequence_parallel_two_ranks_equal_one_process():
 
 def test_refl_sequence_parallel_step_equals_one_process(refl_cache, tmp_path):
     """Two ranks with --sp-size 2 (one data-parallel group: both hold the same samples, each half of
-    every sample's tokens) train the same LoRA, LRM and buffer as one process."""
-    flags = ("--align-every", "1", "--align-rounds", "1")
+    every sample's tokens) train the same LoRA, LRM and buffer as one process; with two experts
+    (--boundary), both of which train in these steps, so both must split their tokens."""
+    flags = ("--align-every", "1", "--align-rounds", "1", "--boundary", "0.875")
     sync = _refl_torchrun(refl_cache, tmp_path / "sp", "--sp-size", "2", *flags)
     assert sync == {"world": 2, "max_diff": 0.0}
     train_refl.main(_refl_flags(refl_cache, tmp_path / "one", *flags))
     sp, one = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("sp", "one"))
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["expert_updates"] == {"high": 2, "low": 2}
+    for run in (sp, one):  # the two experts' adapters as one state
+        run["model"] = {f"{e}.{k}": v for e, state in run["model"].items() for k, v in state.items()}
     # Equal up to float summation order (the gradient arrives as two token shares summed by DDP),
     # which Adam's sign-like first steps magnify in entries whose gradient nearly cancels (measured:
     # median difference 0, largest 2.5e-6 against steps of 5e-4); so the bound is on the whole

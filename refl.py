@@ -430,6 +430,7 @@ class ExpertCall(torch.nn.Module):
         self.high, self.low = high, low
         object.__setattr__(self, "pair", pair)  # not a child: its parameters are the wrapped ones
         self.ran = set()
+        self.finite = True  # every loss of the update so far was finite (experts_step)
 
     @property
     def cfg(self):

@@ -132,19 +132,20 @@ def expert_plan(c: ReFLConfig, pair, sigmas, log) -> tuple[int, int, int]:
     starts = {"velr": range(c.mid_min, c.mid_max + 1), "lastk": [n - k], "latestep": range(n - k, n)}[c.mode]
     size = k if c.mode != "latestep" else 1
 
-    def touched(s):
-        return "+".join(e for e, hit in (("high", s < first_low), ("low", s + size > first_low)) if hit)
+    def touched(s):  # the experts a window starting at step s runs
+        return tuple(e for e, hit in (("high", s < first_low), ("low", s + size > first_low)) if hit)
 
+    where = ", ".join(f"{s}: " + "+".join(touched(s)) for s in starts)
     log(f"two experts: boundary {pair.boundary} (t >= {pair.boundary * 1000:g} runs the high-noise one), first "
         f"low-noise step {first_low} of {n}, guidance low {pair.guidance[0]:g} / high {pair.guidance[1]:g}; window "
-        f"starts {', '.join(f'{s}: {touched(s)}' for s in starts)}")
-    keep = [s for s in starts if c.experts == "both" or c.experts in touched(s).split("+")]
+        f"starts {where}")
+    keep = [s for s in starts if c.experts == "both" or c.experts in touched(s)]
     if not keep:
         raise ValueError(f"--experts {c.experts}: no window of --mode {c.mode} reaches the {c.experts}-noise expert "
                          f"(its first low-noise step is {first_low}); move the window (--mid-sigma, --mid-min/--mid-max) "
                          f"or train the other expert")
     for e in ("high", "low") if c.experts == "both" else ():
-        if not any(e in touched(s).split("+") for s in starts):
+        if not any(e in touched(s) for s in starts):
             log(f"warning: no window reaches the {e}-noise expert: its adapters will not train")
     if c.mode == "velr" and len(keep) < len(starts):
         log(f"--experts {c.experts}: windows start at steps {keep[0]}..{keep[-1]}, the ones that reach that expert")
@@ -288,8 +289,8 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
             refl.optimizer_step(r.model, r.opt, out["loss"], r.world, r.bad, step, r.log, scale=c.sp_size,
                                 clip=c.grad_clip, micro=m, micros=c.grad_accum)
         else:
-            experts = refl.experts_step(r.model, r.experts, r.opts, out["loss"], r.world, r.bad, step, r.log,
-                                        scale=c.sp_size, clip=c.grad_clip, micro=m, micros=c.grad_accum)
+            expert_rec = refl.experts_step(r.model, r.experts, r.opts, out["loss"], r.world, r.bad, step, r.log,
+                                           scale=c.sp_size, clip=c.grad_clip, micro=m, micros=c.grad_accum)
         r.bad["rewards_dropped"] += out["dropped"]
         rec = {k: out[k] for k in ("reward", "kl", "reward_std", "sft") if k in out} | {"loss": out["loss"].item()}
         if c.align_every and c.mode != "pixel":
@@ -299,7 +300,7 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
                                             r.log, group=r.dp_group))
         parts.append(rec)
         del out
-    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr, **(experts if r.pair is not None else {})}
+    rec = {"step": step, **refl.mean_records(parts), "lr": c.lr, **(expert_rec if r.pair is not None else {})}
     if sft_rows is not None and c.sft_schedule == "alternate":
         losses = []
         for m in range(c.grad_accum):

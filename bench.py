@@ -206,6 +206,7 @@ def child_refl(args, device, base_mb):
     from types import SimpleNamespace
 
     import refl
+    import replay
     import train_lpo
     import train_refl
     from lrm import LRM_CONFIGS, EnsembleLRM
@@ -216,7 +217,9 @@ def child_refl(args, device, base_mb):
     cfg = args["config"]
     dit_lrm = args.get("lrm") == "dit"  # VELR with the DiT-backbone LRM, scoring x_t (--reward-on zt)
     lpo = args["mode"] == "lpo"
-    flags = [*cfg["flags"], "--align-every", "0", *(["--reward-on", "zt"] if dit_lrm else [])]
+    shape = args.get("shape")  # "ti2v-5B": the 2.2 VAE's latents and its labels for the buffer; "i2v": image conditioning
+    align = ["--align-every", "1", "--align-rounds", "1"] if shape == "ti2v-5B" else ["--align-every", "0"]
+    flags = [*cfg["flags"], *align, *(["--reward-on", "zt"] if dit_lrm else [])]
     choice = args.get("experts")  # two experts: the window from one start, split half and half at the boundary
     if choice:
         base = train_refl.parse_args(flags)
@@ -267,20 +270,31 @@ def child_refl(args, device, base_mb):
     else:  # ... or the LRM (VELR's alignment decodes and scores without gradient, offloadable); LPO's is noise-aware
         from dataclasses import replace
 
-        lrm_cfg = replace(LRM_CONFIGS["default"], timestep_cond=args["mode"] == "lpo")
+        lrm_cfg = replace(LRM_CONFIGS["default"], timestep_cond=args["mode"] == "lpo", in_channels=dit.cfg.out_dim)
         lrm = EnsembleLRM(lrm_cfg, 10).to(device).requires_grad_(False)
         modules.update(lrm=[lrm])
+    if shape == "ti2v-5B":  # the buffer's labels: the Wan 2.2 VAE decodes each admitted z0 (no gradient)
+        vae = WanVAE(VAE_CONFIGS["wan2.2"]).to(device).eval().requires_grad_(False)
+        modules.update(decoder=[vae.conv2, vae.decoder])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=targs.lr) if pair is None else None
     sigmas = sample.get_sigmas(targs.sample_steps, targs.shift, targs.solver)
     context = torch.randn(1, 512, dit.cfg.text_dim, device=device)  # precomputed prompt embedding
     lengths = torch.tensor([20], device=device)
     prompts, step_index = ["a red video"], [0]
     # what train_refl's / train_lpo's step reads of a refl.Run (no alignment: --align-every 0)
+    latent = vae_lib.latent_shape(targs.frames, targs.height, targs.width, vae.cfg if vae is not None else None)
+    cond = None
+    if shape == "i2v":  # the I2V models' y: mask (4) + image latent (16) on channels, and the image latent
+        g = torch.Generator().manual_seed(0)
+        cond = {"y": torch.randn(1, 20, *latent[1:], generator=g).to(device),
+                "image_latent": torch.randn(1, 16, 1, *latent[2:], generator=g).to(device)}
     run = SimpleNamespace(model=model, ref=ref, lrm=lrm, vae=vae, neg=None, sigmas=sigmas, device=device, data_rank=0,
                           prompts=prompts, table={prompts[0]: (context[0], lengths[0])}, opt=opt, world=1,
-                          shape=vae_lib.latent_shape(targs.frames, targs.height, targs.width), bad=refl.new_bad_counts(),
-                          log=print, pair=pair, experts=experts, opts=opts, guidance=targs.guidance,
-                          mid=(targs.mid_min, targs.mid_max), first_low=None)
+                          shape=latent, bad=refl.new_bad_counts(), log=print, pair=pair, experts=experts, opts=opts,
+                          guidance=targs.guidance, mid=(targs.mid_min, targs.mid_max), first_low=None,
+                          conditioning=lambda entries: cond, data_world=1, dp_group=None,
+                          buffer=replay.ReplayBuffer(targs.buffer_size), reward_fn=lambda video, p: video.float().mean((1, 2, 3, 4)),
+                          lrm_opt=torch.optim.AdamW(lrm.parameters(), lr=targs.align_lr) if shape == "ti2v-5B" else None)
     if pair is not None:
         *run.mid, run.first_low = train_refl.expert_plan(targs, pair, sigmas, print)
     score = None if lpo else train_refl.make_reward(targs.mode, lrm, vae, rm, reward_on=targs.reward_on)
@@ -318,7 +332,26 @@ def bench_memory(device, scale):
     res.update(guidance_rows(cfg))
     for choice in ("both", "low", "high"):
         res[f"velr_experts_{choice}"] = run_child("refl", {"mode": "velr", "experts": choice, "config": cfg, "repeats": 1})
+    res.update(model_rows(cfg, scale))
     return res
+
+
+def model_rows(cfg, scale) -> dict:
+    """VELR's step for the Wan 2.2 and image-to-video shapes: velr_5b, the TI2V-5B's (a 48-channel DiT
+    and LRM, and with --align-every 1 the buffer's labels decoded by the Wan 2.2 VAE; on a GPU the real
+    5B at 1280x704x121), and velr_i2v, image-to-video (the DiT reads 36 channels: the I2V models' mask
+    and image latent beside x, the buffer stores the image latent; the table's DiT otherwise)."""
+    from dataclasses import asdict
+
+    import model_dit
+
+    five = {**cfg, "dit": asdict(model_dit.DIT_CONFIGS["ti2v-5B"]) if scale == "cuda" else
+            {**cfg["dit"], "in_dim": 48, "out_dim": 48}}
+    if scale == "cuda":
+        five["flags"] = [*cfg["flags"], "--size", "1280x704", "--frames", "121"]
+    i2v = {**cfg, "dit": {**cfg["dit"], "in_dim": 36}}  # the table's DiT: the difference is the conditioning's
+    return {"velr_5b": run_child("refl", {"mode": "velr", "shape": "ti2v-5B", "config": five, "repeats": 1}),
+            "velr_i2v": run_child("refl", {"mode": "velr", "shape": "i2v", "config": i2v, "repeats": 1})}
 
 
 def expert_window(sigmas, start: int, window: int) -> float:
@@ -345,7 +378,8 @@ def guidance_rows(cfg) -> dict:
 
 def table_memory(res, modes=None):
     modes = modes or [m for m in (*MEMORY_MODES, "velr_dit_lrm", "lpo", "velr_cfg_both", "velr_cfg_cond",
-                                  "velr_cfg_both_beta0", "velr_experts_both", "velr_experts_low", "velr_experts_high")
+                                  "velr_cfg_both_beta0", "velr_experts_both", "velr_experts_low", "velr_experts_high",
+                                  "velr_5b", "velr_i2v")
                       if m in res]
     parts = ("dit", "decoder", "pixel_rm", "lrm", "other")
     rows = [
@@ -357,7 +391,10 @@ def table_memory(res, modes=None):
     header = (["mode", "step s", "peak MiB", "resident MiB", "step MiB"] + [f"saved {k} MiB" for k in parts]
               + [f"weights {k} MiB" for k in ("dit", "decoder", "pixel_rm", "lrm")])
     note = ("velr_experts_*: two DiTs of this shape as the A14B's experts, the window (one start, mid step of the "
-            "range) split half high-noise, half low-noise, --experts both / low / high. "
+            "range) split half high-noise, half low-noise, --experts both / low / high. velr_5b: the TI2V-5B's "
+            "48-channel latents (DiT and LRM), with the buffer's labels decoded by the Wan 2.2 VAE and one "
+            "alignment update in the step (--align-every 1); on a GPU the real 5B at 1280x704x121. velr_i2v: the "
+            "DiT reading the I2V models' 36 channels (x, mask, image latent). "
             "peak = resident (weights, optimiser state) + step (activations, gradients, temporaries). pixel = decoder "
             "(checkpointed) + a ViT-B/16-sized stand-in pixel RM in the backward; the paper's VLM RMs are ~100x larger "
             "(paper Table 1, Wan 1.3B: pixel ReFL 105.76 GB, VELR 22.18 GB = 20.97%)")
@@ -881,7 +918,7 @@ def bench_lpo_probe(device, scale, steps=100, eval_every=25, eval_samples=48, ca
                               "--eval-samples", str(eval_samples), *(["--cache-dir", str(cache_dir)] if cache_dir else [])])
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, redirect_stdout(null):
         c.cache_dir = c.cache_dir or tmp
-        dit, vae, encoder, tokenizer, _, prompts = refl.load_models(c, device, 0)
+        dit, vae, encoder, tokenizer, _, prompts, _ = refl.load_models(c, device, 0)
     table = refl.embed_prompts(prompts, tokenizer, encoder, device, dit.cfg.text_len)
     model, ref = refl.wrap(dit.to(device), device, 1, full_finetune=False, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                            lora_targets=c.lora_targets, seed=c.seed)

@@ -62,6 +62,9 @@ class LRMConfig:
     #                           labels: the score is a logit), "bt" or "thurstone"
     huber_delta: float = 1.0  # the Huber delta of that training (online alignment re-uses it)
     label_threshold: float | None = None  # bce: a reward above it is label 1, else 0 (None: rewards in [0, 1] as given)
+    # Image-to-video (an option beside the paper; off: the LRM scores z alone).
+    image_cond: bool = False  # the first block also reads the conditioning image's latent, repeated over the latent
+    #                           frames beside z on channels (EnsembleLRM.forward's `image`)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)  # a config read back from JSON carries lists
@@ -78,6 +81,8 @@ class LRMConfig:
             raise ValueError(f"pool must be 'mean' or 'max', got {self.pool!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.image_cond and self.timestep_cond:
+            raise ValueError("image_cond and timestep_cond do not combine: an image-conditioned LRM scores clean latents")
         if self.t_freq_dim < 2 or self.t_freq_dim % 2:
             raise ValueError(f"t_freq_dim must be even and >= 2, got {self.t_freq_dim}")
 
@@ -501,7 +506,7 @@ class EnsembleLRM(nn.Module):
     def __init__(self, cfg: LRMConfig, n_members: int = 10, seed: int = 0):
         super().__init__()
         self.cfg, self.n_members = cfg, n_members
-        n, widths = n_members, (cfg.in_channels,) + cfg.channels
+        n, widths = n_members, (cfg.in_channels * (2 if cfg.image_cond else 1),) + cfg.channels
         self.blocks = nn.ModuleList(
             ResBlock3d(n, cin, cout, s, cfg) for cin, cout, s in zip(widths, widths[1:], cfg.strides)
         )
@@ -552,12 +557,21 @@ class EnsembleLRM(nn.Module):
                 f"({cfg.max_frames}, {cfg.max_height}, {cfg.max_width}); raise max_frames/max_height/max_width"
             )
 
-    def forward(self, z, context, lengths, sigma=None):
-        """sigma: the noise level of z (None: clean); only a noise-aware (timestep_cond) LRM reads it."""
+    def forward(self, z, context, lengths, sigma=None, image=None):
+        """sigma: the noise level of z (None: clean); only a noise-aware (timestep_cond) LRM reads it.
+        image: the conditioning image's latent (B, C, 1, H, W) / (N, B, C, 1, H, W), read by an image_cond
+        LRM only; None: z's own first latent frame, which is the image for real videos (the first frame an
+        image-to-video model is given; the causal VAE encodes it alone) and for the TI2V-5B's output."""
         self.check_size(z)
         dtype = self.head2.weight.dtype
         context, lengths = _split_inputs(z, context.to(dtype), lengths, self.n_members, self.cfg)
         sigma = self.member_sigmas(sigma, z)
+        if self.cfg.image_cond:
+            image = z[..., :1, :, :] if image is None else image.to(z.device, z.dtype)
+            if image.shape[:-3] != z.shape[:-3] or image.shape[-3] != 1 or image.shape[-2:] != z.shape[-2:]:
+                raise ValueError(f"image must be z's shape with one latent frame, {tuple(z.shape[:-3])} + (1, "
+                                 f"{z.shape[-2]}, {z.shape[-1]}), got {tuple(image.shape)}")
+            z = torch.cat([z, image.expand_as(z)], dim=-4)  # [z, image] on channels
         x = stack_members(z.to(dtype), self.n_members)  # (B, N*16, T, H, W)
         for block in self.blocks:
             x = block(x)
@@ -674,7 +688,7 @@ def bootstrap_indices(n_members: int, batch: int, generator=None) -> torch.Tenso
 
 
 def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, bootstrap=False, generator=None,
-               amp_dtype=None, sigma=None, objective="huber", label_threshold=None):
+               amp_dtype=None, sigma=None, objective="huber", label_threshold=None, image=None):
     """One Huber step (paper Eq. 6) of an ensemble or Dollar LRM; target = the pixel reward of the
     decoded latents. All members run in one batched forward; which samples each member sees:
 
@@ -699,6 +713,7 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
     With finite inputs the step is exactly the plain one.
 
     sigma (None, (B,) or (N, B) like target): the noise level of each latent, for a noise-aware LRM.
+    image (None, or like z with one latent frame): each latent's conditioning image, for an image_cond LRM.
     objective "bce" (PRFL): binary cross-entropy of the score as a logit against the label
     bce_targets(target, label_threshold) (a reward outside [0, 1] without a threshold counts as non-finite).
 
@@ -715,8 +730,10 @@ def lrm_update(model, optimizer, z, context, lengths, target, *, delta=1.0, boot
         idx = bootstrap_indices(n, z.shape[0], generator).to(z.device)  # (N, B)
         z, context, lengths, target = z[idx], context[idx], lengths[idx], target[idx]
         sigma = None if sigma is None else sigma[idx]
+        image = None if image is None else image[idx]
+    extra = ({} if sigma is None else {"sigma": sigma}) | ({} if image is None else {"image": image})
     with torch.autocast(z.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        pred = model(z, context, lengths) if sigma is None else model(z, context, lengths, sigma=sigma)  # (N, B)
+        pred = model(z, context, lengths, **extra)  # (N, B)
     target = target.float().expand_as(pred)
     seen = pred.detach().float().sigmoid() if objective == "bce" else pred.detach()  # what mse compares
     if dropped:

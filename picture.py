@@ -40,10 +40,12 @@ def draw_text(canvas: np.ndarray, text: str, y: int, x: int, scale: int = 2, col
 
 
 def before_after_image(before: torch.Tensor, after: torch.Tensor, prompts: list[str], frames: int = 3,
-                       height: int = 96) -> np.ndarray:
+                       height: int = 96, images: torch.Tensor | None = None) -> np.ndarray:
     """One row per prompt: the named colour (word and swatch), then `frames` evenly spaced frames of
     the video before training, then the same frames after. Videos (B, 3, T, H, W) in [-1, 1]; each
-    frame is scaled (nearest neighbour) to about `height` pixels. Returns an (H, W, 3) uint8 image."""
+    frame is scaled (nearest neighbour) to about `height` pixels. images (B, 3, H, W) in [-1, 1]: an
+    image-to-video run's conditioning images, shown first in each row (resized to the frames' size).
+    Returns an (H, W, 3) uint8 image."""
     t = before.shape[2]
     picks = torch.linspace(0, t - 1, min(frames, t)).round().long().tolist()
     h, w = before.shape[-2:]
@@ -51,20 +53,30 @@ def before_after_image(before: torch.Tensor, after: torch.Tensor, prompts: list[
     step = max(1, round(h / height))  # large frames are subsampled instead
     fh, fw = len(range(0, h, step)) * up, len(range(0, w, step)) * up
     label_w, gap, top = 60, 8, 16
-    width = label_w + 2 * len(picks) * (fw + 2) + gap
+    image_w = 0 if images is None else fw + 2 + gap  # the conditioning image's column
+    width = label_w + image_w + 2 * len(picks) * (fw + 2) + gap
     canvas = np.full((top + len(prompts) * (fh + 4), width, 3), 24, np.uint8)
-    draw_text(canvas, "before", 4, label_w)
-    draw_text(canvas, "after", 4, label_w + len(picks) * (fw + 2) + gap)
+    if images is not None:
+        draw_text(canvas, "image", 4, label_w)
+        shown = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False)
+    draw_text(canvas, "before", 4, label_w + image_w)
+    draw_text(canvas, "after", 4, label_w + image_w + len(picks) * (fw + 2) + gap)
     for row, prompt in enumerate(prompts):
         y = top + row * (fh + 4)
         word = rewards.color_word(prompt)
         if word:
             canvas[y : y + 12, 2 : 14] = tuple(int(255 * c) for c in rewards.PALETTE[word])
             draw_text(canvas, word, y + 16, 2, scale=1 if len(word) > 5 else 2)
+        if images is not None:
+            canvas[y : y + fh, label_w : label_w + fw] = _pixels(shown[row, :, ::step, ::step], up)
         for k, video in enumerate((before, after)):
             for j, f in enumerate(picks):
-                frame = ((video[row, :, f, ::step, ::step].float().clamp(-1, 1) + 1) * 127.5).round().byte()
-                img = frame.permute(1, 2, 0).cpu().numpy().repeat(up, 0).repeat(up, 1)
-                x = label_w + k * (len(picks) * (fw + 2) + gap) + j * (fw + 2)
-                canvas[y : y + fh, x : x + fw] = img
+                x = label_w + image_w + k * (len(picks) * (fw + 2) + gap) + j * (fw + 2)
+                canvas[y : y + fh, x : x + fw] = _pixels(video[row, :, f, ::step, ::step], up)
     return canvas
+
+
+def _pixels(frame: torch.Tensor, up: int) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H up, W up, 3) uint8, each pixel repeated up x up times."""
+    frame = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return frame.permute(1, 2, 0).cpu().numpy().repeat(up, 0).repeat(up, 1)

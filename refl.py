@@ -183,7 +183,15 @@ A14B_PRESET = dict(sample_steps=A14B["steps"], shift=A14B["shift"], guidance=A14
 # Wan 2.2 TI2V-5B, trained as text-to-video: its official frames and size (sample.MODELS; the
 # sampler, 50 UniPC steps at shift 5 with CFG 5, is the paper's); the 2.2 VAE's latents, 48 channels at /16.
 TI2V_5B_PRESET = dict(frames=sample.MODELS["ti2v-5B"]["frames"], size=sample.MODELS["ti2v-5B"]["size"])
-MODEL_PRESETS = {"t2v-A14B": A14B_PRESET, "ti2v-5B": TI2V_5B_PRESET}
+# The image-to-video models: their samplers (40 UniPC steps at shift 5; I2V-A14B: its guidance pair and
+# boundary) and VELR's window carried over by sigma; the size stays --size (every image is fitted to it).
+I2V_A14B, I2V_14B = sample.MODELS["i2v-A14B"], sample.MODELS["i2v-14B"]
+I2V_A14B_PRESET = dict(sample_steps=I2V_A14B["steps"], shift=I2V_A14B["shift"], guidance=I2V_A14B["guidance"][0],
+                       guidance_high=I2V_A14B["guidance"][1], boundary=I2V_A14B["boundary"], mid_sigma=VELR_MID_SIGMA)
+I2V_14B_PRESET = dict(sample_steps=I2V_14B["steps"], shift=I2V_14B["shift"], guidance=I2V_14B["guidance"],
+                      mid_sigma=VELR_MID_SIGMA)
+MODEL_PRESETS = {"t2v-A14B": A14B_PRESET, "ti2v-5B": TI2V_5B_PRESET, "i2v-A14B": I2V_A14B_PRESET,
+                 "i2v-14B": I2V_14B_PRESET}
 
 
 def model_presets(given: dict) -> list[str]:
@@ -255,26 +263,27 @@ def check_noise_aware(cfg, flag: str, name):
 
 # ----------------------------------------------------------------------------- models and prompts
 
-def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
-    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts) for config `c`. Every file
-    named on the command line is checked before the first model loads (a 14B DiT takes minutes).
+def load_models(c, device, rank, noise_aware_flag=None, two_experts=False, images_ok=False):
+    """(dit, vae, text encoder, tokenizer, LRM or None, training prompts, image) for config `c`. Every
+    file named on the command line is checked before the first model loads (a 14B DiT takes minutes).
     noise_aware_flag: the flag that needs a noise-aware LRM (None: any LRM will do). The dit is a
-    model_dit.TwoExpertDiT for the A14B, and for the toy world with --boundary (its generator
-    twice, the experts starting equal); two_experts: whether the caller trains one."""
+    model_dit.TwoExpertDiT for the A14B models, and for the toy world with --boundary (its generator
+    twice, the experts starting equal); two_experts: whether the caller trains one. image: None for
+    text-to-video, else {"kind": image_kind's, "paths": each prompt's image, "clip": Wan 2.1 I2V's
+    image encoder or None}; images_ok: whether the caller trains image-to-video."""
     held = sample.detect_model(c.ckpt_dir) if c.ckpt_dir else None
-    if held not in (None, "t2v-1.3B", "t2v-14B", "t2v-A14B", "ti2v-5B"):
-        raise ValueError(f"{c.ckpt_dir} holds {held}: training runs the text-to-video models (t2v-1.3B, t2v-14B, "
-                         f"t2v-A14B, and ti2v-5B without images); sample the others with sample.py")
-    two = held == "t2v-A14B" or (c.toy and c.boundary is not None)
+    two = held in ("t2v-A14B", "i2v-A14B") or (c.toy and c.boundary is not None)
     if c.boundary is not None and not two:
         raise ValueError(f"--boundary {c.boundary} splits two experts; {c.ckpt_dir or c.dit} holds one DiT")
     if two and not two_experts:
         raise ValueError(f"{c.ckpt_dir or 'the toy world with --boundary'} is a two-expert model; this trainer runs "
                          f"one DiT (train_refl.py trains both)")
     paths = sample.model_paths(c)
-    prompts = sample.read_prompts(c.prompts) if c.prompts else (toy.prompt_list() if c.toy else None)
-    if not prompts:
-        raise ValueError("real checkpoints need --prompts FILE (one prompt per line)")
+    prompts, image_paths = read_entries(c, held)
+    kind = image_kind(held, image_paths)
+    if kind is not None and not images_ok:
+        raise ValueError(f"{c.ckpt_dir} holds {held} and --prompts {c.prompts} gives images: this trainer runs "
+                         f"text-to-video; train_refl.py trains image-to-video")
     if c.lrm and not Path(c.lrm).is_file():
         raise FileNotFoundError(f"--lrm {c.lrm} " + ("is a folder; give the LRM .safetensors file in it"
                                                      if Path(c.lrm).is_dir() else "does not exist"))
@@ -282,6 +291,9 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
     if dollar and c.lrm is None:
         raise ValueError("--mode dollar needs a Dollar LRM via --lrm (train_lrm.py --model dollar)")
     lrm = lrm_lib.load_lrm(c.lrm) if c.lrm else None  # the small files first: a bad one is found in seconds
+    if getattr(getattr(lrm, "cfg", None), "image_cond", False) and kind is None:
+        raise ValueError(f"--lrm {c.lrm} reads a conditioning image (image_cond); this run is text-to-video")
+    clip = None
     if c.toy:  # every rank, before the barrier below (load_world checks again, but rank 0 first and alone)
         toy.check_trained(toy.WORLDS[c.toy_world], c.cache_dir)
     if c.toy:
@@ -307,16 +319,132 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False):
         if two:
             low = load_dit(paths["dit_low"], dtype=dtype)
             dit = model_dit.TwoExpertDiT(dit, low, c.boundary or A14B["boundary"], expert_guidance(c))
-        if dit.cfg.in_dim != vae_cfg.z_dim:
-            raise ValueError(f"the DiT {paths['dit']} reads {dit.cfg.in_dim}-channel latents and the VAE {paths['vae']} "
-                             f"makes {vae_cfg.z_dim} (the Wan 2.1 VAE: 16, Wan 2.2's: 48)")
+        want = vae_cfg.z_dim if kind in (None, "ti2v") else 2 * vae_cfg.z_dim + 4  # I2V: [x, mask, image latent]
+        if dit.cfg.in_dim != want:
+            raise ValueError(f"the DiT {paths['dit']} reads {dit.cfg.in_dim} input channels, and the VAE "
+                             f"{paths['vae']} makes {vae_cfg.z_dim}-channel latents, so "
+                             + (f"{c.ckpt_dir or paths['dit']} is an image-to-video model: give --prompts as a "
+                                f"jsonl of {{\"prompt\", \"image\"}}" if kind is None and dit.cfg.in_dim == 2 * vae_cfg.z_dim + 4
+                                else f"this run needs {want} (the Wan 2.1 VAE: 16, Wan 2.2's: 48; I2V: 2 x 16 + 4)"))
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
+        if kind == "i2v+clip":
+            import clip as clip_lib
+
+            clip = clip_lib.load_clip(paths["clip"], device=device, dtype=dt["vae"])
     if lrm is not None and noise_aware_flag:
         check_noise_aware(lrm.cfg, noise_aware_flag, c.lrm or "the toy world's LRM")
     if lrm is not None:
         check_lrm_fits(lrm, dit.cfg, c.lrm or "the toy world's LRM", print if rank == 0 else lambda s: None)
-    return dit, vae.to(device), encoder, tokenizer, lrm, prompts
+    image = None if kind is None else {"kind": kind, "paths": image_paths, "clip": clip}
+    return dit, vae.to(device), encoder, tokenizer, lrm, prompts, image
+
+
+def read_entries(c, held) -> tuple[list[str], list]:
+    """--prompts -> (prompts, each one's image path or None): a text file (one prompt per line), or a
+    jsonl of {"prompt", "image"} (sample.read_prompt_images). The images must suit the model held:
+    every prompt of an image-to-video model has one, a text-to-video model takes none, and the
+    TI2V-5B runs one mode for the whole run (all prompts with an image, or none). Every image is
+    read here, before any model loads."""
+    if not c.prompts:
+        if c.toy:
+            prompts = toy.prompt_list()
+            return prompts, [None] * len(prompts)
+        raise ValueError("real checkpoints need --prompts FILE (one prompt per line, or a jsonl of "
+                         "{\"prompt\", \"image\"} for image-to-video)")
+    prompts, images = sample.read_prompt_images(c.prompts)
+    given = [i for i, p in enumerate(images) if p is not None]
+    need = sample.MODELS[held]["image"] if held else None
+    if given and (c.toy or need is None):
+        raise ValueError(f"--prompts {c.prompts} gives images, and {c.ckpt_dir or 'the toy world'} holds "
+                         f"{held or 'a text-to-video generator'}, which takes none")
+    if need == "required" and len(given) < len(prompts):
+        line = next(i for i, p in enumerate(images) if p is None) + 1
+        raise ValueError(f"{c.ckpt_dir} holds {held}, an image-to-video model: every prompt needs an image "
+                         f"(--prompts as a jsonl of {{\"prompt\", \"image\"}}); prompt {line} of {c.prompts} has none")
+    if need == "optional" and 0 < len(given) < len(prompts):
+        raise ValueError(f"--prompts {c.prompts}: {len(given)} of {len(prompts)} prompts have an image; a TI2V-5B run "
+                         f"is image-to-video (every prompt with an image) or text-to-video (none)")
+    for path in dict.fromkeys(images[i] for i in given):
+        sample.load_image(path)  # a missing or unreadable image: its one-line error, now
+    return prompts, images
+
+
+def image_kind(held, images) -> str | None:
+    """How the images condition the model held: "i2v" (Wan 2.2 I2V-A14B: mask + image latent beside the
+    noisy latent on channels), "i2v+clip" (Wan 2.1 I2V-14B: and CLIP features before the prompt in
+    cross-attention), "ti2v" (TI2V-5B: the image latent is the clean first latent frame), None (text-to-video)."""
+    if not any(p is not None for p in images):
+        return None
+    return {"i2v-A14B": "i2v", "i2v-14B": "i2v+clip", "ti2v-5B": "ti2v"}[held]
+
+
+class ImageConditioning:
+    """An image-to-video run's conditioning, computed once at start-up for every image of --prompts and
+    kept on the CPU. Each image is fitted to the run's --size by scaling to cover and centre-cropping
+    (every batch is one size; the official I2V sampler instead fits the size to each image, sample.py):
+      images (U, 3, H, W) in [-1, 1]: the pictures' first column;
+      image_latent (U, C, 1, H', W'): the image's VAE latent, the TI2V-5B's clean first latent frame,
+        stored in the replay buffer with each z0 for an LRM that sees the image (lrm.LRMConfig.image_cond);
+      y (U, 4 + C, F', H', W'): the I2V models' extra input channels, mask + latent of the image
+        followed by black frames (sample.i2v_condition); in the DiT's dtype, as is
+      clip (U, 257, 1280): Wan 2.1 I2V's CLIP ViT-H/14 features of the image (also stored in the buffer).
+    entry_image (E,): the image of each prompt entry. y costs host memory: (20, 21, 60, 104) per image
+    at 480p and 81 frames, 5 MB in bf16."""
+
+    def __init__(self, kind, paths, vae, clip, frames, height, width, device, dtype):
+        self.kind = kind
+        unique = list(dict.fromkeys(paths))
+        self.entry_image = torch.tensor([unique.index(p) for p in paths])
+        self.images = torch.stack([sample.resize_crop(sample.load_image(p), height, width) for p in unique])
+        rows = {"image_latent": [], "y": [], "clip": []}
+        with torch.no_grad():
+            for img in self.images:
+                img = img[None].to(device)
+                rows["image_latent"].append(sample.ti2v_image_latent(vae, img).cpu())
+                if kind != "ti2v":
+                    rows["y"].append(sample.i2v_condition(vae, img, frames).to("cpu", dtype))
+                if kind == "i2v+clip":
+                    rows["clip"].append(clip.encode_image(img).to("cpu", dtype))
+        self.rows = {k: torch.cat(v) for k, v in rows.items() if v}
+
+    def batch(self, entries, device) -> dict:
+        """The conditioning of prompt entries (B,): the DiT's inputs ("y", "clip"; "first_frame" for
+        the TI2V-5B) and "image_latent"."""
+        idx = self.entry_image[torch.as_tensor(entries)]
+        out = {k: v[idx].to(device) for k, v in self.rows.items()}
+        if self.kind == "ti2v":
+            out["first_frame"] = out["image_latent"]
+        return out
+
+
+def stored_conditioning(cond) -> dict:
+    """What the replay buffer keeps of a batch's conditioning (None: text-to-video): the image latent,
+    and Wan 2.1 I2V's CLIP features, so that the alignment can rescore the entry with an LRM that sees them."""
+    return {k: cond[k] for k in ("image_latent", "clip") if k in cond} if cond else {}
+
+
+def dit_inputs(model, x, t, cond) -> tuple:
+    """(x, t, keyword inputs) of a DiT call under a batch's image conditioning `cond` (None: as given).
+    The TI2V-5B sees latent frame 0 replaced by the image latent with its tokens at t = 0."""
+    if not cond:
+        return x, t, {}
+    if "first_frame" in cond:
+        patch = unwrap(model).cfg.patch_size
+        x = sample.put_first_frame(x, cond["first_frame"])
+        t = model_dit.first_frame_timesteps(t, tuple(s // p for s, p in zip(x.shape[2:], patch)))
+    return x, t, {k: cond[k] for k in ("y", "clip") if k in cond}
+
+
+def lrm_image(lrm, image) -> dict:
+    """The LRM's keyword for the conditioning image latent: {"image": image} for an LRM that reads it
+    (lrm.LRMConfig.image_cond, off by default), else {}."""
+    return {"image": image} if image is not None and getattr(getattr(lrm, "cfg", None), "image_cond", False) else {}
+
+
+def final_latent(z, cond):
+    """The video latent a rollout ends with: the TI2V-5B's first latent frame is the image's."""
+    return sample.put_first_frame(z, cond["first_frame"]) if cond and "first_frame" in cond else z
 
 
 def expert_guidance(c) -> tuple[float, float]:
@@ -362,9 +490,15 @@ def text_batch(table: dict, prompts: list[str], device):
 def draw_batch(seed: int, step: int, rank: int, prompts: list[str], batch_size: int, shape) -> tuple[list[str], torch.Tensor]:
     """The step's prompts and starting noise, a pure function of (seed, step, rank): a resumed run
     replays the same data, and every rank draws its own."""
+    idx, noise = draw_entries(seed, step, rank, len(prompts), batch_size, shape)
+    return [prompts[i] for i in idx], noise
+
+
+def draw_entries(seed: int, step: int, rank: int, n: int, batch_size: int, shape) -> tuple[list[int], torch.Tensor]:
+    """draw_batch's draw as prompt entry indices (of n): an image-to-video run's images go with them."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 4099 + rank)
-    idx = torch.randint(len(prompts), (batch_size,), generator=g).tolist()
-    return [prompts[i] for i in idx], torch.randn(batch_size, *shape, generator=g)
+    idx = torch.randint(n, (batch_size,), generator=g).tolist()
+    return idx, torch.randn(batch_size, *shape, generator=g)
 
 
 def drop_prompts(prompts: list[str], p: float, seed: int, step: int, rank: int) -> list[str]:
@@ -389,19 +523,21 @@ def shared_generator(seed: int, step: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- velocities
 
-def velocity(model, x, t, context, neg_context, guidance, cfg_grad="both", checkpoint=False):
+def velocity(model, x, t, context, neg_context, guidance, cfg_grad="both", checkpoint=False, cond=None):
     """Guided velocity v_u + g (v_c - v_u) of `model`. cfg_grad "both": both branches keep the graph
     (the exact derivative g dv_c + (1 - g) dv_u); "cond": the unconditional branch without gradient
     (g dv_c only). checkpoint: each branch's DiT call is recomputed in the backward, one at a time,
     so guidance with gradient costs the memory of one call's activations, not two. guidance: a number,
-    or a function of the integer timestep (two experts: the scale of the one that runs at t)."""
+    or a function of the integer timestep (two experts: the scale of the one that runs at t). cond: the
+    batch's image conditioning (ImageConditioning.batch; both branches see the image)."""
     if callable(guidance):
         guidance = guidance(int(t.reshape(-1)[0]))
+    xi, ti, kw = dit_inputs(model, x, t, cond)
 
     def call(ctx):
         if checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(model, x, t, ctx, use_reentrant=False)
-        return model(x, t, ctx)
+            return torch.utils.checkpoint.checkpoint(model, xi, ti, ctx, use_reentrant=False, **kw)
+        return model(xi, ti, ctx, **kw)
 
     v = call(context)
     if neg_context is None or guidance == 1.0:
@@ -448,10 +584,10 @@ def initial_model(model, ref):
     return nullcontext(ref) if ref is not None else lora.lora_disabled(unwrap(model))
 
 
-def reference_velocity(model, ref, x, t, context, neg_context, guidance):
+def reference_velocity(model, ref, x, t, context, neg_context, guidance, cond=None):
     """v_ref of the initial model at x (no gradient: the reference is a fixed target)."""
     with torch.no_grad(), initial_model(model, ref) as m:
-        return velocity(m, x.detach(), t, context, neg_context, guidance)
+        return velocity(m, x.detach(), t, context, neg_context, guidance, cond=cond)
 
 
 def wrap(dit, device, world, *, full_finetune: bool, lora_rank: int, lora_alpha: float, lora_targets: str, seed: int):
@@ -517,12 +653,13 @@ def buffer_policy(lrm) -> str:
 
 
 def offer_to_buffer(buffer, z0, members, context, lengths, prompts, vae, reward_fn, step, rank, world, bad, log,
-                    group=None) -> dict:
+                    group=None, extra=None) -> dict:
     """Algorithm 1's buffer update, every ReFL step: offer every z0 of the global batch with the
     LRM's ensemble variance on it (members (N, B)); label (decode without gradient + pixel reward)
     only the ones the buffer admits, each rank its own; insert them. The decision is taken on the
     all-gathered variances, so every rank admits and inserts the same entries in the same order.
-    Non-finite pixel rewards never enter the buffer (bad["rewards_dropped"]). Returns the number
+    Non-finite pixel rewards never enter the buffer (bad["rewards_dropped"]). extra: fields stored with
+    each z0 (an image-to-video run's conditioning, stored_conditioning). Returns the number
     labelled over all ranks and, when any were, their mean true reward and the LRM's mean absolute
     error on them. rank / world / group are the data-parallel ones."""
     variance = members.float().var(0, correction=0)  # (B,), 0 for a one-member LRM
@@ -539,7 +676,8 @@ def offer_to_buffer(buffer, z0, members, context, lengths, prompts, vae, reward_
     if admitted.any():  # the same on every rank, so the collectives stay matched
         keep = admitted.to(z0.device)
         entries = [distributed.all_gather_cat(x, group)[keep] for x in (z0, context, lengths, true, variance)]
-        bad["rewards_dropped"] += buffer.insert(*entries)
+        stored = {k: distributed.all_gather_cat(v, group)[keep] for k, v in (extra or {}).items()}
+        bad["rewards_dropped"] += buffer.insert(*entries, extra=stored)
     finite = mine & torch.isfinite(true)
     err = (members.mean(0).float() - true).abs()
     stats = torch.stack([torch.where(finite, true, 0).sum(), torch.where(finite, err, 0).sum(), finite.sum().float()])
@@ -558,8 +696,9 @@ def refresh_variance(lrm, buffer, batch_size, device, world, step, log):
     with torch.no_grad(), sample.autocast(device):
         for i in range(0, len(buffer), batch_size):
             rows = slice(i, i + batch_size)
+            image = buffer.data["image_latent"][rows].to(device) if "image_latent" in buffer.data else None
             members = lrm(buffer.data["z"][rows].to(device), buffer.data["context"][rows].to(device),
-                          buffer.data["lengths"][rows].to(device))
+                          buffer.data["lengths"][rows].to(device), **lrm_image(lrm, image))
             parts.append(members.float().var(0, correction=0))
     variance = torch.cat(parts)
     if world > 1:
@@ -601,7 +740,8 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
             b["z"] = lrm_lib.noise_latents(b["z"], sigma.to(device), torch.randn(b["z"].shape, generator=g).to(device))
             sigma = sigma.to(device)
         res = lrm_lib.lrm_update(lrm, lrm_opt, b["z"], b["context"], b["lengths"], b["reward"], delta=delta, generator=g,
-                                 amp_dtype=amp, sigma=sigma, objective=objective, label_threshold=threshold)
+                                 amp_dtype=amp, sigma=sigma, objective=objective, label_threshold=threshold,
+                                 **lrm_image(lrm, b.get("image_latent")))
         if res["skipped"]:
             bad["lrm_skipped"] += 1
             log(f"step {step}: LRM update skipped (non-finite loss or gradients)")
@@ -614,31 +754,43 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
 
 # ----------------------------------------------------------------------------- evaluation
 
-def eval_pairs(n: int, prompts: list[str]) -> list[tuple[str, int]]:
-    """n fixed (prompt, seed) pairs: prompt i mod len(prompts), seed 10_000 + i."""
-    return [(prompts[i % len(prompts)], 10_000 + i) for i in range(n)]
+def eval_pairs(n: int, prompts: list[str]) -> list[tuple[str, int, int]]:
+    """n fixed (prompt, seed, entry) triples: entry i mod len(prompts) (its prompt and, in an
+    image-to-video run, its image), seed 10_000 + i."""
+    return [(prompts[i % len(prompts)], 10_000 + i, i % len(prompts)) for i in range(n)]
 
 
-def sample_pairs(model, vae, pairs, table, neg_context, *, shape, sigmas, solver, guidance, device, latents=False):
-    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on (prompt, seed) pairs;
+def sample_pairs(model, vae, pairs, table, neg_context, *, shape, sigmas, solver, guidance, device, latents=False,
+                 cond=None):
+    """Decoded videos (B, 3, T, H, W) of full no-grad rollouts of `model` on eval_pairs' (prompt, seed,
+    ...) pairs, under their image conditioning `cond` (ImageConditioning.batch; None: text-to-video);
     latents=True returns (final latents, videos)."""
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for _, seed in pairs]).to(device)
-    context, _ = text_batch(table, [p for p, _ in pairs], device)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(p[1])) for p in pairs]).to(device)
+    context, _ = text_batch(table, [p[0] for p in pairs], device)
     neg = None if neg_context is None else neg_context[:1].expand(len(pairs), -1, -1)
+
+    def branch(ctx):
+        def fn(x, t):
+            xi, ti, kw = dit_inputs(model, x, t, cond)
+            return model(xi, ti, ctx, **kw)
+        return fn
+
     with torch.no_grad(), sample.autocast(device):
-        z, _ = sample.denoise(lambda x, t: model(x, t, context), noise, sigmas, solver=solver,
-                              uncond_fn=None if neg is None else (lambda x, t: model(x, t, neg)), guidance=guidance)
+        z, _ = sample.denoise(branch(context), noise, sigmas, solver=solver,
+                              uncond_fn=None if neg is None else branch(neg), guidance=guidance)
+        z = final_latent(z, cond)
         video = vae.decode(z)
     return (z, video) if latents else video
 
 
 def evaluate(rollout, reward_fn, pairs, table, batch_size, device, rank, world, out_dir, step, bad=None, lrm=None,
-             group=None) -> dict:
+             group=None, conditioning=None) -> dict:
     """Mean pixel reward of full rollouts (rollout(pairs, latents=True) -> (z, videos)) on the fixed
     pairs, sharded over ranks (under FSDP every rank runs the same number of batches); non-finite
     rewards are left out and counted in bad["eval_dropped"]. Saves the first two videos of rank 0.
     Returns {"true_reward"} and, with an `lrm`, the LRM (member mean) on the same final latents:
-    "lrm_err" = mean |LRM - true|, "latent_minus_true" = mean (LRM - true)."""
+    "lrm_err" = mean |LRM - true|, "latent_minus_true" = mean (LRM - true). conditioning: prompt entries ->
+    their image conditioning (Run.conditioning), for an LRM that reads the image."""
     per_rank = math.ceil(len(pairs) / world)
     mine = [rank + world * j for j in range(per_rank)]  # indices >= len(pairs) are padding, weight 0
     total = torch.zeros(5, device=device)  # reward sum, finite count, non-finite count, |LRM - true| sum, (LRM - true) sum
@@ -653,8 +805,9 @@ def evaluate(rollout, reward_fn, pairs, table, batch_size, device, rank, world, 
         gap = torch.zeros_like(r)
         if lrm is not None:
             context, lengths = text_batch(table, ps, device)
+            cond = conditioning([pairs[j % len(pairs)][2] for j in chunk]) if conditioning else None
             with torch.no_grad(), sample.autocast(device):
-                gap = lrm(z, context, lengths).float().mean(0) - r
+                gap = lrm(z, context, lengths, **lrm_image(lrm, cond and cond["image_latent"])).float().mean(0) - r
         ok = weight * finite
         total += torch.stack([torch.where(finite, r * weight, 0).sum(), ok.sum(), (weight * ~finite).sum(),
                               torch.where(finite, gap.abs() * ok, 0).sum(), torch.where(finite, gap * ok, 0).sum()])
@@ -825,7 +978,7 @@ class Run:
     folder's files. `settings` are the config fields that define the run (a checkpoint resumes only
     under the same ones); `noise_aware_flag` names the flag that needs a noise-aware LRM, if any."""
 
-    def __init__(self, c, settings: tuple, noise_aware_flag=None, before_load=None, expert_plan=None):
+    def __init__(self, c, settings: tuple, noise_aware_flag=None, before_load=None, expert_plan=None, images_ok=False):
         self.c, self.settings = c, settings
         self.rank, self.world, self.device = distributed.setup_distributed()
         torch.manual_seed(c.seed + self.rank)
@@ -852,9 +1005,14 @@ class Run:
                                  f"give --steps > {at} to train on")
         self.reward_fn = rewards.load_reward(c.reward)
         self.extra = before_load() if before_load else None  # inputs the script checks before any model loads
-        dit, self.vae, encoder, tokenizer, self.lrm, self.prompts = load_models(c, self.device, self.rank, noise_aware_flag,
-                                                                              expert_plan is not None)
+        dit, self.vae, encoder, tokenizer, self.lrm, self.prompts, image = load_models(
+            c, self.device, self.rank, noise_aware_flag, expert_plan is not None, images_ok)
         self.shape = vae_lib.latent_shape(c.frames, c.height, c.width, self.vae.cfg)  # Wan 2.2's VAE: 48 ch, /16
+        # image-to-video: every image's conditioning, once (None: text-to-video)
+        self.cond = None if image is None else ImageConditioning(
+            image["kind"], image["paths"], self.vae, image["clip"], c.frames, c.height, c.width, self.device,
+            sample.dtypes(self.device)["dit"])
+        del image
         model_dit.check_sequence_parallel(dit.cfg, c.sp_size, self.shape)
         self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
         # the window's start range, and for two experts where the windows land (expert_plan(c, pair, sigmas, log)
@@ -921,13 +1079,19 @@ class Run:
         c = self.c
         return lambda pairs, latents=False: sample_pairs(model, self.vae, pairs, self.table, self.neg, shape=self.shape,
                                                          sigmas=self.sigmas, solver=c.solver, guidance=self.guidance,
-                                                         device=self.device, latents=latents)
+                                                         device=self.device, latents=latents,
+                                                         cond=self.conditioning([p[2] for p in pairs]))
+
+    def conditioning(self, entries) -> dict | None:
+        """The image conditioning of prompt entries (None: text-to-video)."""
+        return None if self.cond is None else self.cond.batch(entries, self.device)
 
     def evaluate(self, step: int) -> dict:
         """One evaluation: the true reward and, with an LRM, its error on the same final latents."""
         return {"step": step, **evaluate(self.rollout(self.model), self.reward_fn, self.pairs, self.table,
                                          self.c.batch_size, self.device, self.data_rank, self.data_world, self.out, step,
-                                         self.bad, lrm=self.eval_lrm, group=self.dp_group)}
+                                         self.bad, lrm=self.eval_lrm, group=self.dp_group,
+                                         conditioning=self.conditioning)}
 
     def start(self) -> int:
         """Restore the checkpoint (--resume) or evaluate the initial model; open metrics.jsonl.
@@ -1053,7 +1217,9 @@ class Run:
         if self.rank == 0:
             path = self.out / "samples" / "before_after.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            picture_lib.imageio.imwrite(path, picture_lib.before_after_image(before, after, [p for p, _ in chosen]))
+            images = None if self.cond is None else self.cond.images[self.cond.entry_image[[p[2] for p in chosen]]]
+            picture_lib.imageio.imwrite(path, picture_lib.before_after_image(before, after, [p[0] for p in chosen],
+                                                                             images=images))
             return path
 
     # -------------------------------------------------------------- checkpoints

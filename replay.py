@@ -6,7 +6,8 @@ away from the true pixel reward. Every ReFL step offers each latent it scored to
 together with the ensemble variance the LRM had on it; the ones the buffer admits are decoded (no
 gradient), scored by the pixel reward model and stored; every few steps the LRM is re-fitted on
 samples drawn from the buffer (train_refl.py). An entry is (z0, text context, text length, true
-reward, ensemble variance). `ReplayBuffer` keeps, for an ensemble, the samples it is least sure
+reward, ensemble variance), and in an image-to-video run the conditioning the LRM may rescore it with
+(the image latent; Wan 2.1 I2V: also the CLIP features). `ReplayBuffer` keeps, for an ensemble, the samples it is least sure
 about ("variance", the paper's, C.2) and, for a one-member LRM, the newest ("fifo"); `admit` says
 before any pixel reward is computed which candidates it would keep, so only those are labelled.
 Under several ranks the buffer is shared: every rank takes the same decisions on all ranks'
@@ -106,10 +107,14 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ writing
 
-    def insert(self, z, context, lengths, reward, variance) -> int:
+    def insert(self, z, context, lengths, reward, variance, extra: dict | None = None) -> int:
         """Insert a batch in order: z (B, 16, T, H, W), context (B, L, C), lengths (B,), reward (B,),
-        variance (B,). Rows with a non-finite value in any field are dropped; returns how many were dropped."""
-        batch = dict(zip(FIELDS, (z, context, lengths, reward, variance)))
+        variance (B,), and `extra` fields (name -> (B, ...), e.g. an image-to-video run's conditioning),
+        the same names in every insert. Rows with a non-finite value in any field are dropped;
+        returns how many were dropped."""
+        batch = {**dict(zip(FIELDS, (z, context, lengths, reward, variance))), **(extra or {})}
+        if self.data is not None and set(batch) != set(self.data):
+            raise ValueError(f"the buffer holds fields {sorted(self.data)}, this batch has {sorted(batch)}")
         batch = {k: v.detach().to("cpu") for k, v in batch.items()}
         sizes = {k: v.shape[0] for k, v in batch.items()}
         if len(set(sizes.values())) != 1:
@@ -125,14 +130,14 @@ class ReplayBuffer:
             self.data = {k: v.clone() for k, v in entry.items()}
             self.arrival = stamp
         elif len(self) < self.capacity:
-            self.data = {k: torch.cat([self.data[k], entry[k]]) for k in FIELDS}
+            self.data = {k: torch.cat([self.data[k], entry[k]]) for k in self.data}
             self.arrival = torch.cat([self.arrival, stamp])
         else:
             j = self._lowest()
             new = self._key(entry["variance"].item(), self.count)
             if new <= self._key(self.data["variance"][j].item(), int(self.arrival[j])):
                 return  # ranks below every stored entry: not stored, no arrival number used
-            for k in FIELDS:
+            for k in self.data:
                 self.data[k][j] = entry[k][0]
             self.arrival[j] = self.count
         self.count += 1
@@ -192,7 +197,7 @@ class ReplayBuffer:
         if state["data"] is None:
             self.data, self.arrival, self.count = None, torch.zeros(0, dtype=torch.int64), state.get("count", 0)
             return 0
-        data = {k: state["data"][k] for k in FIELDS}
+        data = dict(state["data"])  # FIELDS, and any extra fields the run stored
         n = data["variance"].shape[0]
         arrival = state.get("arrival")
         arrival = torch.arange(n, dtype=torch.int64) if arrival is None else arrival.to(torch.int64)

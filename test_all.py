@@ -1611,9 +1611,9 @@ def test_sample_i2v_14b_with_clip_matches_diffusers(tmp_path):
 
 
 def test_lora_pair_per_expert_matches_diffusers_transformer_2(tmp_path):
-    """An A14B LoRA is two community-format files; the low-noise one goes to diffusers' transformer_2
-    (what load_lora_weights(..., load_into_transformer_2=True) does; peft, which that needs, is not a
-    test dependency, so the converted weights are merged by hand). Ours and diffusers' sample alike."""
+    """An A14B LoRA is two community-format files: diffusers' load_lora_weights reads the high-noise one
+    into `transformer` and the low-noise one into `transformer_2` (load_into_transformer_2=True, through
+    peft). Ours, merged, and diffusers' pipeline with the adapters sample alike."""
     from diffusers import WanPipeline
 
     cfg = DIT_CONFIGS["tiny"]
@@ -1646,14 +1646,11 @@ def test_lora_pair_per_expert_matches_diffusers_transformer_2(tmp_path):
         plain = run(fresh)
         assert lora.merge_expert_loras(fresh, tmp_path / "run") == {"high": 20, "low": 20}
         merged = run(fresh)
-        for ref, expert in ((high_ref, "high"), (low_ref, "low")):
-            converted = WanLoraLoaderMixin.lora_state_dict(str(files[expert]))
-            for key in [k for k in converted if k.endswith(".lora_A.weight")]:
-                layer = ref.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_A.weight"))
-                layer.weight += converted[key.replace("lora_A", "lora_B")] @ converted[key]
         sch = _sample_wan_unipc(12.0)
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sch, transformer=high_ref,
                            transformer_2=low_ref, boundary_ratio=0.875)
+        pipe.load_lora_weights(str(files["high"]), adapter_name="high")
+        pipe.load_lora_weights(str(files["low"]), adapter_name="low", load_into_transformer_2=True)
         want = pipe(prompt_embeds=context, negative_prompt_embeds=neg, latents=x.clone(), height=32, width=48,
                     num_frames=5, num_inference_steps=12, guidance_scale=4.0, guidance_scale_2=3.0,
                     output_type="latent").frames
@@ -1944,9 +1941,8 @@ def test_sample_detects_every_checkpoint_folder(tmp_path):
     p = sample.checkpoint_paths(folders["i2v-A14B"])
     assert (p["dit"].name, p["dit_low"].name, p["vae"].name) == ("transformer", "transformer_2", "vae")
     assert sample.checkpoint_paths(folders["i2v-14B"])["clip"].name == "image_encoder"
-    # training runs the text-to-video models (image conditioning is not in the trainers yet): said so;
-    # the A14B only in a trainer of two experts (train_refl.py; train_lpo.py runs one DiT)
-    for root, error in ((official["i2v-A14B"], "holds i2v-A14B: training runs the text-to-video models"),
+    # the A14B models only in a trainer of two experts (train_refl.py; train_lpo.py runs one DiT)
+    for root, error in ((official["i2v-A14B"], "is a two-expert model; this trainer runs one DiT"),
                         (official["t2v-A14B"], "is a two-expert model; this trainer runs one DiT")):
         with pytest.raises(ValueError, match=error):
             refl.load_models(types.SimpleNamespace(ckpt_dir=str(root), toy=False, boundary=None), CPU, 0)
@@ -2321,6 +2317,45 @@ def test_lrm_shapes_and_gradients(text_mode, pool):
         assert z.grad.abs().sum() > 0  # ReFL backpropagates the reward into the latent
         for name, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_lrm_image_cond_reads_the_image_latent(tmp_path):
+    """lrm.LRMConfig.image_cond: the first block reads [z, image latent repeated over frames] on channels.
+    Without an image the LRM takes z's own first latent frame; the image moves the score, gets a gradient
+    that matches a finite difference, and survives save/load; lrm_update passes it on."""
+    cfg = replace(lrm.LRM_CONFIGS["tiny"], image_cond=True)
+    model = lrm.EnsembleLRM(cfg, n_members=2).double()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 16, 3, 4, 4, generator=g, dtype=torch.float64)
+    ctx, lengths = torch.randn(2, 5, cfg.text_dim, generator=g, dtype=torch.float64), torch.tensor([3, 5])
+    image = torch.randn(2, 16, 1, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(model(z, ctx, lengths), model(z, ctx, lengths, image=z[:, :, :1]))
+        assert (model(z, ctx, lengths, image=image) - model(z, ctx, lengths)).abs().max() > 1e-4
+    # the mechanism: a plain 32-channel LRM with the same weights, fed [z, image repeated over frames]
+    plain = lrm.EnsembleLRM(replace(cfg, image_cond=False, in_channels=32), n_members=2).double()
+    plain.load_state_dict(model.state_dict())
+    joined = torch.cat([z, image.detach().expand_as(z)], dim=1).requires_grad_(True)
+    model(z, ctx, lengths, image=image).sum().backward()
+    plain(joined, ctx, lengths).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(z, ctx, lengths, image=image), plain(joined, ctx, lengths), rtol=0, atol=1e-6)
+    torch.testing.assert_close(image.grad, joined.grad[:, 16:].sum(2, keepdim=True), rtol=1e-6, atol=1e-9)
+    assert image.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image must be z's shape with one latent frame"):
+        model(z, ctx, lengths, image=z[:, :, :2])
+    with pytest.raises(ValueError, match="image_cond and timestep_cond do not combine"):
+        replace(cfg, timestep_cond=True)
+    lrm.save_lrm(model.float(), tmp_path / "image.safetensors")
+    back = lrm.load_lrm(tmp_path / "image.safetensors")
+    assert back.cfg.image_cond and torch.equal(back(z.float(), ctx.float(), lengths, image=image.detach().float()),
+                                               model(z.float(), ctx.float(), lengths, image=image.detach().float()))
+    opt = torch.optim.SGD(back.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in back.parameters()]
+    res = lrm.lrm_update(back, opt, z.float(), ctx.float(), lengths, torch.tensor([0.2, 0.9]), image=image.detach().float())
+    assert not res["skipped"] and any(not torch.equal(a, b) for a, b in zip(before, back.parameters()))
+    with pytest.raises(ValueError, match="reads a conditioning image .*; this run is text-to-video"):
+        train_refl.main(["--lrm", str(tmp_path / "image.safetensors"), "--out", str(tmp_path / "bad"), "--steps", "1"])
 
 
 def test_lrm_latent_sizes():
@@ -3713,9 +3748,11 @@ def test_train_lrm_takes_channels_and_grid_from_its_data(tmp_path):
     shards.write_index(out, 1, 4)
     assert train_lrm.fit_to_latents(lrm.LRM_CONFIGS["tiny"], (48, 31, 44, 80)).max_frames == 31
     train_lrm.main(_data_train_argv(tmp_path / "r48", "--data", str(out), "--config", "tiny", "--members", "2",
-                                    "--epochs", "1", "--batch-size", "2", "--test-frac", "0.25"))
-    model = lrm.load_lrm(tmp_path / "r48" / "lrm.safetensors")
-    assert model.cfg.in_channels == 48 and model.cfg.max_frames == 25
+                                    "--epochs", "1", "--batch-size", "2", "--test-frac", "0.25", "--image-cond"))
+    model = lrm.load_lrm(tmp_path / "r48" / "lrm.safetensors")  # image_cond: trained on each video's first latent frame
+    assert model.cfg.in_channels == 48 and model.cfg.max_frames == 25 and model.cfg.image_cond
+    with pytest.raises(ValueError, match="--image-cond is an option of the clean-latent ensemble LRM"):
+        train_lrm.main(_data_train_argv(tmp_path / "r48d", "--data", str(out), "--model", "dollar", "--image-cond"))
     five, a14b = replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48), replace(DIT_CONFIGS["tiny"], in_dim=36)
     refl.check_lrm_fits(model, five, "r48", print)
     with pytest.raises(ValueError, match=r"reads 48-channel latents .* the generator makes 16"):
@@ -3775,6 +3812,112 @@ def test_refl_trains_a14b_and_5b_folders(tmp_path, capsys):
     assert buffer.data["z"].shape[1:] == (48, 2, 2, 4)  # 5 frames of 32x64 at /16: the 2.2 VAE's latents
     assert json.loads((tmp_path / "five" / "args.json").read_text())["presets"] == ["paper", "ti2v-5B"]
     assert (tmp_path / "five" / "lora.safetensors").is_file()
+
+
+def _i2v_folder(root, kind):
+    """A tiny official-layout image-to-video folder: "i2v-A14B" (two experts), "i2v-14B" (Wan 2.1, with a
+    CLIP .pth) or "ti2v-5B" (the Wan 2.2 VAE)."""
+    cfg = {"i2v-A14B": replace(DIT_CONFIGS["tiny"], in_dim=36), "i2v-14B": replace(DIT_CONFIGS["tiny"], in_dim=36, image_dim=64),
+           "ti2v-5B": replace(DIT_CONFIGS["tiny"], in_dim=48, out_dim=48)}[kind]
+    experts = ("high_noise_model", "low_noise_model") if kind == "i2v-A14B" else ("",)
+    for i, expert in enumerate(experts):
+        (root / expert).mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(i)
+        save_file(_dit_perturb(WanDiT(cfg)).state_dict(), str(root / expert / "diffusion_pytorch_model.safetensors"))
+        (root / expert / "config.json").write_text(json.dumps({"model_type": "ti2v" if kind == "ti2v-5B" else "i2v",
+                                                               "in_dim": cfg.in_dim, "num_heads": 2}))
+    if kind == "ti2v-5B":
+        torch.save(_vae_perturb_(WanVAE(VAE_CONFIGS["tiny2.2"]), seed=3).state_dict(), root / "Wan2.2_VAE.pth")
+    else:
+        torch.save(_vae_tiny().state_dict(), root / "Wan2.1_VAE.pth")
+    if kind == "i2v-14B":
+        sd = {f"visual.{k}": v for k, v in clip_lib.load_clip(_clip_save(root / "hf_clip")).state_dict().items()}
+        torch.save(sd, root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    _sample_text_files(root)
+    return root
+
+
+def _clip_save(path):
+    _clip_hf(seed=1).save_pretrained(path)
+    return path
+
+
+def test_refl_trains_image_to_video_folders(tmp_path, capsys):
+    """train_refl on tiny image-to-video folders with a jsonl of prompts and images. I2V-A14B: both experts
+    with y; the trainer's evaluation rollout is sample.py's (the same latent for the same seed and image),
+    the buffer keeps each z0's image latent, the picture's first column is the image. I2V-14B: CLIP features
+    too, stored with each entry. TI2V-5B image mode: z0's first latent frame is the image's. Images a model
+    cannot take, prompts without one, and LPO on images are refused before anything is written."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        imageio.imwrite(tmp_path / f"{name}.png", (rng.random((32, 64, 3)) * 255).astype(np.uint8))
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p, "image": i}) + "\n" for p, i in (("a red ball", "a.png"),
+                                                                                      ("red ball", "b.png"))))
+    (tmp_path / "prompts.txt").write_text("a red ball\n")
+    torch.manual_seed(4)
+    lrm16 = tmp_path / "lrm16.safetensors"
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(lrm_lib.LRM_CONFIGS["tiny"], n_members=2), lrm16)
+    common = ["--reward", "color", "--prompts", str(jsonl), "--size", "64x32", "--frames", "5", "--batch-size", "2",
+              "--steps", "1", "--eval-samples", "1", "--eval-every", "0", "--save-every", "0", "--lora-rank", "2",
+              "--picture-rows", "0", "--align-every", "1", "--align-rounds", "1", "--lrm", str(lrm16)]
+
+    a14b = _i2v_folder(tmp_path / "Wan2.2-I2V-A14B-tiny", "i2v-A14B")
+    with pytest.raises(ValueError, match="an image-to-video model: every prompt needs an image"):
+        train_refl.main(["--ckpt-dir", str(a14b), *common, "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                         str(tmp_path / "bad")])
+    noise_aware = tmp_path / "noise_aware48.safetensors"
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], in_channels=48, timestep_cond=True),
+                                         n_members=2), noise_aware)
+    with pytest.raises(ValueError, match="this trainer runs text-to-video; train_refl.py trains image-to-video"):
+        train_lpo.main(["--ckpt-dir", str(_i2v_folder(tmp_path / "five", "ti2v-5B")), *common, "--lrm", str(noise_aware),
+                        "--out", str(tmp_path / "bad")])
+    _, _, buffer = train_refl.main(["--ckpt-dir", str(a14b), *common, "--picture-rows", "1", "--experts", "low",
+                                    "--out", str(tmp_path / "a14b")])
+    out = capsys.readouterr().out
+    assert "two experts: boundary 0.9" in out
+    assert buffer.data["image_latent"].shape[1:] == (16, 1, 4, 8) and buffer.data["z"].shape[1:] == (16, 2, 4, 8)
+    picture = imageio.v2.imread(tmp_path / "a14b" / "samples" / "before_after.png")
+    image = sample.resize_crop(sample.load_image(tmp_path / "a.png"), 32, 64)
+    want = ((image[:, ::1, ::1].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    up = max(1, round(96 / 32))
+    assert np.array_equal(picture[16 : 16 + 32 * up : up, 60 : 60 + 64 * up : up], want)  # the image's column
+    # the evaluation rollout is sample.py's: the same latent from the same seed (10000) and image
+    sample.main(["--ckpt-dir", str(a14b), "--prompts", str(jsonl), "--size", "64x32", "--frames", "5", "--seed", "10000",
+                 "--out", str(tmp_path / "sampled"), "--save-latents", str(tmp_path / "latents")])
+    summary = json.loads((tmp_path / "a14b" / "summary.json").read_text())
+    with safe_open(str(tmp_path / "latents" / "00000.safetensors"), "pt") as f:
+        z = f.get_tensor("latent")[None]
+    vae = load_vae(a14b / "Wan2.1_VAE.pth")
+    with torch.no_grad():
+        reward = rewards.load_reward("color")(vae.decode(z), ["a red ball"]).item()
+    assert abs(summary["eval_history"][0]["true_reward"] - reward) <= 1e-5
+
+    # Wan 2.1 I2V-14B, scored and aligned by an LRM that also reads the image latent (image_cond)
+    i2v14 = _i2v_folder(tmp_path / "Wan2.1-I2V-14B-tiny", "i2v-14B")
+    image_lrm = tmp_path / "image_lrm.safetensors"
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], image_cond=True), n_members=2), image_lrm)
+    _, aligned, buffer = train_refl.main(["--ckpt-dir", str(i2v14), *common, "--lrm", str(image_lrm), "--out",
+                                          str(tmp_path / "i2v14")])
+    assert buffer.data["clip"].shape[1:] == (5, 64) and json.loads((tmp_path / "i2v14" / "args.json").read_text())[
+        "presets"] == ["paper", "i2v-14B"]
+    assert aligned.cfg.image_cond and not torch.equal(buffer.data["image_latent"], buffer.data["z"][:, :, :1])
+
+    lrm48 = tmp_path / "lrm48.safetensors"
+    lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], in_channels=48), n_members=2), lrm48)
+    _, _, buffer = train_refl.main(["--ckpt-dir", str(tmp_path / "five"), *common, "--lrm", str(lrm48), "--out",
+                                    str(tmp_path / "five_run")])
+    assert torch.equal(buffer.data["z"][:, :, :1], buffer.data["image_latent"])  # the clean first frame is the image's
+    t2v = tmp_path / "Wan2.2-T2V-A14B-tiny"
+    for expert in ("high_noise_model", "low_noise_model"):
+        (t2v / expert).mkdir(parents=True)
+        save_file(WanDiT(DIT_CONFIGS["tiny"]).state_dict(), str(t2v / expert / "diffusion_pytorch_model.safetensors"))
+        (t2v / expert / "config.json").write_text(json.dumps({"model_type": "t2v", "num_heads": 2}))
+    torch.save(_vae_tiny().state_dict(), t2v / "Wan2.1_VAE.pth")
+    _sample_text_files(t2v)
+    with pytest.raises(ValueError, match="gives images, and .* holds t2v-A14B, which takes none"):
+        train_refl.main(["--ckpt-dir", str(t2v), *common, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_prepare_data_with_the_wan22_vae(tmp_path, capsys):

@@ -94,6 +94,8 @@ class LRMTrainConfig:
     noise_aware: bool = False  # timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps,
         # s from the sampler's schedule (--sigma-draw); the label stays the clean latent's reward
     clean_prob: float = 0.1  # --noise-aware: share of clean (s = 0) latents
+    image_cond: bool = False  # image-to-video: the LRM also reads the conditioning image's latent (lrm.LRMConfig.
+        # image_cond); trained here on each video's own first latent frame, the image an I2V model would be given
     sigma_draw: Literal["uniform", "grid"] | None = None  # --noise-aware: how s is drawn from the sampler's grid:
         # uniform (DiNa-LRM: u ~ U[0, 1] snapped to the nearest grid sigma) or grid (each of its steps equally
         # likely: most mass at high noise); None: uniform for --loss thurstone, grid for huber and bt
@@ -132,7 +134,7 @@ RUN_KEYS = ("data", "synthetic", "synthetic_reward", "test_frac", "model", "conf
             "dit_trunk", "dit_trunk_lr", "dit_dtype", "dit_lora_rank", "dit_mlp", "batch_size", "lr", "huber_delta", "seed", "loss",
             "label_threshold",
             "pair_margin", "pairs", "noise_aware", "clean_prob", "sigma_draw", "pair_noise", "sample_steps", "shift",
-            "solver")
+            "solver", "image_cond")
 
 
 def run_settings(args) -> dict:
@@ -501,6 +503,9 @@ def parse_args(argv=None) -> LRMTrainConfig:
         raise ValueError(f"--label-threshold {args.label_threshold} needs --loss bce and a finite number")
     if args.pairs and (args.loss in lrm.POINTWISE or not args.data or not Path(args.pairs).is_file()):
         raise ValueError(f"--pairs {args.pairs} needs --loss bt|thurstone, --data and an existing file")
+    if args.image_cond and (args.noise_aware or args.model != "ensemble"):
+        raise ValueError(f"--image-cond is an option of the clean-latent ensemble LRM (--model ensemble without "
+                         f"--noise-aware), got --model {args.model}{' --noise-aware' if args.noise_aware else ''}")
     if args.noise_aware and args.model == "dollar":
         raise ValueError("--noise-aware needs --model ensemble (the Dollar baseline has no timestep conditioning)")
     if args.sigma_draw and not args.noise_aware:
@@ -579,7 +584,7 @@ def main(argv=None):
         if outside:
             raise ValueError(f"--loss bce takes labels in [0, 1]; {len(outside)} rewards of the data lie outside "
                              f"(e.g. {outside[0]:.4g}): give --label-threshold to make binary labels of them")
-    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, objective=args.loss,
+    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, image_cond=args.image_cond, objective=args.loss,
                   huber_delta=args.huber_delta, label_threshold=args.label_threshold)
     cfg = fit_to_latents(cfg, tuple(data[0]["latent"].shape))
     members = 1 if args.model == "dollar" else args.members

@@ -94,6 +94,13 @@ def parse_args(argv=None) -> ReFLConfig:
         raise ValueError("--noise-ensemble re-noises a clean z0; it does not combine with --reward-on zt")
     if c.lrm and noise_aware_flag(c) and Path(c.lrm).is_file():
         refl.check_noise_aware(lrm_lib.read_config(c.lrm)[2], noise_aware_flag(c), c.lrm)
+    images = c.prompts and Path(c.prompts).is_file() and any(sample.read_prompt_images(c.prompts)[1])
+    if images and c.sft_data:
+        raise ValueError(f"--prompts {c.prompts} gives images and --sft-data holds text-to-video latents: the "
+                         f"supervised term has no images to condition on")
+    if images and c.reward_on == "zt" and c.ckpt_dir and sample.detect_model(c.ckpt_dir) == "ti2v-5B":
+        raise ValueError("--reward-on zt scores the noisy latent, whose first frame the TI2V-5B holds clean (the "
+                         "image's), which no noise-aware LRM was trained on; use --reward-on z0")
     if not c.toy and (c.lrm is None and c.mode != "pixel" or c.reward is None):
         raise ValueError(f"real checkpoints need --reward and (unless --mode pixel) --lrm, got reward={c.reward!r}, "
                          f"lrm={c.lrm!r}")
@@ -154,34 +161,35 @@ def expert_plan(c: ReFLConfig, pair, sigmas, log) -> tuple[int, int, int]:
     return keep[0], keep[-1], first_low
 
 
-def policy_velocity(model, context, checkpoint: bool):
+def policy_velocity(model, context, checkpoint: bool, cond=None):
     """The policy's velocity under `context` (the prompt's, or the negative prompt's for guidance's
-    unconditional branch). checkpoint: keep only each window step's input latent and rerun the DiT
-    in the backward (itself checkpointed per block), so the window's memory is one DiT call's, not
-    K steps' block inputs."""
-    return lambda x, t: refl.velocity(model, x, t, context, None, 1.0, checkpoint=checkpoint)
+    unconditional branch) and the batch's image conditioning `cond`. checkpoint: keep only each window
+    step's input latent and rerun the DiT in the backward (itself checkpointed per block), so the
+    window's memory is one DiT call's, not K steps' block inputs."""
+    return lambda x, t: refl.velocity(model, x, t, context, None, 1.0, checkpoint=checkpoint, cond=cond)
 
 
 def make_reward(mode, lrm, vae, reward_fn, *, reward_on="z0", noise_ensemble=False, agg="mean", lcb_k=1.0, seed=0):
     """The reward of a window's end, chosen once at start-up:
-    score(z0, x_t, sigma_t, context, lengths, prompts) -> (reward (B,), member rewards (N, B)).
+    score(z0, x_t, sigma_t, context, lengths, prompts, image=None) -> (reward (B,), member rewards (N, B));
+    image: an image-to-video run's conditioning image latent, for an LRM that reads it.
     pixel: decode z0 (checkpointed) and the differentiable pixel reward; otherwise the LRM on z0
     (VELR Eq. 7), on x_t at sigma_t (--reward-on zt, PRFL), or noise-ensembled on z0 (DiNa-LRM),
     aggregated over members by `agg` (a Thurstone-trained LRM's lcb adds its v(sigma))."""
     if mode == "pixel":
-        def pixel(z0, xt, sigma, context, lengths, prompts):
+        def pixel(z0, xt, sigma, context, lengths, prompts, image=None):
             reward = reward_fn(vae.decode(z0, checkpoint=True), prompts).float()
             return reward, reward[None].detach()
         return pixel
     thurstone = agg == "lcb" and getattr(getattr(lrm, "cfg", None), "objective", "huber") == "thurstone"
 
-    def latent(z0, xt, sigma, context, lengths, prompts):
+    def latent(z0, xt, sigma, context, lengths, prompts, image=None):
         if reward_on == "zt":
             members, scored = lrm(xt, context, lengths, sigma=sigma), sigma
         elif noise_ensemble:
             members, scored = lrm_lib.noise_ensemble(lrm, z0, context, lengths, seed=seed), 0.0
         else:
-            members, scored = lrm(z0, context, lengths), 0.0
+            members, scored = lrm(z0, context, lengths, **refl.lrm_image(lrm, image)), 0.0
         if thurstone:
             return lrm_lib.aggregate_lcb(members, lcb_k, lrm_lib.thurstone_var(scored).to(members.device)), members
         return lrm_lib.aggregate(members, agg, lcb_k), members
@@ -189,7 +197,7 @@ def make_reward(mode, lrm, vae, reward_fn, *, reward_on="z0", noise_ensemble=Fal
 
 
 def kl_to_initial(model, ref, last: dict, context, neg, guidance, *, grad: bool, cfg_grad="both",
-                  checkpoint=False) -> torch.Tensor:
+                  checkpoint=False, cond=None) -> torch.Tensor:
     """KL = mean((v_theta - v_ref)^2) at the window's last step x_t, v_ref from the initial model (App. C.2).
     Both velocities are taken at x_t with its graph cut: the KL regularises the velocity field on the
     policy's own states, and its gradient is d/dtheta of v_theta(x_t) alone, the same on both sides.
@@ -198,8 +206,8 @@ def kl_to_initial(model, ref, last: dict, context, neg, guidance, *, grad: bool,
     x_t with gradient (one more guided DiT call); otherwise the window's value is reused."""
     x = last["x"].detach()
     t = torch.full((x.shape[0],), last["t"], dtype=torch.int64, device=x.device)
-    v = refl.velocity(model, x, t, context, neg, guidance, cfg_grad, checkpoint) if grad else last["v"].detach()
-    v_ref = refl.reference_velocity(model, ref, x, t, context, neg, guidance)
+    v = refl.velocity(model, x, t, context, neg, guidance, cfg_grad, checkpoint, cond) if grad else last["v"].detach()
+    v_ref = refl.reference_velocity(model, ref, x, t, context, neg, guidance, cond)
     wide = torch.promote_types(v.dtype, torch.float32)  # fp32 for a bf16 DiT
     return (v.to(wide) - v_ref.to(wide)).pow(2).mean()
 
@@ -243,29 +251,32 @@ def micro_batch(r: refl.Run, c: ReFLConfig, score, key: int, sft_rows=None) -> d
     """Algorithm 1's forward on one micro-batch of every rank's own prompts and noise, drawn by `key`
     (refl.micro_key): the window's rollout, the reward, the KL and the loss, its graph kept for the
     backward; (+ PRFL's supervised term, --sft-schedule joint)."""
-    prompts, noise = refl.draw_batch(c.seed, key, r.data_rank, r.prompts, c.batch_size, r.shape)
-    prompts = refl.drop_prompts(prompts, c.prompt_dropout, c.seed, key, r.data_rank)
+    entries, noise = refl.draw_entries(c.seed, key, r.data_rank, len(r.prompts), c.batch_size, r.shape)
+    prompts = refl.drop_prompts([r.prompts[i] for i in entries], c.prompt_dropout, c.seed, key, r.data_rank)
+    cond = r.conditioning(entries)  # image-to-video: the entries' images (a dropped prompt keeps its image)
     grad_start, stop = window(c.mode, refl.shared_generator(c.seed, key), c.sample_steps, c.window, *r.mid)
     if r.pair is not None and c.experts == "low":  # the window's high-noise steps need no graph: nothing before them trains
         grad_start = max(grad_start, r.first_low)
     context, lengths = refl.text_batch(r.table, prompts, r.device)
-    uncond = policy_velocity(r.model, r.neg, c.gradient_checkpointing) if r.neg is not None else None
+    uncond = policy_velocity(r.model, r.neg, c.gradient_checkpointing, cond) if r.neg is not None else None
     with sample.autocast(r.device):
         # 1-3. roll out without gradient to grad_start, keep the graph for the K window steps, and
         #      predict z0 = x_t - sigma_t v from the last of them (§4.3; sample.denoise)
-        xt, z0, trace = sample.denoise(policy_velocity(r.model, context, c.gradient_checkpointing),
+        xt, z0, trace = sample.denoise(policy_velocity(r.model, context, c.gradient_checkpointing, cond),
                                        noise.to(r.device), r.sigmas, solver=c.solver, uncond_fn=uncond,
                                        guidance=r.guidance, cfg_grad=c.cfg_grad, stop=stop, grad_start=grad_start,
                                        trace=True)
+        z0 = refl.final_latent(z0, cond)  # the TI2V-5B's first latent frame is the image's
         # 4. reward: the ensemble LRM on z0, aggregated over its members (Eq. 7), or the mode's source
-        reward, members = score(z0, xt, float(r.sigmas[stop]), context, lengths, prompts)
+        image = {"image": cond["image_latent"]} if cond else {}  # image-to-video: for an LRM that reads it
+        reward, members = score(z0, xt, float(r.sigmas[stop]), context, lengths, prompts, **image)
         # 5. KL to the initial model at the window's last step (App. C.2)
         kl = kl_to_initial(r.model, r.ref, trace[-1], context, r.neg, r.guidance, grad=c.beta > 0,
-                           cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing)
+                           cfg_grad=c.cfg_grad, checkpoint=c.gradient_checkpointing, cond=cond)
         # 6. loss = -reward + beta KL (+ PRFL's supervised term on real latents)
         loss, dropped = objective(reward, kl, c.beta, c.reward_loss)
         out = {"loss": loss, "z0": z0.detach(), "members": members.detach(), "context": context, "lengths": lengths,
-               "prompts": prompts, "dropped": dropped, "reward": reward.detach().nanmean().item(), "kl": kl.item(),
+               "prompts": prompts, "stored": refl.stored_conditioning(cond), "dropped": dropped, "reward": reward.detach().nanmean().item(), "kl": kl.item(),
                "reward_std": members.detach().float().std(0, correction=0).mean().item()}
         if sft_rows is not None:
             sft = sft_loss(r.model, sft_rows, seed=c.seed, step=key, data_rank=r.data_rank, batch_size=c.batch_size,
@@ -297,7 +308,7 @@ def velr_step(r: refl.Run, c: ReFLConfig, score, step: int, sft_rows=None) -> di
             # 7. offer z0 to the replay buffer, which admits the LRM's most uncertain (App. C.2)
             rec.update(refl.offer_to_buffer(r.buffer, out["z0"], out["members"], out["context"], out["lengths"],
                                             out["prompts"], r.vae, r.reward_fn, step, r.data_rank, r.data_world, r.bad,
-                                            r.log, group=r.dp_group))
+                                            r.log, group=r.dp_group, extra=out["stored"]))
         parts.append(rec)
         del out
     rec = {"step": step, **refl.mean_records(parts), "lr": c.lr, **(expert_rec if r.pair is not None else {})}
@@ -331,7 +342,7 @@ def main(argv=None):
             raise ValueError(f"--sft-data {c.sft_data} holds no samples")
         return rows
 
-    r = refl.Run(c, RUN_KEYS, noise_aware_flag(c), before_load=read_sft, expert_plan=expert_plan)
+    r = refl.Run(c, RUN_KEYS, noise_aware_flag(c), before_load=read_sft, expert_plan=expert_plan, images_ok=True)
     r.eval_lrm = r.lrm if c.mode != "pixel" else None
     score = make_reward(c.mode, r.lrm, r.vae, r.reward_fn, reward_on=c.reward_on, noise_ensemble=c.noise_ensemble,
                         agg=c.agg, lcb_k=c.lcb_k, seed=c.seed)

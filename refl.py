@@ -388,7 +388,8 @@ class ImageConditioning:
         stored in the replay buffer with each z0 for an LRM that sees the image (lrm.LRMConfig.image_cond);
       y (U, 4 + C, F', H', W'): the I2V models' extra input channels, mask + latent of the image
         followed by black frames (sample.i2v_condition); in the DiT's dtype, as is
-      clip (U, 257, 1280): Wan 2.1 I2V's CLIP ViT-H/14 features of the image (also stored in the buffer).
+      clip (U, 257, 1280): Wan 2.1 I2V's CLIP ViT-H/14 features of the fitted image (sample.py's are of the
+        image as given; the same when it already has the run's size), also stored in the buffer.
     entry_image (E,): the image of each prompt entry. y costs host memory: (20, 21, 60, 104) per image
     at 480p and 81 frames, 5 MB in bf16."""
 

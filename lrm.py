@@ -82,7 +82,8 @@ class LRMConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.image_cond and self.timestep_cond:
-            raise ValueError("image_cond and timestep_cond do not combine: an image-conditioned LRM scores clean latents")
+            raise ValueError("image_cond and timestep_cond do not combine: an image-conditioned LRM scores clean "
+                             "latents")
         if self.t_freq_dim < 2 or self.t_freq_dim % 2:
             raise ValueError(f"t_freq_dim must be even and >= 2, got {self.t_freq_dim}")
 

@@ -1,9 +1,10 @@
 """The parts of reward feedback learning on Wan that VELR's trainer (train_refl.py) and LPO's
-(train_lpo.py) share: loading the models (or the offline toy world), prompt embeddings, the
-guided velocity and the initial model's, VELR's online LRM alignment (the replay buffer's offers
-and the Huber re-fit, Algorithm 1 and App. C.2 of "VELR: Efficient Video Reward Feedback via
-Ensemble Latent Reward Models"), the evaluation on fixed prompts and seeds, and `Run`: the run
-folder, checkpoints, resume, metrics.jsonl and the end of a run under torchrun.
+(train_lpo.py) share: loading the models (or the offline toy world), prompt embeddings and, for
+image-to-video, the images' conditioning (`ImageConditioning`), the guided velocity and the
+initial model's, VELR's online LRM alignment (the replay buffer's offers and the Huber re-fit,
+Algorithm 1 and App. C.2 of "VELR: Efficient Video Reward Feedback via Ensemble Latent Reward
+Models"), the evaluation on fixed prompts and seeds, and `Run`: the run folder, checkpoints,
+resume, metrics.jsonl and the end of a run under torchrun.
 
 Distributed: LoRA under DDP (the fp32 adapters replicated), full fine-tuning under FSDP2 with a
 frozen sharded copy as the reference; Ulysses sequence parallelism splits each sample's tokens
@@ -104,6 +105,8 @@ class RunConfig:
     boundary: float | None = None  # t >= boundary * 1000 runs the high-noise expert (None: the model's; a value in the
     #                                toy world splits its generator into two experts, both starting as it)
     guidance_high: float | None = None  # the high-noise expert's CFG scale (None: --guidance; --guidance is the low one's)
+    offload_idle: bool = False  # --experts low: the frozen high-noise expert waits on the CPU while the low-noise one
+    #                             runs (one transfer each way per rollout; its GPU memory free for the window's backward)
     # trainable weights
     full_finetune: bool = False  # train every DiT weight (FSDP2 under torchrun)
     lora_rank: int = 256  # LoRA rank (VELR App. C.3)
@@ -218,6 +221,9 @@ def validate(c: RunConfig):
         c.mid_min, c.mid_max = starts_in_sigma(c.mid_sigma, sample.get_sigmas(c.sample_steps, c.shift, c.solver), c.window)
     if c.boundary is not None and not 0 < c.boundary < 1:
         raise ValueError(f"--boundary must be in (0, 1), a fraction of the 1000 training timesteps, got {c.boundary}")
+    if c.offload_idle and (c.experts != "low" or c.full_finetune):
+        raise ValueError(f"--offload-idle moves the frozen high-noise expert of --experts low (LoRA), got --experts "
+                         f"{c.experts}{' --full-finetune' if c.full_finetune else ''}")
     if c.guidance_high is not None and not math.isfinite(c.guidance_high):
         raise ValueError(f"--guidance-high must be a finite number, got {c.guidance_high}")
     if not 0 <= c.mid_min <= c.mid_max:
@@ -275,6 +281,9 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False, image
     two = held in ("t2v-A14B", "i2v-A14B") or (c.toy and c.boundary is not None)
     if c.boundary is not None and not two:
         raise ValueError(f"--boundary {c.boundary} splits two experts; {c.ckpt_dir or c.dit} holds one DiT")
+    if getattr(c, "offload_idle", False) and not two:
+        raise ValueError(f"--offload-idle moves the idle one of two experts; {c.ckpt_dir or c.dit or 'the toy world'} "
+                         f"holds one DiT (the toy world splits its generator with --boundary)")
     if two and not two_experts:
         raise ValueError(f"{c.ckpt_dir or 'the toy world with --boundary'} is a two-expert model; this trainer runs "
                          f"one DiT (train_refl.py trains both)")
@@ -321,11 +330,11 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False, image
             dit = model_dit.TwoExpertDiT(dit, low, c.boundary or A14B["boundary"], expert_guidance(c))
         want = vae_cfg.z_dim if kind in (None, "ti2v") else 2 * vae_cfg.z_dim + 4  # I2V: [x, mask, image latent]
         if dit.cfg.in_dim != want:
-            raise ValueError(f"the DiT {paths['dit']} reads {dit.cfg.in_dim} input channels, and the VAE "
-                             f"{paths['vae']} makes {vae_cfg.z_dim}-channel latents, so "
-                             + (f"{c.ckpt_dir or paths['dit']} is an image-to-video model: give --prompts as a "
-                                f"jsonl of {{\"prompt\", \"image\"}}" if kind is None and dit.cfg.in_dim == 2 * vae_cfg.z_dim + 4
-                                else f"this run needs {want} (the Wan 2.1 VAE: 16, Wan 2.2's: 48; I2V: 2 x 16 + 4)"))
+            i2v = kind is None and dit.cfg.in_dim == 2 * vae_cfg.z_dim + 4
+            hint = ("; it is an image-to-video DiT: give --prompts as a jsonl of {\"prompt\", \"image\"}" if i2v else
+                    " (the Wan 2.1 VAE makes 16, Wan 2.2's 48; the I2V DiTs read 2 x 16 + 4)")
+            raise ValueError(f"the DiT {paths['dit']} reads {dit.cfg.in_dim} input channels, this run gives it {want} "
+                             f"from the VAE {paths['vae']}'s {vae_cfg.z_dim}-channel latents{hint}")
         vae = load_vae(paths["vae"], device=device, dtype=dt["vae"])
         encoder = text_encoder.load_text_encoder(paths["text_encoder"], device=device, dtype=dt["text_encoder"])
         if kind == "i2v+clip":
@@ -638,6 +647,29 @@ def wrap_experts(pair, trained: tuple, device, world, *, full_finetune: bool, **
     call = ExpertCall(wrapped.get("high", pair.high), wrapped.get("low", pair.low), pair)
     ref = model_dit.TwoExpertDiT(refs["high"], refs["low"], pair.boundary, pair.guidance) if full_finetune else None
     return call, ref, wrapped
+
+
+class IdleOffload:
+    """--offload-idle under --experts low: the frozen high-noise expert moves to `idle` (the CPU) when
+    the low-noise expert runs and back to `device` before it runs again, so it is away while the
+    window's gradient steps and their backward run (the high-noise steps come first in every rollout:
+    one transfer each way per rollout). Forward pre-hooks on both experts, so every caller (the
+    trainer's rollouts, the evaluation, the adapters-off reference) moves it. `loaded`: where it is."""
+
+    def __init__(self, high, low, device, idle="cpu"):
+        self.high, self.device, self.idle, self.loaded = high, torch.device(device), torch.device(idle), True
+        self.hooks = [high.register_forward_pre_hook(lambda *_: self.load()),
+                      low.register_forward_pre_hook(lambda *_: self.unload())]
+
+    def load(self):
+        if not self.loaded:
+            self.high.to(self.device)
+            self.loaded = True
+
+    def unload(self):
+        if self.loaded:
+            self.high.to(self.idle)
+            self.loaded = False
 
 
 def trained_experts(choice: str) -> tuple:
@@ -1045,6 +1077,7 @@ class Run:
         if self.pair is not None:  # each trained expert: its own wrapper, optimiser and step count (Adam's per-weight)
             self.model, self.ref, self.experts = wrap_experts(dit, trained_experts(c.experts), self.device, self.world,
                                                               **kwargs)
+            self.offload = IdleOffload(dit.high, dit.low, self.device) if c.offload_idle else None
         else:
             self.model, self.ref = wrap(dit, self.device, self.world, **kwargs)
             self.experts = None

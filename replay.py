@@ -6,10 +6,11 @@ away from the true pixel reward. Every ReFL step offers each latent it scored to
 together with the ensemble variance the LRM had on it; the ones the buffer admits are decoded (no
 gradient), scored by the pixel reward model and stored; every few steps the LRM is re-fitted on
 samples drawn from the buffer (train_refl.py). An entry is (z0, text context, text length, true
-reward, ensemble variance), and in an image-to-video run the conditioning the LRM may rescore it with
-(the image latent; Wan 2.1 I2V: also the CLIP features). `ReplayBuffer` keeps, for an ensemble, the samples it is least sure
-about ("variance", the paper's, C.2) and, for a one-member LRM, the newest ("fifo"); `admit` says
-before any pixel reward is computed which candidates it would keep, so only those are labelled.
+reward, ensemble variance), and in an image-to-video run the conditioning an LRM may rescore it
+with (the image latent; Wan 2.1 I2V: also the CLIP features). `ReplayBuffer` keeps, for an
+ensemble, the samples it is least sure about ("variance", the paper's, C.2) and, for a one-member
+LRM, the newest ("fifo"); `admit` says before any pixel reward is computed which candidates it
+would keep, so only those are labelled.
 Under several ranks the buffer is shared: every rank takes the same decisions on all ranks'
 candidates and holds the same entries (see the class).
 

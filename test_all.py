@@ -3843,10 +3843,11 @@ def _clip_save(path):
 
 
 def test_refl_trains_image_to_video_folders(tmp_path, capsys):
-    """train_refl on tiny image-to-video folders with a jsonl of prompts and images. I2V-A14B: both experts
-    with y; the trainer's evaluation rollout is sample.py's (the same latent for the same seed and image),
-    the buffer keeps each z0's image latent, the picture's first column is the image. I2V-14B: CLIP features
-    too, stored with each entry. TI2V-5B image mode: z0's first latent frame is the image's. Images a model
+    """train_refl on tiny image-to-video folders with a jsonl of prompts and images. I2V-A14B: both
+    experts with y; the trainer's evaluation rollout is sample.py's (the same latent for the same seed
+    and image), the buffer keeps each z0's image latent, the picture's first column is the image.
+    I2V-14B: CLIP features too, stored with each entry, an LRM that reads the image, and a killed run
+    resumed bit for bit. TI2V-5B image mode: z0's first latent frame is the image's. Images a model
     cannot take, prompts without one, and LPO on images are refused before anything is written."""
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
@@ -3897,11 +3898,20 @@ def test_refl_trains_image_to_video_folders(tmp_path, capsys):
     i2v14 = _i2v_folder(tmp_path / "Wan2.1-I2V-14B-tiny", "i2v-14B")
     image_lrm = tmp_path / "image_lrm.safetensors"
     lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], image_cond=True), n_members=2), image_lrm)
-    _, aligned, buffer = train_refl.main(["--ckpt-dir", str(i2v14), *common, "--lrm", str(image_lrm), "--out",
-                                          str(tmp_path / "i2v14")])
+    two_steps = ["--ckpt-dir", str(i2v14), *common, "--lrm", str(image_lrm), "--steps", "2", "--save-every", "1"]
+    _, aligned, buffer = train_refl.main([*two_steps, "--out", str(tmp_path / "i2v14")])
     assert buffer.data["clip"].shape[1:] == (5, 64) and json.loads((tmp_path / "i2v14" / "args.json").read_text())[
         "presets"] == ["paper", "i2v-14B"]
     assert aligned.cfg.image_cond and not torch.equal(buffer.data["image_latent"], buffer.data["z"][:, :, :1])
+    # killed after step 1 and resumed: bit for bit the uninterrupted run, the buffer's image fields included
+    train_refl.main([*two_steps, "--out", str(tmp_path / "cut"), "--stop-after", "1"])
+    _, resumed_lrm, resumed = train_refl.main([*two_steps, "--out", str(tmp_path / "cut"), "--resume",
+                                               str(tmp_path / "cut" / "ckpt.pt")])
+    assert resumed.data.keys() == buffer.data.keys() and all(torch.equal(buffer.data[k], resumed.data[k])
+                                                              for k in buffer.data)
+    whole, cut = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("i2v14", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert all(torch.equal(a, b) for a, b in zip(aligned.state_dict().values(), resumed_lrm.state_dict().values()))
 
     lrm48 = tmp_path / "lrm48.safetensors"
     lrm_lib.save_lrm(lrm_lib.EnsembleLRM(replace(lrm_lib.LRM_CONFIGS["tiny"], in_channels=48), n_members=2), lrm48)
@@ -4952,6 +4962,19 @@ def test_refl_experts_low_and_high_train_one_expert_and_place_the_windows(refl_c
         assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in trained.named_parameters()
                    if ".lora_B." in n)
     assert "windows start at steps 6..8" in capsys.readouterr().out
+    # --offload-idle: the frozen high expert leaves when the low one runs and comes back for the next
+    # rollout's first step: one move each way per rollout, never absent when it runs
+    c, r = run("--experts", "low", "--offload-idle")
+    moves, present = [], []
+    r.pair.high.to = lambda device: moves.append(torch.device(device).type)  # records; moves nothing
+    r.offload.idle = torch.device("meta")  # a label: on the CPU the device and the idle place are one
+    r.pair.high.register_forward_pre_hook(lambda *_: present.append(r.offload.loaded))
+    score = train_refl.make_reward(c.mode, r.lrm, r.vae, r.reward_fn)
+    for key in (straddling, straddling + 1):
+        train_refl.micro_batch(r, c, score, key)
+    assert moves == ["meta", "cpu", "meta"] and len(present) >= 18 and all(present)
+    with pytest.raises(ValueError, match="--offload-idle moves the frozen high-noise expert of --experts low"):
+        run("--offload-idle")
     with pytest.raises(ValueError, match="no window of --mode velr reaches the high-noise expert"):
         run("--experts", "high", "--mid-min", "9", "--mid-max", "10")
     run("--mid-min", "9", "--mid-max", "10")

@@ -14,9 +14,12 @@ preset: the reward on the noisy latent x_t of one DiT step, and its supervised r
 
 The run folder: args.json (the resolved config), metrics.jsonl (one line per step), ckpt.pt
 (--resume continues bit for bit on the CPU), samples/ (evaluation videos, before_after.png),
-lora.safetensors (the community Wan LoRA format), summary.json, and under torchrun sync.json.
+lora.safetensors (the community Wan LoRA format; the A14B: lora_high_noise / lora_low_noise.safetensors),
+summary.json, and under torchrun sync.json. Image-to-video models (I2V-A14B, I2V-14B, the TI2V-5B
+with images) take --prompts as a jsonl of {"prompt", "image"}.
 
-Left out: learning-rate schedules, EMA, prompt-embedding caching on disk.
+Left out: learning-rate schedules, EMA, prompt-embedding caching on disk, offloading the idle
+expert of --experts low to the CPU.
 """
 
 import math
@@ -276,7 +279,8 @@ def micro_batch(r: refl.Run, c: ReFLConfig, score, key: int, sft_rows=None) -> d
         # 6. loss = -reward + beta KL (+ PRFL's supervised term on real latents)
         loss, dropped = objective(reward, kl, c.beta, c.reward_loss)
         out = {"loss": loss, "z0": z0.detach(), "members": members.detach(), "context": context, "lengths": lengths,
-               "prompts": prompts, "stored": refl.stored_conditioning(cond), "dropped": dropped, "reward": reward.detach().nanmean().item(), "kl": kl.item(),
+               "prompts": prompts, "stored": refl.stored_conditioning(cond), "dropped": dropped,
+               "reward": reward.detach().nanmean().item(), "kl": kl.item(),
                "reward_std": members.detach().float().std(0, correction=0).mean().item()}
         if sft_rows is not None:
             sft = sft_loss(r.model, sft_rows, seed=c.seed, step=key, data_rank=r.data_rank, batch_size=c.batch_size,

@@ -321,22 +321,40 @@ def memory_ratios(velr, pixel):
             "ratio_time": velr["time_s"] / pixel["time_s"]}
 
 
-def bench_memory(device, scale):
+def bench_memory(device, scale, rows=None):
+    """Every row of memory_jobs (rows: only these names), each one training step in its own child; the
+    VELR / pixel and CFG both / cond ratios when both of their rows ran."""
     cfg = memory_config(scale)
     res = {"config": cfg, "device": device.type}
-    for mode in MEMORY_MODES:
-        res[mode] = run_child("refl", {"mode": mode, "config": cfg, "repeats": 1})
-    res.update(memory_ratios(res["velr"], res["pixel"]))
-    res["velr_dit_lrm"] = run_child("refl", {"mode": "velr", "lrm": "dit", "config": cfg, "repeats": 1})
-    res["lpo"] = run_child("refl", {"mode": "lpo", "config": cfg, "repeats": 1})  # k = 4 candidates per window step
-    res.update(guidance_rows(cfg))
-    for choice in ("both", "low", "high"):
-        res[f"velr_experts_{choice}"] = run_child("refl", {"mode": "velr", "experts": choice, "config": cfg, "repeats": 1})
-    res.update(model_rows(cfg, scale))
+    for name, job in memory_jobs(cfg, scale).items():
+        if rows is None or name in rows:
+            res[name] = run_child("refl", {**job, "repeats": 1})
+    if "velr" in res and "pixel" in res:
+        res.update(memory_ratios(res["velr"], res["pixel"]))
+    if "velr_cfg_both" in res and "velr_cfg_cond" in res:
+        both, cond = res["velr_cfg_both"], res["velr_cfg_cond"]
+        res["cfg_both_over_cond"] = {k: both[k] / cond[k] for k in ("step_mb", "peak_mb", "time_s")}
     return res
 
 
-def model_rows(cfg, scale) -> dict:
+def memory_jobs(cfg, scale) -> dict:
+    """name -> the child's arguments of each `memory` row: the ReFL paradigms (MEMORY_MODES), VELR with
+    the DiT-backbone LRM, LPO (k = 4 candidates per window step), VELR under CFG 5 with the exact guided
+    gradient (--cfg-grad both), the approximation (cond) and both without the KL (beta 0: the KL's extra
+    guided call at the cut state left out), two experts under each --experts, and model_jobs' rows."""
+    jobs = {mode: {"mode": mode, "config": cfg} for mode in MEMORY_MODES}
+    jobs["velr_dit_lrm"] = {"mode": "velr", "lrm": "dit", "config": cfg}
+    jobs["lpo"] = {"mode": "lpo", "config": cfg}
+    for name, extra in (("velr_cfg_both", ["--cfg-grad", "both"]), ("velr_cfg_cond", ["--cfg-grad", "cond"]),
+                        ("velr_cfg_both_beta0", ["--cfg-grad", "both", "--beta", "0"])):
+        flags = [*cfg["flags"], "--guidance", "5", *extra]  # the last value of a flag wins
+        jobs[name] = {"mode": "velr", "config": {**cfg, "flags": flags}}
+    for choice in ("both", "low", "high"):
+        jobs[f"velr_experts_{choice}"] = {"mode": "velr", "experts": choice, "config": cfg}
+    return {**jobs, **model_jobs(cfg, scale)}
+
+
+def model_jobs(cfg, scale) -> dict:
     """VELR's step for the Wan 2.2 and image-to-video shapes: velr_5b, the TI2V-5B's (a 48-channel DiT
     and LRM, and with --align-every 1 the buffer's labels decoded by the Wan 2.2 VAE; on a GPU the real
     5B at 1280x704x121), and velr_i2v, image-to-video (the DiT reads 36 channels: the I2V models' mask
@@ -350,8 +368,8 @@ def model_rows(cfg, scale) -> dict:
     if scale == "cuda":
         five["flags"] = [*cfg["flags"], "--size", "1280x704", "--frames", "121"]
     i2v = {**cfg, "dit": {**cfg["dit"], "in_dim": 36}}  # the table's DiT: the difference is the conditioning's
-    return {"velr_5b": run_child("refl", {"mode": "velr", "shape": "ti2v-5B", "config": five, "repeats": 1}),
-            "velr_i2v": run_child("refl", {"mode": "velr", "shape": "i2v", "config": i2v, "repeats": 1})}
+    return {"velr_5b": {"mode": "velr", "shape": "ti2v-5B", "config": five},
+            "velr_i2v": {"mode": "velr", "shape": "i2v", "config": i2v}}
 
 
 def expert_window(sigmas, start: int, window: int) -> float:
@@ -360,20 +378,6 @@ def expert_window(sigmas, start: int, window: int) -> float:
     ts = sample.timesteps_from_sigmas(sigmas).tolist()
     mid = start + window // 2
     return (ts[mid - 1] + ts[mid]) / 2000
-
-
-def guidance_rows(cfg) -> dict:
-    """VELR's step under CFG 5 with the exact guided gradient (--cfg-grad both) and the approximation
-    (cond), and under both without the KL (beta 0: the KL's extra guided call at the cut state left out)."""
-    rows = {}
-    for name, extra in (("velr_cfg_both", ["--cfg-grad", "both"]), ("velr_cfg_cond", ["--cfg-grad", "cond"]),
-                        ("velr_cfg_both_beta0", ["--cfg-grad", "both", "--beta", "0"])):
-        flags = [*cfg["flags"], "--guidance", "5", *extra]  # the last value of a flag wins
-        rows[name] = run_child("refl", {"mode": "velr", "config": {**cfg, "flags": flags}, "repeats": 1})
-    both, cond = rows["velr_cfg_both"], rows["velr_cfg_cond"]
-    rows["cfg_both_over_cond"] = {"step_mb": both["step_mb"] / cond["step_mb"], "peak_mb": both["peak_mb"] / cond["peak_mb"],
-                                  "time_s": both["time_s"] / cond["time_s"]}
-    return rows
 
 
 def table_memory(res, modes=None):
@@ -399,8 +403,9 @@ def table_memory(res, modes=None):
             "(checkpointed) + a ViT-B/16-sized stand-in pixel RM in the backward; the paper's VLM RMs are ~100x larger "
             "(paper Table 1, Wan 1.3B: pixel ReFL 105.76 GB, VELR 22.18 GB = 20.97%)")
     return (f"### memory: one ReFL step, {res['device']}, {' '.join(res['config']['flags'])}, DiT {res['config']['dit'] or '1.3B'}"
-            f"\n\n{markdown(header, rows)}\n\nVELR / pixel: step memory {res['ratio_peak']:.3f}, total peak "
-            f"{res['ratio_peak_total']:.3f}, step time {res['ratio_time']:.3f}. {note}"
+            f"\n\n{markdown(header, rows)}\n\n"
+            + (f"VELR / pixel: step memory {res['ratio_peak']:.3f}, total peak {res['ratio_peak_total']:.3f}, "
+               f"step time {res['ratio_time']:.3f}. " if "ratio_peak" in res else "") + note
             + (f"\n\nCFG 5, --cfg-grad both / cond: step memory {res['cfg_both_over_cond']['step_mb']:.3f}, total peak "
                f"{res['cfg_both_over_cond']['peak_mb']:.3f}, step time {res['cfg_both_over_cond']['time_s']:.3f}"
                if "cfg_both_over_cond" in res else ""))
@@ -1295,6 +1300,8 @@ def main(argv=None):
                    "shared with other jobs 1 avoids the stalls of oversubscribed OpenMP threads")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (tiny DiT and VAE, 32x32 ReFL step) on any device")
     p.add_argument("--seeds", type=int, help=f"toy / refl: runs with seeds 0..N-1 (default {TOY_SEEDS} / {REFL_SEEDS})")
+    p.add_argument("--rows", help="memory: comma-separated row names (velr, pixel, ..., velr_experts_low, velr_5b, "
+                   "velr_i2v: memory_jobs), merged into the memory entry of --out")
     p.add_argument("--methods", help=f"refl: comma-separated subset of {','.join(REFL_METHODS)}, merged into "
                    "the file's refl results (same --seeds)")
     p.add_argument("--toy-world", default="watchable", choices=["random", "watchable"],
@@ -1317,6 +1324,10 @@ def main(argv=None):
     names = REFL_LONG["methods"] if args.long else REFL_METHODS
     if methods and (args.section != "refl" or set(methods) - set(names)):
         raise ValueError(f"--methods needs section refl and names from {', '.join(names)}, got {args.methods}")
+    rows = args.rows.split(",") if args.rows else None
+    if rows and (args.section != "memory" or set(rows) - set(memory_jobs(memory_config("tiny"), "tiny"))):
+        raise ValueError(f"--rows needs section memory and names from "
+                         f"{', '.join(memory_jobs(memory_config('tiny'), 'tiny'))}, got {args.rows}")
     if args.long and args.section != "refl":
         raise ValueError(f"--long is for section refl, not {args.section}")
     for name in SECTIONS if args.section == "all" else [args.section]:
@@ -1335,6 +1346,8 @@ def main(argv=None):
                 raise ValueError(f"--methods: {out} holds refl rows of {old.get('seeds')} seeds, not {new['seeds']}")
             results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}} if methods else new
             print(f"plot: {plot_refl(results[key], out.with_name(f'bench_{key}.png'))}")
+        elif name == "memory" and rows:  # the new rows over the stored ones (their ratios recomputed when both ran)
+            results[key] = {**results.get(key, {}), **bench(device, scale, rows)}
         else:
             results[key] = bench(device, scale)
         if name in WORLD_SECTIONS:

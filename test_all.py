@@ -6534,6 +6534,11 @@ def test_bench_memory_ratios_are_velr_over_pixel(monkeypatch):
     assert "VELR / pixel: step memory 0.250, total peak 0.786" in bench.table_memory(res)
     assert res["cfg_both_over_cond"]["step_mb"] == pytest.approx(2.0)
     assert "--cfg-grad both / cond: step memory 2.000" in bench.table_memory(res)
+    assert {"velr_5b", "velr_i2v", "velr_experts_low"} <= res.keys()
+    some = bench.bench_memory(CPU, "tiny", rows=["velr_5b", "velr_i2v"])  # --rows: only these children run
+    assert some.keys() == {"config", "device", "velr_5b", "velr_i2v"} and "velr_5b" in bench.table_memory(some)
+    with pytest.raises(ValueError, match="--rows needs section memory and names from"):
+        bench.main(["dit", "--rows", "velr_5b"])
 
 
 def test_bench_gpu_quick_reports_every_part_despite_failures(monkeypatch, capsys):

@@ -364,6 +364,9 @@ def read_entries(c, held) -> tuple[list[str], list]:
     prompts, images = sample.read_prompt_images(c.prompts)
     given = [i for i, p in enumerate(images) if p is not None]
     need = sample.MODELS[held]["image"] if held else None
+    if given and not c.toy and held is None:
+        raise ValueError(f"--prompts {c.prompts} gives images: image-to-video training needs --ckpt-dir, whose "
+                         f"files tell which model it is and how its images condition it")
     if given and (c.toy or need is None):
         raise ValueError(f"--prompts {c.prompts} gives images, and {c.ckpt_dir or 'the toy world'} holds "
                          f"{held or 'a text-to-video generator'}, which takes none")

@@ -3925,6 +3925,8 @@ def test_refl_trains_image_to_video_folders(tmp_path, capsys):
         (t2v / expert / "config.json").write_text(json.dumps({"model_type": "t2v", "num_heads": 2}))
     torch.save(_vae_tiny().state_dict(), t2v / "Wan2.1_VAE.pth")
     _sample_text_files(t2v)
+    with pytest.raises(ValueError, match="image-to-video training needs --ckpt-dir"):  # --dit alone: no model name
+        refl.read_entries(types.SimpleNamespace(prompts=str(jsonl), toy=False, ckpt_dir=None), None)
     with pytest.raises(ValueError, match="gives images, and .* holds t2v-A14B, which takes none"):
         train_refl.main(["--ckpt-dir", str(t2v), *common, "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()

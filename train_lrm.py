@@ -94,8 +94,8 @@ class LRMTrainConfig:
     noise_aware: bool = False  # timestep-conditioned LRM trained on re-noised latents z = (1 - s) z0 + s eps,
         # s from the sampler's schedule (--sigma-draw); the label stays the clean latent's reward
     clean_prob: float = 0.1  # --noise-aware: share of clean (s = 0) latents
-    image_cond: bool = False  # image-to-video: the LRM also reads the conditioning image's latent (lrm.LRMConfig.
-        # image_cond); trained here on each video's own first latent frame, the image an I2V model would be given
+    image_cond: bool = False  # image-to-video: the LRM also reads the conditioning image's latent
+        # (LRMConfig.image_cond); trained here on each video's own first latent frame, the image an I2V model is given
     sigma_draw: Literal["uniform", "grid"] | None = None  # --noise-aware: how s is drawn from the sampler's grid:
         # uniform (DiNa-LRM: u ~ U[0, 1] snapped to the nearest grid sigma) or grid (each of its steps equally
         # likely: most mass at high noise); None: uniform for --loss thurstone, grid for huber and bt

@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,14 +61,17 @@ class RunConfig:
     """The settings VELR's trainer (train_refl.ReFLConfig) and LPO's (train_lpo.LPOConfig) share;
     their defaults are the VELR paper's (§4.3, App. C.2, C.3). Each field is a flag, its comment the help."""
     # models and data (none given: the offline toy world)
-    ckpt_dir: str | None = None  # Wan2.1-T2V repo folder (original or Diffusers layout)
+    ckpt_dir: str | None = None  # a Wan repo folder (original or Diffusers layout; sample.MODELS)
     dit: str | None = None  # DiT file or folder (overrides --ckpt-dir)
     vae: str | None = None  # VAE file or folder (overrides --ckpt-dir)
     text_encoder: str | None = None  # UMT5 file or folder (overrides --ckpt-dir)
     tokenizer: str | None = None  # tokenizer folder or file (overrides --ckpt-dir)
     lrm: str | None = None  # a pretrained LRM (train_lrm.py); the toy world bootstraps its own
     reward: str | None = None  # pixel reward: a rewards.py built-in or module:attr (the toy world: its own)
-    prompts: str | None = None  # text file, one prompt per line (toy world: its own captions)
+    prompts: str | None = None  # text file, one prompt per line, or a jsonl of {"prompt", "image"} for image-to-video
+    #                             (toy world: its own captions)
+    image_cache: int = 256  # image-to-video: images whose conditioning (y, latent, CLIP) stays in host memory; the
+    #                         least recently used is dropped and recomputed when drawn again (y: 5 MiB at 480p)
     size: str = "832x480"  # WxH, multiples of 16
     frames: int = 81  # 4k+1
     cache_dir: str | None = None  # toy world cache (default <repo>/.cache/toy or $VELR_CACHE/toy)
@@ -207,7 +211,7 @@ def model_presets(given: dict) -> list[str]:
 def validate(c: RunConfig):
     """The checks of the shared settings: a one-line error naming the flag."""
     for k in ("sample_steps", "window", "lr", "batch_size", "lora_rank", "steps", "eval_samples", "buffer_size",
-              "align_rounds", "sp_size", "grad_accum"):
+              "align_rounds", "sp_size", "grad_accum", "image_cache"):
         if getattr(c, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(c, k)}")
     for k in ("beta", "align_every", "align_lr", "eval_every", "save_every", "lcb_k", "max_bad_steps", "picture_rows",
@@ -392,40 +396,51 @@ def image_kind(held, images) -> str | None:
 
 
 class ImageConditioning:
-    """An image-to-video run's conditioning, computed once at start-up for every image of --prompts and
-    kept on the CPU. Each image is fitted to the run's --size by scaling to cover and centre-cropping
-    (every batch is one size; the official I2V sampler instead fits the size to each image, sample.py):
-      images (U, 3, H, W) in [-1, 1]: the pictures' first column;
-      image_latent (U, C, 1, H', W'): the image's VAE latent, the TI2V-5B's clean first latent frame,
+    """An image-to-video run's conditioning of each prompt entry's image, computed when a batch first
+    needs it and kept on the CPU for the `cache` most recently used images (the rest recomputed on
+    demand: the computation is deterministic, so a recomputed image conditions exactly as before).
+    Each image is fitted to the run's --size by scaling to cover and centre-cropping (every batch is
+    one size; the official I2V sampler instead fits the size to each image, sample.py). Per image:
+      image_latent (C, 1, H', W'): the image's VAE latent, the TI2V-5B's clean first latent frame,
         stored in the replay buffer with each z0 for an LRM that sees the image (lrm.LRMConfig.image_cond);
-      y (U, 4 + C, F', H', W'): the I2V models' extra input channels, mask + latent of the image
-        followed by black frames (sample.i2v_condition); in the DiT's dtype, as is
-      clip (U, 257, 1280): Wan 2.1 I2V's CLIP ViT-H/14 features of the fitted image (sample.py's are of the
+      y (4 + C, F', H', W'): the I2V models' extra input channels, mask + latent of the image followed
+        by black frames (sample.i2v_condition), in the DiT's dtype: 5 MiB in bf16 at 480p and 81 frames;
+      clip (257, 1280): Wan 2.1 I2V's CLIP ViT-H/14 features of the fitted image (sample.py's are of the
         image as given; the same when it already has the run's size), also stored in the buffer.
-    entry_image (E,): the image of each prompt entry. y costs host memory: (20, 21, 60, 104) per image
-    at 480p and 81 frames, 5 MB in bf16."""
+    entry_image (E,): the image of each prompt entry."""
 
-    def __init__(self, kind, paths, vae, clip, frames, height, width, device, dtype):
-        self.kind = kind
-        unique = list(dict.fromkeys(paths))
-        self.entry_image = torch.tensor([unique.index(p) for p in paths])
-        self.images = torch.stack([sample.resize_crop(sample.load_image(p), height, width) for p in unique])
-        rows = {"image_latent": [], "y": [], "clip": []}
+    def __init__(self, kind, paths, vae, clip, frames, height, width, device, dtype, cache: int = 256):
+        self.kind, self.vae, self.clip, self.frames, self.size = kind, vae, clip, frames, (height, width)
+        self.device, self.dtype, self.cache = device, dtype, cache
+        self.paths = list(dict.fromkeys(paths))
+        self.entry_image = torch.tensor([self.paths.index(p) for p in paths])
+        self.rows = OrderedDict()  # image index -> its tensors, least recently used first
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i fitted to the run's size, (3, H, W) in [-1, 1]."""
+        return sample.resize_crop(sample.load_image(self.paths[i]), *self.size)
+
+    def image_rows(self, i: int) -> dict:
+        if i in self.rows:
+            self.rows.move_to_end(i)
+            return self.rows[i]
+        img = self.image(i)[None].to(self.device)
         with torch.no_grad():
-            for img in self.images:
-                img = img[None].to(device)
-                rows["image_latent"].append(sample.ti2v_image_latent(vae, img).cpu())
-                if kind != "ti2v":
-                    rows["y"].append(sample.i2v_condition(vae, img, frames).to("cpu", dtype))
-                if kind == "i2v+clip":
-                    rows["clip"].append(clip.encode_image(img).to("cpu", dtype))
-        self.rows = {k: torch.cat(v) for k, v in rows.items() if v}
+            rows = {"image_latent": sample.ti2v_image_latent(self.vae, img)[0].cpu()}
+            if self.kind != "ti2v":
+                rows["y"] = sample.i2v_condition(self.vae, img, self.frames)[0].to("cpu", self.dtype)
+            if self.kind == "i2v+clip":
+                rows["clip"] = self.clip.encode_image(img)[0].to("cpu", self.dtype)
+        self.rows[i] = rows
+        while len(self.rows) > self.cache:
+            self.rows.popitem(last=False)
+        return rows
 
     def batch(self, entries, device) -> dict:
         """The conditioning of prompt entries (B,): the DiT's inputs ("y", "clip"; "first_frame" for
         the TI2V-5B) and "image_latent"."""
-        idx = self.entry_image[torch.as_tensor(entries)]
-        out = {k: v[idx].to(device) for k, v in self.rows.items()}
+        rows = [self.image_rows(i) for i in self.entry_image[torch.as_tensor(entries)].tolist()]
+        out = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
         if self.kind == "ti2v":
             out["first_frame"] = out["image_latent"]
         return out
@@ -1047,7 +1062,7 @@ class Run:
         # image-to-video: every image's conditioning, once (None: text-to-video)
         self.cond = None if image is None else ImageConditioning(
             image["kind"], image["paths"], self.vae, image["clip"], c.frames, c.height, c.width, self.device,
-            sample.dtypes(self.device)["dit"])
+            sample.dtypes(self.device)["dit"], c.image_cache)
         del image
         model_dit.check_sequence_parallel(dit.cfg, c.sp_size, self.shape)
         self.sigmas = sample.get_sigmas(c.sample_steps, c.shift, c.solver)
@@ -1254,7 +1269,8 @@ class Run:
         if self.rank == 0:
             path = self.out / "samples" / "before_after.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            images = None if self.cond is None else self.cond.images[self.cond.entry_image[[p[2] for p in chosen]]]
+            images = None if self.cond is None else torch.stack([self.cond.image(int(self.cond.entry_image[p[2]]))
+                                                                  for p in chosen])
             picture_lib.imageio.imwrite(path, picture_lib.before_after_image(before, after, [p[0] for p in chosen],
                                                                              images=images))
             return path

@@ -3874,7 +3874,7 @@ def test_refl_trains_image_to_video_folders(tmp_path, capsys):
         train_lpo.main(["--ckpt-dir", str(_i2v_folder(tmp_path / "five", "ti2v-5B")), *common, "--lrm", str(noise_aware),
                         "--out", str(tmp_path / "bad")])
     _, _, buffer = train_refl.main(["--ckpt-dir", str(a14b), *common, "--picture-rows", "1", "--experts", "low",
-                                    "--out", str(tmp_path / "a14b")])
+                                    "--image-cache", "1", "--out", str(tmp_path / "a14b")])  # recomputed per draw
     out = capsys.readouterr().out
     assert "two experts: boundary 0.9" in out
     assert buffer.data["image_latent"].shape[1:] == (16, 1, 4, 8) and buffer.data["z"].shape[1:] == (16, 2, 4, 8)
@@ -3893,6 +3893,13 @@ def test_refl_trains_image_to_video_folders(tmp_path, capsys):
     with torch.no_grad():
         reward = rewards.load_reward("color")(vae.decode(z), ["a red ball"]).item()
     assert abs(summary["eval_history"][0]["true_reward"] - reward) <= 1e-5
+    # the conditioning cache: bounded, and a recomputed image conditions exactly as before
+    paths = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "a.png"]
+    cond = refl.ImageConditioning("i2v", paths, vae, None, 5, 32, 64, CPU, torch.float32, cache=1)
+    first, again = cond.batch([0, 1, 2], CPU), cond.batch([2, 1, 0], CPU)
+    assert len(cond.rows) == 1 and first["y"].shape == (3, 20, 2, 4, 8)
+    assert torch.equal(first["y"], again["y"].flip(0)) and torch.equal(first["y"][0], first["y"][2])
+    assert not torch.equal(first["y"][0], first["y"][1])
 
     # Wan 2.1 I2V-14B, scored and aligned by an LRM that also reads the image latent (image_cond)
     i2v14 = _i2v_folder(tmp_path / "Wan2.1-I2V-14B-tiny", "i2v-14B")

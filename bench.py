@@ -293,7 +293,8 @@ def child_refl(args, device, base_mb):
                           shape=latent, bad=refl.new_bad_counts(), log=print, pair=pair, experts=experts, opts=opts,
                           guidance=targs.guidance, mid=(targs.mid_min, targs.mid_max), first_low=None,
                           conditioning=lambda entries: cond, data_world=1, dp_group=None,
-                          buffer=replay.ReplayBuffer(targs.buffer_size), reward_fn=lambda video, p: video.float().mean((1, 2, 3, 4)),
+                          buffer=replay.ReplayBuffer(targs.buffer_size),
+                          reward_fn=lambda video, p: video.float().mean((1, 2, 3, 4)),
                           lrm_opt=torch.optim.AdamW(lrm.parameters(), lr=targs.align_lr) if shape == "ti2v-5B" else None)
     if pair is not None:
         *run.mid, run.first_low = train_refl.expert_plan(targs, pair, sigmas, print)
@@ -329,6 +330,11 @@ def bench_memory(device, scale, rows=None):
     for name, job in memory_jobs(cfg, scale).items():
         if rows is None or name in rows:
             res[name] = run_child("refl", {**job, "repeats": 1})
+    return with_memory_ratios(res)
+
+
+def with_memory_ratios(res: dict) -> dict:
+    """res with the VELR / pixel and CFG both / cond ratios of the rows it holds (each when both rows are there)."""
     if "velr" in res and "pixel" in res:
         res.update(memory_ratios(res["velr"], res["pixel"]))
     if "velr_cfg_both" in res and "velr_cfg_cond" in res:
@@ -1324,10 +1330,9 @@ def main(argv=None):
     names = REFL_LONG["methods"] if args.long else REFL_METHODS
     if methods and (args.section != "refl" or set(methods) - set(names)):
         raise ValueError(f"--methods needs section refl and names from {', '.join(names)}, got {args.methods}")
-    rows = args.rows.split(",") if args.rows else None
-    if rows and (args.section != "memory" or set(rows) - set(memory_jobs(memory_config("tiny"), "tiny"))):
-        raise ValueError(f"--rows needs section memory and names from "
-                         f"{', '.join(memory_jobs(memory_config('tiny'), 'tiny'))}, got {args.rows}")
+    rows, row_names = (args.rows.split(",") if args.rows else None), list(memory_jobs(memory_config("tiny"), "tiny"))
+    if rows and (args.section != "memory" or set(rows) - set(row_names)):
+        raise ValueError(f"--rows needs section memory and names from {', '.join(row_names)}, got {args.rows}")
     if args.long and args.section != "refl":
         raise ValueError(f"--long is for section refl, not {args.section}")
     for name in SECTIONS if args.section == "all" else [args.section]:
@@ -1346,8 +1351,8 @@ def main(argv=None):
                 raise ValueError(f"--methods: {out} holds refl rows of {old.get('seeds')} seeds, not {new['seeds']}")
             results[key] = {**new, "methods": {**old.get("methods", {}), **new["methods"]}} if methods else new
             print(f"plot: {plot_refl(results[key], out.with_name(f'bench_{key}.png'))}")
-        elif name == "memory" and rows:  # the new rows over the stored ones (their ratios recomputed when both ran)
-            results[key] = {**results.get(key, {}), **bench(device, scale, rows)}
+        elif name == "memory" and rows:  # the new rows over the stored ones, the ratios recomputed from the merge
+            results[key] = with_memory_ratios({**results.get(key, {}), **bench(device, scale, rows)})
         else:
             results[key] = bench(device, scale)
         if name in WORLD_SECTIONS:

@@ -821,10 +821,7 @@ def sample_pairs(model, vae, pairs, table, neg_context, *, shape, sigmas, solver
     neg = None if neg_context is None else neg_context[:1].expand(len(pairs), -1, -1)
 
     def branch(ctx):
-        def fn(x, t):
-            xi, ti, kw = dit_inputs(model, x, t, cond)
-            return model(xi, ti, ctx, **kw)
-        return fn
+        return lambda x, t: velocity(model, x, t, ctx, None, 1.0, cond=cond)
 
     with torch.no_grad(), sample.autocast(device):
         z, _ = sample.denoise(branch(context), noise, sigmas, solver=solver,
@@ -1059,7 +1056,7 @@ class Run:
         dit, self.vae, encoder, tokenizer, self.lrm, self.prompts, image = load_models(
             c, self.device, self.rank, noise_aware_flag, expert_plan is not None, images_ok)
         self.shape = vae_lib.latent_shape(c.frames, c.height, c.width, self.vae.cfg)  # Wan 2.2's VAE: 48 ch, /16
-        # image-to-video: every image's conditioning, once (None: text-to-video)
+        # image-to-video: each image's conditioning, computed when first drawn (None: text-to-video)
         self.cond = None if image is None else ImageConditioning(
             image["kind"], image["paths"], self.vae, image["clip"], c.frames, c.height, c.width, self.device,
             sample.dtypes(self.device)["dit"], c.image_cache)
@@ -1092,6 +1089,7 @@ class Run:
         dit.gradient_checkpointing = c.gradient_checkpointing
         kwargs = dict(full_finetune=c.full_finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                       lora_targets=c.lora_targets, seed=c.seed)
+        self.offload = None  # --offload-idle's IdleOffload (two experts only)
         if self.pair is not None:  # each trained expert: its own wrapper, optimiser and step count (Adam's per-weight)
             self.model, self.ref, self.experts = wrap_experts(dit, trained_experts(c.experts), self.device, self.world,
                                                               **kwargs)

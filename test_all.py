@@ -2321,8 +2321,9 @@ def test_lrm_shapes_and_gradients(text_mode, pool):
 
 def test_lrm_image_cond_reads_the_image_latent(tmp_path):
     """lrm.LRMConfig.image_cond: the first block reads [z, image latent repeated over frames] on channels.
-    Without an image the LRM takes z's own first latent frame; the image moves the score, gets a gradient
-    that matches a finite difference, and survives save/load; lrm_update passes it on."""
+    Without an image the LRM takes z's own first latent frame; the image moves the score; score and
+    gradient equal a plain 32-channel LRM's with the same weights fed [z, image]; it survives
+    save/load, and lrm_update passes it on."""
     cfg = replace(lrm.LRM_CONFIGS["tiny"], image_cond=True)
     model = lrm.EnsembleLRM(cfg, n_members=2).double()
     g = torch.Generator().manual_seed(0)

@@ -584,8 +584,8 @@ def main(argv=None):
         if outside:
             raise ValueError(f"--loss bce takes labels in [0, 1]; {len(outside)} rewards of the data lie outside "
                              f"(e.g. {outside[0]:.4g}): give --label-threshold to make binary labels of them")
-    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, image_cond=args.image_cond, objective=args.loss,
-                  huber_delta=args.huber_delta, label_threshold=args.label_threshold)
+    cfg = replace(lrm.LRM_CONFIGS[args.config], timestep_cond=args.noise_aware, image_cond=args.image_cond,
+                  objective=args.loss, huber_delta=args.huber_delta, label_threshold=args.label_threshold)
     cfg = fit_to_latents(cfg, tuple(data[0]["latent"].shape))
     members = 1 if args.model == "dollar" else args.members
     if args.model == "dit":

@@ -18,8 +18,7 @@ lora.safetensors (the community Wan LoRA format; the A14B: lora_high_noise / lor
 summary.json, and under torchrun sync.json. Image-to-video models (I2V-A14B, I2V-14B, the TI2V-5B
 with images) take --prompts as a jsonl of {"prompt", "image"}.
 
-Left out: learning-rate schedules, EMA, prompt-embedding caching on disk, offloading the idle
-expert of --experts low to the CPU.
+Left out: learning-rate schedules, EMA, prompt-embedding caching on disk.
 """
 
 import math

@@ -6369,6 +6369,48 @@ def test_toy_training_resumes_bit_identically(tmp_path, monkeypatch):
     assert any("another recipe" in m for m in logged)
 
 
+def test_toy_refine_cycle_goes_on_from_the_shipped_first_cycle(tmp_path, monkeypatch):
+    """The second pretraining cycle (refine_steps) starts from the first's weights rounded to fp16:
+    the whole run equals one that is handed the saved fp16 first-cycle file (how train-assets goes on
+    from a shipped generator), and one killed inside the second cycle resumes to the same weights.
+    A one-cycle recipe and world key read as they did before the refine fields existed."""
+    cfg = replace(_small_watchable(), refine_steps=4, refine_lr=2e-4)
+    first = replace(cfg, refine_steps=0)
+
+    def train(c, **kw):
+        dit, vae, encoder, tokenizer = toy.build_models(c.seed, c.dit)
+        return toy.pretrain_dit(dit, vae, encoder, tokenizer, c, log=lambda *a: None, **kw)
+
+    whole = train(cfg).state_dict()
+    toy.save_toy_dit(train(first), tmp_path / "first.safetensors", first, torch.float16)
+    stage1 = toy._read_trained(tmp_path / "first.safetensors", first, toy.DIT_RECIPE)[0]
+    assert toy._read_trained(tmp_path / "first.safetensors", cfg, toy.DIT_RECIPE) is None  # not the two-cycle recipe
+    handed = train(cfg, stage1=stage1).state_dict()
+    assert all(torch.equal(handed[k], whole[k]) for k in whole)
+    assert any(not torch.equal(whole[k], stage1[k]) for k in whole)  # the second cycle trained
+    other_lr = train(replace(cfg, refine_lr=1e-3), stage1=stage1).state_dict()
+    assert any(not torch.equal(other_lr[k], whole[k]) for k in whole)  # refine_lr is the second cycle's rate
+
+    real_save = toy.TrainingCheckpoint.save
+
+    def crash_in_second_cycle(self, done, *a):
+        real_save(self, done, *a)
+        if self.path is not None and self.path.name == "dit_refine.pt" and done == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(toy.TrainingCheckpoint, "save", crash_in_second_cycle)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, ckpt=tmp_path / "dit.pt", save_every=2)
+    assert torch.load(tmp_path / "dit_refine.pt", weights_only=True)["step"] == 2
+    resumed = train(cfg, ckpt=tmp_path / "dit.pt", save_every=2).state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+    one = json.loads(toy.recipe(first, toy.DIT_RECIPE))
+    assert "refine_steps" not in one and json.loads(toy.recipe(cfg, toy.DIT_RECIPE))["refine_steps"] == 4
+    assert replace(first, refine_lr=1.0).key() == first.key() != cfg.key()
+
+
 # ==================================================================================================
 # bench.py
 # ==================================================================================================

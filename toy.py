@@ -58,6 +58,8 @@ class ToyConfig:
     pretrain_steps: int = 600
     pretrain_batch: int = 32
     pretrain_lr: float = 1e-3
+    refine_steps: int = 0  # > 0: a second cosine cycle of pretraining from the first's weights (pretrain_dit)
+    refine_lr: float = 3e-4
     sample_steps: int = 20  # Euler, the toy world's sampler
     shift: float = 5.0
     lrm_members: int = 5
@@ -80,7 +82,10 @@ class ToyConfig:
     edge: float = 0.0  # 0: hard square edges; > 0: anti-aliased over this many pixels
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not self.refine_steps:  # one pretraining cycle: the key it had before refine_* existed
+            del fields["refine_steps"], fields["refine_lr"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy" DiT
@@ -364,10 +369,15 @@ def train_vae(cfg: ToyConfig, device="cpu", log=print, ckpt=None, save_every=500
     return trained.eval().requires_grad_(False)
 
 
-def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device="cpu", ckpt=None, save_every=500):
+def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device="cpu", ckpt=None, save_every=500,
+                 stage1=None):
     """Flow matching on the VAE latents of the procedural videos; updates dit in place (on `device`,
     returned there). The watchable world (cfg.vae_steps > 0) decays the learning rate to 0 (cosine).
-    ckpt: a file to checkpoint the training to every save_every steps and resume from."""
+    cfg.refine_steps > 0 adds a second cosine cycle (a warm restart at cfg.refine_lr, fresh AdamW and
+    its own data seed) that starts from the first cycle's weights rounded to fp16, as shipped, so it
+    can go on from a shipped first-cycle file: `stage1`, that file's state dict, skips the first cycle.
+    ckpt: a file to checkpoint the training to every save_every steps and resume from (the second
+    cycle's goes beside it, "_refine" added to its name)."""
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         videos = world_videos(cfg.num_videos, cfg, g)
@@ -375,11 +385,31 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device
         z = torch.cat([vae.encode(v.to(device_vae)).cpu() for v in videos.split(512)])  # the default world: one call
         context, lengths = text_encoder.encode_prompts(toy_prompts(cfg.num_videos, g), tokenizer, encoder, dit.cfg.text_len)
     dit.to(device)
-    opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps) if cfg.vae_steps else None
-    saver = TrainingCheckpoint(ckpt, recipe(cfg, DIT_RECIPE), save_every, log)
-    for step in range(saver.resume(dit, opt, sched, g), cfg.pretrain_steps):
-        idx = torch.randint(cfg.num_videos, (cfg.pretrain_batch,), generator=g)
+    first = replace(cfg, refine_steps=0)
+    if stage1 is None:
+        opt = torch.optim.AdamW(dit.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps) if cfg.vae_steps else None
+        saver = TrainingCheckpoint(ckpt, recipe(first, DIT_RECIPE), save_every, log)
+        _flow_matching(dit, z, context, cfg, cfg.pretrain_steps, opt, sched, g, saver, log, device, "pretrain")
+    else:
+        dit.load_state_dict(stage1)
+    if cfg.refine_steps:
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.copy_(p.half().float())
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        opt = torch.optim.AdamW(dit.parameters(), lr=cfg.refine_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.refine_steps)
+        path = Path(ckpt).with_name(Path(ckpt).stem + "_refine" + Path(ckpt).suffix) if ckpt else None
+        saver = TrainingCheckpoint(path, recipe(cfg, DIT_RECIPE), save_every, log)
+        _flow_matching(dit, z, context, cfg, cfg.refine_steps, opt, sched, g, saver, log, device, "refine")
+    return dit
+
+
+def _flow_matching(dit, z, context, cfg: ToyConfig, steps, opt, sched, g, saver, log, device, tag):
+    """One cosine cycle (or constant rate, sched None) of Wan's flow-matching loss on latents z."""
+    for step in range(saver.resume(dit, opt, sched, g), steps):
+        idx = torch.randint(len(z), (cfg.pretrain_batch,), generator=g)
         x0, noise = z[idx], torch.randn(z[idx].shape, generator=g)
         sigma = sample.shift_sigmas(torch.rand(len(idx), generator=g), cfg.shift)  # the sampler's shift
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -391,10 +421,9 @@ def pretrain_dit(dit, vae, encoder, tokenizer, cfg: ToyConfig, log=print, device
         opt.step()
         if sched:
             sched.step()
-        if step % 100 == 0 or step == cfg.pretrain_steps - 1:
-            log(f"toy pretrain step {step:4d} | flow-matching loss {loss.item():.4f}")
+        if step % 100 == 0 or step == steps - 1:
+            log(f"toy {tag} step {step:4d} | flow-matching loss {loss.item():.4f}")
         saver.save(step + 1, dit, opt, sched, g)
-    return dit
 
 
 def rollout(dit, context, noise, cfg: ToyConfig) -> torch.Tensor:
@@ -612,13 +641,16 @@ def _save_atomic(state: dict, path: Path, metadata: dict):
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # shipped weights of the watchable world (train-assets)
 VAE_RECIPE = ("frames", "size", "vae_videos", "vae_steps", "vae_batch", "vae_lr", "min_contrast", "edge", "seed")
-DIT_RECIPE = VAE_RECIPE + ("num_videos", "pretrain_steps", "pretrain_batch", "pretrain_lr", "shift", "dit")
+DIT_RECIPE = VAE_RECIPE + ("num_videos", "pretrain_steps", "pretrain_batch", "pretrain_lr", "shift", "dit",
+                           "refine_steps", "refine_lr")
 
 
 def recipe(cfg: ToyConfig, fields) -> str:
     """The settings a trained model depends on, as the JSON stored with its weights (a DiT's with
     its architecture, text_len included, which the weights' shapes do not show)."""
     settings = {k: getattr(cfg, k) for k in fields}
+    if not settings.get("refine_steps", 1):  # one cycle: the recipe reads as it did before refine_* existed
+        del settings["refine_steps"], settings["refine_lr"]
     if "dit" in fields:
         # the architecture; fields left None are parts not built (no image cross-attention), left out
         # so that a DiTConfig gaining such an optional part keeps every shipped recipe
@@ -836,6 +868,9 @@ def train_assets(argv=None):
     p.add_argument("--device", default="cpu", help="where to train (default cpu; a GPU takes minutes, 2 CPU cores hours)")
     p.add_argument("--vae-steps", type=int, default=WATCHABLE.vae_steps, help=f"default {WATCHABLE.vae_steps}")
     p.add_argument("--pretrain-steps", type=int, default=WATCHABLE.pretrain_steps, help=f"default {WATCHABLE.pretrain_steps}")
+    p.add_argument("--refine-steps", type=int, default=WATCHABLE.refine_steps,
+                   help=f"a second cosine cycle of DiT pretraining from the first's weights; 0: none (default {WATCHABLE.refine_steps})")
+    p.add_argument("--refine-lr", type=float, default=WATCHABLE.refine_lr, help=f"its peak learning rate (default {WATCHABLE.refine_lr})")
     p.add_argument("--vae-videos", type=int, default=WATCHABLE.vae_videos, help=f"default {WATCHABLE.vae_videos}")
     p.add_argument("--videos", type=int, default=WATCHABLE.num_videos, help=f"the DiT's (default {WATCHABLE.num_videos})")
     p.add_argument("--rollouts", type=int, default=WATCHABLE.lrm_rollouts,
@@ -850,6 +885,8 @@ def train_assets(argv=None):
     for flag in ("vae_steps", "pretrain_steps", "vae_videos", "videos", "rollouts", "lrm_steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.refine_steps < 0 or not args.refine_lr > 0:
+        p.error(f"--refine-steps must be >= 0 and --refine-lr > 0, got {args.refine_steps} and {args.refine_lr}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -857,7 +894,8 @@ def train_assets(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch build sees no CUDA GPU")
     cfg = replace(WATCHABLE, vae_steps=args.vae_steps, pretrain_steps=args.pretrain_steps, vae_videos=args.vae_videos,
-                  num_videos=args.videos, dit=args.dit, lrm_rollouts=args.rollouts, lrm_steps=args.lrm_steps)
+                  num_videos=args.videos, dit=args.dit, lrm_rollouts=args.rollouts, lrm_steps=args.lrm_steps,
+                  refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     if cfg != WATCHABLE:
         print("note: other steps than toy.WATCHABLE's: load_world will not use these files for that world")
     out = Path(args.out)
@@ -874,11 +912,16 @@ def train_assets(argv=None):
     vae = read_toy_vae(vae_file, cfg)  # what users get: the fp16 file
     t_dit = time.time()
     dit, _, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
-    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt")
+    dit_file, stage1 = out / "toy_dit.safetensors", None
+    if cfg.refine_steps and dit_file.exists() and not recipe_difference(dit_file, replace(cfg, refine_steps=0), DIT_RECIPE):
+        print(f"{dit_file} holds this recipe's first pretraining cycle: only the second is trained")
+        stage1 = _read_trained(dit_file, replace(cfg, refine_steps=0), DIT_RECIPE)[0]
+    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt", stage1=stage1)
     save_toy_dit(dit, out / "toy_dit.safetensors", cfg, torch.float16)
     dit.load_state_dict(_read_trained(out / "toy_dit.safetensors", cfg, DIT_RECIPE)[0])
     dit = dit.cpu().eval()
     res = measure_world(dit, vae.cpu(), encoder, tokenizer, cfg)
+    print(f"the generator: {res}")
     res.update(vae_seconds=round(t_vae, 1), dit_seconds=round(time.time() - t_dit, 1), device=args.device,
                recipe=json.loads(recipe(cfg, DIT_RECIPE)))
     if cfg.lrm_holdout > 0:  # the labelled rollouts every LRM of the world is bootstrapped on, and those LRMs' metrics

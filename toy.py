@@ -88,10 +88,12 @@ class ToyConfig:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy" DiT
-# pretrained on its latents (both shipped in assets/ once trained: `python toy.py train-assets`),
+# The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy-l" DiT
+# pretrained on its latents in two cosine cycles (both shipped in assets/ once trained:
+# `python toy.py train-assets`),
 # and a reward on the square's colour. WORLDS names the worlds `train_refl.py --toy-world` offers.
-WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, vae_steps=14000, vae_batch=16, dit="toy-l",
+WATCHABLE = ToyConfig(num_videos=4096, pretrain_steps=6000, pretrain_batch=64, refine_steps=6000, refine_lr=3e-4,
+                      vae_steps=14000, vae_batch=16, dit="toy-l",
                       min_contrast=MIN_CONTRAST, edge=1.0, reward="toy:square_color",
                       lrm_rollouts=2048, lrm_holdout=0.25, lrm_steps=5000)
 WORLDS = {"random": ToyConfig(), "watchable": WATCHABLE}

@@ -6109,7 +6109,7 @@ def test_toy_scene_parser():
 
 
 def _small_watchable(**kw):
-    return replace(toy.WATCHABLE, vae_steps=4, vae_videos=16, vae_batch=4, num_videos=16, pretrain_steps=2,
+    return replace(toy.WATCHABLE, vae_steps=4, vae_videos=16, vae_batch=4, num_videos=16, pretrain_steps=2, refine_steps=2,
                    pretrain_batch=4, lrm_rollouts=4, lrm_steps=2, lrm_batch=4, **kw)
 
 
@@ -6192,7 +6192,7 @@ def test_toy_vae_training_and_shipped_assets(tmp_path, monkeypatch, capsys):
 def test_train_assets_command(tmp_path, capsys):
     flags = ["--vae-steps", "2", "--pretrain-steps", "2", "--vae-videos", "8", "--videos", "8", "--rollouts", "16",
              "--lrm-steps", "4", "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt")]
-    res = toy.train_assets(flags)
+    res = toy.train_assets([*flags, "--refine-steps", "0"])
     assert {p.name for p in tmp_path.iterdir()} - {"ckpt"} == {"toy_vae.safetensors", "toy_dit.safetensors", "toy_assets.json",
                                                               "toy_rollouts.safetensors"}
     saved = json.loads((tmp_path / "toy_assets.json").read_text())
@@ -6202,9 +6202,13 @@ def test_train_assets_command(tmp_path, capsys):
     assert set(saved["lrm"]) == {"ensemble", "noise_aware", "dit_trunk", "dit_random_trunk"}
     assert saved["lrm"]["ensemble"]["heldout"]["samples"] == 4 and set(saved["lrm"]["noise_aware"]) >= {"0.0", "0.9"}
     capsys.readouterr()
-    toy.train_assets(flags)  # the VAE of this recipe is in --out: reused, not retrained
-    assert "holds this recipe's VAE: only the DiT is trained" in capsys.readouterr().out
+    toy.train_assets([*flags, "--refine-steps", "2"])  # the VAE of this recipe is in --out: reused, not retrained
+    out = capsys.readouterr().out
+    assert "holds this recipe's VAE: only the DiT is trained" in out
+    assert "holds this recipe's first pretraining cycle: only the second is trained" in out  # goes on from the one-cycle file
+    assert json.loads((tmp_path / "toy_assets.json").read_text())["recipe"]["refine_steps"] == 2
     for flags, msg in ((["--vae-steps", "-1"], "--vae-steps must be >= 1, got -1"),
+                       (["--refine-steps", "-1"], "--refine-steps must be >= 0"),
                        (["--device", "nosuchdev"], "--device 'nosuchdev' is not a device"),
                        *([(["--device", "cuda"], "sees no CUDA GPU")] if not torch.cuda.is_available() else [])):
         proc = subprocess.run([sys.executable, "toy.py", "train-assets", *flags, "--out", str(tmp_path / "x")],

@@ -82,10 +82,16 @@ class ToyConfig:
     edge: float = 0.0  # 0: hard square edges; > 0: anti-aliased over this many pixels
 
     def key(self) -> str:
-        fields = asdict(self)
-        if not self.refine_steps:  # one pretraining cycle: the key it had before refine_* existed
-            del fields["refine_steps"], fields["refine_lr"]
+        fields = _one_cycle_as_before(asdict(self))
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_cycle_as_before(settings: dict) -> dict:
+    """settings without refine_* when there is no second pretraining cycle, so that a one-cycle world
+    key or recipe reads as it did before those fields existed."""
+    if not settings.get("refine_steps", 1):
+        del settings["refine_steps"], settings["refine_lr"]
+    return settings
 
 
 # The watchable world: the "tiny" VAE trained on anti-aliased, always-visible squares, the "toy-l" DiT
@@ -650,9 +656,7 @@ DIT_RECIPE = VAE_RECIPE + ("num_videos", "pretrain_steps", "pretrain_batch", "pr
 def recipe(cfg: ToyConfig, fields) -> str:
     """The settings a trained model depends on, as the JSON stored with its weights (a DiT's with
     its architecture, text_len included, which the weights' shapes do not show)."""
-    settings = {k: getattr(cfg, k) for k in fields}
-    if not settings.get("refine_steps", 1):  # one cycle: the recipe reads as it did before refine_* existed
-        del settings["refine_steps"], settings["refine_lr"]
+    settings = _one_cycle_as_before({k: getattr(cfg, k) for k in fields})
     if "dit" in fields:
         # the architecture; fields left None are parts not built (no image cross-attention), left out
         # so that a DiTConfig gaining such an optional part keeps every shipped recipe
@@ -914,13 +918,14 @@ def train_assets(argv=None):
     vae = read_toy_vae(vae_file, cfg)  # what users get: the fp16 file
     t_dit = time.time()
     dit, _, encoder, tokenizer = build_models(cfg.seed, cfg.dit)
-    dit_file, stage1 = out / "toy_dit.safetensors", None
-    if cfg.refine_steps and dit_file.exists() and not recipe_difference(dit_file, replace(cfg, refine_steps=0), DIT_RECIPE):
+    dit_file = out / "toy_dit.safetensors"
+    first = _read_trained(dit_file, replace(cfg, refine_steps=0), DIT_RECIPE) if cfg.refine_steps and dit_file.exists() else None
+    if first is not None:
         print(f"{dit_file} holds this recipe's first pretraining cycle: only the second is trained")
-        stage1 = _read_trained(dit_file, replace(cfg, refine_steps=0), DIT_RECIPE)[0]
-    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt", stage1=stage1)
-    save_toy_dit(dit, out / "toy_dit.safetensors", cfg, torch.float16)
-    dit.load_state_dict(_read_trained(out / "toy_dit.safetensors", cfg, DIT_RECIPE)[0])
+    pretrain_dit(dit, vae.to(args.device), encoder, tokenizer, cfg, device=args.device, ckpt=ckpt / "dit.pt",
+                 stage1=first and first[0])
+    save_toy_dit(dit, dit_file, cfg, torch.float16)
+    dit.load_state_dict(_read_trained(dit_file, cfg, DIT_RECIPE)[0])
     dit = dit.cpu().eval()
     res = measure_world(dit, vae.cpu(), encoder, tokenizer, cfg)
     print(f"the generator: {res}")

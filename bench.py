@@ -986,10 +986,10 @@ REFL_METHODS = {  # name -> train_refl (lpo: train_lpo) flags on top of the toy 
 
 
 # The long run (VELR Fig. 8: what alignment is for): 300 steps, an evaluation every 25, the buffer's
-# admissions per step; --refresh-variance (rescoring the buffer's variances before each alignment)
-# beside the default, since stale variances can block the buffer.
+# admissions per step; the paper's buffer rule (variances stored at admission, never rescored) beside
+# the toy default, which rescores them before each alignment.
 REFL_LONG = {"steps": 300, "eval_every": 25, "picture": ("velr", "velr_noalign"),
-             "methods": {"velr": [], "velr_noalign": ["--align-every", "0"], "velr_refresh": ["--refresh-variance"],
+             "methods": {"velr": [], "velr_paper_buffer": ["--no-refresh-variance"], "velr_noalign": ["--align-every", "0"],
                          "pixel": ["--mode", "pixel"]}}
 
 

@@ -253,8 +253,9 @@ def build_parser(cls, description: str, presets: dict | None = None) -> argparse
                                             if f.name in p and not callable(p[f.name]) and p[f.name] != default]
         flag = "--" + f.name.replace("_", "-")
         kind, choices, nargs = _flag_type(hints[f.name])
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        if kind is bool:  # --flag / --no-flag, so a flag a preset turns on can be turned off
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{text} ({'; '.join(shown)})")
         else:
             group.add_argument(flag, type=kind, choices=choices, nargs=nargs, default=argparse.SUPPRESS,
                                help=f"{text} ({'; '.join(shown)})")

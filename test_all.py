@@ -4494,9 +4494,12 @@ def test_refl_alignment_of_a_bce_lrm_is_bce_on_its_labels(monkeypatch):
 
 
 def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
-    """--refresh-variance rescores every entry with the current LRM before the alignment, and the
-    buffer's eviction order follows the new values."""
-    args = train_refl.parse_args(["--batch-size", "2", "--align-rounds", "1", "--refresh-variance"])
+    """--refresh-variance (the toy preset's default; the paper preset keeps the paper's stored
+    variances) rescores every entry with the current LRM before the alignment, and the buffer's
+    eviction order follows the new values; --no-refresh-variance keeps the stored ones."""
+    args = train_refl.parse_args(["--batch-size", "2", "--align-rounds", "1"])
+    assert args.refresh_variance and "toy" in args.presets
+    assert not train_refl.parse_args(["--ckpt-dir", "ckpts", "--reward", "r", "--lrm", "l"]).refresh_variance
     buf = replay.ReplayBuffer(capacity=3)
     buf.insert(*_refl_entries([0.3, 0.2, 0.1]))  # ids 0, 1, 2 (latent mean = id); entry 2 leaves first
     model = _ShiftLRM(0.0)  # the LRM has changed: variance id^2 / 4, entry 0 is now the least certain
@@ -4508,7 +4511,8 @@ def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
     assert sorted(buf.data["reward"].tolist()) == [1.0, 2.0, 10.0]
     stale = replay.ReplayBuffer(capacity=3)  # without the refresh the same insert evicts entry 2
     stale.insert(*_refl_entries([0.3, 0.2, 0.1]))
-    args.refresh_variance = False
+    args = train_refl.parse_args(["--batch-size", "2", "--align-rounds", "1", "--no-refresh-variance"])
+    assert not args.refresh_variance
     _refl_align(model, None, stale, args, 1)
     stale.insert(*_refl_entries([0.15], start=10))
     assert sorted(stale.data["reward"].tolist()) == [0.0, 1.0, 10.0]
@@ -6566,7 +6570,7 @@ def test_bench_refl_methods_merge_into_the_earlier_rows(tmp_path, monkeypatch):
     bench.main(["refl", "--methods", "velr", "--toy-world", "random", "--out", str(out)])  # the random world's own entry
     data = json.loads(out.read_text())
     assert data["refl_random"]["world"] == "random" and data["refl"]["methods"]["velr"] == row(0.1)
-    with pytest.raises(ValueError, match="velr_refresh"):  # the long run has its own methods
+    with pytest.raises(ValueError, match="velr_paper_buffer"):  # the long run has its own methods
         bench.main(["refl", "--long", "--methods", "lpo", "--out", str(out)])
 
 

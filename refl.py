@@ -775,7 +775,7 @@ def align_lrm(lrm, lrm_opt, buffer, *, rounds: int, batch_size: int, sigma_grid,
     labels); every member draws its own minibatch (variance-weighted, or uniform in a FIFO buffer); a noise-aware LRM gets them re-noised at levels of `sigma_grid` (0 with
     ALIGN_CLEAN_PROB), labels the clean rewards. Seeded the same on every rank: same batches, same
     update. An update with non-finite loss or gradients is not applied (bad["lrm_skipped"])."""
-    if refresh and len(buffer):
+    if refresh and len(buffer) and buffer.policy == "variance":  # a FIFO buffer orders by age alone: nothing to rescore
         refresh_variance(lrm, buffer, batch_size, device, world, step, log)
     if not len(buffer):
         return {}

@@ -4516,6 +4516,13 @@ def test_refl_refreshed_variances_reorder_the_buffer(monkeypatch):
     _refl_align(model, None, stale, args, 1)
     stale.insert(*_refl_entries([0.15], start=10))
     assert sorted(stale.data["reward"].tolist()) == [0.0, 1.0, 10.0]
+    fifo = replay.ReplayBuffer(capacity=3, policy="fifo")  # a one-member LRM's buffer: the refresh is skipped
+    fifo.insert(*_refl_entries([0.3, 0.2, 0.1]))
+    before = fifo.data["variance"].clone()
+    args.refresh_variance = True
+    monkeypatch.setattr(refl, "refresh_variance", lambda *a, **k: pytest.fail("rescored a FIFO buffer"))
+    _refl_align(model, None, fifo, args, 1)
+    assert torch.equal(fifo.data["variance"], before)
 
 
 @pytest.fixture(scope="session")

@@ -972,7 +972,9 @@ REFL_METHODS = {  # name -> train_refl (lpo: train_lpo) flags on top of the toy 
     "velr_1member": ["--lrm", "@1member"],
     "dollar": ["--mode", "dollar", "--lrm", "@dollar"],
     "velr_zt": ["--reward-on", "zt"],  # a noise-aware LRM scores the window's last x_t (the toy world bootstraps it)
-    "prfl": ["--preset", "prfl"],  # PRFL's recipe (one step with gradient anywhere in the schedule, reward on x_t)
+    # PRFL's recipe (one step with gradient anywhere in the schedule, reward on x_t) and, in the toy
+    # world, its reward model (--toy-lrm dit: the generator's blocks under noise-aware heads)
+    "prfl": ["--preset", "prfl"],
     "lpo": [],  # LPO (train_lpo.py): step-level DPO on pairs the noise-aware LRM picks
     "pixel": ["--mode", "pixel"],
     "lastk": ["--mode", "lastk"],
@@ -999,7 +1001,7 @@ def bench_refl(device, scale, seeds=REFL_SEEDS, methods=None, long=False, out_di
     evaluation (|LRM - true| on the final latents of the 48 eval pairs), the LRM-minus-true gap at
     every evaluation, peak memory, time per step and the buffer's admissions per step (mean over
     seeds). The one-member and Dollar LRMs are bootstrapped like the world's ensemble (same
-    rollouts, steps and lr). methods: a subset of the names. long: REFL_LONG's methods, steps and
+    rollouts, split, stopping rule and lr). methods: a subset of the names. long: REFL_LONG's methods, steps and
     evaluations, and seed 0's before/after pictures of REFL_LONG["picture"] side by side in
     out_dir/bench_refl_long_pictures.png."""
     import lrm as lrm_lib

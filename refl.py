@@ -67,6 +67,9 @@ class RunConfig:
     text_encoder: str | None = None  # UMT5 file or folder (overrides --ckpt-dir)
     tokenizer: str | None = None  # tokenizer folder or file (overrides --ckpt-dir)
     lrm: str | None = None  # a pretrained LRM (train_lrm.py); the toy world bootstraps its own
+    toy_lrm: Literal["ensemble", "dit"] = "ensemble"  # without --lrm, the toy world's LRM: its ensemble (noise-aware
+    #                                                   where the run needs one), or dit: PRFL's reward model, the
+    #                                                   generator's blocks under noise-aware heads (--preset prfl)
     reward: str | None = None  # pixel reward: a rewards.py built-in or module:attr (the toy world: its own)
     prompts: str | None = None  # text file, one prompt per line, or a jsonl of {"prompt", "image"} for image-to-video
     #                             (toy world: its own captions)
@@ -163,7 +166,7 @@ class RunConfig:
 RUN_KEYS = ("full_finetune", "lora_rank", "lora_alpha", "lora_targets", "batch_size", "sample_steps", "shift", "solver",
             "mid_min", "mid_max", "window", "size", "frames", "agg", "seed", "buffer_size", "toy_world", "sp_size",
             "grad_clip", "weight_decay", "grad_accum", "prompt_dropout", "reward", "guidance", "cfg_grad", "eval_samples", "lcb_k", "beta", "lr",
-            "lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts",
+            "lrm", "toy_lrm", "align_every", "align_rounds", "align_lr", "align_delta", "refresh_variance", "prompts",
             "mid_sigma", "experts", "boundary", "guidance_high")
 
 # The offline toy world's settings, a preset of both trainers (its sampler is the one the toy
@@ -319,10 +322,11 @@ def load_models(c, device, rank, noise_aware_flag=None, two_experts=False, image
         log = print if rank == 0 else lambda s: None
         world_cfg = toy.WORLDS[c.toy_world]
         dit, vae, encoder, tokenizer, toy_lrm = toy.load_world(world_cfg, cache_dir=c.cache_dir, log=log)
+        if lrm is None and (noise_aware_flag or c.toy_lrm == "dit") and not dollar:
+            toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=c.cache_dir, log=log,
+                                               dit_trunk=c.toy_lrm == "dit")
         if two:
             dit = model_dit.TwoExpertDiT(dit, copy.deepcopy(dit), c.boundary, expert_guidance(c))
-        if lrm is None and noise_aware_flag and not dollar:
-            toy_lrm = toy.load_noise_aware_lrm(dit, vae, encoder, tokenizer, world_cfg, cache_dir=c.cache_dir, log=log)
         if rank == 0:
             distributed.barrier()
         lrm = toy_lrm if lrm is None else lrm

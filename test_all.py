@@ -5477,6 +5477,12 @@ def test_refl_prfl_preset_and_sft_regulariser(refl_cache, tmp_path):
         train_refl.parse_args(["--window", "10"])
     assert train_refl.parse_args([]).reward_on == "z0" and train_refl.parse_args([]).reward_loss == "neg"
     s = _refl_setup(tmp_path / "setup", refl_cache, "--preset", "prfl", "--grad-accum", "1")
+    assert args.toy_lrm == "dit" and train_refl.parse_args([]).toy_lrm == "ensemble"
+    trunk = s.r.lrm.trunk.state_dict()  # the toy world's PRFL reward model: the generator's blocks, noise-aware heads
+    generator = toy.load_world(cache_dir=refl_cache, log=lambda *a: None)[0].state_dict()
+    assert s.r.lrm.kind == "dit" and s.r.lrm.noise_aware and trunk
+    assert trunk.keys() <= generator.keys() and all(torch.equal(v, generator[k]) for k, v in trunk.items())
+    assert sum(k.startswith("blocks.") for k in trunk) == sum(k.startswith("blocks.") for k in generator)
     _, out = _refl_loss(s)
     expect = (0.1 * torch.relu(2 - torch.sigmoid(out["reward"]))).mean() + s.c.beta * out["kl"]
     assert torch.allclose(out["loss"].detach(), expect, atol=1e-6)  # PRFL's reward loss, plus the KL

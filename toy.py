@@ -616,20 +616,32 @@ def toy_lrm_config(cfg: ToyConfig, noise_aware: bool = False) -> lrm_lib.LRMConf
 NOISE_AWARE_CLEAN_PROB = 0.1  # share of clean latents in the noise-aware bootstrap (train_lrm.py's --clean-prob default)
 
 
-def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, cache_dir=None, log=print):
-    """The toy world's noise-aware ensemble LRM (bootstrap_lrm(noise_aware=True)) for
-    `train_refl.py --reward-on zt`: built once from the world's models and cached next to the world's
-    files as lrm_noise_aware.safetensors."""
+def dit_trunk_lrm(dit, cfg: ToyConfig):
+    """PRFL's reward model in the toy world, untrained: the generator's blocks (all of them, up to
+    PRFL's 8) frozen under cfg.lrm_members noise-aware heads."""
+    import lrm_dit
+
+    return lrm_dit.dit_reward_model_from(dit, None, cfg.lrm_members, cfg.seed, noise_aware=True, mlp_dims=(64, 32))
+
+
+def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, cache_dir=None, log=print,
+                         dit_trunk: bool = False):
+    """The toy world's noise-aware LRM (bootstrap_lrm(noise_aware=True)) for `train_refl.py
+    --reward-on zt`: its ensemble, or with dit_trunk the DiT-trunk LRM (dit_trunk_lrm; --toy-lrm dit).
+    Built once from the world's models and cached next to the world's files as
+    lrm_noise_aware.safetensors / lrm_dit_trunk.safetensors."""
     cfg = cfg or ToyConfig()
-    path = Path(cache_dir or default_cache_dir()) / cfg.key() / "lrm_noise_aware.safetensors"
+    name = "lrm_dit_trunk" if dit_trunk else "lrm_noise_aware"
+    path = Path(cache_dir or default_cache_dir()) / cfg.key() / f"{name}.safetensors"
     if path.exists():
         try:
             return lrm_lib.load_lrm(path)
         except Exception as err:
             raise ValueError(f"toy cache file {path} is unreadable ({type(err).__name__}: {err}); delete it and rerun") from err
-    log(f"toy world: bootstrapping a noise-aware LRM on {cfg.lrm_rollouts} labelled rollouts, cached at {path}")
+    what = "the DiT-trunk LRM" if dit_trunk else "a noise-aware LRM"
+    log(f"toy world: bootstrapping {what} on {cfg.lrm_rollouts} labelled rollouts, cached at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True,
+    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True, model=dit_trunk_lrm(dit, cfg) if dit_trunk else None,
                           data=shared_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir, log))
     model.zero_grad(set_to_none=True)
     lrm_lib.save_lrm(model, path)  # atomic
@@ -829,17 +841,13 @@ def measure_lrms(dit, vae, encoder, tokenizer, cfg: ToyConfig, data: dict, log=p
     the noise-aware ensemble per sigma of MEASURE_SIGMAS, and DiT-trunk LRMs (PRFL's design: the
     generator's blocks frozen under 5 heads, noise-aware) on the pretrained generator and on the
     same blocks at their random init."""
-    import lrm_dit
-
     train_idx, test_idx = heldout_split(len(data["z"]), cfg)
     res = {}
     ensemble = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, data=data)
     res["ensemble"] = {"heldout": lrm_metrics(ensemble, data, test_idx), "train": lrm_metrics(ensemble, data, train_idx),
                        "best_step": ensemble.bootstrap_log["best_step"]}
     models = {"noise_aware": None,
-              "dit_trunk": lrm_dit.dit_reward_model_from(dit, None, cfg.lrm_members, cfg.seed, noise_aware=True, mlp_dims=(64, 32)),
-              "dit_random_trunk": lrm_dit.dit_reward_model_from(build_models(cfg.seed, cfg.dit)[0], None, cfg.lrm_members,
-                                                                cfg.seed, noise_aware=True, mlp_dims=(64, 32))}
+              "dit_trunk": dit_trunk_lrm(dit, cfg), "dit_random_trunk": dit_trunk_lrm(build_models(cfg.seed, cfg.dit)[0], cfg)}
     for name, model in models.items():
         model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, model=model, noise_aware=True, data=data)
         res[name] = {str(sig): lrm_metrics(model, data, test_idx, sigma=sig) for sig in MEASURE_SIGMAS}

@@ -52,7 +52,7 @@ PRESETS = {
     # fully fine-tuned at lr 5e-6 (the toy world keeps its own preset's lr), weight decay 0.01, gradient-norm
     # clip 1, gradient accumulation 5, 10% prompt dropout, and (with --sft-data) its supervised updates
     # alternating with the reward updates
-    "prfl": dict(reward_on="zt", reward_loss="prfl", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window,
+    "prfl": dict(reward_on="zt", reward_loss="prfl", toy_lrm="dit", window=1, mid_min=0, mid_max=lambda c: c.sample_steps - 1 - c.window,
                  beta=0.0, guidance=1.0, align_every=0, full_finetune=True, lr=lambda c: c.lr if c.toy else 5e-6,
                  weight_decay=0.01, grad_clip=1.0, grad_accum=5, prompt_dropout=0.1, sft_schedule="alternate"),
 }

@@ -641,7 +641,8 @@ def load_noise_aware_lrm(dit, vae, encoder, tokenizer, cfg: ToyConfig = None, ca
     what = "the DiT-trunk LRM" if dit_trunk else "a noise-aware LRM"
     log(f"toy world: bootstrapping {what} on {cfg.lrm_rollouts} labelled rollouts, cached at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True, model=dit_trunk_lrm(dit, cfg) if dit_trunk else None,
+    model = bootstrap_lrm(dit, vae, encoder, tokenizer, cfg, log, noise_aware=True,
+                          model=dit_trunk_lrm(dit, cfg) if dit_trunk else None,
                           data=shared_rollouts(dit, vae, encoder, tokenizer, cfg, cache_dir, log))
     model.zero_grad(set_to_none=True)
     lrm_lib.save_lrm(model, path)  # atomic
